@@ -1,0 +1,1300 @@
+#!/usr/bin/env python3
+"""autoresearch: an offline research loop driven by a local Ollama model.
+
+    python autoresearch.py [--model M] [--tag NAME] [--max-experiments N] [--resume] ...
+    python autoresearch.py report [--test]
+
+Each experiment: the model reads train.py + scratchpad.md + recent results, makes ONE change through
+three tools (read_file, edit_file, run_experiment), the harness trains it in the sandbox (./run.sh),
+reads the metric from the trusted evaluation block, and keeps the commit only if the improvement is
+larger than the measured run-to-run noise. Otherwise git goes back to the best commit.
+
+Everything the model can do goes through `tool_*` functions; every subprocess goes through `spawn`.
+Parsing, editing, deciding and prompt building are pure functions (tested in tests/test_autoresearch.py).
+"""
+import argparse
+import ast
+import datetime
+import difflib
+import json
+import math
+import os
+import re
+import select
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+
+# qwen2.5-coder:7b: ~4.7 GB quantized, so it fits next to a 15 GB training run on a 24 GB GPU, it is
+# trained for tool calling, and it answers a ~6K-token prompt in seconds. Bigger models can be passed.
+DEFAULT_MODEL = "qwen2.5-coder:7b"
+DEFAULT_HOST = "http://127.0.0.1:11434"
+RESULTS = "results.tsv"
+RUNNING = "runs/.running"         # pid of the run.sh in flight (its process group id)
+PROGRAM = "program.md"
+SCRATCHPAD = "scratchpad.md"
+TRAIN = "train.py"
+COLUMNS = ["experiment", "commit", "val_mean_rank", "delta", "status", "description",   # contract
+           "runs", "best", "sigma", "threshold", "reason", "phase", "best_commit",
+           "val_median_rank", "model_seconds", "run_seconds", "wall_seconds", "prompt_tokens", "finished"]
+STATUSES = {"baseline", "keep", "discard", "crash", "invalid", "timeout", "interrupted"}
+READABLE = {TRAIN, PROGRAM, SCRATCHPAD, RESULTS}       # + the last run's log, added at run time
+EDITABLE = {TRAIN, SCRATCHPAD}
+OUR_OUTPUTS = ("results.tsv", "progress.png", "logs/", "runs/")  # never make the tree "dirty"
+SCRATCHPAD_MAX_CHARS = 4000       # the agent must condense its notes beyond this
+READ_MAX_CHARS = 20000
+LOG_TAIL_LINES = 60
+TOOL_RESULT_MAX = 8000
+GRACE_SECONDS = 900               # on top of the budget: container start, export, evaluation
+TOKEN_RESERVE = 0.25              # share of num_ctx left for tool results and the answer
+
+
+class HarnessError(Exception):
+    """A problem the user can fix; printed as one clear message, never a traceback."""
+
+
+# ----------------------------------------------------------------------------------------------
+# The allowlist: one function through which every subprocess goes.
+
+GIT_SUBCOMMANDS = {"rev-parse", "status", "add", "commit", "reset", "checkout", "show", "log", "config",
+                   "branch", "diff"}
+
+
+def check_argv(argv):
+    """Pure. None if argv may run, else the reason. Argument lists only, never a shell string."""
+    if not isinstance(argv, (list, tuple)) or not argv or not all(isinstance(a, str) for a in argv):
+        return "commands must be non-empty argument lists of strings"
+    prog = argv[0]
+    if prog == "git":
+        if len(argv) < 2 or argv[1] not in GIT_SUBCOMMANDS:
+            return f"git subcommand not allowed: {argv[1:2]}"
+        return None
+    if prog in ("./run.sh", "podman"):
+        return None
+    if list(argv) == ["ollama", "serve"]:
+        return None
+    return f"command not allowed: {prog}"
+
+
+def spawn(argv, *, wait=True, **kw):
+    """Run an allowlisted command (shell=False always). wait=True returns CompletedProcess."""
+    why = check_argv(argv)
+    if why:
+        raise PermissionError(why)
+    kw.pop("shell", None)
+    if wait:
+        kw.setdefault("capture_output", True)
+        kw.setdefault("text", True)
+        return subprocess.run(list(argv), shell=False, **kw)
+    return subprocess.Popen(list(argv), shell=False, **kw)
+
+
+def git(*args, check=True):
+    p = spawn(["git", *args])
+    if check and p.returncode != 0:
+        raise HarnessError(f"git {' '.join(args[:2])} failed: {(p.stderr or p.stdout).strip()}")
+    return p.stdout.strip()
+
+
+def check_path(root, path, allowed):
+    """Resolve a path the model named. Returns (relative_path, None) or (None, error)."""
+    if not isinstance(path, str) or not path.strip():
+        return None, "path must be a non-empty string"
+    p = path.strip().replace("\\", "/")
+    if p.startswith("/") or p.startswith("~") or re.match(r"^[A-Za-z]:", p):
+        return None, f"absolute paths are not allowed: {path!r}"
+    parts = p.split("/")
+    if ".." in parts:
+        return None, f"'..' is not allowed: {path!r}"
+    rel = "/".join(x for x in parts if x not in ("", "."))
+    if rel not in allowed:
+        return None, f"{rel!r} is not allowed here; allowed: {', '.join(sorted(allowed))}"
+    root_real = os.path.realpath(root)
+    if os.path.realpath(os.path.join(root, rel)) != os.path.join(root_real, rel):
+        return None, f"{rel!r} is a symlink leading elsewhere; not allowed"
+    return rel, None
+
+
+# ----------------------------------------------------------------------------------------------
+# Pure functions: parsing model replies and run output, editing, deciding, phases, prompts.
+
+TOOL_NAMES = ("read_file", "edit_file", "run_experiment")
+TOOLS = [
+    {"type": "function", "function": {
+        "name": "read_file",
+        "description": "Read a file: train.py, program.md, scratchpad.md, results.tsv, or the last run's log.",
+        "parameters": {"type": "object", "required": ["path"],
+                       "properties": {"path": {"type": "string", "description": "relative path"}}}}},
+    {"type": "function", "function": {
+        "name": "edit_file",
+        "description": "Replace old_text by new_text in train.py or scratchpad.md. old_text must occur "
+                       "exactly once; copy it exactly, including indentation.",
+        "parameters": {"type": "object", "required": ["path", "old_text", "new_text"],
+                       "properties": {"path": {"type": "string"}, "old_text": {"type": "string"},
+                                      "new_text": {"type": "string"}}}}},
+    {"type": "function", "function": {
+        "name": "run_experiment",
+        "description": "Finish editing and run the experiment. description = your one-sentence hypothesis.",
+        "parameters": {"type": "object", "required": ["description"],
+                       "properties": {"description": {"type": "string"}}}}},
+]
+
+
+def _as_call(obj):
+    """Recognize the shapes local models use for a tool call written as JSON."""
+    if not isinstance(obj, dict):
+        return None
+    if isinstance(obj.get("function"), dict):
+        return _as_call(obj["function"])
+    for key in ("tool_call", "tool", "call"):
+        if isinstance(obj.get(key), dict):
+            return _as_call(obj[key])
+    name = next((obj[k] for k in ("name", "tool", "function", "tool_name") if isinstance(obj.get(k), str)), None)
+    if name not in TOOL_NAMES:
+        return None
+    args = next((obj[k] for k in ("arguments", "parameters", "args", "input") if k in obj), {})
+    if isinstance(args, str):
+        try:
+            args = json.loads(args, strict=False)
+        except ValueError:
+            return None
+    return (name, args) if isinstance(args, dict) else None
+
+
+def parse_tool_calls(content, tool_calls=None):
+    """Tool calls from a reply: native tool_calls first, else JSON objects written in the content."""
+    calls = []
+    for tc in tool_calls or []:
+        fn = tc.get("function", tc) if isinstance(tc, dict) else None
+        c = _as_call(fn) if fn is not None else None
+        if c:
+            calls.append(c)
+    if calls or not content:
+        return calls
+    dec = json.JSONDecoder(strict=False)  # models put raw newlines inside JSON strings
+    i = 0
+    while True:
+        starts = [j for j in (content.find("{", i), content.find("[", i)) if j != -1]
+        if not starts:
+            break
+        i = min(starts)
+        try:
+            obj, end = dec.raw_decode(content, i)
+        except ValueError:
+            i += 1
+            continue
+        found = [c for c in (_as_call(o) for o in (obj if isinstance(obj, list) else [obj])) if c]
+        calls += found
+        i = end if found else i + 1
+    return calls
+
+
+METRIC_LINE = re.compile(r"([a-z][a-z0-9_]*): (-?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?)")
+EVAL_MARKER = "--- trusted evaluation ---"
+
+
+def parse_metrics(output):
+    """Metrics from run.sh output: only unprefixed `key: number` lines after the last trusted marker.
+
+    Split on "\\n" only: str.splitlines() would also split on \\r, \\x0b, \\x1c.., letting a train.py line
+    (prefixed `train| `) smuggle a fake unprefixed line. The first occurrence of a key wins."""
+    lines = output.split("\n")
+    marks = [i for i, line in enumerate(lines) if line == EVAL_MARKER]
+    if not marks:
+        return {}
+    metrics = {}
+    for line in lines[marks[-1] + 1:]:
+        m = METRIC_LINE.fullmatch(line)
+        if m and m.group(1) not in metrics:
+            v = float(m.group(2))
+            if math.isfinite(v):
+                metrics[m.group(1)] = v
+    return metrics
+
+
+LOSS = re.compile(r"\bloss[\s=:]+(-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)")
+
+
+def last_loss(line):
+    m = LOSS.search(line) if line.startswith("train| ") else None
+    return m.group(1) if m else None
+
+
+def classify_run(returncode, output, metrics):
+    """Pure: ok | timeout | crash, plus a short reason."""
+    tail = [line for line in output.split("\n") if line.strip()][-1:]
+    last = tail[0] if tail else ""
+    if returncode == 124 or last.startswith("run.sh: TIMEOUT"):
+        return "timeout", last[:200] or "timed out"
+    if returncode == 0 and "val_mean_rank" in metrics:
+        return "ok", ""
+    if returncode == 137 or last.startswith("run.sh: OUT OF MEMORY"):
+        return "crash", "out of memory"
+    return "crash", f"run.sh exit {returncode}" + (f": {last[:200]}" if last else "")
+
+
+def apply_edit(text, old, new):
+    """Pure. Returns (new_text, None) or (None, error message for the model)."""
+    if not isinstance(old, str) or not isinstance(new, str):
+        return None, "old_text and new_text must be strings"
+    if not old:
+        return None, "old_text is empty; copy the exact lines you want to replace"
+    n = text.count(old)
+    if n == 1:
+        return text.replace(old, new, 1), None
+    if n > 1:
+        return None, f"old_text occurs {n} times; include more surrounding lines so it occurs exactly once"
+    first = old.strip().split("\n")[0].strip()
+    close = difflib.get_close_matches(first, [line.strip() for line in text.split("\n")], n=1, cutoff=0.6)
+    hint = f" The closest line in the file is: {close[0]!r}" if close else ""
+    return None, "old_text not found; copy it exactly from the current file, including indentation." + hint
+
+
+def pooled_sigma(groups):
+    """Run-to-run standard deviation pooled over groups of repeated runs of one commit (different seeds)."""
+    ss, dof = 0.0, 0
+    for g in groups:
+        if len(g) >= 2:
+            m = sum(g) / len(g)
+            ss += sum((x - m) ** 2 for x in g)
+            dof += len(g) - 1
+    return math.sqrt(ss / dof) if dof else None
+
+
+def decide(values, best, sigma, z=2.0, floor=0.01, confirm=False):
+    """Pure keep/discard rule; lower val_mean_rank is better.
+
+    Keep iff mean(values) beats best by more than threshold = max(z*sigma/sqrt(n), floor*best), where n
+    runs (different seeds) average the noise down. With confirm, a single run that beats best by more than
+    the floor asks for a second run ("confirm"); it is kept if both runs beat best by more than the floor
+    and their mean passes the threshold. sigma None (unknown) falls back to the floor alone."""
+    if not values:
+        raise ValueError("decide needs at least one value")
+    n = len(values)
+    mean = sum(values) / n
+    delta = mean - best
+    floor_abs = floor * abs(best)
+    threshold = max(z * sigma / math.sqrt(n), floor_abs) if sigma else floor_abs
+    sig = "unknown" if sigma is None else f"{sigma:.4g}"
+    why = f"delta {delta:+.4g}, sigma {sig}, threshold {threshold:.4g}, n {n}"
+    if confirm:
+        if n == 1:
+            return ("confirm" if -delta > floor_abs else "discard"), delta, threshold, why
+        if any(best - v <= floor_abs for v in values):
+            return "discard", delta, threshold, why + ", runs disagree"
+    if -delta > threshold:
+        return "keep", delta, threshold, why + ", improvement > threshold"
+    return "discard", delta, threshold, why + ", not > threshold"
+
+
+def parse_phases(program_text):
+    """`## Phase N: title` headings of program.md, in order."""
+    found = re.findall(r"^##\s*Phase\s*(\d+)\s*:\s*(.+?)\s*$", program_text, re.M)
+    return [f"Phase {n}: {t}" for n, t in found] or ["Phase 1: free exploration"]
+
+
+def phase_index(statuses, n_phases, every=10, plateau=5):
+    """Pure. Advance after `every` experiments in a phase or `plateau` in a row without a keep."""
+    idx = in_phase = since_keep = 0
+    for s in statuses:
+        if s in ("baseline", "interrupted"):
+            continue
+        in_phase += 1
+        since_keep = 0 if s == "keep" else since_keep + 1
+        if idx < n_phases - 1 and (in_phase >= every or since_keep >= plateau):
+            idx, in_phase, since_keep = idx + 1, 0, 0
+    return idx
+
+
+def clean_text(s, limit=300):
+    """One line, no tabs: safe for a TSV cell and a commit subject."""
+    s = re.sub(r"\s+", " ", "" if s is None else str(s)).strip()
+    return s[:limit]
+
+
+def fmt(v, digits=4):
+    return "" if v is None or v == "" else f"{float(v):.{digits}g}" if isinstance(v, (int, float)) else str(v)
+
+
+def results_table(rows, max_rows):
+    """Compact table of recent results for the prompt (most recent last)."""
+    lines = ["exp  status       val_mean_rank  delta     description"]
+    shown = rows[-max_rows:] if max_rows else []
+    if len(rows) > len(shown):
+        lines.append(f"... {len(rows) - len(shown)} older experiments omitted (read_file results.tsv for all)")
+    for r in shown:
+        lines.append(f"{r['experiment']:<4} {r['status']:<12} {r['val_mean_rank'] or '-':<14} "
+                     f"{r['delta'] or '-':<9} {r['description'][:90]}")
+    return "\n".join(lines)
+
+
+TOOL_RULES = """
+# How this loop works (rules of the harness)
+You are the researcher in an automated loop. Every experiment is a fresh conversation. Work ONLY through tools:
+- read_file(path): train.py, program.md, scratchpad.md, results.tsv, or the last run's log (path given below).
+- edit_file(path, old_text, new_text): path is train.py or scratchpad.md. old_text must occur exactly once in
+  the current file: copy it exactly, whole lines with their indentation. Keep edits small.
+- run_experiment(description): ends your turn; the harness trains train.py in a sandbox and evaluates it.
+  description = a one-sentence hypothesis, e.g. "raise LR from 2e-4 to 4e-4: loss still falling at the end".
+Procedure: 1) look at the results and the scratchpad, 2) pick ONE change that fits the current phase and has
+not been tried, 3) edit train.py, 4) add a short note (hypothesis, what to try next) to scratchpad.md,
+5) call run_experiment. The harness keeps your change only if val_mean_rank (lower is better) improves by more
+than the run-to-run noise; otherwise train.py is reverted, but scratchpad.md notes are kept.
+Call tools with the tool-calling interface. If you cannot, reply with ONLY a JSON object like
+{"name": "edit_file", "arguments": {"path": "train.py", "old_text": "...", "new_text": "..."}}.
+"""
+
+
+def build_system_prompt(program_text):
+    return program_text.rstrip() + "\n\n" + TOOL_RULES.strip() + "\n"
+
+
+def build_user_message(train_src, scratchpad, rows, best_line, phase_line, log_path=None,
+                       max_rows=15, scratch_chars=SCRATCHPAD_MAX_CHARS):
+    """Pure. The one user message of an experiment's fresh conversation."""
+    if len(scratchpad) > scratch_chars:
+        scratchpad = "[... older notes cut to fit the context ...]\n" + scratchpad[-scratch_chars:]
+    parts = [
+        f"Current phase: {phase_line}",
+        f"Current best: {best_line}",
+        "Recent results (lower val_mean_rank is better):\n" + results_table(rows, max_rows),
+        "scratchpad.md (your notes; keep them short and condensed):\n```\n" + scratchpad.rstrip() + "\n```",
+        "train.py (current best version):\n```python\n" + train_src.rstrip() + "\n```",
+    ]
+    if log_path:
+        parts.append(f"The last run's log is {log_path} (read_file it if useful).")
+    parts.append("Make ONE change for this phase with edit_file, note it in scratchpad.md, then call "
+                 "run_experiment.")
+    return "\n\n".join(parts)
+
+
+def parse_trailers(message):
+    """`Key: value` lines of a structured commit message."""
+    return {m.group(1): m.group(2).strip() for m in re.finditer(r"^([A-Z][A-Za-z-]*): (.*)$", message, re.M)}
+
+
+def commit_message(exp, description, phase_line, status, metric=None, delta=None, extra=None):
+    lines = [f"exp {exp}: {clean_text(description, 72)}", "", f"Hypothesis: {clean_text(description, 1000)}",
+             f"Experiment: {exp}", f"Phase: {phase_line}", f"Status: {status}"]
+    if metric is not None:
+        lines.append(f"Metric: val_mean_rank {metric:.6g}")
+    if delta is not None:
+        lines.append(f"Delta: {delta:+.6g}")
+    for k, v in (extra or {}).items():
+        lines.append(f"{k}: {v}")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------
+# results.tsv: untracked, append-only, fsync'd so that kill -9 loses no recorded row.
+
+def format_row(row):
+    return "\t".join(clean_text(row.get(c, ""), 500) for c in COLUMNS) + "\n"
+
+
+def parse_results(text):
+    """Pure. Rows as dicts; a trailing line without newline (torn write) is not a recorded result."""
+    lines = text.split("\n")
+    if not lines or not lines[0].startswith("experiment\tcommit\tval_mean_rank\tdelta\tstatus\tdescription"):
+        return [] if not text.strip() else None
+    header = lines[0].split("\t")
+    rows = []
+    for line in lines[1:-1]:   # last element is '' or a torn line
+        if line.strip():
+            cells = line.split("\t")
+            rows.append({h: (cells[i] if i < len(cells) else "") for i, h in enumerate(header)})
+    return rows
+
+
+def load_results(path=RESULTS, repair=False):
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    rows = parse_results(text)
+    if rows is None:
+        raise HarnessError(f"{path} does not start with the expected header; move it away")
+    if repair and text and not text.endswith("\n"):
+        with open(path, "r+", encoding="utf-8") as f:   # drop the torn last line before appending
+            f.truncate(len(text[:text.rfind("\n") + 1].encode("utf-8")))
+    return rows
+
+
+def append_row(row, path=RESULTS):
+    new = not os.path.exists(path) or os.path.getsize(path) == 0
+    data = ("\t".join(COLUMNS) + "\n" if new else "") + format_row(row)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, data.encode("utf-8"))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def num(v):
+    try:
+        f = float(v)
+        return f if math.isfinite(f) else None
+    except (TypeError, ValueError):
+        return None
+
+
+def noise_groups(rows):
+    """Groups of repeated runs (same commit, different seeds) recorded in the `runs` column."""
+    return [g for g in ([num(x) for x in r.get("runs", "").split(",") if num(x) is not None] for r in rows
+                        if r["status"] in ("baseline", "keep")) if len(g) >= 2]
+
+
+def state_from_rows(rows):
+    """Pure. (best value, best commit, best experiment, baseline experiment) from recorded rows."""
+    best = best_commit = best_exp = base_exp = None
+    for r in rows:
+        if r["status"] == "baseline":
+            base_exp = r["experiment"]
+            best, best_exp = num(r["best"]), r["experiment"]
+        elif r["status"] == "keep":
+            best, best_exp = num(r["best"]), r["experiment"]
+        if r.get("best_commit"):
+            best_commit = r["best_commit"]
+    return best, best_commit, best_exp, base_exp
+
+
+# ----------------------------------------------------------------------------------------------
+# Impure steps.
+
+def say(msg):
+    live_clear()
+    print(msg, flush=True)
+
+
+_live = {"on": False}
+
+
+def live(line):
+    if sys.stderr.isatty():
+        cols = shutil.get_terminal_size((100, 20)).columns
+        sys.stderr.write("\r\033[K" + line[:cols - 1])
+        sys.stderr.flush()
+        _live["on"] = True
+
+
+def live_clear():
+    if _live["on"]:
+        sys.stderr.write("\r\033[K")
+        sys.stderr.flush()
+        _live["on"] = False
+
+
+def read_text(path):
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return f.read()
+
+
+def write_text(path, text):
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def data_dir():
+    return os.environ.get("AUTORESEARCH_DATA") or "data"
+
+
+def dirty_files():
+    p = spawn(["git", "status", "--porcelain", "--untracked-files=all"])   # not git(): it strips the 1st column
+    if p.returncode != 0:
+        raise HarnessError(f"git status failed: {p.stderr.strip()}")
+    files = [line[3:].strip().strip('"') for line in p.stdout.split("\n") if line.strip()]
+    return [f for f in files if not f.startswith(OUR_OUTPUTS)]
+
+
+def make_client(host, timeout):
+    import ollama  # the only non-stdlib dependency of the loop
+    return ollama.Client(host=host, timeout=timeout)
+
+
+def ollama_error(e):
+    """A readable one-liner for whatever the ollama client / httpx raised."""
+    name = type(e).__name__
+    status = getattr(e, "status_code", None)
+    text = getattr(e, "error", None) or str(e)
+    return f"{name}{f' {status}' if status and status != -1 else ''}: {text}"
+
+
+def is_connection_error(e):
+    return isinstance(e, (ConnectionError, OSError)) or type(e).__module__.startswith(("httpx", "httpcore"))
+
+
+def startup_checks(args, client):
+    """Every failure is one message that names the fix."""
+    if git("rev-parse", "--is-inside-work-tree", check=False) != "true":
+        raise HarnessError("not inside a git repository: run autoresearch from the project's git checkout "
+                           "(git init && git add -A && git commit -m init)")
+    top = git("rev-parse", "--show-toplevel")
+    if os.path.realpath(top) != os.path.realpath(os.getcwd()):
+        raise HarnessError(f"run autoresearch from the repository root: cd {top}")
+    for f in (TRAIN, PROGRAM, "run.sh"):
+        if not os.path.exists(f):
+            raise HarnessError(f"{f} is missing in {os.getcwd()}")
+    if git("rev-parse", "--verify", "-q", "HEAD", check=False) == "":
+        raise HarnessError("the repository has no commit yet: git add -A && git commit -m init")
+    dirty = dirty_files()
+    allowed_dirty = set(EDITABLE) if args.resume else set()
+    if set(dirty) - allowed_dirty:
+        raise HarnessError("the working tree is not clean (" + ", ".join(sorted(dirty)[:5]) +
+                           "): commit or stash your changes first (git status)")
+    if not os.path.exists(os.path.join(data_dir(), "meta.json")):
+        raise HarnessError(f"no prepared data in {data_dir()}/: run python prepare_data.py")
+    try:
+        models = client.list().models
+    except Exception as e:  # noqa: BLE001 -- any failure here means "not reachable"
+        if not is_connection_error(e):
+            raise HarnessError(f"Ollama at {args.host} answered with an error: {ollama_error(e)}")
+        if shutil.which("ollama") and args.serve:
+            start_ollama(args, client)
+            models = client.list().models
+        elif shutil.which("ollama"):
+            raise HarnessError(f"Ollama is not reachable at {args.host}: start it with `ollama serve` "
+                               f"(or pass --serve to let autoresearch start it)")
+        else:
+            raise HarnessError(f"Ollama is not reachable at {args.host} and no `ollama` binary is on PATH: "
+                               f"install Ollama (https://ollama.com) or pass --host")
+    names = {m.model for m in models}
+    if args.model not in names and f"{args.model}:latest" not in names:
+        raise HarnessError(f"model {args.model!r} is not available in Ollama at {args.host}: "
+                           f"run ollama pull {args.model}")
+    try:
+        info = client.show(args.model).modelinfo or {}
+    except Exception as e:  # noqa: BLE001
+        raise HarnessError(f"could not inspect model {args.model!r}: {ollama_error(e)}")
+    ctx = next((v for k, v in info.items() if k.endswith(".context_length")), None)
+    if ctx is not None and int(ctx) < args.num_ctx:
+        raise HarnessError(f"model {args.model!r} supports a context of {ctx} tokens, less than "
+                           f"--num-ctx {args.num_ctx}: pass --num-ctx {ctx} or choose a bigger-context model")
+    if os.environ.get("AUTORESEARCH_SANDBOX") == "none":
+        say("autoresearch: WARNING: AUTORESEARCH_SANDBOX=none, training runs unsandboxed on this machine")
+    elif not shutil.which("podman"):
+        raise HarnessError("the sandbox needs podman: install it (apt-get install podman), or set "
+                           "AUTORESEARCH_SANDBOX=none to run unsandboxed (unsafe)")
+
+
+def start_ollama(args, client):
+    say("autoresearch: starting `ollama serve` ...")
+    env = dict(os.environ, OLLAMA_HOST=args.host)
+    spawn(["ollama", "serve"], wait=False, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+          start_new_session=True)
+    for _ in range(60):
+        time.sleep(0.5)
+        try:
+            client.list()
+            return
+        except Exception:  # noqa: BLE001
+            pass
+    raise HarnessError(f"started `ollama serve` but it did not answer at {args.host}")
+
+
+class Run:
+    """The outcome of one ./run.sh invocation."""
+    def __init__(self, status, reason, metrics, seconds, log, tail):
+        self.status, self.reason, self.metrics, self.seconds, self.log, self.tail = \
+            status, reason, metrics, seconds, log, tail
+
+    @property
+    def value(self):
+        return self.metrics.get("val_mean_rank")
+
+
+def stop_group(p, grace=20):
+    """Ask run.sh's whole process group to stop (it removes its containers on SIGTERM), then kill."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(p.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            p.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")   # zombies are gone
+    except (OSError, IndexError):
+        return False
+
+
+def stop_orphan():
+    """A run.sh left behind by a harness that was killed with -9 would race the next run: stop it."""
+    try:
+        pid = int(read_text(RUNNING).strip())
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            alive = b"run.sh" in f.read()
+    except (OSError, ValueError):
+        alive = False
+    if alive:
+        say(f"autoresearch: stopping the run.sh (pid {pid}) left by a killed harness")
+        for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 5)):
+            try:
+                os.killpg(pid, sig)
+            except ProcessLookupError:
+                break
+            t0 = time.time()
+            while time.time() - t0 < wait and _alive(pid):
+                time.sleep(0.2)
+            if not _alive(pid):
+                break
+    if os.path.exists(RUNNING):
+        os.remove(RUNNING)
+
+
+def run_sandbox(args, label, run_dir, seed, phase_short, extra_argv=()):
+    """./run.sh in its own process group with a hard wall-clock limit; output streams to logs/<label>.log."""
+    os.makedirs("logs", exist_ok=True)
+    os.makedirs(os.path.dirname(RUNNING), exist_ok=True)
+    log_path = f"logs/{label}.log"
+    env = dict(os.environ, AUTORESEARCH_TIME_BUDGET=str(args.time_budget),
+               AUTORESEARCH_RUN_DIR=os.path.abspath(run_dir), AUTORESEARCH_SEED=str(seed))
+    limit = args.time_budget + GRACE_SECONDS
+    t0 = time.time()
+    tail, buf, loss, killed = b"", b"", "-", False
+    with open(log_path, "wb", buffering=0) as log:   # unbuffered: users (and tests) tail -f it
+        p = spawn(["./run.sh", *extra_argv], wait=False, env=env, stdout=subprocess.PIPE,
+                  stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        write_text(RUNNING, str(p.pid))   # lets a later start stop this run if we get kill -9'd
+        try:
+            fd = p.stdout.fileno()
+            while True:
+                elapsed = time.time() - t0
+                if elapsed > limit:
+                    stop_group(p)
+                    killed = True
+                    break
+                r, _, _ = select.select([fd], [], [], 0.5)
+                if r:
+                    chunk = os.read(fd, 65536)
+                    if not chunk:
+                        break
+                    log.write(chunk)
+                    tail = (tail + chunk)[-262144:]   # the metric block sits at the very end
+                    buf = (buf + chunk)[-8192:]
+                    *done, buf = buf.split(b"\n")
+                    for line in done:
+                        lv = last_loss(line.decode("utf-8", "replace"))
+                        loss = lv or loss
+                live(f"exp {label} | {phase_short} | {elapsed:.0f}/{args.time_budget}s | loss {loss}")
+            p.wait()
+        except BaseException:
+            stop_group(p)   # Ctrl-C: stop the containers before anything else
+            raise
+        finally:
+            p.stdout.close()
+            if os.path.exists(RUNNING):
+                os.remove(RUNNING)
+    live_clear()
+    out = tail.decode("utf-8", "replace")
+    metrics = parse_metrics(out)
+    if killed:
+        status, reason = "timeout", f"harness wall-clock limit {limit}s exceeded"
+    else:
+        status, reason = classify_run(p.returncode, out, metrics)
+    lines = [line for line in out.split("\n") if line.strip()]
+    return Run(status, reason, metrics, time.time() - t0, log_path, "\n".join(lines[-LOG_TAIL_LINES:]))
+
+
+class Loop:
+    def __init__(self, args, client):
+        self.args, self.client = args, client
+        self.branch = f"autoresearch/{args.tag}"
+        self.program = read_text(PROGRAM)
+        self.phases = parse_phases(self.program)
+        self.system = build_system_prompt(self.program)
+        self.chars_per_token = 3.5           # calibrated from prompt_eval_count as replies come in
+        self.last_log = None
+        self.rows = []
+
+    # --- state -----------------------------------------------------------------------------------
+    @property
+    def best(self):
+        return state_from_rows(self.rows)[0]
+
+    def sigma(self):
+        return pooled_sigma(noise_groups(self.rows))
+
+    def phase(self):
+        i = phase_index([r["status"] for r in self.rows], len(self.phases), self.args.phase_every,
+                        self.args.phase_plateau)
+        return self.phases[i]
+
+    def done(self):
+        """Model experiments that ran to a verdict (interrupted ones don't count against --max-experiments)."""
+        return sum(r["status"] not in ("baseline", "interrupted") for r in self.rows)
+
+    def next_exp(self):
+        return max([int(r["experiment"]) for r in self.rows], default=-1) + 1
+
+    def record(self, **row):
+        row.setdefault("finished", datetime.datetime.now().isoformat(timespec="seconds"))
+        row.setdefault("sigma", fmt(self.sigma()))
+        append_row({k: (fmt(v) if isinstance(v, float) else v) for k, v in row.items()})
+        self.rows = load_results()
+
+    # --- branch set-up and resume reconciliation ----------------------------------------------------
+    def setup(self):
+        os.makedirs("runs", exist_ok=True)
+        stop_orphan()
+        exists = git("rev-parse", "--verify", "-q", f"refs/heads/{self.branch}", check=False) != ""
+        if not self.args.resume:
+            if exists:
+                raise HarnessError(f"branch {self.branch} already exists: pass --resume, or a new --tag")
+            if load_results():
+                raise HarnessError(f"{RESULTS} holds results of an earlier run: pass --resume --tag TAG, "
+                                   f"or move it away (mv {RESULTS} results-old.tsv)")
+            git("checkout", "-q", "-b", self.branch)
+            return
+        if not exists:
+            raise HarnessError(f"nothing to resume: branch {self.branch} does not exist (check --tag)")
+        self.rows = load_results(repair=True)
+        scratch = read_text(SCRATCHPAD) if os.path.exists(SCRATCHPAD) else None
+        git("checkout", "-q", "-f", self.branch)
+        head = git("rev-parse", "HEAD")
+        _, target, _, _ = state_from_rows(self.rows)
+        if target and head != target:
+            tr = parse_trailers(git("log", "-1", "--format=%B", head))
+            recorded = {r["experiment"] for r in self.rows}
+            exp = tr.get("Experiment")
+            if exp and exp not in recorded and tr.get("Status") == "keep":
+                # killed after the keep commit, before the row: the commit carries the result
+                self.record(experiment=exp, commit=head, val_mean_rank=tr.get("Metric", "").split(" ")[-1],
+                            delta=tr.get("Delta", "").strip(), status="keep",
+                            description=tr.get("Hypothesis", ""), runs=tr.get("Runs", ""),
+                            best=tr.get("Best", ""), threshold=tr.get("Threshold", ""),
+                            reason="recovered from the keep commit on resume", phase=tr.get("Phase", ""),
+                            best_commit=head)
+                target = head
+            elif exp and exp not in recorded and tr.get("Status") == "candidate":
+                self.record(experiment=exp, commit=head, status="interrupted",
+                            description=tr.get("Hypothesis", ""), reason="killed during the run; recovered "
+                            "on resume", phase=tr.get("Phase", ""), best_commit=target)
+        git("reset", "-q", "--hard", target or "HEAD")   # drop half-done edits; the notes are restored below
+        if scratch is not None:
+            self.save_notes(scratch, "notes recovered on resume")
+        say(f"autoresearch: resuming {self.branch} with {len(self.rows)} recorded experiments")
+
+    def save_notes(self, scratch, why):
+        """scratchpad.md survives reverts: write it back and commit it on its own."""
+        if scratch is None or not os.path.exists(SCRATCHPAD) or read_text(SCRATCHPAD) == scratch:
+            return
+        write_text(SCRATCHPAD, scratch)
+        git("add", SCRATCHPAD)
+        git("commit", "-q", "--no-verify", "-m", f"scratchpad: {why}")
+
+    def restore(self, base, scratch):
+        git("reset", "-q", "--hard", base)
+        self.save_notes(scratch, "notes kept across a revert")
+
+    def cleanup_runs(self):
+        _, _, best_exp, base_exp = state_from_rows(self.rows)
+        keep = {f"runs/{best_exp}", f"runs/{base_exp}"}
+        if os.path.isdir("runs"):
+            for d in os.listdir("runs"):
+                if f"runs/{d}" not in keep and re.fullmatch(r"\d+(-s\d+)?", d):
+                    shutil.rmtree(f"runs/{d}", ignore_errors=True)
+
+    # --- one model conversation ----------------------------------------------------------------------
+    def chat(self, messages, stats):
+        self.fit_context(messages)
+        for attempt in range(4):
+            t0 = time.time()
+            try:
+                r = self.client.chat(model=self.args.model, messages=messages, tools=TOOLS,
+                                     options={"num_ctx": self.args.num_ctx, "temperature": self.args.temperature},
+                                     keep_alive="30m")
+                break
+            except Exception as e:  # noqa: BLE001
+                stats["model_seconds"] += time.time() - t0
+                if attempt == 3 or not is_connection_error(e):
+                    raise HarnessError(f"Ollama request failed: {ollama_error(e)}; fix it, then continue "
+                                       f"with --resume --tag {self.args.tag}")
+                say(f"autoresearch: Ollama request failed ({ollama_error(e)}), retrying")
+                time.sleep(2 * (attempt + 1))
+        stats["model_seconds"] += time.time() - t0
+        used = r.prompt_eval_count or 0
+        stats["prompt_tokens"] = max(stats["prompt_tokens"], used)
+        if used:
+            self.chars_per_token = max(1.5, sum(len(str(m.get("content", ""))) for m in messages) / used)
+        if used >= self.args.num_ctx - 16:
+            say(f"autoresearch: WARNING: prompt used {used} of {self.args.num_ctx} tokens; it may be truncated")
+        msg = r.message
+        calls = []
+        for tc in msg.tool_calls or []:
+            calls.append({"function": {"name": tc.function.name, "arguments": dict(tc.function.arguments or {})}})
+        return msg.content or "", calls
+
+    def tokens(self, messages):
+        return sum(len(str(m.get("content", ""))) for m in messages) / self.chars_per_token + 300
+
+    def fit_context(self, messages):
+        """Elide older tool results before Ollama would silently truncate the prompt."""
+        budget = self.args.num_ctx * (1 - TOKEN_RESERVE)
+        for m in messages[2:-2]:
+            if self.tokens(messages) <= budget:
+                return
+            if m["role"] == "tool" and len(m["content"]) > 200:
+                m["content"] = m["content"][:200] + "\n[... elided to save context ...]"
+
+    def converse(self, messages, stats, base_src):
+        """Let the model use tools until it calls run_experiment acceptably. ('run', desc) or ('invalid', why)."""
+        a = self.args
+        nudges = calls_made = bad_runs = 0
+        for _ in range(a.max_turns):
+            content, native = self.chat(messages, stats)
+            calls = parse_tool_calls(content, native)
+            entry = {"role": "assistant", "content": content}
+            if native:
+                entry["tool_calls"] = native
+            messages.append(entry)
+            if not calls:
+                nudges += 1
+                if nudges > a.max_nudges:
+                    return "invalid", "no tool call after repeated nudges"
+                messages.append({"role": "user", "content":
+                                 "You did not call a tool. Call edit_file to change train.py, then "
+                                 "run_experiment(description). Reply with a tool call only."})
+                continue
+            for name, targs in calls:
+                calls_made += 1
+                if calls_made > a.max_tool_calls:
+                    return "invalid", f"more than {a.max_tool_calls} tool calls"
+                if name == "run_experiment":
+                    why = self.prerun_check(base_src)
+                    if not why:
+                        return "run", clean_text(targs.get("description") or "no description given")
+                    bad_runs += 1
+                    if bad_runs > a.max_invalid:
+                        return "invalid", why
+                    result = f"ERROR: cannot run: {why}"
+                else:
+                    result = self.tool(name, targs)
+                messages.append({"role": "tool", "content": result[:TOOL_RESULT_MAX], "tool_name": name})
+        return "invalid", f"no run_experiment within {a.max_turns} turns"
+
+    def tool(self, name, targs):
+        try:
+            if name == "read_file":
+                return self.tool_read(targs.get("path"))
+            return self.tool_edit(targs.get("path"), targs.get("old_text"), targs.get("new_text"))
+        except OSError as e:
+            return f"ERROR: {e}"
+
+    def tool_read(self, path):
+        allowed = READABLE | ({self.last_log} if self.last_log else set())
+        rel, err = check_path(".", path, allowed)
+        if err:
+            return f"ERROR: {err}"
+        if not os.path.exists(rel):
+            return f"ERROR: {rel} does not exist yet"
+        text = read_text(rel)
+        if rel.startswith("logs/"):
+            text = "\n".join(text.split("\n")[-150:])
+        return text[-READ_MAX_CHARS:]
+
+    def tool_edit(self, path, old, new):
+        rel, err = check_path(".", path, EDITABLE)
+        if err:
+            return f"ERROR: {err}"
+        text, err = apply_edit(read_text(rel), old, new)
+        if err:
+            return f"ERROR: {err}"
+        if rel == SCRATCHPAD and len(text) > SCRATCHPAD_MAX_CHARS:
+            return (f"ERROR: scratchpad.md would grow to {len(text)} chars (limit {SCRATCHPAD_MAX_CHARS}): "
+                    f"condense older entries (replace them by a short summary) instead of adding")
+        write_text(rel, text)
+        note = ""
+        if rel == TRAIN:
+            try:
+                ast.parse(text)
+            except SyntaxError as e:
+                note = f" WARNING: train.py no longer parses: {e.msg} (line {e.lineno}); fix it before running."
+        return f"OK: edited {rel} ({len(text.splitlines())} lines).{note}"
+
+    def prerun_check(self, base_src):
+        try:
+            src = read_text(TRAIN)
+            ast.parse(src)
+        except SyntaxError as e:
+            return f"train.py does not parse: {e.msg} (line {e.lineno}); fix it with edit_file"
+        if src == base_src:
+            return "train.py is identical to the version already run; change it with edit_file first"
+        other = [f for f in dirty_files() if f not in EDITABLE]
+        if other:
+            return f"only train.py and scratchpad.md may change, but also changed: {', '.join(other)}"
+        return None
+
+    # --- experiments ---------------------------------------------------------------------------------
+    def baseline(self):
+        exp = self.next_exp()
+        head = git("rev-parse", "HEAD")
+        t0, values, runs = time.time(), [], []
+        say(f"autoresearch: experiment {exp}: baseline ({self.args.noise_runs} run(s) to measure the noise)")
+        try:
+            for k in range(self.args.noise_runs):
+                label = str(exp) if k == 0 else f"{exp}-s{k + 1}"
+                run = run_sandbox(self.args, label, f"runs/{label}", k + 1, "baseline")
+                runs.append(run)
+                self.last_log = run.log
+                if run.status != "ok":
+                    raise HarnessError(f"the baseline run failed ({run.status}: {run.reason}); see {run.log}. "
+                                       f"Fix train.py or the sandbox (commit the fix on branch {self.branch}), "
+                                       f"then rerun with --resume --tag {self.args.tag}.\n{run.tail[-2000:]}")
+                values.append(run.value)
+        except KeyboardInterrupt:
+            self.record(experiment=exp, commit=head, status="interrupted", description="baseline",
+                        reason="Ctrl-C during the baseline", best_commit="", phase=self.phases[0])
+            raise
+        best = sum(values) / len(values)
+        self.record(experiment=exp, commit=head, val_mean_rank=values[0], delta=0.0, status="baseline",
+                    description="baseline", runs=",".join(fmt(v, 6) for v in values), best=best,
+                    sigma=fmt(pooled_sigma([values])), reason=f"{len(values)} seed(s)", phase=self.phases[0],
+                    best_commit=head, val_median_rank=runs[0].metrics.get("val_median_rank"),
+                    run_seconds=sum(r.seconds for r in runs), model_seconds=0.0, wall_seconds=time.time() - t0)
+        self.cleanup_runs()
+        say(f"autoresearch: baseline val_mean_rank {fmt(best)} (runs {','.join(fmt(v) for v in values)}; "
+            f"sigma {fmt(self.sigma()) or 'unknown'})")
+
+    def experiment(self):
+        a, exp = self.args, self.next_exp()
+        t0 = time.time()
+        phase = self.phase()
+        base = git("rev-parse", "HEAD")
+        base_src = read_text(TRAIN)   # identical to HEAD: the tree is clean here
+        best, sigma = self.best, self.sigma()
+        stats = {"model_seconds": 0.0, "prompt_tokens": 0, "run_seconds": 0.0}
+        cand, run, desc, runs = "", None, "", []
+        say(f"autoresearch: experiment {exp} ({phase}); best {fmt(best)}")
+        try:
+            messages = [{"role": "system", "content": self.system},
+                        {"role": "user", "content": self.user_message(base_src, best, sigma, phase)}]
+            outcome, info = self.converse(messages, stats, base_src)
+            desc = info if outcome == "run" else ""
+            fixes = 0
+            while outcome == "run":
+                git("reset", "-q", "--soft", base)     # one candidate commit on top of best, even after fixes
+                git("add", TRAIN, SCRATCHPAD)
+                git("commit", "-q", "--no-verify", "--allow-empty", "-m",
+                    commit_message(exp, desc, phase, "candidate"))
+                cand = git("rev-parse", "HEAD")
+                run = run_sandbox(a, str(exp), f"runs/{exp}", 1, phase.split(":")[0])
+                stats["run_seconds"] += run.seconds
+                runs.append(run)
+                self.last_log = run.log
+                if run.status != "crash" or fixes >= a.fix_attempts:
+                    break
+                fixes += 1
+                say(f"autoresearch: experiment {exp} crashed ({run.reason}); fix attempt {fixes}/{a.fix_attempts}")
+                messages.append({"role": "user", "content":
+                                 f"The run crashed ({run.reason}). Last lines of {run.log}:\n```\n{run.tail[-3000:]}\n"
+                                 f"```\nFix the bug in train.py with edit_file (keep the idea), then call "
+                                 f"run_experiment again."})
+                base_src_fix = read_text(TRAIN)
+                outcome, info = self.converse(messages, stats, base_src_fix)
+                if outcome != "run":
+                    break
+            if run is None:
+                self.finish(exp, base, t0, stats, phase, status="invalid", description="(no valid run)",
+                            reason=info)
+                return
+            if run.status != "ok":
+                self.finish(exp, base, t0, stats, phase, status=run.status, commit=cand, description=desc,
+                            reason=run.reason, log=run.log)
+                return
+            values = [run.value]
+            status, delta, thr, why = decide(values, best, sigma, a.z, a.floor, a.confirm)
+            if status == "confirm" or (status == "keep" and a.noise_runs >= 2):
+                # confirm: a second seed must agree; keep: repeat to re-estimate sigma and de-bias best
+                rep = run_sandbox(a, f"{exp}-s2", f"runs/{exp}-s2", 2, phase.split(":")[0])
+                stats["run_seconds"] += rep.seconds
+                if rep.status == "ok":
+                    values.append(rep.value)
+                    if status == "confirm":
+                        status, delta, thr, why = decide(values, best, sigma, a.z, a.floor, a.confirm)
+                elif status == "confirm":
+                    status, why = "discard", why + f", confirm run failed ({rep.status})"
+            if status == "keep":
+                new_best = sum(values) / len(values)
+                trailers = {"Runs": ",".join(fmt(v, 6) for v in values), "Best": fmt(new_best, 6),
+                            "Threshold": fmt(thr), "Sigma": fmt(sigma) or "unknown"}
+                git("commit", "-q", "--no-verify", "--amend", "-m",
+                    commit_message(exp, desc, phase, "keep", run.value, delta, trailers))
+                head = git("rev-parse", "HEAD")
+                self.record(experiment=exp, commit=head, val_mean_rank=run.value, delta=delta, status="keep",
+                            description=desc, runs=trailers["Runs"], best=new_best, threshold=thr, reason=why,
+                            phase=phase, best_commit=head, val_median_rank=run.metrics.get("val_median_rank"),
+                            model_seconds=stats["model_seconds"], run_seconds=stats["run_seconds"],
+                            wall_seconds=time.time() - t0, prompt_tokens=stats["prompt_tokens"])
+                self.cleanup_runs()
+                say(f"autoresearch: experiment {exp}: KEEP val_mean_rank {fmt(run.value)} ({why})")
+                return
+            self.finish(exp, base, t0, stats, phase, status="discard", commit=cand, description=desc, reason=why,
+                        value=run.value, delta=delta, threshold=thr, values=values, metrics=run.metrics)
+        except (KeyboardInterrupt, HarnessError) as e:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)    # a second Ctrl-C must not break the clean-up
+            self.finish(exp, base, t0, stats, phase, status="interrupted", commit=cand, description=desc,
+                        reason=str(e) or "Ctrl-C / SIGTERM")
+            raise
+
+    def finish(self, exp, base, t0, stats, phase, status, description, reason, commit="", value=None, delta=None,
+               threshold=None, values=(), metrics=None, log=None):
+        """Record a non-keep outcome, then go back to the best commit keeping the scratchpad notes."""
+        scratch = read_text(SCRATCHPAD) if os.path.exists(SCRATCHPAD) else None
+        self.record(experiment=exp, commit=commit, val_mean_rank=value, delta=delta, status=status,
+                    description=description, runs=",".join(fmt(v, 6) for v in values), best=self.best,
+                    threshold=threshold, reason=reason, phase=phase, best_commit=base,
+                    val_median_rank=(metrics or {}).get("val_median_rank"), model_seconds=stats["model_seconds"],
+                    run_seconds=stats["run_seconds"], wall_seconds=time.time() - t0,
+                    prompt_tokens=stats["prompt_tokens"])
+        self.restore(base, scratch)
+        self.cleanup_runs()
+        say(f"autoresearch: experiment {exp}: {status.upper()} {fmt(value) if value else ''} ({reason})")
+
+    def user_message(self, train_src, best, sigma, phase):
+        scratch = read_text(SCRATCHPAD) if os.path.exists(SCRATCHPAD) else ""
+        rows = [r for r in self.rows if r["status"] != "interrupted"]
+        best_line = f"val_mean_rank {fmt(best)} (noise sigma {fmt(sigma) or 'unknown'}; a change must beat it " \
+                    f"by more than max({self.args.z}*sigma, {self.args.floor:.0%}))"
+        budget = self.args.num_ctx * (1 - TOKEN_RESERVE)
+        for max_rows, scratch_chars in ((15, SCRATCHPAD_MAX_CHARS), (8, 3000), (4, 1500), (2, 600)):
+            msg = build_user_message(train_src, scratch, rows, best_line, phase, self.last_log, max_rows,
+                                     scratch_chars)
+            if (len(msg) + len(self.system)) / self.chars_per_token + 300 <= budget:
+                break
+        return msg
+
+    def test_eval(self):
+        report_test(self.rows)
+
+    def main(self):
+        self.setup()
+        self.rows = load_results()
+        try:
+            if not any(r["status"] == "baseline" for r in self.rows):
+                self.baseline()
+                write_report(self.rows, quiet=True)
+            while not self.args.max_experiments or self.done() < self.args.max_experiments:
+                self.experiment()
+                write_report(self.rows, quiet=True)
+        except KeyboardInterrupt:
+            if self.rows:
+                write_report(self.rows, quiet=True)
+            raise
+        write_report(self.rows)
+        summary(self.rows)
+        report_test(self.rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# Report: progress.png, terminal summary, held-out test.
+
+def summarize(rows):
+    """Pure. Figures for the terminal summary."""
+    base = next((r for r in rows if r["status"] == "baseline"), None)
+    if not base:
+        return None
+    best, _, best_exp, _ = state_from_rows(rows)
+    model_rows = [r for r in rows if r["status"] not in ("baseline", "interrupted")]
+    keeps = sum(r["status"] == "keep" for r in model_rows)
+    wall = sum(num(r["wall_seconds"]) or 0 for r in rows)
+    train = sum(num(r["run_seconds"]) or 0 for r in rows)
+    model = sum(num(r["model_seconds"]) or 0 for r in rows)
+    b = num(base["best"])
+    return {"baseline": b, "best": best, "best_exp": best_exp,
+            "delta_pct": (best - b) / b * 100 if b else 0.0, "experiments": len(model_rows), "keeps": keeps,
+            "keep_rate": keeps / len(model_rows) if model_rows else 0.0,
+            "per_hour": len(model_rows) / (wall / 3600) if wall else 0.0,
+            "train_share": train / wall if wall else 0.0, "model_share": model / wall if wall else 0.0,
+            "crashes": sum(r["status"] in ("crash", "timeout") for r in model_rows)}
+
+
+def summary(rows):
+    s = summarize(rows)
+    if not s:
+        print("autoresearch: no baseline recorded yet")
+        return
+    print(f"baseline val_mean_rank {s['baseline']:.4g} -> best {s['best']:.4g} (exp {s['best_exp']}), "
+          f"{s['delta_pct']:+.1f}%")
+    print(f"{s['experiments']} experiments, {s['keeps']} kept ({s['keep_rate']:.0%}), {s['crashes']} crashed/"
+          f"timed out, {s['per_hour']:.1f} experiments/hour")
+    print(f"wall time: {s['train_share']:.0%} training+evaluation, {s['model_share']:.0%} waiting for the model, "
+          f"{max(0.0, 1 - s['train_share'] - s['model_share']):.0%} harness")
+
+
+def write_report(rows, path="progress.png", quiet=False):
+    """Dots per experiment (grey discarded, green kept + labelled, red x crashes), running best with noise band."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+    pts = [(int(r["experiment"]), num(r["val_mean_rank"]), r) for r in rows]
+    fig, ax = plt.subplots(figsize=(11, 5.5), dpi=110)
+    dis = [(x, y) for x, y, r in pts if y is not None and r["status"] == "discard"]
+    if dis:
+        ax.scatter(*zip(*dis), c="#b0b0b0", s=22, label="discarded", zorder=2)
+    kept = [(x, y, r) for x, y, r in pts if y is not None and r["status"] in ("keep", "baseline")]
+    if kept:
+        ax.scatter([k[0] for k in kept], [k[1] for k in kept], c="#2ca02c", s=40, label="kept", zorder=3)
+        for x, y, r in kept:
+            ax.annotate(r["description"][:40], (x, y), textcoords="offset points", xytext=(4, 6), fontsize=7,
+                        color="#1b6e1b", rotation=20)
+    ys = [y for _, y, _ in pts if y is not None]
+    fails = [(x, r) for x, y, r in pts if r["status"] in ("crash", "timeout", "invalid")]
+    if fails:
+        top = max(ys) if ys else 1.0
+        ax.scatter([f[0] for f in fails], [top] * len(fails), marker="x", c="#d62728", s=36,
+                   label="crash / timeout / invalid", zorder=3)
+    # the band uses the sigma known after each row (it is re-estimated as kept experiments add repeats)
+    steps = [(x, num(r["best"]), pooled_sigma(noise_groups(rows[:i + 1])) or 0.0)
+             for i, (x, _, r) in enumerate(pts) if num(r["best"]) is not None]
+    if steps:
+        xs = [s[0] for s in steps] + [max(x for x, _, _ in pts)]
+        bs = [s[1] for s in steps] + [steps[-1][1]]
+        band = [2 * s[2] for s in steps] + [2 * steps[-1][2]]
+        ax.step(xs, bs, where="post", c="#2ca02c", lw=1.5, label="running best")
+        ax.fill_between(xs, [b - w for b, w in zip(bs, band)], [b + w for b, w in zip(bs, band)], step="post",
+                        color="#2ca02c", alpha=0.12, label="noise band (±2σ)")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.set_xlabel("experiment")
+    ax.set_ylabel("val_mean_rank (lower is better)")
+    s = summarize(rows)
+    title = "autoresearch progress"
+    if s:
+        title += f": {s['baseline']:.4g} → {s['best']:.4g} ({s['delta_pct']:+.1f}%), {s['keeps']}/{s['experiments']} kept"
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if pts:
+        ax.legend(loc="best", fontsize=8, framealpha=0.8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    if not quiet:
+        print(f"wrote {path}")
+
+
+def report_test(rows):
+    """Evaluate the baseline and the best hand-off on the held-out test split."""
+    _, _, best_exp, base_exp = state_from_rows(rows)
+    if base_exp is None:
+        print("autoresearch: no baseline recorded yet; nothing to test")
+        return 1
+    vals = {r["experiment"]: r for r in rows}
+    print(f"{'':<16}{'val_mean_rank':>15}{'test_mean_rank':>16}")
+    rc = 0
+    for name, exp in (("baseline", base_exp), (f"best (exp {best_exp})", best_exp)):
+        run_dir = f"runs/{exp}"
+        test = "missing hand-off"
+        if os.path.isdir(run_dir):
+            p = spawn(["./run.sh", "--test", run_dir], timeout=1800)
+            m = parse_metrics(p.stdout)
+            test = fmt(m.get("test_mean_rank")) if "test_mean_rank" in m else f"failed (exit {p.returncode})"
+        if not test[:1].isdigit():
+            rc = 1
+        print(f"{name:<16}{fmt(num(vals[exp]['val_mean_rank'])):>15}{test:>16}")
+        if exp == best_exp == base_exp:
+            break
+    return rc
+
+
+# ----------------------------------------------------------------------------------------------
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="autoresearch.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                epilog="Subcommand: `autoresearch.py report [--test]` writes progress.png and prints "
+                                       "a summary; --test also evaluates baseline and best on the test split.")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="Ollama model (a 7B coder fits next to training on 24 GB)")
+    p.add_argument("--host", default=os.environ.get("OLLAMA_HOST") or DEFAULT_HOST, help="Ollama server")
+    p.add_argument("--tag", default=None, help="run on branch autoresearch/TAG; None means today's date, e.g. nov27")
+    p.add_argument("--max-experiments", type=int, default=0, help="model experiments after the baseline, "
+                   "counted across resumes, interrupted ones excepted; 0 = until stopped")
+    p.add_argument("--resume", action="store_true", help="continue from results.tsv and the branch")
+    p.add_argument("--num-ctx", type=int, default=16384, help="context size sent on every Ollama request")
+    p.add_argument("--time-budget", type=int, default=int(os.environ.get("AUTORESEARCH_TIME_BUDGET") or 300),
+                   help="training seconds per experiment, from $AUTORESEARCH_TIME_BUDGET if exported")
+    p.add_argument("--noise-runs", type=int, default=2, help="baseline runs with different seeds to estimate "
+                   "sigma; with >= 2, each keep is repeated once with another seed to re-estimate sigma")
+    p.add_argument("--z", type=float, default=2.0, help="keep only if improvement > max(z*sigma, floor)")
+    p.add_argument("--floor", type=float, default=0.01, help="minimum improvement, as a fraction of the best")
+    p.add_argument("--confirm", action="store_true", help="keep only once a second run with another seed agrees")
+    p.add_argument("--phase-every", type=int, default=10, help="advance the phase after N experiments in it")
+    p.add_argument("--phase-plateau", type=int, default=5, help="... or after K experiments without a keep")
+    p.add_argument("--fix-attempts", type=int, default=2, help="attempts to fix a crashing experiment")
+    p.add_argument("--max-turns", type=int, default=12, help="model replies per experiment")
+    p.add_argument("--max-tool-calls", type=int, default=24, help="tool calls per experiment")
+    p.add_argument("--max-nudges", type=int, default=2, help="nudges for replies without a tool call")
+    p.add_argument("--max-invalid", type=int, default=3, help="rejected run_experiment calls before `invalid`")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--request-timeout", type=float, default=900, help="seconds per Ollama request")
+    p.add_argument("--serve", action="store_true", help="start `ollama serve` if Ollama is not reachable")
+    args = p.parse_args(argv)
+    if args.num_ctx < 2048 or args.noise_runs < 1 or args.time_budget < 1:
+        p.error("--num-ctx >= 2048, --noise-runs >= 1 and --time-budget >= 1 are required")
+    return args
+
+
+def current_tag():
+    branch = git("rev-parse", "--abbrev-ref", "HEAD", check=False)
+    return branch.split("/", 1)[1] if branch.startswith("autoresearch/") else None
+
+
+def git_identity():
+    """Commits need an identity; fall back to a neutral one only where none is configured."""
+    if not git("config", "user.email", check=False):
+        for k in ("GIT_AUTHOR", "GIT_COMMITTER"):
+            os.environ.setdefault(f"{k}_NAME", "autoresearch")
+            os.environ.setdefault(f"{k}_EMAIL", "autoresearch@localhost")
+
+
+def _sigterm(signum, frame):
+    raise KeyboardInterrupt   # SIGTERM cleans up exactly like Ctrl-C
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    signal.signal(signal.SIGTERM, _sigterm)
+    try:
+        if argv[:1] == ["report"]:
+            rp = argparse.ArgumentParser(prog="autoresearch.py report")
+            rp.add_argument("--test", action="store_true", help="also evaluate baseline and best on the test split")
+            ra = rp.parse_args(argv[1:])
+            rows = load_results()
+            if not rows:
+                raise HarnessError(f"no {RESULTS} here yet: run python autoresearch.py first")
+            write_report(rows)
+            summary(rows)
+            return report_test(rows) if ra.test else 0
+        args = parse_args(argv)
+        if args.tag is None:
+            args.tag = (current_tag() if args.resume else None) or datetime.date.today().strftime("%b%d").lower()
+        if not re.fullmatch(r"[A-Za-z0-9._-]+", args.tag):
+            raise HarnessError("--tag may only use letters, digits, '.', '_' and '-'")
+        git_identity()
+        client = make_client(args.host, args.request_timeout)
+        startup_checks(args, client)
+        loop = Loop(args, client)
+        loop.main()
+        return 0
+    except HarnessError as e:
+        live_clear()
+        print(f"autoresearch: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        live_clear()
+        print("\nautoresearch: interrupted; the best commit is checked out. Continue with --resume.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

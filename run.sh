@@ -1,0 +1,318 @@
+#!/usr/bin/env bash
+# One experiment: train.py in a locked-down container, then the trusted evaluator in a second one.
+#
+#   ./run.sh                 train + evaluate on val (the only thing the agent ever runs)
+#   ./run.sh --test RUN_DIR  evaluate an existing hand-off on the test split (the only time test data is mounted)
+#
+# The code being run was written by a model, so nothing in it is trusted: no network, code and data read-only,
+# one writable hand-off directory, no capabilities, a non-root user, pids/memory limits and a hard wall clock.
+# Output: train.py's lines prefixed with "train| " (so it can never forge a metric), then
+# "--- trusted evaluation ---", the evaluator's `key: value` block and "total_seconds: X".
+# Exit codes: 0 ok, 1 train/eval failed, 124 timeout, 137 out of memory, 2 usage/setup error,
+# 130/143 interrupted by SIGINT/SIGTERM (the container is killed and removed first).
+#
+# Environment (defaults in brackets):
+#   AUTORESEARCH_TIME_BUDGET  training seconds, passed to train.py [300]
+#   AUTORESEARCH_GRACE        extra seconds train.py gets for start-up and export before it is killed [120]
+#   AUTORESEARCH_EVAL_TIMEOUT hard limit for the evaluation container, seconds [600]
+#   AUTORESEARCH_MEMORY       podman --memory (no swap on top) [16g]
+#   AUTORESEARCH_PIDS         podman --pids-limit, threads count too [1024]
+#   AUTORESEARCH_SHM_SIZE     podman --shm-size, for data-loader workers [2g]
+#   AUTORESEARCH_SEED         passed to train.py [unset]
+#   AUTORESEARCH_GPUS         comma-separated GPU ids or "all", used when an NVIDIA CDI spec exists [all]
+#   AUTORESEARCH_IMAGE        unset: image built from Containerfile; "host": the host's / as a throw-away overlay;
+#                             anything else: that image, used as is
+#   AUTORESEARCH_SANDBOX      "none": run without podman (development only, loud warning)
+#   AUTORESEARCH_DATA         data cache written by prepare_data.py [./data]
+#   AUTORESEARCH_RUN_DIR      host directory for the model hand-off [./runs/last]
+#   AUTORESEARCH_WEIGHTS      HF cache, mounted read-only with HF offline mode [./weights]
+#   AUTORESEARCH_PODMAN_ARGS  replaces the detected podman set-up flags below (word-split)
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)"
+cd "$REPO"
+# Milliseconds since the epoch: the timeout verdict must not depend on whole-second rounding.
+now_ms() { local t=${EPOCHREALTIME:-$(date +%s.%N)}; t=${t/,/.}; echo $(( ${t%.*} * 1000 + 10#$(cut -c1-3 <<<"${t#*.}000") )); }
+START_MS=$(now_ms)
+
+die() { echo "run.sh: $*" >&2; exit 2; }
+
+TEST_SPLIT=0
+if [[ $# -gt 0 ]]; then
+    [[ $1 == --test && $# -eq 2 ]] || die "usage: ./run.sh  |  ./run.sh --test RUN_DIR"
+    TEST_SPLIT=1
+    [[ -d $2 ]] || die "no such run directory: $2"
+    RUN_DIR="$(cd "$2" && pwd -P)"
+else
+    [[ -n ${AUTORESEARCH_RUN_DIR:-} ]] || mkdir -p runs/last
+    RUN_DIR="${AUTORESEARCH_RUN_DIR:-runs/last}"
+    mkdir -p "$RUN_DIR"
+    RUN_DIR="$(cd "$RUN_DIR" && pwd -P)"
+fi
+
+BUDGET="${AUTORESEARCH_TIME_BUDGET:-300}"
+GRACE="${AUTORESEARCH_GRACE:-120}"
+EVAL_TIMEOUT="${AUTORESEARCH_EVAL_TIMEOUT:-600}"
+MEMORY="${AUTORESEARCH_MEMORY:-16g}"
+PIDS="${AUTORESEARCH_PIDS:-1024}"
+SHM_SIZE="${AUTORESEARCH_SHM_SIZE:-2g}"
+for n in BUDGET GRACE EVAL_TIMEOUT PIDS; do
+    [[ ${!n} =~ ^[0-9]+$ ]] || die "$n must be a whole number of seconds/processes, got '${!n}'"
+done
+TRAIN_LIMIT=$((BUDGET + GRACE))
+
+DATA="${AUTORESEARCH_DATA:-data}"
+[[ -f $DATA/meta.json && -d $DATA/train ]] || die "no data cache in '$DATA' (expected meta.json and train/). Run: python prepare_data.py"
+DATA="$(cd "$DATA" && pwd -P)"
+EVAL_SPLIT=val; [[ $TEST_SPLIT == 1 ]] && EVAL_SPLIT=test
+[[ -d $DATA/$EVAL_SPLIT ]] || die "no $EVAL_SPLIT split in $DATA. Run: python prepare_data.py"
+WEIGHTS="${AUTORESEARCH_WEIGHTS:-weights}"
+[[ -d $WEIGHTS ]] && WEIGHTS="$(cd "$WEIGHTS" && pwd -P)" || WEIGHTS=""
+
+# ---------------------------------------------------------------------------------------------------------------
+# Output: every line train.py prints gets the "train| " prefix and carriage returns (progress bars) become new
+# prefixed lines. A bash read loop rather than sed/awk: it streams line by line (sed's '$' look-ahead and mawk's
+# input buffering both hold lines back) and still terminates a last line that has no newline, so the next line
+# can't be glued to it. It handles tens of thousands of lines a second, far more than a training log needs.
+prefix_train() {
+    local line
+    while IFS= read -r line || [[ -n $line ]]; do
+        printf 'train| %s\n' "${line//$'\r'/$'\n'train| }"
+    done
+}
+
+# Final verdict lines go to stdout so that, in a merged log, they are really the last line.
+finish() { local ms=$(( $(now_ms) - START_MS )); printf 'total_seconds: %d.%d\n' $((ms / 1000)) $((ms % 1000 / 100)); }
+
+# Environment train.py and the evaluator see, in every mode.
+common_env() {
+    local out=$1 data=$2 weights=$3
+    echo "PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1"
+    echo "AUTORESEARCH_OUT=$out AUTORESEARCH_DATA=$data AUTORESEARCH_TIME_BUDGET=$BUDGET"
+    [[ -n ${AUTORESEARCH_SEED:-} ]] && echo "AUTORESEARCH_SEED=$AUTORESEARCH_SEED"
+    [[ -n $weights ]] && echo "AUTORESEARCH_WEIGHTS=$weights HF_HOME=$weights TORCH_HOME=$weights/torch"
+    return 0
+}
+
+# ---------------------------------------------------------------------------------------------------------------
+# No sandbox: for development only. Same output format and time limit, but train.py can see and do anything
+# the user can.
+if [[ ${AUTORESEARCH_SANDBOX:-} == none ]]; then
+    {
+        echo "################################################################################"
+        echo "# run.sh: WARNING: AUTORESEARCH_SANDBOX=none -- train.py runs WITHOUT a sandbox: #"
+        echo "# it has your network, your files and your secrets. Development use only.       #"
+        echo "################################################################################"
+    } >&2
+    PY="${PYTHON:-python3}"
+    # shellcheck disable=SC2046
+    export $(common_env "$RUN_DIR" "$DATA" "$WEIGHTS")
+    rc=0
+    if [[ $TEST_SPLIT == 0 ]]; then
+        rm -f "$RUN_DIR"/*.pt2 "$RUN_DIR"/train_stats.json
+        # timeout kills train.py's whole process group at the limit (children that start a session escape it).
+        timeout -k 5 "$TRAIN_LIMIT" "$PY" train.py 2>&1 | prefix_train || rc=${PIPESTATUS[0]}
+        if [[ $rc == 124 || $rc == 137 ]]; then
+            echo "run.sh: TIMEOUT training exceeded ${TRAIN_LIMIT}s (AUTORESEARCH_TIME_BUDGET=$BUDGET + grace $GRACE)"; exit 124
+        elif [[ $rc != 0 ]]; then
+            echo "run.sh: FAILED train.py exited with code $rc"; exit 1
+        fi
+    fi
+    echo "--- trusted evaluation ---"
+    timeout -k 5 "$EVAL_TIMEOUT" "$PY" prepare_data.py --evaluate "$RUN_DIR" --split "$EVAL_SPLIT" --data "$DATA" || rc=$?
+    [[ $rc == 124 ]] && { echo "run.sh: TIMEOUT evaluation exceeded ${EVAL_TIMEOUT}s (AUTORESEARCH_EVAL_TIMEOUT)"; exit 124; }
+    [[ $rc != 0 ]] && { echo "run.sh: FAILED evaluation exited with code $rc"; exit 1; }
+    finish; exit 0
+fi
+
+command -v podman >/dev/null || die "podman is not installed. Install it (Debian/Ubuntu: sudo apt-get install podman;
+  Fedora: sudo dnf install podman; see https://podman.io/docs/installation), or, for development only,
+  run with AUTORESEARCH_SANDBOX=none"
+
+# ---------------------------------------------------------------------------------------------------------------
+# Podman set-up.
+#  root (this machine): crun fails under hybrid cgroups, so use runc; podman's default ulimits exceed what the
+#    host allows and are refused, so pass explicit ones. Memory/pids limits work through cgroups as root.
+#  rootless (a workstation): the default runtime is fine and the user's own ulimits are inherited.
+#    --userns=keep-id makes the container user the invoking user, so hand-off files come out owned by you.
+#    Memory and pids limits need cgroups v2 with delegation (the default on current Fedora/Ubuntu); on
+#    cgroups v1 rootless podman ignores them, so we warn.
+ROOTLESS=0; [[ $(id -u) != 0 ]] && ROOTLESS=1
+BUILD_SETUP=()
+if [[ -n ${AUTORESEARCH_PODMAN_ARGS:-} ]]; then
+    read -r -a SETUP <<<"$AUTORESEARCH_PODMAN_ARGS"
+elif [[ $ROOTLESS == 0 ]]; then
+    SETUP=(--runtime runc --ulimit "nofile=$(ulimit -Hn):$(ulimit -Hn)" --ulimit nproc=4096:4096)
+    BUILD_SETUP=(--runtime runc)
+else
+    SETUP=(--userns=keep-id)
+    [[ -f /sys/fs/cgroup/cgroup.controllers ]] ||
+        echo "run.sh: WARNING: rootless podman on cgroups v1 cannot enforce --memory/--pids-limit" >&2
+fi
+
+# GPU: only with the driver AND an NVIDIA CDI spec (nvidia-ctk cdi generate --output=/etc/cdi/nvidia.yaml).
+GPU=()
+if command -v nvidia-smi >/dev/null && compgen -G "/etc/cdi/nvidia*.yaml" >/dev/null ||
+        compgen -G "/var/run/cdi/nvidia*.yaml" >/dev/null && command -v nvidia-smi >/dev/null; then
+    IFS=, read -r -a ids <<<"${AUTORESEARCH_GPUS:-all}"
+    for id in "${ids[@]}"; do GPU+=(--device "nvidia.com/gpu=$id"); done
+fi
+
+# Paths inside the container (the same in every mode).
+C_CODE=/workspace C_DATA=/data C_OUT=/out C_WEIGHTS=/weights
+
+# Image or host root filesystem. ROOTFS goes LAST among the options: with --rootfs the path takes the image's place.
+SKEL=""      # throw-away host dir holding the empty directories used to mask host paths
+CURRENT=""   # name of the running container, for the signal handler
+LENT_DIR=""  # hand-off dir while it belongs to the sandbox user
+give_back_run_dir() { [[ -n $LENT_DIR ]] && chown -R -P "$(id -u):$(id -g)" "$LENT_DIR"; LENT_DIR=""; }
+cleanup() {
+    [[ -n $CURRENT ]] && podman rm -f -t 0 "$CURRENT" >/dev/null 2>&1 || true
+    give_back_run_dir || true
+    [[ -n $SKEL ]] && rm -rf "$SKEL" || true
+}
+trap cleanup EXIT
+
+# A run.sh killed with SIGKILL can't clean up: its container is killed by conmon at the time limit but stays
+# listed. Remove those whose run.sh (the pid in the name) is gone; live ones belong to parallel runs.
+for c in $(podman ps -a --filter label=autoresearch=1 --format '{{.Names}}' 2>/dev/null); do
+    pid=${c#autoresearch-}; pid=${pid%%-*}
+    [[ $pid =~ ^[0-9]+$ ]] && ! kill -0 "$pid" 2>/dev/null && podman rm -f -t 0 "$c" >/dev/null 2>&1 || true
+done
+
+MODE_ARGS=()
+if [[ ${AUTORESEARCH_IMAGE:-} == host ]]; then
+    # Host mode: the host's / as a copy-on-write overlay, read-only on top, run as "nobody". What the user
+    # "nobody" could read on the host is readable in here, except what we mask: homes (secrets, the Python
+    # tree is bound back), scratch dirs, mounts, the repository and the data cache (val/test!).
+    # The interpreter and its trees (base install, virtualenv) are bound back read-only at the same paths.
+    read -r PY PYBASE PYPREFIX < <(python3 -c 'import os, sys; print(os.path.realpath(sys.executable), sys.base_prefix, sys.prefix)') ||
+        die "host mode needs python3 (with torch) on the host"
+    PYTREES=("$PYBASE"); [[ $PYPREFIX != "$PYBASE" ]] && PYTREES+=("$PYPREFIX")
+    SB_USER=65534:65534
+    SKEL="$(mktemp -d "${TMPDIR:-/tmp}/autoresearch-mask.XXXXXX")"
+    chmod 755 "$SKEL"
+    # Runc gives a tmpfs the mode of the directory it covers (/root is 0700, so the bound-back Python would be
+    # unreachable for "nobody"); an empty 0755 host directory bound over the path masks it without that problem.
+    # Plain --tmpfs would copy the directory's content in (tmpcopyup): notmpcopyup is essential.
+    MODE_ARGS+=(--tmpfs /tmp:rw,notmpcopyup --tmpfs /var/tmp:rw,notmpcopyup --tmpfs /run:rw,notmpcopyup)
+    i=0
+    for m in /root /home /mnt /media /srv "$REPO" "$DATA" "$RUN_DIR" ${WEIGHTS:+"$WEIGHTS"}; do
+        [[ -d $m ]] || continue
+        mkdir -p "$SKEL/$i"
+        MODE_ARGS+=(-v "$SKEL/$i:$m")   # rw for runc (root) so it can create nested mount points; 0755 root-owned
+        i=$((i + 1))
+    done
+    for t in "${PYTREES[@]}"; do MODE_ARGS+=(-v "$t:$t:ro"); done
+    ROOTFS=(--rootfs /:O)
+else
+    PY=python
+    SB_USER=1000:1000   # the Containerfile's user
+    MODE_ARGS+=(--tmpfs /tmp:rw,notmpcopyup)
+    if [[ -n ${AUTORESEARCH_IMAGE:-} ]]; then
+        IMAGE="$AUTORESEARCH_IMAGE"
+    else
+        # Rebuilt only when Containerfile or requirements.txt change: the tag is a hash of both.
+        hash="$(cat Containerfile requirements.txt | sha256sum | cut -c1-12)"
+        IMAGE="localhost/autoresearch:$hash"
+        if ! podman image exists "$IMAGE"; then
+            echo "run.sh: building $IMAGE from Containerfile (once; needs network access to pull the base image)" >&2
+            ctx="$(mktemp -d)"; cp Containerfile requirements.txt "$ctx/"
+            # Only these two files form the build context, so data/, runs/ and weights/ never enter the image.
+            if ! podman build "${BUILD_SETUP[@]}" -t "$IMAGE" -f "$ctx/Containerfile" "$ctx" >&2; then
+                rm -rf "$ctx"
+                die "could not build the image from Containerfile (no registry access?). On a machine without a
+  registry run the sandbox on the host's own root filesystem instead: AUTORESEARCH_IMAGE=host ./run.sh"
+            fi
+            rm -rf "$ctx"
+        fi
+    fi
+    ROOTFS=("$IMAGE")
+fi
+[[ $ROOTLESS == 1 ]] && SB_USER=""   # keep-id already runs as the invoking user
+
+# Everything both containers share: the isolation and the limits.
+BASE=(
+    "${SETUP[@]}"
+    --network=none
+    --cap-drop=all --security-opt no-new-privileges
+    ${SB_USER:+--user "$SB_USER"}
+    --read-only --read-only-tmpfs=false
+    --memory "$MEMORY" --memory-swap "$MEMORY"
+    --pids-limit "$PIDS" --shm-size "$SHM_SIZE"
+    "${GPU[@]}"
+    --label autoresearch=1
+    --workdir "$C_CODE"
+)
+ENV=(-e HOME=/tmp); for kv in $(common_env "$C_OUT" "$C_DATA" "${WEIGHTS:+$C_WEIGHTS}"); do ENV+=(-e "$kv"); done
+[[ -n $WEIGHTS ]] && BASE+=(-v "$WEIGHTS:$C_WEIGHTS:ro")
+
+# Runs one container with a hard wall clock. conmon's --timeout kills it even if this script itself is killed
+# with SIGKILL; afterwards `podman rm -f` kills whatever is left (e.g. when the podman client died).
+# Sets RC, OOM and TIMED_OUT.
+run_container() {
+    local limit=$1 filter=$2; shift 2
+    CURRENT="autoresearch-$$-$RANDOM$RANDOM"
+    RC=0
+    local t0; t0=$(now_ms)
+    # In the background so a SIGINT/SIGTERM to run.sh runs the trap at once instead of after the container ends.
+    ( podman run --name "$CURRENT" --timeout "$limit" "$@" 2>&1 | $filter; exit "${PIPESTATUS[0]}" ) &
+    wait $! || RC=$?
+    # Killed (non-zero) at or after the limit: that is the timeout, whatever code the kill produced
+    # (conmon's --timeout gives 255 here; 137 would otherwise look like an OOM kill).
+    TIMED_OUT=0
+    [[ $RC != 0 ]] && (( $(now_ms) - t0 >= limit * 1000 - 500 )) && TIMED_OUT=1
+    OOM="$(podman inspect --format '{{.State.OOMKilled}}' "$CURRENT" 2>/dev/null || echo false)"
+    podman rm -f -t 0 "$CURRENT" >/dev/null 2>&1 || true
+    CURRENT=""
+}
+
+on_signal() {
+    trap - INT TERM
+    cleanup
+    wait 2>/dev/null || true   # let the output pipeline drain so the verdict below is the last line
+    echo "run.sh: INTERRUPTED by SIG$1; container killed and removed"
+    [[ $1 == INT ]] && exit 130 || exit 143
+}
+trap 'on_signal INT' INT
+trap 'on_signal TERM' TERM
+
+if [[ $TEST_SPLIT == 0 ]]; then
+    # Remove only what a previous run left that we know, so a stale model can't be evaluated as this run's.
+    rm -f "$RUN_DIR"/*.pt2 "$RUN_DIR"/train_stats.json
+    # The hand-off dir must be writable by the sandbox user: lend it for the run and give it back afterwards,
+    # also when interrupted (chown -R -P never follows symlinks the container may have planted).
+    [[ -n $SB_USER ]] && chown "$SB_USER" "$RUN_DIR" && LENT_DIR="$RUN_DIR"
+    TRAIN_MOUNTS=(-v "$REPO/train.py:$C_CODE/train.py:ro" -v "$DATA/meta.json:$C_DATA/meta.json:ro"
+                  -v "$DATA/train:$C_DATA/train:ro" -v "$RUN_DIR:$C_OUT:rw")
+    # train.py may import helpers from prepare_data.py; the evaluator's code holds no data, so that is safe.
+    [[ -f prepare_data.py ]] && TRAIN_MOUNTS+=(-v "$REPO/prepare_data.py:$C_CODE/prepare_data.py:ro")
+    [[ -f $DATA/vocab.txt ]] && TRAIN_MOUNTS+=(-v "$DATA/vocab.txt:$C_DATA/vocab.txt:ro")
+    run_container "$TRAIN_LIMIT" prefix_train "${BASE[@]}" "${ENV[@]}" "${TRAIN_MOUNTS[@]}" "${MODE_ARGS[@]}" \
+        "${ROOTFS[@]}" "$PY" train.py
+    give_back_run_dir
+    if [[ $TIMED_OUT == 1 ]]; then
+        echo "run.sh: TIMEOUT training killed after ${TRAIN_LIMIT}s (AUTORESEARCH_TIME_BUDGET=$BUDGET + grace $GRACE)"
+        exit 124
+    elif [[ $OOM == true || $RC == 137 ]]; then
+        echo "run.sh: OUT OF MEMORY training was killed at the memory limit AUTORESEARCH_MEMORY=$MEMORY"
+        exit 137
+    elif [[ $RC != 0 ]]; then
+        echo "run.sh: FAILED train.py exited with code $RC"
+        exit 1
+    fi
+fi
+
+echo "--- trusted evaluation ---"
+EVAL_MOUNTS=(-v "$REPO/prepare_data.py:$C_CODE/prepare_data.py:ro" -v "$DATA/meta.json:$C_DATA/meta.json:ro"
+             -v "$DATA/$EVAL_SPLIT:$C_DATA/$EVAL_SPLIT:ro" -v "$RUN_DIR:$C_OUT:ro")
+run_container "$EVAL_TIMEOUT" cat "${BASE[@]}" "${ENV[@]}" "${EVAL_MOUNTS[@]}" "${MODE_ARGS[@]}" \
+    "${ROOTFS[@]}" "$PY" prepare_data.py --evaluate "$C_OUT" --split "$EVAL_SPLIT" --data "$C_DATA"
+if [[ $TIMED_OUT == 1 ]]; then
+    echo "run.sh: TIMEOUT evaluation killed after ${EVAL_TIMEOUT}s (AUTORESEARCH_EVAL_TIMEOUT)"; exit 124
+elif [[ $OOM == true || $RC == 137 ]]; then
+    echo "run.sh: OUT OF MEMORY evaluation was killed at the memory limit AUTORESEARCH_MEMORY=$MEMORY"; exit 137
+elif [[ $RC != 0 ]]; then
+    echo "run.sh: FAILED evaluation exited with code $RC"; exit 1
+fi
+finish

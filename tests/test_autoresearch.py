@@ -1,0 +1,457 @@
+"""Unit tests of autoresearch.py's pure functions (plus results.tsv I/O and resume reconciliation on real git)."""
+import json
+import math
+import os
+import subprocess
+import sys
+import types
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import autoresearch as ar  # noqa: E402
+
+
+# ---------------------------------------------------------------- tool-call parsing
+
+def test_native_tool_calls_win_over_content():
+    calls = ar.parse_tool_calls('{"name": "read_file", "arguments": {"path": "x"}}',
+                                [{"function": {"name": "edit_file", "arguments": {"path": "train.py"}}}])
+    assert calls == [("edit_file", {"path": "train.py"})]
+
+
+def test_native_arguments_as_json_string():
+    calls = ar.parse_tool_calls("", [{"function": {"name": "run_experiment", "arguments": '{"description": "d"}'}}])
+    assert calls == [("run_experiment", {"description": "d"})]
+
+
+@pytest.mark.parametrize("content", [
+    '{"name": "read_file", "arguments": {"path": "train.py"}}',
+    'I will read it.\n```json\n{"name": "read_file", "arguments": {"path": "train.py"}}\n```',
+    '<tool_call>\n{"name": "read_file", "arguments": {"path": "train.py"}}\n</tool_call>',
+    '{"name": "read_file", "parameters": {"path": "train.py"}}',
+    '{"function": {"name": "read_file", "arguments": "{\\"path\\": \\"train.py\\"}"}}',
+    '[{"name": "read_file", "arguments": {"path": "train.py"}}]',
+])
+def test_tool_call_in_content(content):
+    assert ar.parse_tool_calls(content, []) == [("read_file", {"path": "train.py"})]
+
+
+def test_content_calls_with_raw_newlines_and_several_calls():
+    content = ('first {"name": "edit_file", "arguments": {"path": "train.py", "old_text": "A = 1\nB = 2",'
+               ' "new_text": "A = 2\nB = 2"}} then\n{"name": "run_experiment", "arguments": {"description": "x"}}')
+    calls = ar.parse_tool_calls(content)
+    assert [c[0] for c in calls] == ["edit_file", "run_experiment"]
+    assert calls[0][1]["old_text"] == "A = 1\nB = 2"
+
+
+def test_content_without_calls():
+    assert ar.parse_tool_calls("Let me think. CONFIG = {'lr': 1} and {\"lr\": 2}", None) == []
+    assert ar.parse_tool_calls('{"name": "rm_rf", "arguments": {}}') == []   # unknown tools are not calls
+    assert ar.parse_tool_calls("{ broken json", None) == []
+    assert ar.parse_tool_calls("", None) == []
+
+
+# ---------------------------------------------------------------- metric parsing
+
+GOOD = "train| step 1 | loss 3.1\n--- trusted evaluation ---\nval_mean_rank: 12.5\nval_median_rank: 9\nval_n: 64\ntotal_seconds: 20\n"
+
+
+def test_metrics_from_trusted_block():
+    m = ar.parse_metrics(GOOD)
+    assert m == {"val_mean_rank": 12.5, "val_median_rank": 9.0, "val_n": 64.0, "total_seconds": 20.0}
+
+
+@pytest.mark.parametrize("forged", [
+    "train| val_mean_rank: 0.5\n",                                   # prefixed line
+    "train| x\rval_mean_rank: 0.5\n",                                # \r trick: splitlines() would split here
+    "train| x\x0bval_mean_rank: 0.5\n",                              # vertical tab
+    "train| x\x1cval_mean_rank: 0.5\n",                              # file separator
+    "train| x\u2028val_mean_rank: 0.5\n",                            # unicode line separator
+    "train| --- trusted evaluation ---\nval_mean_rank: 0.5\n",       # marker inside training output
+])
+def test_forged_metric_lines_are_ignored(forged):
+    assert ar.parse_metrics(forged + GOOD)["val_mean_rank"] == 12.5
+    assert "val_mean_rank" not in ar.parse_metrics(forged)
+
+
+def test_metric_line_must_match_exactly():
+    out = "--- trusted evaluation ---\nval_mean_rank: 1.0\rval_mean_rank: 0.1\nval_r1: nan\nval_r5:0.3\n"
+    assert ar.parse_metrics(out) == {}
+    assert ar.parse_metrics("val_mean_rank: 3\n") == {}          # no trusted block at all
+    # a second block (e.g. the test split) after the first: only the last block counts
+    two = GOOD + "--- trusted evaluation ---\ntest_mean_rank: 15\n"
+    assert ar.parse_metrics(two) == {"test_mean_rank": 15.0}
+
+
+def test_classify_run():
+    assert ar.classify_run(0, GOOD, ar.parse_metrics(GOOD)) == ("ok", "")
+    assert ar.classify_run(124, "x\nrun.sh: TIMEOUT after 305s\n", {})[0] == "timeout"
+    assert ar.classify_run(1, "x\nrun.sh: TIMEOUT after 305s", {})[0] == "timeout"
+    assert ar.classify_run(137, "run.sh: OUT OF MEMORY (16g)\n", {}) == ("crash", "out of memory")
+    status, reason = ar.classify_run(1, "train| Traceback\ntrain| RuntimeError: boom\n", {})
+    assert status == "crash" and "boom" in reason
+    assert ar.classify_run(0, "no metric\n", {})[0] == "crash"     # exit 0 without a metric is not ok
+
+
+def test_last_loss():
+    assert ar.last_loss("train| step 120 | loss 3.1234 | lr 2.0e-04 | 45.2/120s") == "3.1234"
+    assert ar.last_loss("step 1 | loss 3.0") is None                 # only train| lines
+    assert ar.last_loss("train| params 1.1M") is None
+
+
+# ---------------------------------------------------------------- editing and paths
+
+def test_apply_edit():
+    text = "A = 1\nB = 2\nB = 2\n"
+    assert ar.apply_edit(text, "A = 1", "A = 3") == ("A = 3\nB = 2\nB = 2\n", None)
+    new, err = ar.apply_edit(text, "B = 2", "B = 3")
+    assert new is None and "2 times" in err
+    new, err = ar.apply_edit(text, "A = 9", "x")
+    assert new is None and "not found" in err and "A = 1" in err          # closest line as a hint
+    assert ar.apply_edit(text, "", "x")[1]
+    assert ar.apply_edit(text, None, "x")[1]
+
+
+def test_check_path(tmp_path):
+    (tmp_path / "train.py").write_text("x")
+    (tmp_path / "secret").write_text("s")
+    os.symlink("/etc/passwd", tmp_path / "scratchpad.md")
+    allowed = {"train.py", "scratchpad.md", "logs/3.log"}
+    assert ar.check_path(str(tmp_path), "train.py", allowed) == ("train.py", None)
+    assert ar.check_path(str(tmp_path), "./train.py", allowed) == ("train.py", None)
+    assert ar.check_path(str(tmp_path), "logs/3.log", allowed) == ("logs/3.log", None)
+    for bad, why in [("/etc/passwd", "absolute"), ("../train.py", ".."), ("logs/../train.py", ".."),
+                     ("secret", "not allowed"), ("prepare_data.py", "not allowed"), ("scratchpad.md", "symlink"),
+                     ("", "non-empty"), (None, "non-empty"), ("~/x", "absolute"), ("C:/x", "absolute")]:
+        rel, err = ar.check_path(str(tmp_path), bad, allowed)
+        assert rel is None and why in err, (bad, err)
+
+
+def test_symlinked_directory_is_refused(tmp_path):
+    os.symlink("/tmp", tmp_path / "logs")
+    rel, err = ar.check_path(str(tmp_path), "logs/3.log", {"logs/3.log"})
+    assert rel is None and "symlink" in err
+
+
+def test_allowlist():
+    assert ar.check_argv(["git", "status", "--porcelain"]) is None
+    assert ar.check_argv(["./run.sh", "--test", "runs/0"]) is None
+    assert ar.check_argv(["podman", "ps"]) is None
+    assert ar.check_argv(["ollama", "serve"]) is None
+    for bad in ["git status", ["git", "push"], ["git", "clean", "-fdx"], ["git"], ["bash", "-c", "x"],
+                ["ollama", "rm", "x"], ["python", "train.py"], [], ["git", 3], ("rm", "-rf", "/")]:
+        assert ar.check_argv(bad), bad
+    with pytest.raises(PermissionError):
+        ar.spawn(["sh", "-c", "echo hi"])
+    with pytest.raises(PermissionError):
+        ar.spawn("git status")
+
+
+# ---------------------------------------------------------------- deciding (noise-aware)
+
+def test_decide_threshold_is_max_of_noise_and_floor():
+    # sigma 2, z 2 -> threshold 4 > floor 1% of 100
+    assert ar.decide([97.0], 100.0, 2.0, z=2, floor=0.01)[0] == "discard"     # 3 < 4: inside the noise
+    status, delta, thr, why = ar.decide([95.0], 100.0, 2.0, z=2, floor=0.01)
+    assert (status, delta, thr) == ("keep", -5.0, 4.0) and "sigma 2" in why
+    # tiny sigma: the floor rules
+    assert ar.decide([99.5], 100.0, 0.01, floor=0.01)[:3] == ("discard", -0.5, 1.0)
+    assert ar.decide([98.9], 100.0, 0.01, floor=0.01)[0] == "keep"
+    assert ar.decide([101.0], 100.0, 2.0)[0] == "discard"                    # worse
+    assert ar.decide([95.0], 100.0, None, floor=0.01)[0] == "keep"          # unknown sigma: floor only
+
+
+def test_decide_more_runs_average_the_noise():
+    # mean 96.5 over 2 runs: threshold 2*2/sqrt(2) = 2.83 < 3.5
+    assert ar.decide([96.0, 97.0], 100.0, 2.0)[0] == "keep"
+    assert ar.decide([96.5], 100.0, 2.0)[0] == "discard"
+
+
+def test_decide_confirm():
+    assert ar.decide([98.0], 100.0, 2.0, confirm=True)[0] == "confirm"       # beats the floor: run again
+    assert ar.decide([99.5], 100.0, 2.0, confirm=True)[0] == "discard"
+    assert ar.decide([96.0, 96.5], 100.0, 2.0, confirm=True)[0] == "keep"
+    status, *_, why = ar.decide([94.0, 99.5], 100.0, 2.0, confirm=True)       # second seed disagrees
+    assert status == "discard" and "disagree" in why
+    with pytest.raises(ValueError):
+        ar.decide([], 100.0, 1.0)
+
+
+def test_pooled_sigma():
+    assert ar.pooled_sigma([]) is None
+    assert ar.pooled_sigma([[5.0]]) is None
+    assert ar.pooled_sigma([[1.0, 3.0]]) == pytest.approx(math.sqrt(2))
+    # groups pool their squared deviations: (2 + 0) / (1 + 1)
+    assert ar.pooled_sigma([[1.0, 3.0], [7.0, 7.0]]) == pytest.approx(1.0)
+
+
+def test_seed_noise_naive_vs_noise_aware():
+    """Pure seed changes around a true value of 100 with sigma 3: the naive rule keeps ~half, ours ~1 in 8."""
+    import random
+    rng = random.Random(0)
+    naive = ours = 0
+    for _ in range(500):
+        base = [rng.gauss(100, 3) for _ in range(3)]
+        sigma = ar.pooled_sigma([base])
+        cand = rng.gauss(100, 3)
+        naive += cand < sum(base) / 3
+        ours += ar.decide([cand], sum(base) / 3, sigma, z=2, floor=0.01)[0] == "keep"
+    assert naive > 200 and ours < naive / 3   # K=3 sigma estimates are themselves noisy
+
+
+# ---------------------------------------------------------------- phases and prompts
+
+PROGRAM = "# x\n## Phase 1: Hyperparameters\nfoo\n## Phase 2: Losses\n##Phase 3 : Architecture\n## Phase 4: Bold ideas\n"
+
+
+def test_parse_phases():
+    assert ar.parse_phases(PROGRAM) == ["Phase 1: Hyperparameters", "Phase 2: Losses", "Phase 3: Architecture",
+                                        "Phase 4: Bold ideas"]
+    assert ar.parse_phases("no phases") == ["Phase 1: free exploration"]
+    with open(os.path.join(ROOT, "program.md")) as f:
+        assert len(ar.parse_phases(f.read())) == 4
+
+
+def test_phase_index():
+    assert ar.phase_index(["baseline"], 4) == 0
+    assert ar.phase_index(["baseline"] + ["keep"] * 9, 4, every=10, plateau=5) == 0
+    assert ar.phase_index(["baseline"] + ["keep"] * 10, 4, every=10, plateau=5) == 1
+    assert ar.phase_index(["baseline"] + ["discard"] * 5, 4, every=10, plateau=5) == 1      # plateau
+    assert ar.phase_index(["baseline", "discard", "keep", "discard"], 4, every=10, plateau=2) == 0
+    assert ar.phase_index(["discard", "interrupted", "discard"], 4, every=10, plateau=2) == 1  # interrupted: no count
+    assert ar.phase_index(["discard"] * 100, 4, every=3, plateau=2) == 3                   # stays in the last
+
+
+def rows_for(n):
+    return [{"experiment": str(i), "status": "discard", "val_mean_rank": "50", "delta": "+1",
+             "description": f"idea number {i}"} for i in range(n)]
+
+
+def test_build_user_message():
+    msg = ar.build_user_message("LR = 1\n", "## Next ideas\n- a\n", rows_for(30), "val_mean_rank 40",
+                                "Phase 2: Losses", "logs/29.log", max_rows=5)
+    for part in ("Phase 2: Losses", "val_mean_rank 40", "LR = 1", "## Next ideas", "logs/29.log",
+                 "idea number 29", "25 older experiments omitted"):
+        assert part in msg, part
+    assert "idea number 24" not in msg
+    long = ar.build_user_message("x", "A" * 5000 + "TAIL", [], "b", "p", scratch_chars=100)
+    assert "TAIL" in long and "A" * 200 not in long and "cut" in long
+
+
+def test_system_prompt_has_program_and_rules():
+    s = ar.build_system_prompt("PROGRAM TEXT")
+    assert s.startswith("PROGRAM TEXT") and "edit_file" in s and "run_experiment" in s and "exactly once" in s
+    names = [t["function"]["name"] for t in ar.TOOLS]
+    assert names == ["read_file", "edit_file", "run_experiment"]
+    assert ar.TOOLS[1]["function"]["parameters"]["required"] == ["path", "old_text", "new_text"]
+
+
+def test_commit_message_and_trailers():
+    msg = ar.commit_message(3, "raise lr\tto 4e-4\nbecause", "Phase 1: Hyperparameters", "keep", 41.5, -2.25,
+                            {"Runs": "41.5,42"})
+    assert msg.split("\n")[0] == "exp 3: raise lr to 4e-4 because"
+    tr = ar.parse_trailers(msg)
+    assert tr["Experiment"] == "3" and tr["Status"] == "keep" and tr["Metric"] == "val_mean_rank 41.5"
+    assert tr["Delta"] == "-2.25" and tr["Phase"] == "Phase 1: Hyperparameters" and tr["Runs"] == "41.5,42"
+
+
+# ---------------------------------------------------------------- results.tsv
+
+def test_results_round_trip(tmp_path):
+    path = str(tmp_path / "results.tsv")
+    ar.append_row({"experiment": 0, "commit": "abc", "val_mean_rank": "50", "delta": "0", "status": "baseline",
+                   "description": "baseline", "runs": "50,51", "best": "50.5", "best_commit": "abc"}, path)
+    ar.append_row({"experiment": 1, "commit": "def", "val_mean_rank": "45", "delta": "-5.5", "status": "keep",
+                   "description": "tab\there\nnewline", "runs": "45,46", "best": "45.5", "best_commit": "def"}, path)
+    text = open(path).read()
+    assert text.split("\n")[0].split("\t")[:6] == ["experiment", "commit", "val_mean_rank", "delta", "status",
+                                                  "description"]
+    rows = ar.load_results(path)
+    assert [r["status"] for r in rows] == ["baseline", "keep"]
+    assert rows[1]["description"] == "tab here newline"
+    assert ar.state_from_rows(rows) == (45.5, "def", "1", "0")
+    assert ar.noise_groups(rows) == [[50.0, 51.0], [45.0, 46.0]]
+    # a torn last line (kill -9 mid-write) is not a result, and is cut before the next append
+    with open(path, "a") as f:
+        f.write("2\tghi\t40\t-5")
+    assert len(ar.load_results(path)) == 2
+    ar.load_results(path, repair=True)
+    ar.append_row({"experiment": 2, "status": "discard", "description": "d"}, path)
+    assert [r["experiment"] for r in ar.load_results(path)] == ["0", "1", "2"]
+    with open(path, "w") as f:
+        f.write("not a header\n")
+    with pytest.raises(ar.HarnessError):
+        ar.load_results(path)
+
+
+def test_summarize():
+    rows = [{"experiment": "0", "status": "baseline", "val_mean_rank": "100", "best": "100", "best_commit": "a",
+             "wall_seconds": "600", "run_seconds": "600", "model_seconds": "0"},
+            {"experiment": "1", "status": "keep", "val_mean_rank": "80", "best": "80", "best_commit": "b",
+             "wall_seconds": "1200", "run_seconds": "900", "model_seconds": "250"},
+            {"experiment": "2", "status": "crash", "val_mean_rank": "", "best": "80", "best_commit": "b",
+             "wall_seconds": "1800", "run_seconds": "1200", "model_seconds": "500"}]
+    s = ar.summarize(rows)
+    assert s["baseline"] == 100 and s["best"] == 80 and s["delta_pct"] == pytest.approx(-20)
+    assert s["keep_rate"] == 0.5 and s["crashes"] == 1 and s["per_hour"] == pytest.approx(2.0)
+    assert s["train_share"] == pytest.approx(0.75) and s["model_share"] == pytest.approx(750 / 3600)
+
+
+def test_report_png(tmp_path):
+    rows = []
+    best = 120.0
+    for i in range(25):
+        st = "baseline" if i == 0 else ("keep" if i % 5 == 0 else "crash" if i % 7 == 0 else "discard")
+        val = 120.0 - i * 1.5 + (0 if st == "keep" else 8)
+        if st in ("keep", "baseline"):
+            best = val
+        rows.append({"experiment": str(i), "status": st, "val_mean_rank": "" if st == "crash" else str(val),
+                     "best": str(best), "sigma": "1.5", "threshold": "3", "description": f"idea {i} lower lr",
+                     "best_commit": "x", "wall_seconds": "300", "run_seconds": "250", "model_seconds": "30"})
+    out = tmp_path / "progress.png"
+    ar.write_report(rows, str(out), quiet=True)
+    data = out.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    assert 800 <= width <= 2000 and 400 <= height <= 1200
+    assert 20_000 < len(data) < 2_000_000
+
+
+# ---------------------------------------------------------------- resume reconciliation on real git
+
+def git(cwd, *args):
+    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
+
+
+@pytest.fixture
+def repo(tmp_path, monkeypatch):
+    monkeypatch.setenv("GIT_AUTHOR_NAME", "t")
+    monkeypatch.setenv("GIT_AUTHOR_EMAIL", "t@t")
+    monkeypatch.setenv("GIT_COMMITTER_NAME", "t")
+    monkeypatch.setenv("GIT_COMMITTER_EMAIL", "t@t")
+    git(tmp_path, "init", "-q", "-b", "main")
+    (tmp_path / "train.py").write_text("LR = 1\n")
+    (tmp_path / "scratchpad.md").write_text("notes\n")
+    (tmp_path / "program.md").write_text(PROGRAM)
+    (tmp_path / ".gitignore").write_text("results.tsv\nruns/\nlogs/\nprogress.png\n")
+    git(tmp_path, "add", "-A")
+    git(tmp_path, "commit", "-q", "-m", "init")
+    git(tmp_path, "checkout", "-q", "-b", "autoresearch/t")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def loop_args(**kw):
+    base = dict(tag="t", resume=True, phase_every=10, phase_plateau=5, z=2.0, floor=0.01, noise_runs=2)
+    base.update(kw)
+    return types.SimpleNamespace(**base)
+
+
+def baseline_row(commit):
+    return {"experiment": 0, "commit": commit, "val_mean_rank": "50", "delta": "0", "status": "baseline",
+            "description": "baseline", "runs": "50,52", "best": "51", "best_commit": commit}
+
+
+def test_resume_recovers_keep_commit_without_row(repo):
+    base = git(repo, "rev-parse", "HEAD")
+    ar.append_row(baseline_row(base))
+    (repo / "train.py").write_text("LR = 2\n")
+    git(repo, "commit", "-qam", ar.commit_message(1, "lr 2", "Phase 1: Hyperparameters", "keep", 40.0, -11.0,
+                                                   {"Runs": "40,41", "Best": "40.5", "Threshold": "2.8"}))
+    head = git(repo, "rev-parse", "HEAD")
+    loop = ar.Loop(loop_args(), None)
+    loop.setup()             # killed after the keep commit, before recording: the commit carries the result
+    rows = ar.load_results()
+    assert [r["status"] for r in rows] == ["baseline", "keep"]
+    assert rows[1]["commit"] == head and rows[1]["val_mean_rank"] == "40" and rows[1]["best"] == "40.5"
+    assert git(repo, "rev-parse", "HEAD") == head and (repo / "train.py").read_text() == "LR = 2\n"
+
+
+def test_resume_reverts_unrecorded_candidate_keeps_notes(repo):
+    base = git(repo, "rev-parse", "HEAD")
+    ar.append_row(baseline_row(base))
+    (repo / "train.py").write_text("LR = 3\n")
+    git(repo, "commit", "-qam", ar.commit_message(1, "lr 3", "Phase 1: Hyperparameters", "candidate"))
+    (repo / "scratchpad.md").write_text("notes\n- lr 3 in flight\n")       # killed mid-experiment
+    (repo / "runs").mkdir()
+    (repo / "runs" / ".running").write_text("999999")                      # stale pid file: ignored
+    loop = ar.Loop(loop_args(), None)
+    loop.setup()
+    rows = ar.load_results()
+    assert [r["status"] for r in rows] == ["baseline", "interrupted"] and rows[1]["experiment"] == "1"
+    assert (repo / "train.py").read_text() == "LR = 1\n"
+    assert "lr 3 in flight" in (repo / "scratchpad.md").read_text()
+    assert git(repo, "status", "--porcelain") == ""
+    assert not (repo / "runs" / ".running").exists()
+    assert loop.next_exp() == 2
+
+
+# ---------------------------------------------------------------- context budget and flags
+
+def test_prompt_shrinks_to_fit_num_ctx(repo):
+    with open(os.path.join(ROOT, "train.py")) as f:
+        train_src = f.read()
+    (repo / "scratchpad.md").write_text("- old note\n" * 350 + "- NEWEST note\n")
+    loop = ar.Loop(loop_args(num_ctx=16384), None)
+    loop.rows = rows_for(40)
+    roomy = loop.user_message(train_src, 40.0, 1.0, "Phase 1: x")
+    assert "- old note\n" * 300 in roomy and "idea number 25" in roomy          # 15 rows, whole scratchpad
+    loop.args.num_ctx = 8192
+    tight = loop.user_message(train_src, 40.0, 1.0, "Phase 1: x")
+    assert (len(tight) + len(loop.system)) / loop.chars_per_token + 300 <= 8192 * (1 - ar.TOKEN_RESERVE)
+    assert "NEWEST note" in tight and "older notes cut" in tight and "idea number 25" not in tight
+    assert "def main():" in tight                                                 # train.py is never cut
+
+
+def test_fit_context_elides_old_tool_results(repo):
+    loop = ar.Loop(loop_args(num_ctx=4096), None)
+    msgs = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]
+    for i in range(6):
+        msgs += [{"role": "assistant", "content": ""}, {"role": "tool", "content": f"LOG{i} " + "x" * 3000}]
+    loop.fit_context(msgs)
+    assert loop.tokens(msgs) <= 4096 * (1 - ar.TOKEN_RESERVE)
+    assert "elided" in msgs[3]["content"] and msgs[-1]["content"].endswith("x" * 3000)   # newest result intact
+
+
+def test_time_budget_flag_and_env(monkeypatch):
+    monkeypatch.delenv("AUTORESEARCH_TIME_BUDGET", raising=False)
+    monkeypatch.delenv("OLLAMA_HOST", raising=False)
+    a = ar.parse_args([])
+    assert (a.time_budget, a.num_ctx, a.model, a.host, a.noise_runs) == (300, 16384, "qwen2.5-coder:7b",
+                                                                         "http://127.0.0.1:11434", 2)
+    monkeypatch.setenv("AUTORESEARCH_TIME_BUDGET", "42")
+    monkeypatch.setenv("OLLAMA_HOST", "http://10.0.0.2:11434")
+    a = ar.parse_args([])
+    assert a.time_budget == 42 and a.host == "http://10.0.0.2:11434"
+    assert ar.parse_args(["--time-budget", "7"]).time_budget == 7
+    with pytest.raises(SystemExit):
+        ar.parse_args(["--num-ctx", "512"])
+
+
+def test_tools_edit_and_read(repo):
+    loop = ar.Loop(loop_args(), None)
+    assert loop.tool("edit_file", {"path": "train.py", "old_text": "LR = 1", "new_text": "LR = 2"}).startswith("OK")
+    assert (repo / "train.py").read_text() == "LR = 2\n"
+    r = loop.tool("edit_file", {"path": "train.py", "old_text": "LR = 2", "new_text": "LR = (2"})
+    assert "no longer parses" in r
+    assert "does not parse" in loop.prerun_check("LR = 1\n")
+    (repo / "train.py").write_text("LR = 1\n")
+    assert "identical" in loop.prerun_check("LR = 1\n")
+    (repo / "train.py").write_text("LR = 3\n")
+    (repo / "other.py").write_text("x = 1\n")                           # a file the model could not have made
+    assert "other.py" in loop.prerun_check("LR = 1\n")
+    (repo / "other.py").unlink()
+    assert loop.prerun_check("LR = 1\n") is None
+    big = loop.tool("edit_file", {"path": "scratchpad.md", "old_text": "notes", "new_text": "n" * 5000})
+    assert "condense" in big and (repo / "scratchpad.md").read_text() == "notes\n"
+    assert "missing" not in loop.tool("read_file", {"path": "program.md"}) and "Phase 1" in loop.tool(
+        "read_file", {"path": "program.md"})
+    assert "not allowed" in loop.tool("read_file", {"path": "logs/1.log"})      # only the last run's log
+    (repo / "logs").mkdir()
+    (repo / "logs" / "1.log").write_text("\n".join(f"line {i}" for i in range(500)))
+    loop.last_log = "logs/1.log"
+    out = loop.tool("read_file", {"path": "logs/1.log"})
+    assert out.startswith("line 350") and out.endswith("line 499")            # the tail
+    assert "must be strings" in loop.tool("edit_file", {"path": "train.py", "old_text": 3, "new_text": "x"})
