@@ -9,6 +9,17 @@ three tools (read_file, edit_file, run_experiment), the harness trains it in the
 reads the metric from the trusted evaluation block, and keeps the commit only if the improvement is
 larger than the measured run-to-run noise. Otherwise git goes back to the best commit.
 
+Files: branch autoresearch/<tag> holds the baseline, every kept experiment (one commit each, with a structured
+message) and scratchpad-only commits; results.tsv (untracked, append-only, fsync'd) has one row per experiment;
+logs/<exp>.log (and logs/<exp>-s2.log for a second seed) is the full run.sh output; runs/<exp>/ is the model
+hand-off, kept only for the baseline and the current best (for `report --test`); progress.png is redrawn after
+every experiment.
+
+Keep rule (noise-aware): the baseline runs --noise-runs times with seeds 1..K; sigma is the pooled standard
+deviation of all repeated runs (baseline + each keep, which is re-run once with seed 2). A candidate (seed 1)
+is kept iff best - value > max(z * sigma, floor * best); the new best is the mean of its runs. --confirm instead
+asks a second seed to agree.
+
 Everything the model can do goes through `tool_*` functions; every subprocess goes through `spawn`.
 Parsing, editing, deciding and prompt building are pure functions (tested in tests/test_autoresearch.py).
 """
@@ -23,7 +34,6 @@ import re
 import select
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import time
@@ -59,8 +69,7 @@ class HarnessError(Exception):
 # ----------------------------------------------------------------------------------------------
 # The allowlist: one function through which every subprocess goes.
 
-GIT_SUBCOMMANDS = {"rev-parse", "status", "add", "commit", "reset", "checkout", "show", "log", "config",
-                   "branch", "diff"}
+GIT_SUBCOMMANDS = {"rev-parse", "status", "add", "commit", "reset", "checkout", "log", "config"}
 
 
 def check_argv(argv):
@@ -974,7 +983,7 @@ class Loop:
         base_src = read_text(TRAIN)   # identical to HEAD: the tree is clean here
         best, sigma = self.best, self.sigma()
         stats = {"model_seconds": 0.0, "prompt_tokens": 0, "run_seconds": 0.0}
-        cand, run, desc, runs = "", None, "", []
+        cand, run, desc = "", None, ""
         say(f"autoresearch: experiment {exp} ({phase}); best {fmt(best)}")
         try:
             messages = [{"role": "system", "content": self.system},
@@ -990,7 +999,6 @@ class Loop:
                 cand = git("rev-parse", "HEAD")
                 run = run_sandbox(a, str(exp), f"runs/{exp}", 1, phase.split(":")[0])
                 stats["run_seconds"] += run.seconds
-                runs.append(run)
                 self.last_log = run.log
                 if run.status != "crash" or fixes >= a.fix_attempts:
                     break
@@ -1171,7 +1179,8 @@ def write_report(rows, path="progress.png", quiet=False):
     s = summarize(rows)
     title = "autoresearch progress"
     if s:
-        title += f": {s['baseline']:.4g} → {s['best']:.4g} ({s['delta_pct']:+.1f}%), {s['keeps']}/{s['experiments']} kept"
+        title += (f": {s['baseline']:.4g} → {s['best']:.4g} ({s['delta_pct']:+.1f}%), "
+                  f"{s['keeps']}/{s['experiments']} kept")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     if pts:

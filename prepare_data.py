@@ -81,7 +81,7 @@ PLACES = [["at the top left", "at the top", "at the top right"],
           ["on the left", "in the centre", "on the right"],
           ["at the bottom left", "at the bottom", "at the bottom right"]]
 RAW_SIZE = 96
-MAX_OBJECTS = 4
+MAX_OBJECTS = 3
 
 
 def _draw_shape(draw, shape, cx, cy, r, color):
@@ -170,7 +170,7 @@ def write_synthetic_odvg(raw_dir, seed, counts):
 def ensure_synthetic_raw(data_dir, seed, counts):
     """The raw synthetic ODVG tree under DATA/raw-synthetic, regenerated only when its parameters change."""
     raw = data_dir / "raw-synthetic"
-    params = {"seed": seed, "counts": counts, "raw_size": RAW_SIZE, "version": 1}
+    params = {"seed": seed, "counts": counts, "raw_size": RAW_SIZE, "max_objects": MAX_OBJECTS, "version": 1}
     marker = raw / "params.json"
     if marker.exists() and json.loads(marker.read_text()) == params:
         return raw

@@ -285,8 +285,6 @@ if [[ $TEST_SPLIT == 0 ]]; then
     [[ -n $SB_USER ]] && chown "$SB_USER" "$RUN_DIR" && LENT_DIR="$RUN_DIR"
     TRAIN_MOUNTS=(-v "$REPO/train.py:$C_CODE/train.py:ro" -v "$DATA/meta.json:$C_DATA/meta.json:ro"
                   -v "$DATA/train:$C_DATA/train:ro" -v "$RUN_DIR:$C_OUT:rw")
-    # train.py may import helpers from prepare_data.py; the evaluator's code holds no data, so that is safe.
-    [[ -f prepare_data.py ]] && TRAIN_MOUNTS+=(-v "$REPO/prepare_data.py:$C_CODE/prepare_data.py:ro")
     [[ -f $DATA/vocab.txt ]] && TRAIN_MOUNTS+=(-v "$DATA/vocab.txt:$C_DATA/vocab.txt:ro")
     run_container "$TRAIN_LIMIT" prefix_train "${BASE[@]}" "${ENV[@]}" "${TRAIN_MOUNTS[@]}" "${MODE_ARGS[@]}" \
         "${ROOTFS[@]}" "$PY" train.py

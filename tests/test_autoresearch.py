@@ -1,5 +1,4 @@
 """Unit tests of autoresearch.py's pure functions (plus results.tsv I/O and resume reconciliation on real git)."""
-import json
 import math
 import os
 import subprocess
@@ -55,7 +54,8 @@ def test_content_without_calls():
 
 # ---------------------------------------------------------------- metric parsing
 
-GOOD = "train| step 1 | loss 3.1\n--- trusted evaluation ---\nval_mean_rank: 12.5\nval_median_rank: 9\nval_n: 64\ntotal_seconds: 20\n"
+GOOD = ("train| step 1 | loss 3.1\n--- trusted evaluation ---\nval_mean_rank: 12.5\nval_median_rank: 9\nval_n: 64\n"
+        "total_seconds: 20\n")
 
 
 def test_metrics_from_trusted_block():
@@ -203,7 +203,8 @@ def test_seed_noise_naive_vs_noise_aware():
 
 # ---------------------------------------------------------------- phases and prompts
 
-PROGRAM = "# x\n## Phase 1: Hyperparameters\nfoo\n## Phase 2: Losses\n##Phase 3 : Architecture\n## Phase 4: Bold ideas\n"
+PROGRAM = ("# x\n## Phase 1: Hyperparameters\nfoo\n## Phase 2: Losses\n##Phase 3 : Architecture\n"
+           "## Phase 4: Bold ideas\n")
 
 
 def test_parse_phases():
