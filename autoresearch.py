@@ -56,6 +56,7 @@ EDITABLE = {TRAIN, SCRATCHPAD}
 OUR_OUTPUTS = ("results.tsv", "progress.png", "logs/", "runs/")  # never make the tree "dirty"
 SCRATCHPAD_MAX_CHARS = 4000       # the agent must condense its notes beyond this
 READ_MAX_CHARS = 20000
+LOG_MAX_BYTES = 64 << 20          # per experiment log; the metric block is parsed from the in-memory tail
 LOG_TAIL_LINES = 60
 TOOL_RESULT_MAX = 8000
 GRACE_SECONDS = 900               # on top of the budget: container start, export, evaluation
@@ -206,21 +207,23 @@ EVAL_MARKER = "--- trusted evaluation ---"
 
 
 def parse_metrics(output):
-    """Metrics from run.sh output: only unprefixed `key: number` lines after the last trusted marker.
+    """Metrics from run.sh output: only unprefixed `key: number` lines after the one trusted marker.
 
     Split on "\\n" only: str.splitlines() would also split on \\r, \\x0b, \\x1c.., letting a train.py line
-    (prefixed `train| `) smuggle a fake unprefixed line. The first occurrence of a key wins."""
+    (prefixed `train| `) smuggle a fake unprefixed line. run.sh prints the marker once and the evaluator each
+    key once, so a second marker or a repeated key means something forged output: no metric at all."""
     lines = output.split("\n")
     marks = [i for i, line in enumerate(lines) if line == EVAL_MARKER]
-    if not marks:
+    if len(marks) != 1:
         return {}
     metrics = {}
-    for line in lines[marks[-1] + 1:]:
+    for line in lines[marks[0] + 1:]:
         m = METRIC_LINE.fullmatch(line)
-        if m and m.group(1) not in metrics:
+        if m:
             v = float(m.group(2))
-            if math.isfinite(v):
-                metrics[m.group(1)] = v
+            if m.group(1) in metrics or not math.isfinite(v):
+                return {}
+            metrics[m.group(1)] = v
     return metrics
 
 
@@ -670,7 +673,7 @@ def run_sandbox(args, label, run_dir, seed, phase_short, extra_argv=()):
                AUTORESEARCH_RUN_DIR=os.path.abspath(run_dir), AUTORESEARCH_SEED=str(seed))
     limit = args.time_budget + GRACE_SECONDS
     t0 = time.time()
-    tail, buf, loss, killed = b"", b"", "-", False
+    tail, buf, loss, killed, logged = b"", b"", "-", False, 0
     with open(log_path, "wb", buffering=0) as log:   # unbuffered: users (and tests) tail -f it
         p = spawn(["./run.sh", *extra_argv], wait=False, env=env, stdout=subprocess.PIPE,
                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
@@ -688,7 +691,9 @@ def run_sandbox(args, label, run_dir, seed, phase_short, extra_argv=()):
                     chunk = os.read(fd, 65536)
                     if not chunk:
                         break
-                    log.write(chunk)
+                    if logged < LOG_MAX_BYTES:   # a train.py that prints without end must not fill the disk
+                        log.write(chunk[:LOG_MAX_BYTES - logged])
+                        logged += len(chunk)
                     tail = (tail + chunk)[-262144:]   # the metric block sits at the very end
                     buf = (buf + chunk)[-8192:]
                     *done, buf = buf.split(b"\n")
@@ -697,6 +702,8 @@ def run_sandbox(args, label, run_dir, seed, phase_short, extra_argv=()):
                         loss = lv or loss
                 live(f"exp {label} | {phase_short} | {elapsed:.0f}/{args.time_budget}s | loss {loss}")
             p.wait()
+            if logged > LOG_MAX_BYTES:
+                log.write(b"\n[autoresearch: log cut at %d MiB; its last 256 KiB follow]\n" % (LOG_MAX_BYTES >> 20) + tail)
         except BaseException:
             stop_group(p)   # Ctrl-C: stop the containers before anything else
             raise
@@ -1225,14 +1232,14 @@ def parse_args(argv):
                                        "a summary; --test also evaluates baseline and best on the test split.")
     p.add_argument("--model", default=DEFAULT_MODEL, help="Ollama model (a 7B coder fits next to training on 24 GB)")
     p.add_argument("--host", default=os.environ.get("OLLAMA_HOST") or DEFAULT_HOST, help="Ollama server")
-    p.add_argument("--tag", default=None, help="run on branch autoresearch/TAG; None means today's date, e.g. nov27")
+    p.add_argument("--tag", default=None, help="run on branch autoresearch/TAG; default: today's date, e.g. nov27 (with --resume: the current branch)")
     p.add_argument("--max-experiments", type=int, default=0, help="model experiments after the baseline, "
                    "counted across resumes, interrupted ones excepted; 0 = until stopped")
     p.add_argument("--resume", action="store_true", help="continue from results.tsv and the branch")
     p.add_argument("--num-ctx", type=int, default=16384, help="context size sent on every Ollama request")
     p.add_argument("--time-budget", type=int, default=int(os.environ.get("AUTORESEARCH_TIME_BUDGET") or 300),
                    help="training seconds per experiment, from $AUTORESEARCH_TIME_BUDGET if exported")
-    p.add_argument("--noise-runs", type=int, default=2, help="baseline runs with different seeds to estimate "
+    p.add_argument("--noise-runs", type=int, default=3, help="baseline runs with different seeds to estimate "
                    "sigma; with >= 2, each keep is repeated once with another seed to re-estimate sigma")
     p.add_argument("--z", type=float, default=2.0, help="keep only if improvement > max(z*sigma, floor)")
     p.add_argument("--floor", type=float, default=0.01, help="minimum improvement, as a fraction of the best")

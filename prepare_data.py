@@ -6,6 +6,11 @@
     python prepare_data.py --preview 8           PNGs of validation images with their heatmaps, into ./previews
     python prepare_data.py --evaluate RUN_DIR    trusted retrieval evaluation of an exported model (val split)
 
+The synthetic train split is a pure function of --seed (public: meta.json records it). The val and test splits
+come from a separate secret --heldout-seed, drawn at random on the first build and recorded only in
+DATA/raw-synthetic/params.json (never mounted into a sandbox, never in meta.json), so train.py cannot regenerate
+them. Given both seeds, every split is deterministic.
+
 The synthetic data is written in exactly the Ukiyo-eVG layout (ODVG JSONL + image files) and then ingested by the
 same code as the real data, so both go through one path. torch and transformers are imported lazily, so that
 `from prepare_data import box_heatmap` stays cheap.
@@ -143,12 +148,15 @@ def synthetic_scene(rng):
     return img, caption, regions
 
 
-def write_synthetic_odvg(raw_dir, seed, counts):
-    """Writes the synthetic dataset in the Ukiyo-eVG layout (JSONL + PNGs). Captions are unique across all splits."""
-    rng = np.random.default_rng(seed)
+def write_synthetic_odvg(raw_dir, seed, counts, heldout_seed):
+    """Writes the synthetic dataset in the Ukiyo-eVG layout (JSONL + PNGs). Captions are unique across all splits.
+    Train comes from `seed` alone (it is in meta.json, which training sees); val and test come from the secret
+    `heldout_seed` and only avoid the train captions, so train says nothing about them beyond the distribution."""
+    train_rng, heldout_rng = np.random.default_rng(seed), np.random.default_rng(heldout_seed)
     (raw_dir / "images").mkdir(parents=True)
     seen = set()
     for split in ["train", "val", "test"]:
+        rng = train_rng if split == "train" else heldout_rng
         path = raw_dir / SPLIT_FILES[split]
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "w") as f:
@@ -167,18 +175,26 @@ def write_synthetic_odvg(raw_dir, seed, counts):
                 i += 1
 
 
-def ensure_synthetic_raw(data_dir, seed, counts):
-    """The raw synthetic ODVG tree under DATA/raw-synthetic, regenerated only when its parameters change."""
+def ensure_synthetic_raw(data_dir, seed, counts, heldout_seed=None):
+    """The raw synthetic ODVG tree under DATA/raw-synthetic, regenerated only when its parameters change.
+    heldout_seed None: keep the one recorded in raw-synthetic/params.json, else draw a new secret one. That file
+    sits next to the val/test images themselves and is never mounted into a sandbox."""
     raw = data_dir / "raw-synthetic"
-    params = {"seed": seed, "counts": counts, "raw_size": RAW_SIZE, "max_objects": MAX_OBJECTS, "version": 1}
     marker = raw / "params.json"
-    if marker.exists() and json.loads(marker.read_text()) == params:
+    old = json.loads(marker.read_text()) if marker.exists() else {}
+    if heldout_seed is None:
+        heldout_seed = old.get("heldout_seed")
+        if not isinstance(heldout_seed, int):
+            heldout_seed = secrets.randbits(63)
+    params = {"seed": seed, "heldout_seed": heldout_seed, "counts": counts, "raw_size": RAW_SIZE,
+              "max_objects": MAX_OBJECTS, "version": 2}
+    if old == params:
         return raw
     data_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".raw-", dir=data_dir))
     try:
         t0 = time.time()
-        write_synthetic_odvg(tmp, seed, counts)
+        write_synthetic_odvg(tmp, seed, counts, heldout_seed)
         (tmp / "params.json").write_text(json.dumps(params))
         if raw.exists():
             shutil.rmtree(raw)
@@ -476,12 +492,170 @@ def retrieval_metrics(sim):
     return out
 
 
-def _load_program(path, device):
+# What torch.export.save writes for one plain nn.Module, and nothing else: torch.export.load() would unpickle
+# (weights_only=False) weights or constants marked "use_pickle", custom/opaque objects, old-format files and
+# sample inputs that the safe unpickler refuses, so such archives are refused before torch ever opens them.
+ARCHIVE_ENTRIES = re.compile(r"(archive_format|archive_version|byteorder|\.data/version|\.data/serialization_id"
+                             r"|models/model\.json|data/sample_inputs/model\.pt"
+                             r"|data/weights/model_weights_config\.json|data/weights/weight_\d+"
+                             r"|data/constants/model_constants_config\.json|data/constants/tensor_\d+)")
+FQN = re.compile(r"[A-Za-z_][\w.]*")  # weight names and graph names; they end up in generated Python code
+# Graph ops: aten only (plus the plumbing export emits), no I/O, no string arguments but these harmless ones.
+DENIED_ATEN = {"_print", "from_file"}
+STR_ARGS = {"approximate", "rounding_mode", "equation", "reduce", "side", "mode", "padding", "padding_mode",
+            "interpolation_mode", "norm", "ord", "indexing", "assert_msg", "msg"}
+OTHER_OPS = {"_operator." + n for n in ("getitem", "add", "sub", "mul", "floordiv", "truediv", "mod", "pow", "neg",
+                                        "eq", "ne", "lt", "le", "gt", "ge", "and_", "or_", "not_")}
+OTHER_OPS |= {"torch.sym_max", "torch.sym_min", "torch.sym_not", "torch.sym_float", "torch.sym_int", "torch._assert",
+              "torch.ops.higher_order.wrap_with_set_grad_enabled", "torch.ops.higher_order.wrap_with_autocast"}
+# Symbolic shapes are parsed with sympy.sympify (an eval) and guards become Python code: plain arithmetic only.
+SYMPY_NAMES = {"Symbol", "Integer", "Rational", "Float", "True", "False", "positive", "integer", "real",
+               "nonnegative", "finite", "Max", "Min", "Mul", "Add", "Pow", "Mod", "Abs", "floor", "ceiling", "Eq",
+               "Ne", "Lt", "Le", "Gt", "Ge", "And", "Or", "Not", "oo", "FloorDiv", "CleanDiv", "CeilDiv",
+               "ModularIndexing", "PythonMod", "CeilToInt", "FloorToInt", "TruncToInt", "RoundToInt", "ToFloat",
+               "IntTrueDiv", "FloatTrueDiv", "PowByNatural", "FloatPow", "Where"}
+SYMBOL = r"[a-z]+\d+"
+GUARD_TERM = re.compile(r"L\['[A-Za-z_]\w*'\](\.(size|stride)\(\)\[\d+\])?")
+METADATA_BAD_CHARS = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _op_name(target):
+    """'torch.ops.aten.add.Tensor' style name of a graph node target (an OpOverload, a HOP or a function)."""
+    import torch
+    if isinstance(target, torch._ops.OpOverload):
+        return f"torch.ops.{target.namespace}.{target._overloadpacket.__name__}.{target._overloadname}"
+    if isinstance(target, torch._ops.HigherOrderOperator):
+        return f"torch.ops.higher_order.{target.name()}"
+    if callable(target) and getattr(target, "__module__", None) in ("_operator", "operator"):
+        return f"_operator.{target.__name__}"
+    if callable(target) and getattr(torch, getattr(target, "__name__", ""), None) is target:
+        return f"torch.{target.__name__}"
+    return repr(target)
+
+
+def _check_op(name):
+    """Raises UserError unless name is an allowed graph op ('torch.ops.aten.<op>.<overload>' or OTHER_OPS)."""
+    import torch
+    m = re.fullmatch(r"torch\.ops\.aten\.(\w+)\.(\w+)", name)
+    if name in OTHER_OPS:
+        return
+    if not m or m.group(1) in DENIED_ATEN:
+        raise UserError(f"the graph calls {name[:80]!r}: only side-effect-free aten ops are allowed")
+    op = getattr(getattr(torch.ops.aten, m.group(1), None), m.group(2), None)
+    if not isinstance(op, torch._ops.OpOverload):
+        raise UserError(f"the graph calls an unknown op {name[:80]!r}")
+    for a in op._schema.arguments:
+        if "str" in str(a.type) and a.name not in STR_ARGS:
+            raise UserError(f"the graph calls {name} with a string argument {a.name!r}, which is not allowed")
+
+
+def _check_expr(s):
+    if not re.fullmatch(r"[\w\s+\-*/%(),.<>=!']*", s) or "__" in s:
+        raise UserError(f"unexpected symbolic expression {s[:80]!r}")
+    names = re.findall(r"[A-Za-z_]\w*", re.sub(rf"'{SYMBOL}'", "", s))
+    if "'" in re.sub(rf"'{SYMBOL}'", "", s) or any(n not in SYMPY_NAMES and not re.fullmatch(SYMBOL, n) for n in names):
+        raise UserError(f"unexpected symbolic expression {s[:80]!r}")
+
+
+def _check_guard(s):
+    rest = GUARD_TERM.sub("0", s)
+    if not re.fullmatch(r"[\w\s+\-*/%()<>=!]*", rest) or any(
+            n not in ("and", "or", "not") for n in re.findall(r"[A-Za-z_]\w*", rest)):
+        raise UserError(f"unexpected guard {s[:80]!r}")
+
+
+def _check_model_json(o, key=""):
+    """Walks the serialized program: node targets, symbolic expressions, guards and names must all be plain."""
+    if isinstance(o, dict):
+        if "target" in o and "inputs" in o:  # a graph node, at any depth (subgraphs included)
+            _check_op(str(o["target"]))
+        for k, v in o.items():
+            if k == "metadata" and "target" in o:  # node metadata: stack traces etc., only ever in comments
+                for s in _strings(v):
+                    if METADATA_BAD_CHARS.search(s):
+                        raise UserError("unexpected control characters in the graph's metadata")
+            elif k == "expr_str":
+                _check_expr(str(v))
+            elif k == "guards_code":
+                for g in v:
+                    _check_guard(str(g))
+            elif k in ("in_spec", "out_spec"):  # pytree specs: JSON, decoded with json
+                pass
+            else:
+                _check_model_json(v, k)
+    elif isinstance(o, list):
+        for v in o:
+            _check_model_json(v, key)
+    elif isinstance(o, str):
+        ok = FQN.fullmatch(o) or o == "" or (key == "as_string" and re.fullmatch(r"[\w ,.\->]*", o)) or (
+            key == "torch_version" and re.fullmatch(r"[\w.+]*", o))
+        if not ok:
+            raise UserError(f"unexpected string {o[:60]!r} in the graph ({key})")
+
+
+def _strings(o):
+    if isinstance(o, str):
+        yield o
+    elif isinstance(o, dict):
+        for k, v in o.items():
+            yield str(k)
+            yield from _strings(v)
+    elif isinstance(o, list):
+        for v in o:
+            yield from _strings(v)
+
+
+def check_archive(path):
+    """Refuses (UserError) any .pt2 that is not exactly what torch.export.save writes for a plain nn.Module: only
+    raw tensors, no pickles, no old formats, only safe graph ops; nothing here runs code from the archive."""
+    import io
+    import torch
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+            root = names[0].split("/", 1)[0] + "/" if names else ""
+            for n in names:
+                if not n.startswith(root) or not ARCHIVE_ENTRIES.fullmatch(n[len(root):]):
+                    raise UserError(f"unexpected entry {n[:80]!r}: only what torch.export.save writes is allowed")
+            read = lambda n: z.read(root + n)
+            if read("archive_format") != b"pt2" or "models/model.json" not in [n[len(root):] for n in names]:
+                raise UserError("not a torch.export archive (save it with torch.export.save)")
+            for cfg, prefix in (("data/weights/model_weights_config.json", "weight_"),
+                                ("data/constants/model_constants_config.json", "tensor_")):
+                for fqn, pm in json.loads(read(cfg))["config"].items():
+                    if pm.get("use_pickle") is not False or not pm.get("tensor_meta") or not FQN.fullmatch(fqn) \
+                            or not re.fullmatch(prefix + r"\d+", str(pm.get("path_name"))):
+                        raise UserError(f"{fqn[:60]!r} is not a plain tensor (pickled or custom objects are refused)")
+            try:  # torch.export.load falls back to an unrestricted unpickler when the safe one refuses
+                torch.load(io.BytesIO(read("data/sample_inputs/model.pt")), weights_only=True)
+            except Exception as e:
+                raise UserError(f"its sample inputs are not plain tensors ({type(e).__name__})")
+            _check_model_json(json.loads(read("models/model.json")))
+    except (zipfile.BadZipFile, KeyError, ValueError, TypeError, AttributeError) as e:
+        raise UserError(f"not a torch.export archive ({type(e).__name__}: {e})")
+
+
+def check_graphs(ep):
+    """After loading, the graph as torch sees it (all submodules) must still use allowed ops only."""
+    for gm in ep.graph_module.modules():
+        graph = getattr(gm, "graph", None)
+        for node in graph.nodes if graph is not None else ():
+            if node.op in ("call_function", "call_method", "call_module"):
+                if node.op != "call_function":
+                    raise UserError(f"the graph has a {node.op} node; only functional aten graphs are allowed")
+                _check_op(_op_name(node.target))
+
+
+def _load_program(path, device, notes):
     import torch
     if not path.is_file():
         raise UserError(f"missing model file {path} (train.py must export it with torch.export.save)")
     if not zipfile.is_zipfile(path):
         raise UserError(f"cannot load {path}: not a torch.export archive (save it with torch.export.save)")
+    try:
+        check_archive(path)
+    except UserError as e:
+        raise UserError(f"cannot load {path}: {e}")
     logger = logging.getLogger("torch.export")
     level = logger.level
     logger.setLevel(logging.ERROR)  # torch logs its own traceback before raising; our message says it all
@@ -491,12 +665,16 @@ def _load_program(path, device):
         raise UserError(f"cannot load {path} as a torch.export program ({type(e).__name__}: {e})")
     finally:
         logger.setLevel(level)
+    try:
+        check_graphs(ep)
+    except UserError as e:
+        raise UserError(f"cannot load {path}: {e}")
     if device != "cpu":
         try:
             from torch.export.passes import move_to_device_pass
             ep = move_to_device_pass(ep, device)
         except Exception as e:
-            print(f"note: could not move {path.name} to {device} ({type(e).__name__}); evaluating on cpu", file=sys.stderr)
+            notes.append(f"note: could not move {path.name} to {device} ({type(e).__name__}); evaluating on cpu")
             device = "cpu"
     return ep.module(), device
 
@@ -521,12 +699,12 @@ def _check_embeddings(emb, n, what):
         raise UserError(f"{what} returned non-finite embeddings")
 
 
-def read_train_stats(run_dir):
+def read_train_stats(run_dir, notes):
     """The informational numbers of train_stats.json, keeping only real finite numbers (never echo strings)."""
     try:
         stats = json.loads((run_dir / "train_stats.json").read_text())
     except (OSError, ValueError):
-        print(f"note: no readable train_stats.json in {run_dir}", file=sys.stderr)
+        notes.append("note: no readable train_stats.json in the run directory")
         return {}
     out = {}
     for k in STAT_KEYS:
@@ -534,11 +712,41 @@ def read_train_stats(run_dir):
         if isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v):
             out[k] = v
         else:
-            print(f"note: train_stats.json has no valid number for {k}", file=sys.stderr)
+            notes.append(f"note: train_stats.json has no valid number for {k}")
     return out
 
 
+class silenced_output:
+    """fds 1 and 2 point at /dev/null inside (whatever the loaded graphs or torch print goes nowhere);
+    .real writes to the original stdout. Restored on exit, so errors are reported normally."""
+
+    def __enter__(self):
+        sys.stdout.flush(), sys.stderr.flush()
+        self.saved = os.dup(1), os.dup(2)
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 1), os.dup2(null, 2)
+        os.close(null)
+        self.real = os.fdopen(os.dup(self.saved[0]), "w")
+        return self
+
+    def __exit__(self, *exc):
+        self.real.close()
+        sys.stdout.flush(), sys.stderr.flush()
+        for fd, saved in zip((1, 2), self.saved):
+            os.dup2(saved, fd)
+            os.close(saved)
+
+
 def evaluate(run_dir, data_dir, split="val", batch=256):
+    """Prints the metric block on stdout (notes first, whole lines); see the contract in README/contracts."""
+    with silenced_output() as out:
+        notes, lines, m = _evaluate(run_dir, data_dir, split, batch)
+        out.real.write("".join(line + "\n" for line in notes + lines))
+        out.real.flush()
+    return m
+
+
+def _evaluate(run_dir, data_dir, split, batch):
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning threads crawl when cores are shared
     import torch
     t0 = time.time()
@@ -550,8 +758,9 @@ def evaluate(run_dir, data_dir, split="val", batch=256):
     tokens = np.load(data_dir / split / "tokens.npy")
     n = len(images)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    image_enc, dev_i = _load_program(run_dir / "image_encoder.pt2", device)
-    text_enc, dev_t = _load_program(run_dir / "text_encoder.pt2", device)
+    notes = []
+    image_enc, dev_i = _load_program(run_dir / "image_encoder.pt2", device, notes)
+    text_enc, dev_t = _load_program(run_dir / "text_encoder.pt2", device, notes)
     # Two independent secret orders: the exported graphs never see which image goes with which caption.
     rng = np.random.default_rng(secrets.randbits(64))
     order_img, order_txt = rng.permutation(n), rng.permutation(n)
@@ -564,7 +773,8 @@ def evaluate(run_dir, data_dir, split="val", batch=256):
     except UserError:
         raise
     except Exception as e:
-        raise UserError(f"the exported model failed on the {split} data ({type(e).__name__}: {str(e)[:300]})")
+        msg = " ".join(str(e).split())[:300]  # one line: the message is the model's, so it must not forge lines
+        raise UserError(f"the exported model failed on the {split} data ({type(e).__name__}: {msg})")
     _check_embeddings(emb_i, n, "image_encoder.pt2")
     _check_embeddings(emb_t, n, "text_encoder.pt2")
     if emb_i.shape[1] != emb_t.shape[1]:
@@ -574,10 +784,10 @@ def evaluate(run_dir, data_dir, split="val", batch=256):
     lines = [f"{split}_mean_rank: {m['mean_rank']:.2f}", f"{split}_median_rank: {m['median_rank']:.1f}",
              f"{split}_r1: {m['r1']:.4f}", f"{split}_r5: {m['r5']:.4f}", f"{split}_r10: {m['r10']:.4f}",
              f"{split}_n: {n}"]
-    lines += [f"{k}: {v:.1f}" if isinstance(v, float) else f"{k}: {v}" for k, v in read_train_stats(run_dir).items()]
+    lines += [f"{k}: {v:.1f}" if isinstance(v, float) else f"{k}: {v}"
+              for k, v in read_train_stats(run_dir, notes).items()]
     lines.append(f"eval_seconds: {time.time() - t0:.1f}")
-    print("\n".join(lines), flush=True)
-    return m
+    return notes, lines, m
 
 
 # ----------------------------------------------------------------------------------------------- main
@@ -586,7 +796,10 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", "--data", dest="out", type=Path, default=None,
                    help="data directory (default: $AUTORESEARCH_DATA, else ./data)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic dataset")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic train split (public: in meta.json)")
+    p.add_argument("--heldout-seed", type=int, default=None,
+                   help="seed of the synthetic val and test splits (secret; default: the one recorded in "
+                        "DATA/raw-synthetic/params.json, else a new random one)")
     p.add_argument("--n-train", type=int, default=8000)
     p.add_argument("--n-val", type=int, default=1000)
     p.add_argument("--n-test", type=int, default=1000)
@@ -615,13 +828,13 @@ def main(argv=None):
                 ingest_odvg(args.ukiyoe_vg, data_dir, args.image_size or 224, "ukiyoe-vg", None, weights_dir)
             else:
                 counts = {"train": args.n_train, "val": args.n_val, "test": args.n_test}
-                raw = ensure_synthetic_raw(data_dir, args.seed, counts)
+                raw = ensure_synthetic_raw(data_dir, args.seed, counts, args.heldout_seed)
                 ingest_odvg(raw, data_dir, args.image_size or 64, "synthetic", args.seed, weights_dir)
         if args.preview:
             preview(data_dir, args.preview, ROOT / "previews")
         return 0
     except UserError as e:
-        print(f"prepare_data.py: error: {e}", file=sys.stderr)
+        print(f"prepare_data.py: error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, whatever it quotes
         return 1
     except KeyboardInterrupt:
         print("prepare_data.py: interrupted; nothing was half-written", file=sys.stderr)

@@ -185,6 +185,11 @@ if [[ ${AUTORESEARCH_IMAGE:-} == host ]]; then
     # Host mode: the host's / as a copy-on-write overlay, read-only on top, run as "nobody". What the user
     # "nobody" could read on the host is readable in here, except what we mask: homes (secrets, the Python
     # tree is bound back), scratch dirs, mounts, the repository and the data cache (val/test!).
+    # LIMITATION: only these exact paths are masked. Any OTHER copy of the data readable by "nobody" (e.g. a
+    # dataset or a Ukiyo-eVG download under /opt, /var or /data, a second data dir, an old run
+    # dir) is readable from inside the sandbox, val/test included. Keep held-out data only under the masked
+    # paths (/root, /home, /mnt, /media, /srv, the repo, AUTORESEARCH_DATA, the run dir, the weights dir) or not
+    # world-readable; the image built from the Containerfile (AUTORESEARCH_IMAGE unset) has no such gap.
     # The interpreter and its trees (base install, virtualenv) are bound back read-only at the same paths.
     read -r PY PYBASE PYPREFIX < <(python3 -c 'import os, sys; print(os.path.realpath(sys.executable), sys.base_prefix, sys.prefix)') ||
         die "host mode needs python3 (with torch) on the host"

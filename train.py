@@ -64,6 +64,7 @@ DATA = Path(os.environ.get("AUTORESEARCH_DATA") or ROOT / "data")
 OUT = Path(os.environ.get("AUTORESEARCH_OUT") or ROOT / "runs" / "dev")
 WEIGHTS = Path(os.environ.get("AUTORESEARCH_WEIGHTS") or ROOT / "weights")
 LOG_EVERY_S = 5.0
+PAD_ID = 0  # set from meta.json in main()
 
 
 def fail(msg):

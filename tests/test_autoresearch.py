@@ -77,12 +77,12 @@ def test_forged_metric_lines_are_ignored(forged):
 
 
 def test_metric_line_must_match_exactly():
-    out = "--- trusted evaluation ---\nval_mean_rank: 1.0\rval_mean_rank: 0.1\nval_r1: nan\nval_r5:0.3\n"
+    out = "--- trusted evaluation ---\nval_mean_rank: 1.0\rval_mean_rank: 0.1\nval_r5:0.3\n"
     assert ar.parse_metrics(out) == {}
     assert ar.parse_metrics("val_mean_rank: 3\n") == {}          # no trusted block at all
-    # a second block (e.g. the test split) after the first: only the last block counts
-    two = GOOD + "--- trusted evaluation ---\ntest_mean_rank: 15\n"
-    assert ar.parse_metrics(two) == {"test_mean_rank": 15.0}
+    # output that forges a block from inside the evaluator: a second marker or a repeated key voids the run
+    assert ar.parse_metrics(GOOD + "--- trusted evaluation ---\nval_mean_rank: 0.5\n") == {}
+    assert ar.parse_metrics(GOOD.replace("val_n: 64", "val_mean_rank: 0.5")) == {}
 
 
 def test_classify_run():
@@ -421,7 +421,7 @@ def test_time_budget_flag_and_env(monkeypatch):
     monkeypatch.delenv("OLLAMA_HOST", raising=False)
     a = ar.parse_args([])
     assert (a.time_budget, a.num_ctx, a.model, a.host, a.noise_runs) == (300, 16384, "qwen2.5-coder:7b",
-                                                                         "http://127.0.0.1:11434", 2)
+                                                                         "http://127.0.0.1:11434", 3)
     monkeypatch.setenv("AUTORESEARCH_TIME_BUDGET", "42")
     monkeypatch.setenv("OLLAMA_HOST", "http://10.0.0.2:11434")
     a = ar.parse_args([])

@@ -201,16 +201,43 @@ def test_synthetic_dataset_layout_and_content(tiny_data):
         assert arrays.shape == (n, 64, 64, 3)
 
 
-def test_synthetic_dataset_is_deterministic_from_the_seed(tmp_path):
+def test_synthetic_dataset_is_deterministic_from_the_two_seeds(tmp_path):
+    counts = {"train": 5, "val": 2, "test": 2}
+    read = lambda d, split: (d / pd.SPLIT_FILES[split]).read_text()
     a, b = tmp_path / "a", tmp_path / "b"
-    pd.write_synthetic_odvg(a, 7, {"train": 5, "val": 2, "test": 2})
-    pd.write_synthetic_odvg(b, 7, {"train": 5, "val": 2, "test": 2})
-    for rel in pd.SPLIT_FILES.values():
-        assert (a / rel).read_text() == (b / rel).read_text()
+    pd.write_synthetic_odvg(a, 7, counts, 11)
+    pd.write_synthetic_odvg(b, 7, counts, 11)
+    for split in pd.SPLIT_FILES:
+        assert read(a, split) == read(b, split)
     assert (a / "images" / "train_00003.png").read_bytes() == (b / "images" / "train_00003.png").read_bytes()
+    assert (a / "images" / "val_00001.png").read_bytes() == (b / "images" / "val_00001.png").read_bytes()
     c = tmp_path / "c"
-    pd.write_synthetic_odvg(c, 8, {"train": 5, "val": 2, "test": 2})
-    assert (a / pd.SPLIT_FILES["train"]).read_text() != (c / pd.SPLIT_FILES["train"]).read_text()
+    pd.write_synthetic_odvg(c, 8, counts, 11)
+    assert read(a, "train") != read(c, "train")
+    # the held-out seed alone decides val and test: the public seed (meta.json) does not rebuild them
+    d = tmp_path / "d"
+    pd.write_synthetic_odvg(d, 7, counts, 12)
+    assert read(a, "train") == read(d, "train")
+    assert read(a, "val") != read(d, "val") and read(a, "test") != read(d, "test")
+
+
+def test_held_out_seed_is_secret_recorded_and_reused(tmp_path):
+    counts = {"train": 3, "val": 2, "test": 2}
+    raw = pd.ensure_synthetic_raw(tmp_path / "x", 5, counts)
+    secret = json.loads((raw / "params.json").read_text())["heldout_seed"]
+    val = (raw / pd.SPLIT_FILES["val"]).read_text()
+    assert pd.ensure_synthetic_raw(tmp_path / "x", 5, counts) == raw   # cached: same secret, same val
+    assert (raw / pd.SPLIT_FILES["val"]).read_text() == val
+    other = pd.ensure_synthetic_raw(tmp_path / "y", 5, counts)           # a fresh build draws a fresh secret
+    assert json.loads((other / "params.json").read_text())["heldout_seed"] != secret
+    assert (other / pd.SPLIT_FILES["val"]).read_text() != val
+    pd.ensure_synthetic_raw(tmp_path / "x", 5, counts, heldout_seed=secret + 1)  # an explicit seed regenerates
+    assert (raw / pd.SPLIT_FILES["val"]).read_text() != val
+
+
+def test_meta_json_does_not_reveal_the_held_out_seed(tiny_data):
+    secret = json.loads((tiny_data / "raw-synthetic" / "params.json").read_text())["heldout_seed"]
+    assert str(secret) not in (tiny_data / "meta.json").read_text()
 
 
 def test_preview_writes_pngs(tiny_data, tmp_path):
