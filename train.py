@@ -49,7 +49,7 @@ if DEVICE == "cuda":  # paper scale: ViT-S/16 at 224 px, DistilBERT, CLS pooling
     PRETRAINED = True
     AMP_DTYPE = torch.bfloat16
 else:  # a small model that learns within minutes on 2 CPU cores; mean pooling + warmup keep it from collapsing
-    LEARNING_RATE = 2e-3
+    LEARNING_RATE = 1e-3
     BATCH_SIZE = 128
     EMBED_DIM = 128
     IMAGE_RES = 64

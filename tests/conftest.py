@@ -26,3 +26,33 @@ def tiny_data(tmp_path_factory):
                 "--n-train", "600", "--n-val", "100", "--n-test", "40"])
     assert r.returncode == 0, r.stderr
     return data
+
+
+# A tiny deterministic "trainer" for hostile-train.py tests: no real training, but a valid hand-off (two torch.export
+# encoders + train_stats.json), the same weights in the sandbox and on the host. Append e.g. TINY_TRAINER_MAIN.
+TINY_TRAINER = r'''
+import json, os, sys
+import torch
+OUT = os.environ.get("AUTORESEARCH_OUT", "runs/dev")
+DATA = os.environ.get("AUTORESEARCH_DATA", "data")
+meta = json.load(open(os.path.join(DATA, "meta.json")))
+S, L, V = meta["image_size"], meta["max_len"], meta["vocab_size"]
+torch.manual_seed(0)
+class Img(torch.nn.Module):
+    def __init__(s): super().__init__(); s.p = torch.nn.Linear(3, 8)
+    def forward(s, images): return s.p(images.mean(dim=(2, 3)))
+class Txt(torch.nn.Module):
+    def __init__(s): super().__init__(); s.e = torch.nn.Embedding(V, 8)
+    def forward(s, input_ids, attention_mask): return (s.e(input_ids) * attention_mask.unsqueeze(-1)).sum(1)
+def export(img, txt):
+    B = torch.export.Dim("batch", min=1, max=4096)
+    ids, mask = torch.ones(2, L, dtype=torch.long), torch.ones(2, L, dtype=torch.long)   # two tensors: export
+    torch.export.save(torch.export.export(img, (torch.rand(2, 3, S, S),), dynamic_shapes=({0: B},)),  # would merge
+                      os.path.join(OUT, "image_encoder.pt2"))                                        # aliased inputs
+    torch.export.save(torch.export.export(txt, (ids, mask), dynamic_shapes=({0: B}, {0: B})),
+                      os.path.join(OUT, "text_encoder.pt2"))
+def stats(**extra):
+    json.dump({"training_seconds": 0.5, "num_steps": 3, "peak_memory_mb": 1.0, "num_params_m": 0.001,
+               "final_loss": 1.0, **extra}, open(os.path.join(OUT, "train_stats.json"), "w"))
+'''
+TINY_TRAINER_MAIN = "img, txt = Img(), Txt()\nexport(img, txt)\nstats()\n"

@@ -17,31 +17,12 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import TINY_TRAINER, TINY_TRAINER_MAIN
 
 ROOT = Path(__file__).resolve().parents[1]
 
 # A train.py that does no training but hands off a valid model, so the trusted evaluation can run.
-EXPORT_MODEL = r'''
-import json, os
-import torch
-out = os.environ.get("AUTORESEARCH_OUT", "runs/dev")
-meta = json.load(open(os.path.join(os.environ.get("AUTORESEARCH_DATA", "data"), "meta.json")))
-S, L, V = meta["image_size"], meta["max_len"], meta["vocab_size"]
-class Img(torch.nn.Module):
-    def __init__(s): super().__init__(); s.p = torch.nn.Linear(3, 8)
-    def forward(s, images): return s.p(images.mean(dim=(2, 3)))
-class Txt(torch.nn.Module):
-    def __init__(s): super().__init__(); s.e = torch.nn.Embedding(V, 8)
-    def forward(s, input_ids, attention_mask): return (s.e(input_ids) * attention_mask.unsqueeze(-1)).sum(1)
-B = torch.export.Dim("batch", min=1, max=4096)
-ids = torch.ones(2, L, dtype=torch.long)
-torch.export.save(torch.export.export(Img(), (torch.rand(2, 3, S, S),), dynamic_shapes=({0: B},)),
-                  os.path.join(out, "image_encoder.pt2"))
-torch.export.save(torch.export.export(Txt(), (ids, ids), dynamic_shapes=({0: B}, {0: B})),
-                  os.path.join(out, "text_encoder.pt2"))
-json.dump({"training_seconds": 0.5, "num_steps": 3, "peak_memory_mb": 1.0, "num_params_m": 0.001, "final_loss": 1.0},
-          open(os.path.join(out, "train_stats.json"), "w"))
-'''
+EXPORT_MODEL = TINY_TRAINER + TINY_TRAINER_MAIN
 
 
 def containers_of(run_sh_pid):
