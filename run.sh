@@ -3,6 +3,7 @@
 #
 #   ./run.sh                 train + evaluate on val (the only thing the agent ever runs)
 #   ./run.sh --test RUN_DIR  evaluate an existing hand-off on the test split (the only time test data is mounted)
+#   ./run.sh --build         build the sandbox image now (image mode; needs the network once), then exit
 #
 # The code being run was written by a model, so nothing in it is trusted: no network, code and data read-only,
 # one writable hand-off directory, no capabilities, a non-root user, pids/memory limits and a hard wall clock.
@@ -37,9 +38,12 @@ START_MS=$(now_ms)
 
 die() { echo "run.sh: $*" >&2; exit 2; }
 
-TEST_SPLIT=0
-if [[ $# -gt 0 ]]; then
-    [[ $1 == --test && $# -eq 2 ]] || die "usage: ./run.sh  |  ./run.sh --test RUN_DIR"
+TEST_SPLIT=0 BUILD_ONLY=0
+if [[ ${1:-} == --build && $# -eq 1 ]]; then
+    BUILD_ONLY=1   # build the sandbox image ahead of the first experiment (it needs the network once)
+    RUN_DIR=""
+elif [[ $# -gt 0 ]]; then
+    [[ $1 == --test && $# -eq 2 ]] || die "usage: ./run.sh  |  ./run.sh --test RUN_DIR  |  ./run.sh --build"
     TEST_SPLIT=1
     [[ -d $2 ]] || die "no such run directory: $2"
     RUN_DIR="$(cd "$2" && pwd -P)"
@@ -62,10 +66,12 @@ done
 TRAIN_LIMIT=$((BUDGET + GRACE))
 
 DATA="${AUTORESEARCH_DATA:-data}"
-[[ -f $DATA/meta.json && -d $DATA/train ]] || die "no data cache in '$DATA' (expected meta.json and train/). Run: python prepare_data.py"
-DATA="$(cd "$DATA" && pwd -P)"
 EVAL_SPLIT=val; [[ $TEST_SPLIT == 1 ]] && EVAL_SPLIT=test
-[[ -d $DATA/$EVAL_SPLIT ]] || die "no $EVAL_SPLIT split in $DATA. Run: python prepare_data.py"
+if [[ $BUILD_ONLY == 0 ]]; then
+    [[ -f $DATA/meta.json && -d $DATA/train ]] || die "no data cache in '$DATA' (expected meta.json and train/). Run: python prepare_data.py"
+    [[ -d $DATA/$EVAL_SPLIT ]] || die "no $EVAL_SPLIT split in $DATA. Run: python prepare_data.py"
+    DATA="$(cd "$DATA" && pwd -P)"
+fi
 WEIGHTS="${AUTORESEARCH_WEIGHTS:-weights}"
 [[ -d $WEIGHTS ]] && WEIGHTS="$(cd "$WEIGHTS" && pwd -P)" || WEIGHTS=""
 
@@ -98,6 +104,7 @@ common_env() {
 # No sandbox: for development only. Same output format and time limit, but train.py can see and do anything
 # the user can.
 if [[ ${AUTORESEARCH_SANDBOX:-} == none ]]; then
+    [[ $BUILD_ONLY == 1 ]] && { echo "run.sh: AUTORESEARCH_SANDBOX=none: no image to build"; exit 0; }
     {
         echo "################################################################################"
         echo "# run.sh: WARNING: AUTORESEARCH_SANDBOX=none -- train.py runs WITHOUT a sandbox: #"
@@ -233,6 +240,10 @@ else
         fi
     fi
     ROOTFS=("$IMAGE")
+fi
+if [[ $BUILD_ONLY == 1 ]]; then
+    echo "run.sh: sandbox image ready: ${ROOTFS[*]}"
+    exit 0
 fi
 [[ $ROOTLESS == 1 ]] && SB_USER=""   # keep-id already runs as the invoking user
 

@@ -387,6 +387,16 @@ def test_image_mode_build_failure_suggests_host_mode(tmp_path, data):
     assert "AUTORESEARCH_IMAGE=host" in p.stderr
 
 
+def test_build_only_needs_no_data_and_reports_the_build(tmp_path):
+    repo = make_repo(tmp_path, EXPORT_MODEL)
+    shutil.copy2(ROOT / "requirements.txt", repo / "requirements.txt")
+    (repo / "Containerfile").write_text("FROM localhost/autoresearch-no-such-base:never\n")
+    p = run(repo, tmp_path / "nodata", "--build", AUTORESEARCH_IMAGE="")
+    assert p.returncode == 2 and "could not build the image" in p.stderr   # a real build attempt, not a data error
+    p = run(repo, tmp_path / "nodata", "--build")                           # host mode: nothing to build
+    assert p.returncode == 0 and "ready" in p.stdout, p.stdout + p.stderr
+
+
 def test_containerfile_installs_exactly_the_requirements():
     text = (ROOT / "Containerfile").read_text()
     assert re.search(r"^FROM \S+", text, re.M)
