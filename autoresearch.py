@@ -1280,6 +1280,8 @@ def _sigterm(signum, frame):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     signal.signal(signal.SIGTERM, _sigterm)
+    # Started as a background job of a script, Python inherits SIGINT ignored; Ctrl-C must still stop us cleanly.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         if argv[:1] == ["report"]:
             rp = argparse.ArgumentParser(prog="autoresearch.py report")

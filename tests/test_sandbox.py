@@ -297,8 +297,11 @@ while True:
 ''')
     env = dict(os.environ, AUTORESEARCH_IMAGE="host", AUTORESEARCH_DATA=str(data))
     # Like the harness: run.sh leads its own process group, which gets the signal.
+    # SIGINT back to default: a shell's background job (CI runners) inherits it ignored, and bash cannot trap an
+    # ignored signal; the harness itself always starts run.sh with the default.
     p = subprocess.Popen(["./run.sh"], cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                         text=True, start_new_session=True)
+                         text=True, start_new_session=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines = []
     for line in p.stdout:          # streams: "ready" arrives while training still runs
         lines.append(line.rstrip("\n"))
