@@ -87,6 +87,7 @@ PLACES = [["at the top left", "at the top", "at the top right"],
           ["at the bottom left", "at the bottom", "at the bottom right"]]
 RAW_SIZE = 96
 MAX_OBJECTS = 3
+DISTRACTORS = 1  # up to this many extra shapes the caption does not mention: matching needs the described ones
 
 
 def _draw_shape(draw, shape, cx, cy, r, color):
@@ -127,9 +128,10 @@ def synthetic_scene(rng):
     img = _background(rng, n)
     draw = ImageDraw.Draw(img)
     k = int(rng.integers(2, MAX_OBJECTS + 1))
-    cells = rng.choice(9, size=k, replace=False)
+    extra = int(rng.integers(0, DISTRACTORS + 1))
+    cells = rng.choice(9, size=k + extra, replace=False)
     regions = []
-    for cell in cells:
+    for i, cell in enumerate(cells):
         row, col = divmod(int(cell), 3)
         size = str(rng.choice(list(SIZES)))
         color = str(rng.choice(list(COLORS)))
@@ -141,8 +143,9 @@ def synthetic_scene(rng):
         jitter = rng.integers(-20, 21, size=3)
         fill = tuple(int(v) for v in np.clip(np.array(COLORS[color]) + jitter, 0, 255))
         box = _draw_shape(draw, shape, cx, cy, r, fill)
-        phrase = f"a {size} {color} {shape} {PLACES[row][col]}"
-        regions.append((phrase, [round(float(v), 2) for v in box]))
+        if i < k:
+            phrase = f"a {size} {color} {shape} {PLACES[row][col]}"
+            regions.append((phrase, [round(float(v), 2) for v in box]))
     phrases = [p for p, _ in regions]
     caption = phrases[0] if k == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
     return img, caption, regions
@@ -187,7 +190,7 @@ def ensure_synthetic_raw(data_dir, seed, counts, heldout_seed=None):
         if not isinstance(heldout_seed, int):
             heldout_seed = secrets.randbits(63)
     params = {"seed": seed, "heldout_seed": heldout_seed, "counts": counts, "raw_size": RAW_SIZE,
-              "max_objects": MAX_OBJECTS, "version": 2}
+              "max_objects": MAX_OBJECTS, "distractors": DISTRACTORS, "version": 3}
     if old == params:
         return raw
     data_dir.mkdir(parents=True, exist_ok=True)
