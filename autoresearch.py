@@ -17,7 +17,7 @@ every experiment.
 
 Keep rule (noise-aware): the baseline runs --noise-runs times with seeds 1..K; sigma is the pooled standard
 deviation of all repeated runs (baseline + each keep, which is re-run once with seed 2). A candidate (seed 1)
-is kept iff best - value > max(z * sigma, floor * best); the new best is the mean of its runs. --confirm instead
+is kept iff best - mean > max(z * sigma / sqrt(n), floor * best) over its n runs; the new best is that mean. --confirm instead
 asks a second seed to agree.
 
 Everything the model can do goes through `tool_*` functions; every subprocess goes through `spawn`.

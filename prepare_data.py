@@ -555,8 +555,9 @@ def _check_op(name):
 def _check_expr(s):
     if not re.fullmatch(r"[\w\s+\-*/%(),.<>=!']*", s) or "__" in s:
         raise UserError(f"unexpected symbolic expression {s[:80]!r}")
-    names = re.findall(r"[A-Za-z_]\w*", re.sub(rf"'{SYMBOL}'", "", s))
-    if "'" in re.sub(rf"'{SYMBOL}'", "", s) or any(n not in SYMPY_NAMES and not re.fullmatch(SYMBOL, n) for n in names):
+    rest = re.sub(rf"'{SYMBOL}'", "", s)  # quoted symbol names are the only strings allowed
+    names = re.findall(r"[A-Za-z_]\w*", rest)
+    if "'" in rest or any(n not in SYMPY_NAMES and not re.fullmatch(SYMBOL, n) for n in names):
         raise UserError(f"unexpected symbolic expression {s[:80]!r}")
 
 
@@ -655,23 +656,19 @@ def _load_program(path, device, notes):
         raise UserError(f"missing model file {path} (train.py must export it with torch.export.save)")
     if not zipfile.is_zipfile(path):
         raise UserError(f"cannot load {path}: not a torch.export archive (save it with torch.export.save)")
-    try:
-        check_archive(path)
-    except UserError as e:
-        raise UserError(f"cannot load {path}: {e}")
     logger = logging.getLogger("torch.export")
     level = logger.level
     logger.setLevel(logging.ERROR)  # torch logs its own traceback before raising; our message says it all
     try:
+        check_archive(path)  # before torch opens it: torch.export.load can unpickle
         ep = torch.export.load(str(path))
+        check_graphs(ep)
+    except UserError as e:
+        raise UserError(f"cannot load {path}: {e}")
     except Exception as e:
         raise UserError(f"cannot load {path} as a torch.export program ({type(e).__name__}: {e})")
     finally:
         logger.setLevel(level)
-    try:
-        check_graphs(ep)
-    except UserError as e:
-        raise UserError(f"cannot load {path}: {e}")
     if device != "cpu":
         try:
             from torch.export.passes import move_to_device_pass
