@@ -56,3 +56,17 @@ def stats(**extra):
                "final_loss": 1.0, **extra}, open(os.path.join(OUT, "train_stats.json"), "w"))
 '''
 TINY_TRAINER_MAIN = "img, txt = Img(), Txt()\nexport(img, txt)\nstats()\n"
+
+
+# progress.png's colours (autoresearch.write_report) and the least a plotted dot covers at its size and dpi
+GREY, GREEN, RED = "#b0b0b0", "#2ca02c", "#d62728"
+DOT_PIXELS = 40
+
+
+def color_pixels(png, color, tol=25):
+    """Pixels of a PNG within `tol` (per channel) of a #rrggbb colour."""
+    import numpy as np
+    from PIL import Image
+    img = np.asarray(Image.open(png).convert("RGB")).astype(int)
+    rgb = np.array([int(color[i:i + 2], 16) for i in (1, 3, 5)])
+    return int((np.abs(img - rgb).max(axis=2) <= tol).sum())
