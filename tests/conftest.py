@@ -57,9 +57,11 @@ def rootless_sandbox_problem():
             out = "run.sh did not finish within 300 s"
     if "train| sandbox-probe-ok" in out:
         return None
-    lines = [line.strip() for line in out.split("\n") if line.strip()]
+    lines = [line.removeprefix("train| ").strip() for line in out.split("\n") if line.strip()]
     error = next((line for line in lines if line.startswith("Error")), lines[-1] if lines else "no output")
-    return (f"rootless podman cannot start the sandbox for uid {os.getuid()} here: {error[:300]}. These tests need "
+    if len(error) > 200:
+        error = error[:110] + " ... " + error[-60:]
+    return (f"rootless podman cannot start the sandbox for uid {os.getuid()} here ({error}). These tests need "
             f"podman to run a container without root in host mode (AUTORESEARCH_IMAGE=host: an overlay of / that "
             f"many kernels refuse to unprivileged users); run the suite as root (sudo) to include them")
 
