@@ -118,6 +118,21 @@ TINY_TRAINER_MAIN = "img, txt = Img(), Txt()\nexport(img, txt)\nstats()\n"
 # progress.png's colours (autoresearch.write_report) and the least a plotted dot covers at its size and dpi
 GREY, GREEN, RED = "#b0b0b0", "#2ca02c", "#d62728"
 DOT_PIXELS = 40
+MARKS = {GREY: ("discard",), GREEN: ("keep",), RED: ("crash", "timeout", "invalid")}
+
+
+def assert_plot_marks(png, rows, tmp_dir):
+    """progress.png shows a mark for each experiment: each kind's colour covers a dot's worth of pixels per
+    experiment of that kind more than the same plot drawn without them; red marks nothing but failures."""
+    sys.path.insert(0, str(ROOT))
+    import autoresearch as ar
+    for color, statuses in MARKS.items():
+        n = sum(r["status"] in statuses for r in rows)
+        without = Path(tmp_dir) / f"without-{statuses[0]}.png"
+        ar.write_report([r for r in rows if r["status"] not in statuses], str(without), quiet=True)
+        assert color_pixels(png, color) - color_pixels(without, color) >= DOT_PIXELS * n, (statuses, n)
+        if color == RED:
+            assert color_pixels(without, RED) == 0
 
 
 def color_pixels(png, color, tol=25):

@@ -8,7 +8,7 @@ import sys
 import types
 
 import pytest
-from conftest import DOT_PIXELS, GREEN, GREY, RED, color_pixels
+from conftest import assert_plot_marks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -321,15 +321,7 @@ def test_report_png(tmp_path):
     width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
     assert 800 <= width <= 2000 and 400 <= height <= 1200
     assert 20_000 < len(data) < 2_000_000
-    # the dots are there: each kind's colour has a dot's worth of pixels per experiment of that kind, and they go
-    # away when those experiments are left out
-    counts = {s: sum(r["status"] == s for r in rows) for s in ("discard", "keep", "crash")}
-    full = {c: color_pixels(out, c) for c in (GREY, GREEN, RED)}
-    for status, color in (("discard", GREY), ("keep", GREEN), ("crash", RED)):
-        without = tmp_path / f"without-{status}.png"
-        ar.write_report([r for r in rows if r["status"] != status], str(without), quiet=True)
-        assert full[color] - color_pixels(without, color) >= DOT_PIXELS * counts[status], status
-    assert color_pixels(tmp_path / "without-crash.png", RED) == 0         # red marks only crashes
+    assert_plot_marks(out, rows, tmp_path)
 
 
 # ---------------------------------------------------------------- resume reconciliation on real git
