@@ -481,8 +481,9 @@ def test_serve_starts_ollama_from_path(tmp_path, data):
     (bin_dir / "ollama").chmod(0o755)
     env = dict(env_for(url, data), PATH=f"{bin_dir}:{os.environ['PATH']}",
                FAKE_OLLAMA_SCRIPT=str(tmp_path / "script.json"))
+    del env["OLLAMA_HOST"]            # the server must be started on --host
     try:
-        p = harness(repo, env, "--resume", "--serve", "--max-experiments", "1", "--max-invalid", "0")
+        p = harness(repo, env, "--resume", "--serve", "--host", url, "--max-experiments", "1", "--max-invalid", "0")
         assert p.returncode == 0, p.stdout + p.stderr
         assert "starting `ollama serve`" in p.stdout and (tmp_path / "host").read_text().strip() == url
         assert [r["status"] for r in rows(repo)] == ["baseline", "invalid"]
