@@ -194,8 +194,10 @@ def test_research_loop_end_to_end(tmp_path, data):
     assert float(keep["val_mean_rank"]) < N_VAL * 0.7 and float(keep["delta"]) < -float(keep["threshold"]) < 0
     assert len(keep["runs"].split(",")) == 2                  # a keep is repeated with another seed (sigma, best)
     assert float(worse["val_mean_rank"]) == (N_VAL + (N_VAL + 1) / 2) / 2      # image->text ~n/2, text->image n
+    assert float(worse["delta"]) == pytest.approx(float(worse["val_mean_rank"]) - float(keep["best"]), abs=0.01)
     assert float(worse["delta"]) > 0 and "not > threshold" in worse["reason"]
-    assert worse["sigma"] != "" and float(worse["sigma"]) > 0   # re-estimated from the keep's two seeds
+    a, b = map(float, keep["runs"].split(","))   # sigma re-estimated: the baseline's pair (equal) and the keep's
+    assert a != b and float(worse["sigma"]) == pytest.approx(abs(a - b) / 2, rel=1e-3)
     assert "exit" in crash["reason"] and crash["commit"]
     assert invalid["commit"] == "" and "identical" in invalid["reason"]
     assert crash["description"] == "crash on purpose"
