@@ -4,6 +4,9 @@ client), real git in a temp repo, the real run.sh (AUTORESEARCH_IMAGE=host) and 
 To make keep/discard deterministic with a 2-second budget, the temp repo's train.py is sabotaged: both encoders
 return a constant, so every rank ties at n (val_mean_rank == n_val exactly). "Improving" restores the text
 encoder (image->text ranks become ~n/2), "worsening" sabotages it again.
+
+Tests marked `sandbox` run experiments through run.sh; the others record a baseline (seed_baseline) and end their
+experiments before a run, so they need no podman and run for a normal user too.
 """
 import json
 import os
@@ -37,8 +40,12 @@ BOOM = "    torch.manual_seed(SEED)\n"
 FILES = ["autoresearch.py", "train.py", "run.sh", "prepare_data.py", "program.md", "scratchpad.md", ".gitignore"]
 
 
-def git(cwd, *args):
-    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
+GIT_IDENTITY = dict(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
+
+
+def git(cwd, *args):   # with an identity: a normal user's HOME may have no git config
+    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True,
+                          env=dict(os.environ, **GIT_IDENTITY)).stdout.strip()
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +71,7 @@ def make_repo(path):
 
 def env_for(url, data):
     env = dict(os.environ, OLLAMA_HOST=url, AUTORESEARCH_IMAGE="host", AUTORESEARCH_DATA=str(data),
-               AUTORESEARCH_TIME_BUDGET="2", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
-               GIT_COMMITTER_EMAIL="t@t", PYTHONUNBUFFERED="1")
+               AUTORESEARCH_TIME_BUDGET="2", PYTHONUNBUFFERED="1", **GIT_IDENTITY)
     env.pop("AUTORESEARCH_SANDBOX", None)
     return env
 
