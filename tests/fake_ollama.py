@@ -26,7 +26,8 @@ and the rest as content; a request without tools gets the text as it is.
 
 Each /api/chat (and /api/generate) request with messages consumes one reply; when the script is
 empty the server answers with `on_exhausted` (default: HTTP 500), it never hangs. A reply function
-that raises is answered with HTTP 500 and re-raised as AssertionError when the `with` block ends.
+that raises is answered with HTTP 500, every later request with a 400, and the exception is re-raised as
+AssertionError when the `with` block ends.
 """
 import copy
 import hashlib
@@ -711,6 +712,8 @@ class FakeOllama:
         return 1_850_000_000 if reload else 21_000_000
 
     def _next_reply(self, req):
+        if self.errors:   # the script no longer fits the conversation: stop the client at once (400: no retry)
+            return error(400, "fake_ollama: a reply function raised earlier; see the test's failure")
         with self._lock:
             n = sum(1 for r in self.requests if r["path"] in ("/api/chat", "/api/generate"))
             item = self._script.pop(0) if self._script else None

@@ -282,12 +282,15 @@ def test_callable_reply_sees_the_request():
 
 
 def test_failing_reply_function_is_a_500_and_fails_the_test():
-    fake = FakeOllama({MODEL: 32768}, [lambda req: req["no such key"]])
+    fake = FakeOllama({MODEL: 32768}, [lambda req: req["no such key"], "never sent"])
     with pytest.raises(AssertionError, match="KeyError"):
         with fake:
             with pytest.raises(ollama.ResponseError) as e:
                 client(fake).chat(MODEL, USER)
             assert e.value.status_code == 500 and "KeyError" in e.value.error
+            with pytest.raises(ollama.ResponseError) as e:     # the rest of the script no longer applies
+                client(fake).chat(MODEL, USER)
+            assert e.value.status_code == 400 and fake.remaining == 1
 
 
 def test_exhausted_script_never_hangs():
