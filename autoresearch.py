@@ -539,6 +539,11 @@ def is_connection_error(e):
     return isinstance(e, (ConnectionError, OSError)) or type(e).__module__.startswith(("httpx", "httpcore"))
 
 
+def is_transient(e):
+    """Worth retrying: Ollama is down or restarting, timed out, or failed on its side (5xx, e.g. a crashed runner)."""
+    return is_connection_error(e) or (getattr(e, "status_code", 0) or 0) >= 500
+
+
 def startup_checks(args, client):
     """Every failure is one message that names the fix."""
     if git("rev-parse", "--is-inside-work-tree", check=False) != "true":
@@ -578,9 +583,16 @@ def startup_checks(args, client):
         raise HarnessError(f"model {args.model!r} is not available in Ollama at {args.host}: "
                            f"run ollama pull {args.model}")
     try:
-        info = client.show(args.model).modelinfo or {}
+        show = client.show(args.model)
     except Exception as e:  # noqa: BLE001
         raise HarnessError(f"could not inspect model {args.model!r}: {ollama_error(e)}")
+    info = show.modelinfo or {}
+    # Ollama answers a chat with tools for such a model with 400 "does not support tools": say so before the baseline
+    caps = show.capabilities
+    if caps is not None and "tools" not in caps:
+        raise HarnessError(f"model {args.model!r} does not support tool calling (its capabilities: "
+                           f"{', '.join(caps) or 'none'}): choose a tool-capable model, e.g. --model {DEFAULT_MODEL} "
+                           f"(ollama pull {DEFAULT_MODEL})")
     ctx = next((v for k, v in info.items() if k.endswith(".context_length")), None)
     if ctx is not None and int(ctx) < args.num_ctx:
         raise HarnessError(f"model {args.model!r} supports a context of {ctx} tokens, less than "
@@ -784,12 +796,14 @@ class Loop:
             recorded = {r["experiment"] for r in self.rows}
             exp = tr.get("Experiment")
             if exp and exp not in recorded and tr.get("Status") == "keep":
-                # killed after the keep commit, before the row: the commit carries the result
+                # killed after the keep commit, before its row (in the second seed's run, or just after it): the
+                # commit carries the result, decided on its first run
+                runs = tr.get("Runs", "")
                 self.record(experiment=exp, commit=head, val_mean_rank=tr.get("Metric", "").split(" ")[-1],
                             delta=tr.get("Delta", "").strip(), status="keep",
-                            description=tr.get("Hypothesis", ""), runs=tr.get("Runs", ""),
-                            best=tr.get("Best", ""), threshold=tr.get("Threshold", ""),
-                            reason="recovered from the keep commit on resume", phase=tr.get("Phase", ""),
+                            description=tr.get("Hypothesis", ""), runs=runs, best=tr.get("Best", ""),
+                            threshold=tr.get("Threshold", ""), phase=tr.get("Phase", ""),
+                            reason=f"recovered from the keep commit on resume ({len(runs.split(','))} run(s))",
                             best_commit=head)
                 target = head
             elif exp and exp not in recorded and tr.get("Status") == "candidate":
@@ -799,6 +813,7 @@ class Loop:
         git("reset", "-q", "--hard", target or "HEAD")   # drop half-done edits; the notes are restored below
         if scratch is not None:
             self.save_notes(scratch, "notes recovered on resume")
+        self.cleanup_runs()    # hand-offs of runs that were cut short
         say(f"autoresearch: resuming {self.branch} with {len(self.rows)} recorded experiments")
 
     def save_notes(self, scratch, why):
@@ -833,7 +848,7 @@ class Loop:
                 break
             except Exception as e:  # noqa: BLE001
                 stats["model_seconds"] += time.time() - t0
-                if attempt == 3 or not is_connection_error(e):
+                if attempt == 3 or not is_transient(e):
                     raise HarnessError(f"Ollama request failed: {ollama_error(e)}; fix it, then continue "
                                        f"with --resume --tag {self.args.tag}")
                 say(f"autoresearch: Ollama request failed ({ollama_error(e)}), retrying")
@@ -990,7 +1005,7 @@ class Loop:
         base_src = read_text(TRAIN)   # identical to HEAD: the tree is clean here
         best, sigma = self.best, self.sigma()
         stats = {"model_seconds": 0.0, "prompt_tokens": 0, "run_seconds": 0.0}
-        cand, run, desc = "", None, ""
+        cand, run, desc, pending_keep = "", None, "", False
         say(f"autoresearch: experiment {exp} ({phase}); best {fmt(best)}")
         try:
             messages = [{"role": "system", "content": self.system},
@@ -1029,7 +1044,12 @@ class Loop:
                 return
             values = [run.value]
             status, delta, thr, why = decide(values, best, sigma, a.z, a.floor, a.confirm)
-            if status == "confirm" or (status == "keep" and a.noise_runs >= 2):
+            # A keep is decided on this run; the second seed only refines best and sigma. Commit the keep before
+            # that run, so that Ctrl-C or kill -9 during it keeps the gain (on one run) instead of losing it.
+            pending_keep = status == "keep" and a.noise_runs >= 2
+            if pending_keep:
+                self.commit_keep(exp, desc, phase, run.value, delta, thr, sigma, values)
+            if status == "confirm" or pending_keep:
                 # confirm: a second seed must agree; keep: repeat to re-estimate sigma and de-bias best
                 rep = run_sandbox(a, f"{exp}-s2", f"runs/{exp}-s2", 2, phase.split(":")[0])
                 stats["run_seconds"] += rep.seconds
@@ -1040,27 +1060,39 @@ class Loop:
                 elif status == "confirm":
                     status, why = "discard", why + f", confirm run failed ({rep.status})"
             if status == "keep":
-                new_best = sum(values) / len(values)
-                trailers = {"Runs": ",".join(fmt(v, 6) for v in values), "Best": fmt(new_best, 6),
-                            "Threshold": fmt(thr), "Sigma": fmt(sigma) or "unknown"}
-                git("commit", "-q", "--no-verify", "--amend", "-m",
-                    commit_message(exp, desc, phase, "keep", run.value, delta, trailers))
-                head = git("rev-parse", "HEAD")
-                self.record(experiment=exp, commit=head, val_mean_rank=run.value, delta=delta, status="keep",
-                            description=desc, runs=trailers["Runs"], best=new_best, threshold=thr, reason=why,
-                            phase=phase, best_commit=head, val_median_rank=run.metrics.get("val_median_rank"),
-                            model_seconds=stats["model_seconds"], run_seconds=stats["run_seconds"],
-                            wall_seconds=time.time() - t0, prompt_tokens=stats["prompt_tokens"])
-                self.cleanup_runs()
-                say(f"autoresearch: experiment {exp}: KEEP val_mean_rank {fmt(run.value)} ({why})")
+                self.keep(exp, desc, phase, run, delta, thr, why, sigma, values, stats, t0)
                 return
             self.finish(exp, base, t0, stats, phase, status="discard", commit=cand, description=desc, reason=why,
                         value=run.value, delta=delta, threshold=thr, values=values, metrics=run.metrics)
         except (KeyboardInterrupt, HarnessError) as e:
             signal.signal(signal.SIGINT, signal.SIG_IGN)    # a second Ctrl-C must not break the clean-up
-            self.finish(exp, base, t0, stats, phase, status="interrupted", commit=cand, description=desc,
-                        reason=str(e) or "Ctrl-C / SIGTERM")
+            if pending_keep:
+                self.keep(exp, desc, phase, run, delta, thr, why + ", second seed interrupted", sigma, values, stats,
+                          t0)
+            else:
+                self.finish(exp, base, t0, stats, phase, status="interrupted", commit=cand, description=desc,
+                            reason=str(e) or "Ctrl-C / SIGTERM")
             raise
+
+    def commit_keep(self, exp, desc, phase, value, delta, thr, sigma, values):
+        """Amend the candidate into the keep commit; its trailers let a resume record a keep whose row never got
+        written."""
+        trailers = {"Runs": ",".join(fmt(v, 6) for v in values), "Best": fmt(sum(values) / len(values), 6),
+                    "Threshold": fmt(thr), "Sigma": fmt(sigma) or "unknown"}
+        git("commit", "-q", "--no-verify", "--amend", "-m", commit_message(exp, desc, phase, "keep", value, delta,
+                                                                          trailers))
+        return git("rev-parse", "HEAD")
+
+    def keep(self, exp, desc, phase, run, delta, thr, why, sigma, values, stats, t0):
+        head = self.commit_keep(exp, desc, phase, run.value, delta, thr, sigma, values)
+        self.record(experiment=exp, commit=head, val_mean_rank=run.value, delta=delta, status="keep",
+                    description=desc, runs=",".join(fmt(v, 6) for v in values), best=sum(values) / len(values),
+                    threshold=thr, reason=why, phase=phase, best_commit=head,
+                    val_median_rank=run.metrics.get("val_median_rank"), model_seconds=stats["model_seconds"],
+                    run_seconds=stats["run_seconds"], wall_seconds=time.time() - t0,
+                    prompt_tokens=stats["prompt_tokens"])
+        self.cleanup_runs()
+        say(f"autoresearch: experiment {exp}: KEEP val_mean_rank {fmt(run.value)} ({why})")
 
     def finish(self, exp, base, t0, stats, phase, status, description, reason, commit="", value=None, delta=None,
                threshold=None, values=(), metrics=None, log=None):

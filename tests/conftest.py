@@ -1,12 +1,69 @@
-"""Shared fixtures: a tiny real dataset built by prepare_data.py itself (no mocks), once per session."""
+"""Shared fixtures: a tiny real dataset built by prepare_data.py itself (no mocks), once per session; which tests
+need the podman sandbox, and whether this user can start it."""
+import functools
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# Tests that start containers through run.sh: every test of these modules, and those marked `sandbox` elsewhere.
+# As root they always run (a podman failure fails them); as a normal user they run where rootless podman can start
+# the sandbox, and are skipped with the reason where it cannot.
+SANDBOX_MODULES = {"test_sandbox.py", "test_integrity.py"}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "sandbox: starts containers through run.sh (podman, host mode)")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in SANDBOX_MODULES:
+            item.add_marker(pytest.mark.sandbox)
+
+
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("sandbox") and os.geteuid() != 0:
+        why = rootless_sandbox_problem()
+        if why:
+            pytest.skip(why)
+
+
+@functools.cache
+def rootless_sandbox_problem():
+    """None if run.sh starts its sandbox (host mode, as the tests use it) for this user, else why not and what would
+    make it work. It really tries: run.sh with a train.py that prints a line, on an empty data cache."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        shutil.copy2(ROOT / "run.sh", tmp / "run.sh")
+        (tmp / "train.py").write_text("print('sandbox-probe-ok')\nraise SystemExit(3)\n")
+        for d in ("data/train", "data/val"):
+            (tmp / d).mkdir(parents=True)
+        (tmp / "data" / "meta.json").write_text("{}")
+        env = dict(os.environ, AUTORESEARCH_IMAGE="host", AUTORESEARCH_DATA=str(tmp / "data"),
+                   AUTORESEARCH_TIME_BUDGET="1", AUTORESEARCH_GRACE="120")
+        env.pop("AUTORESEARCH_SANDBOX", None)
+        try:
+            p = subprocess.run(["./run.sh"], cwd=tmp, env=env, stdin=subprocess.DEVNULL, capture_output=True,
+                               text=True, timeout=300)
+            out = p.stdout + p.stderr
+        except subprocess.TimeoutExpired:
+            out = "run.sh did not finish within 300 s"
+    if "train| sandbox-probe-ok" in out:
+        return None
+    lines = [line.removeprefix("train| ").strip() for line in out.split("\n") if line.strip()]
+    error = next((line for line in lines if line.startswith("Error")), lines[-1] if lines else "no output")
+    if len(error) > 200:
+        error = error[:110] + " ... " + error[-60:]
+    return (f"rootless podman cannot start the sandbox for uid {os.getuid()} here ({error}). These tests need "
+            f"podman to run a container without root in host mode (AUTORESEARCH_IMAGE=host: an overlay of / that "
+            f"many kernels refuse to unprivileged users); run the suite as root (sudo) to include them")
 
 
 def run_py(args, env=None, timeout=300, cwd=ROOT):
@@ -56,3 +113,32 @@ def stats(**extra):
                "final_loss": 1.0, **extra}, open(os.path.join(OUT, "train_stats.json"), "w"))
 '''
 TINY_TRAINER_MAIN = "img, txt = Img(), Txt()\nexport(img, txt)\nstats()\n"
+
+
+# progress.png's colours (autoresearch.write_report) and the least a plotted dot covers at its size and dpi
+GREY, GREEN, RED = "#b0b0b0", "#2ca02c", "#d62728"
+DOT_PIXELS = 40
+MARKS = {GREY: ("discard",), GREEN: ("keep",), RED: ("crash", "timeout", "invalid")}
+
+
+def assert_plot_marks(png, rows, tmp_dir):
+    """progress.png shows a mark for each experiment: each kind's colour covers a dot's worth of pixels per
+    experiment of that kind more than the same plot drawn without them; red marks nothing but failures."""
+    sys.path.insert(0, str(ROOT))
+    import autoresearch as ar
+    for color, statuses in MARKS.items():
+        n = sum(r["status"] in statuses for r in rows)
+        without = Path(tmp_dir) / f"without-{statuses[0]}.png"
+        ar.write_report([r for r in rows if r["status"] not in statuses], str(without), quiet=True)
+        assert color_pixels(png, color) - color_pixels(without, color) >= DOT_PIXELS * n, (statuses, n)
+        if color == RED:
+            assert color_pixels(without, RED) == 0
+
+
+def color_pixels(png, color, tol=25):
+    """Pixels of a PNG within `tol` (per channel) of a #rrggbb colour."""
+    import numpy as np
+    from PIL import Image
+    img = np.asarray(Image.open(png).convert("RGB")).astype(int)
+    rgb = np.array([int(color[i:i + 2], 16) for i in (1, 3, 5)])
+    return int((np.abs(img - rgb).max(axis=2) <= tol).sum())

@@ -7,8 +7,8 @@ The harness under test talks to it through the real `ollama` client, exactly as 
     from fake_ollama import FakeOllama, text, tool_call, content_tool_call, error, delay
 
     script = [
-        tool_call("read_file", path="train.py"),                 # native tool_calls
-        content_tool_call("run_experiment", description="lr"),   # JSON in content, qwen2.5-coder style
+        tool_call("read_file", path="train.py"),                 # a tool call, as the model's template writes it
+        content_tool_call("run_experiment", description="lr"),   # JSON in the text, qwen2.5-coder style
         lambda req: text(f"{len(req['messages'])} messages"),    # computed from the request
         error(500, "llama runner process has terminated"),       # HTTP error, body {"error": ...}
         delay(2.0, text("slow")),                                # reply after 2 s (timeouts)
@@ -19,17 +19,21 @@ The harness under test talks to it through the real `ollama` client, exactly as 
         assert fake.chat_requests[0]["options"]["num_ctx"] == 16384
         assert fake.remaining == 0
 
+A reply is what the model generates: text, with tool calls written in its template's format. As in
+Ollama 0.12, a chat request with tools gets the calls the server's parser finds in that text as native
+`tool_calls` (parse_tool_output: the <tool_call> tag of qwen models, JSON at the start for llama ones),
+and the rest as content; a request without tools gets the text as it is.
+
 Each /api/chat (and /api/generate) request with messages consumes one reply; when the script is
 empty the server answers with `on_exhausted` (default: HTTP 500), it never hangs. A reply function
-that raises is answered with HTTP 500 and re-raised as AssertionError when the `with` block ends.
+that raises is answered with HTTP 500, every later request with a 400, and the exception is re-raised as
+AssertionError when the `with` block ends.
 """
 import copy
 import hashlib
 import json
-import random
 import re
 import socket
-import string
 import threading
 import time
 import traceback
@@ -64,7 +68,8 @@ def text(content, **kw):
 
 
 def tool_call(_name, _arguments=None, /, **arguments):
-    """A native tool call: message.tool_calls[0].function = {name, arguments (a dict)}."""
+    """A tool call in the model's own format: native message.tool_calls = [{function: {name, arguments}}] when the
+    request carries tools."""
     return Reply(tool_calls=[(_name, {**(_arguments or {}), **arguments})])
 
 
@@ -74,7 +79,8 @@ def tool_calls(*calls, content=""):
 
 
 def content_tool_call(_name, _arguments=None, /, style="bare", **arguments):
-    """A tool call written as JSON in `content`, tool_calls empty (what qwen2.5-coder often does).
+    """A tool call written as JSON text in a style the model's template may not use (what qwen2.5-coder often
+    does): it stays in `content` unless the server's parser recognizes it (parse_tool_output).
 
     style: "bare" {"name":..,"arguments":..}; "fenced" the same inside ```json fences after a
     sentence; "tag" inside <tool_call></tool_call>; "parameters" uses the key "parameters"."""
@@ -115,10 +121,15 @@ def as_reply(item):
 
 @dataclass
 class Model:
+    """A model as the server knows it. Its chat template decides what Ollama does with tool calls:
+    tool_tag "<tool_call>" (qwen2.5, qwen2.5-coder: the template wraps calls in <tool_call> tags) or "{" (llama3.1:
+    the template writes bare JSON, so the server takes output that starts with "{" for a call); "tools" in
+    capabilities means the template renders .Tools (without it, a chat request with tools is refused)."""
     name: str
     context_length: int = 32768
     capabilities: tuple = ("completion", "tools")
     family: str = ""
+    tool_tag: str = ""
     parameter_size: str = "7.6B"
     quantization_level: str = "Q4_K_M"
     size: int = 4683087332
@@ -129,7 +140,112 @@ class Model:
             base = self.name.rsplit("/", 1)[-1].split(":")[0].lower()
             self.family = ("qwen2" if base.startswith("qwen2") else "qwen3" if base.startswith("qwen3")
                            else "llama")
+        self.tool_tag = self.tool_tag or ("<tool_call>" if self.family.startswith("qwen") else "{")
         self.digest = hashlib.sha256(self.name.encode()).hexdigest()
+
+    @property
+    def template(self):
+        tools = "tools" in self.capabilities
+        if self.tool_tag == "<tool_call>":
+            calls = ('{{- if .ToolCalls }}<tool_call>\n{{ range .ToolCalls }}{"name": "{{ .Function.Name }}", '
+                     '"arguments": {{ .Function.Arguments }}}\n{{ end }}</tool_call>{{- end }}')
+        else:
+            calls = ('{{- if .ToolCalls }}{{ range .ToolCalls }}{"name": "{{ .Function.Name }}", "parameters": '
+                     '{{ .Function.Arguments }}}{{ end }}{{- end }}')
+        return ("{{- if .Messages }}{{- if or .System" + (" .Tools" if tools else "") + " }}<|im_start|>system\n"
+                "{{ .System }}" + ("{{- if .Tools }}\n\n# Tools\n\n<tools>{{- range .Tools }}\n{{ .Function }}"
+                                   "{{- end }}\n</tools>{{- end }}" if tools else "") +
+                "<|im_end|>\n{{ end }}{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}" +
+                (calls if tools else "") + "<|im_end|>\n{{ end }}<|im_start|>assistant\n{{ end }}")
+
+    def raw_output(self, reply):
+        """What the model itself generates for a scripted reply: its content, then each tool call written the way
+        its template shows them to it."""
+        if self.tool_tag == "<tool_call>":
+            calls = [f'<tool_call>\n{json.dumps({"name": n, "arguments": a})}\n</tool_call>' for n, a in reply.tool_calls]
+        else:
+            calls = [json.dumps({"name": n, "parameters": a}) for n, a in reply.tool_calls]
+        return "\n".join(([reply.content] if reply.content else []) + calls)
+
+
+def parse_tool_output(text, tag, names):
+    """Ollama 0.12's tool-call parser (tools/tools.go) on a model's whole output: (content, [(name, arguments)]).
+
+    Text before the tag is content. After it, each call is the first tool name in the buffer with the first JSON
+    object that holds its arguments ({"name", "arguments" | "parameters"}, {<tool name>: {...}}, else the object
+    itself). What follows a "<tool_call>"-style tag is never content; for the "{" tag the output must start with
+    "{", and if no call is found in it the whole output is content after all."""
+    i = text.find(tag)
+    if i == -1 or (tag == "{" and text[:i].strip()):
+        return text, []
+    content, buf, calls = text[:i], text[i:], []
+    while True:
+        found = _next_call(buf, names)
+        if found is None:
+            break
+        call, end = found
+        calls.append(call)
+        buf = buf[end:]
+    if not calls and tag == "{":
+        return text, []
+    return content, calls
+
+
+def _next_call(buf, names):
+    hits = sorted((buf.find(n), -len(n), n) for n in names if n in buf)
+    if not hits:
+        return None
+    start, _, name = hits[0]
+    depth, begin, in_str, escaped = 0, -1, False, False
+    for j, c in enumerate(buf):
+        if escaped:
+            escaped = False
+        elif c == "\\":
+            escaped = True
+        elif c == '"':
+            in_str = not in_str
+        elif in_str:
+            continue
+        elif c == "{":
+            begin = j if depth == 0 else begin
+            depth += 1
+        elif c == "}" and depth > 0:
+            depth -= 1
+            if depth == 0:
+                try:
+                    obj = json.loads(buf[begin:j + 1])
+                except ValueError:
+                    continue
+                args = _arguments(obj, name) if isinstance(obj, dict) else None
+                if args is _NO_ARGS:
+                    return None
+                return (name, obj if args is None else args), max(start + len(name), j + 1)
+    return None
+
+
+_NO_ARGS = object()
+
+
+def _arguments(obj, name):
+    def as_map(v):
+        if isinstance(v, str):
+            try:
+                v = json.loads(v)
+            except ValueError:
+                return None
+        return v if isinstance(v, dict) else None
+    if "name" in obj:
+        found = as_map(obj.get("arguments")) or as_map(obj.get("parameters"))
+        return _NO_ARGS if found is None else found
+    if as_map(obj.get(name)) is not None:
+        return as_map(obj[name])
+    for v in obj.values():
+        for child in (v if isinstance(v, list) else [v]):
+            if isinstance(child, dict):
+                found = _arguments(child, name)
+                if found is not None:
+                    return found
+    return None
 
 
 def canonical(name):
@@ -178,18 +294,8 @@ def estimate_tokens(request):
     return chars // 4 + 4 * len(messages)
 
 
-def _output_tokens(reply):
-    chars = len(reply.content) + len(reply.thinking)
-    chars += sum(len(json.dumps({"name": n, "arguments": a})) for n, a in reply.tool_calls)
-    return max(1, chars // 4)
-
-
 def _now():
     return datetime.now(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
-
-
-def _call_id():
-    return "call_" + "".join(random.choices(string.ascii_lowercase + string.digits, k=8))
 
 
 # ----------------------------------------------------------------------------- server
@@ -262,6 +368,78 @@ _FLOAT_OPTIONS = {"top_p", "min_p", "tfs_z", "typical_p", "temperature", "repeat
                   "presence_penalty", "frequency_penalty", "mirostat_tau", "mirostat_eta"}
 
 
+# api.ChatRequest of 0.12 (api/types.go) as the server binds it with Go's encoding/json: a value of the wrong JSON
+# type is a 400 naming the field, unknown fields are ignored, null is always fine.
+_STRUCTS = {
+    "ChatRequest": {"model": "string", "messages": ["Message"], "tools": ["Tool"], "stream": "bool", "format": "any",
+                    "keep_alive": "duration", "think": "think", "options": "map[string]interface {}",
+                    "truncate": "bool", "shift": "bool"},
+    "Message": {"role": "string", "content": "string", "thinking": "string", "images": ["api.ImageData"],
+                "tool_calls": ["ToolCall"], "tool_name": "string"},
+    "ToolCall": {"function": "ToolCallFunction"},
+    "ToolCallFunction": {"index": "int", "name": "string", "arguments": "api.ToolCallFunctionArguments"},
+    "Tool": {"type": "string", "items": "any", "function": "ToolFunction"},
+    "ToolFunction": {"name": "string", "description": "string", "parameters": "ToolFunctionParameters"},
+    "ToolFunctionParameters": {"type": "string", "$defs": "any", "items": "any", "required": ["string"],
+                               "properties": {"*": "ToolProperty"}},
+    "ToolProperty": {"type": "api.PropertyType", "items": "any", "description": "string", "enum": ["any"]},
+}
+_GO = {"string": str, "bool": bool, "int": int, "api.ImageData": str}
+_MAPS = {"map[string]interface {}", "api.ToolCallFunctionArguments"}
+
+
+def _json_kind(v):
+    return ("string" if isinstance(v, str) else "bool" if isinstance(v, bool) else "number"
+            if isinstance(v, (int, float)) else "array" if isinstance(v, list) else "object")
+
+
+def go_shape_error(value, spec, struct="ChatRequest", path=""):
+    """The error Go's json.Unmarshal gives for `value` bound to `spec` (see _STRUCTS), or None."""
+    def wrong(go_type):
+        return f"json: cannot unmarshal {_json_kind(value)} into Go struct field {struct}.{path} of type {go_type}"
+    if value is None or spec == "any":
+        return None
+    if isinstance(spec, list):
+        if not isinstance(value, list):
+            return wrong("[]" + (spec[0] if "." in spec[0] or spec[0] in _GO or spec[0] == "any" else
+                                 "api." + spec[0]))
+        return next((e for e in (go_shape_error(v, spec[0], struct, path) for v in value) if e), None)
+    if isinstance(spec, dict):   # map[string]<spec["*"]>
+        if not isinstance(value, dict):
+            return wrong("map[string]api." + spec["*"])
+        return next((e for e in (go_shape_error(v, spec["*"], struct, path) for v in value.values()) if e), None)
+    if spec in _STRUCTS:
+        if not isinstance(value, dict):
+            return wrong("api." + spec)
+        for k, v in value.items():
+            if k in _STRUCTS[spec]:
+                e = go_shape_error(v, _STRUCTS[spec][k], spec, f"{path}.{k}" if path else k)
+                if e:
+                    return e
+        return None
+    if spec in _MAPS:
+        return None if isinstance(value, dict) else wrong(spec)
+    if spec == "int":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return wrong("int")
+        return None if float(value).is_integer() else (f"json: cannot unmarshal number {value} into Go struct "
+                                                       f"field {struct}.{path} of type int")
+    if spec == "duration":   # api.Duration: seconds as a number, or a Go duration string
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            return f"Unsupported type: '{type(value).__name__}'"
+        return None if not isinstance(value, str) or GO_DURATION.fullmatch(value) else f"time: invalid duration {json.dumps(value)}"
+    if spec == "think":      # api.ThinkValue: a bool, or a level for the models that take one
+        return None if isinstance(value, bool) or value in ("high", "medium", "low") else (
+            f"invalid think value: {json.dumps(value)} (must be \"high\", \"medium\", \"low\", true, or false)")
+    if spec == "api.PropertyType":   # a type name or a list of them
+        ok = isinstance(value, str) or (isinstance(value, list) and all(isinstance(x, str) for x in value))
+        return None if ok else f"json: cannot unmarshal {_json_kind(value)} into Go value of type []string"
+    return None if isinstance(value, _GO[spec]) and not (spec != "bool" and isinstance(value, bool)) else wrong(spec)
+
+
+GO_DURATION = re.compile(r"[-+]?(0|((\d+(\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h))+)")
+
+
 class FakeOllama:
     """An Ollama API server on 127.0.0.1:<free port>, run in a daemon thread.
 
@@ -274,12 +452,13 @@ class FakeOllama:
     """
 
     def __init__(self, models=None, script=(), *, on_exhausted=None, default_num_ctx=4096,
-                 version=OLLAMA_VERSION, strict=True):
+                 version=OLLAMA_VERSION, strict=True, port=0):
         self.models = _make_models(models)
         self.on_exhausted = on_exhausted
         self.default_num_ctx = default_num_ctx
         self.version = version
         self.strict = strict
+        self._port = port
         self.requests = []   # every request: {"method", "path", "json", "headers", ...}
         self.errors = []     # exceptions raised by reply functions (strict: raised at exit)
         self.loads = []      # (model, num_ctx) each time the "runner" (re)loads
@@ -295,7 +474,7 @@ class FakeOllama:
 
     def start(self):
         self._stopping.clear()
-        self._server = _Server(("127.0.0.1", 0), _Handler)
+        self._server = _Server(("127.0.0.1", self._port), _Handler)
         self._server.fake = self
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
                                         name="fake-ollama", daemon=True)
@@ -461,11 +640,7 @@ class FakeOllama:
         m = self._find(name)
         if m is None:
             raise _HTTPError(404, f"model '{name}' not found")
-        arch = m.family
-        template = ("{{- if .Messages }}{{- if or .System .Tools }}<|im_start|>system\n{{ .System }}"
-                    "{{- if .Tools }}\n\n# Tools\n\n<tools>{{- range .Tools }}\n{{ .Function }}{{- end }}"
-                    "\n</tools>{{- end }}<|im_end|>\n{{ end }}{{- range .Messages }}<|im_start|>{{ .Role }}"
-                    "\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n{{ end }}")
+        arch, template = m.family, m.template
         self._send_json(h, 200, {
             "license": "Apache License\nVersion 2.0, January 2004",
             "modelfile": (f'# Modelfile generated by "ollama show"\n# To build a new Modelfile based on this, '
@@ -497,22 +672,18 @@ class FakeOllama:
     # -- inference
 
     def _check_inference(self, req, messages_key):
+        if messages_key == "messages":
+            e = go_shape_error(req, "ChatRequest")
+            if e:
+                raise _HTTPError(400, e)
         name = req.get("model")
         if not name or not isinstance(name, str):
             raise _HTTPError(400, "model is required")
         m = self._find(name)
         if m is None:
             raise _HTTPError(404, f"model '{name}' not found")
-        msgs = req.get(messages_key)
-        if messages_key == "messages":
-            if msgs is not None and not (isinstance(msgs, list) and all(isinstance(x, dict) for x in msgs)):
-                raise _HTTPError(400, "json: cannot unmarshal into Go struct field ChatRequest.messages "
-                                      "of type []api.Message")
-            if req.get("tools") is not None and not isinstance(req["tools"], list):
-                raise _HTTPError(400, "json: cannot unmarshal into Go struct field ChatRequest.tools "
-                                      "of type api.Tools")
-            if req.get("tools") and "tools" not in m.capabilities:
-                raise _HTTPError(400, f"{full_name(m.name)} does not support tools")
+        if messages_key == "messages" and req.get("tools") and "tools" not in m.capabilities:
+            raise _HTTPError(400, f"{full_name(m.name)} does not support tools")
         think = req.get("think")
         if think not in (None, False) and "thinking" not in m.capabilities:
             raise _HTTPError(400, f"{json.dumps(name)} does not support thinking")
@@ -541,6 +712,8 @@ class FakeOllama:
         return 1_850_000_000 if reload else 21_000_000
 
     def _next_reply(self, req):
+        if self.errors:   # the script no longer fits the conversation: stop the client at once (400: no retry)
+            return error(400, "fake_ollama: a reply function raised earlier; see the test's failure")
         with self._lock:
             n = sum(1 for r in self.requests if r["path"] in ("/api/chat", "/api/generate"))
             item = self._script.pop(0) if self._script else None
@@ -591,17 +764,21 @@ class FakeOllama:
         record["truncated"] = prompt_tokens > num_ctx
         prompt_eval = reply.prompt_eval_count if reply.prompt_eval_count is not None else min(prompt_tokens, num_ctx)
 
-        content, calls, done_reason = reply.content, list(reply.tool_calls), reply.done_reason
-        eval_count = reply.eval_count if reply.eval_count is not None else _output_tokens(reply)
+        # The model only writes text (cut at num_predict); with tools in the request the server parses calls out of it.
+        content, calls, done_reason = m.raw_output(reply), [], reply.done_reason
+        eval_count = reply.eval_count if reply.eval_count is not None else max(1, len(content + reply.thinking) // 4)
         num_predict = (req.get("options") or {}).get("num_predict") or 0
         if num_predict > 0 and eval_count > num_predict:
-            content, calls, done_reason, eval_count = content[:num_predict * 4], [], "length", num_predict
+            content, done_reason, eval_count = content[:num_predict * 4], "length", num_predict
+        if chat and req.get("tools"):
+            content, calls = parse_tool_output(content, m.tool_tag, [t["function"]["name"] for t in req["tools"]])
 
         if reply.status and not (stream and reply.error_after >= 0):
             return self._send_json(h, reply.status, {"error": reply.error})
 
         thinking = reply.thinking if req.get("think") is not False else ""
-        wire_calls = [{"id": _call_id(), "function": {"index": i, "name": n, "arguments": a}}
+        # api.ToolCall of 0.12: no id, and index is omitempty (so the first call has none)
+        wire_calls = [{"function": {**({"index": i} if i else {}), "name": n, "arguments": a}}
                       for i, (n, a) in enumerate(calls)]
 
         def message(c, th="", tc=None):
@@ -679,3 +856,26 @@ class server_down:
 
     def __exit__(self, *exc):
         self._sock.close()
+
+
+# ----------------------------------------------------------------------------- as a program
+
+def main():
+    """Serve like `ollama serve` on $OLLAMA_HOST (a loopback port) until SIGTERM, for tests that start a server the
+    way a user would. $FAKE_OLLAMA_SCRIPT names a JSON file: a list of {"content": str, "tool_calls": [[name,
+    arguments], ...]}."""
+    import os
+    import signal
+    host = os.environ.get("OLLAMA_HOST", "127.0.0.1:11434").split("://")[-1].rstrip("/")
+    script = []
+    if os.environ.get("FAKE_OLLAMA_SCRIPT"):
+        with open(os.environ["FAKE_OLLAMA_SCRIPT"]) as f:
+            script = [Reply(content=r.get("content", ""), tool_calls=[tuple(c) for c in r.get("tool_calls", [])])
+                      for r in json.load(f)]
+    fake = FakeOllama(script=script, port=int(host.rsplit(":", 1)[-1])).start()
+    signal.signal(signal.SIGTERM, lambda *_: fake.stop())
+    fake._thread.join()
+
+
+if __name__ == "__main__":
+    main()

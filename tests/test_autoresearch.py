@@ -1,11 +1,14 @@
 """Unit tests of autoresearch.py's pure functions (plus results.tsv I/O and resume reconciliation on real git)."""
+import json
 import math
 import os
+import re
 import subprocess
 import sys
 import types
 
 import pytest
+from conftest import assert_plot_marks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -318,6 +321,7 @@ def test_report_png(tmp_path):
     width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
     assert 800 <= width <= 2000 and 400 <= height <= 1200
     assert 20_000 < len(data) < 2_000_000
+    assert_plot_marks(out, rows, tmp_path)
 
 
 # ---------------------------------------------------------------- resume reconciliation on real git
@@ -391,6 +395,21 @@ def test_resume_reverts_unrecorded_candidate_keeps_notes(repo):
 
 # ---------------------------------------------------------------- context budget and flags
 
+# An independent count, not the harness's estimate: qwen2.5's byte-level BPE first splits text with this
+# pre-tokenizer (letters with one leading symbol, single digits, symbol runs, whitespace) and never merges across
+# pieces, so the number of pieces is a lower bound on its tokens. A prompt above the budget by this count is
+# certainly above it for the model.
+PRE_TOKENS = re.compile(r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|(?:[^\r\n\w]|_)?[^\W\d_]+|\d| ?(?:[^\s\w]|_)+[\r\n]*"
+                        r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def min_tokens(messages, tools=ar.TOOLS):
+    """Lower bound on the prompt Ollama builds: message contents, the tool schemas, and 4 template tokens a message
+    (<|im_start|>, role, newline, <|im_end|>)."""
+    text = "".join(m["content"] for m in messages) + json.dumps(tools)
+    return len(PRE_TOKENS.findall(text)) + 4 * len(messages)
+
+
 def test_prompt_shrinks_to_fit_num_ctx(repo):
     with open(os.path.join(ROOT, "train.py")) as f:
         train_src = f.read()
@@ -399,21 +418,28 @@ def test_prompt_shrinks_to_fit_num_ctx(repo):
     loop.rows = rows_for(40)
     roomy = loop.user_message(train_src, 40.0, 1.0, "Phase 1: x")
     assert "- old note\n" * 300 in roomy and "idea number 25" in roomy          # 15 rows, whole scratchpad
+    budget = 8192 * (1 - ar.TOKEN_RESERVE)
+    assert min_tokens([{"content": loop.system}, {"content": roomy}]) > budget     # so 8192 needs the cuts below
     loop.args.num_ctx = 8192
     tight = loop.user_message(train_src, 40.0, 1.0, "Phase 1: x")
-    assert (len(tight) + len(loop.system)) / loop.chars_per_token + 300 <= 8192 * (1 - ar.TOKEN_RESERVE)
+    assert min_tokens([{"content": loop.system}, {"content": tight}]) <= budget
     assert "NEWEST note" in tight and "older notes cut" in tight and "idea number 25" not in tight
     assert "def main():" in tight                                                 # train.py is never cut
 
 
 def test_fit_context_elides_old_tool_results(repo):
+    with open(os.path.join(ROOT, "train.py")) as f:
+        code = f.read()
     loop = ar.Loop(loop_args(num_ctx=4096), None)
     msgs = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]
-    for i in range(6):
-        msgs += [{"role": "assistant", "content": ""}, {"role": "tool", "content": f"LOG{i} " + "x" * 3000}]
+    for i in range(6):      # read_file results: slices of train.py, 3000 characters each
+        msgs += [{"role": "assistant", "content": ""}, {"role": "tool", "content": code[i * 2000:i * 2000 + 3000]}]
+    newest = msgs[-1]["content"]
+    budget = 4096 * (1 - ar.TOKEN_RESERVE)
+    assert min_tokens(msgs) > budget
     loop.fit_context(msgs)
-    assert loop.tokens(msgs) <= 4096 * (1 - ar.TOKEN_RESERVE)
-    assert "elided" in msgs[3]["content"] and msgs[-1]["content"].endswith("x" * 3000)   # newest result intact
+    assert min_tokens(msgs) <= budget
+    assert "elided" in msgs[3]["content"] and msgs[-1]["content"] == newest     # oldest cut first, newest intact
 
 
 def test_time_budget_flag_and_env(monkeypatch):

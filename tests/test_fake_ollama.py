@@ -9,10 +9,11 @@ import ollama
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from fake_ollama import (FakeOllama, Model, content_tool_call, delay, error, estimate_tokens,  # noqa: E402
+from fake_ollama import (FakeOllama, Model, content_tool_call, delay, error, parse_tool_output,  # noqa: E402
                          server_down, text, tool_call, tool_calls)
 
-MODEL = "qwen2.5-coder:7b"
+MODEL = "qwen2.5-coder:7b"       # its template wraps tool calls in <tool_call> tags
+LLAMA = "llama3.1:8b"            # its template writes them as bare JSON
 TOOLS = [
     {"type": "function", "function": {
         "name": "read_file", "description": "Read a file.",
@@ -22,7 +23,11 @@ TOOLS = [
         "parameters": {"type": "object", "required": ["path", "old_text", "new_text"], "properties": {
             "path": {"type": "string"}, "old_text": {"type": "string"}, "new_text": {"type": "string"}}}}},
 ]
+RUN_TOOL = {"type": "function", "function": {
+    "name": "run_experiment", "description": "Run it.",
+    "parameters": {"type": "object", "properties": {"description": {"type": "string"}}, "required": ["description"]}}}
 USER = [{"role": "user", "content": "Improve train.py."}]
+USER_TOKENS = 17 // 4 + 4     # the fake's documented count: characters / 4 + 4 a message ("Improve train.py." is 17)
 
 
 def client(fake, **kw):
@@ -37,7 +42,7 @@ def test_chat_text_non_streaming():
         assert not r.message.tool_calls
         assert r.done and r.done_reason == "stop"
         sent = fake.chat_requests[0]
-        assert r.prompt_eval_count == estimate_tokens(sent) > 0
+        assert r.prompt_eval_count == USER_TOKENS
         assert r.eval_count > 0 and r.eval_duration > 0 and r.total_duration >= r.load_duration > 0
         assert sent["model"] == MODEL and sent["stream"] is False and sent["keep_alive"] == "30m"
         assert sent["options"] == {"num_ctx": 16384, "temperature": 0.2}
@@ -57,7 +62,7 @@ def test_native_tool_call_arguments_are_a_dict():
 
 
 def test_tool_call_wire_format_matches_server():
-    # The real server gives each call an id and an index; the client ignores both.
+    # api.ToolCall of Ollama 0.12: {"function": {"index", "name", "arguments"}}, no id, and index is omitempty
     with FakeOllama({MODEL: 32768}, [tool_calls(("read_file", {"path": "train.py"}),
                                                 ("read_file", {"path": "program.md"}))]) as fake:
         body = httpx.post(fake.url + "/api/chat", json={"model": MODEL, "messages": USER, "tools": TOOLS,
@@ -65,10 +70,10 @@ def test_tool_call_wire_format_matches_server():
     assert set(body) >= {"model", "created_at", "message", "done", "done_reason", "total_duration",
                          "load_duration", "prompt_eval_count", "prompt_eval_duration", "eval_count",
                          "eval_duration"}
-    calls = body["message"]["tool_calls"]
-    assert [c["function"]["index"] for c in calls] == [0, 1]
-    assert all(c["id"].startswith("call_") and len(c["id"]) == 13 for c in calls)
-    assert calls[1]["function"] == {"index": 1, "name": "read_file", "arguments": {"path": "program.md"}}
+    assert body["message"]["tool_calls"] == [
+        {"function": {"name": "read_file", "arguments": {"path": "train.py"}}},
+        {"function": {"index": 1, "name": "read_file", "arguments": {"path": "program.md"}}}]
+    assert body["message"]["content"] == ""
     assert body["created_at"].endswith("Z")
 
 
@@ -82,7 +87,7 @@ def test_streaming_chunks_reassemble():
         assert "".join(p.message.content for p in parts) == reply
         last = parts[-1]
         assert last.done_reason == "stop" and last.message.content == ""
-        assert last.prompt_eval_count == estimate_tokens(fake.chat_requests[0]) and last.eval_count > 0
+        assert last.prompt_eval_count == USER_TOKENS and last.eval_count > 0
         assert all(p.prompt_eval_count is None for p in parts[:-1])
 
         parts = list(c.chat(MODEL, USER, tools=TOOLS, stream=True))
@@ -119,18 +124,73 @@ def test_tool_result_messages_are_accepted_and_recorded():
         assert second.prompt_eval_count > first.prompt_eval_count
 
 
+# What Ollama 0.12 returns for each way of writing a call: its parser looks for the tag of the model's template
+# (tools/template.go parseTag): "<tool_call>" for qwen, "{" (output starting with JSON) for llama.
+NATIVE = {MODEL: {"tag"}, LLAMA: {"bare", "parameters"}}
+
+
+@pytest.mark.parametrize("model", [MODEL, LLAMA])
 @pytest.mark.parametrize("style", ["bare", "fenced", "tag", "parameters"])
-def test_tool_call_written_in_content(style):
-    with FakeOllama({MODEL: 32768}, [content_tool_call("run_experiment", style=style, description="lr 3e-4")]) as fake:
-        r = client(fake).chat(MODEL, USER, tools=TOOLS)
+def test_tool_call_written_in_text_is_parsed_as_the_template_says(model, style):
+    reply = content_tool_call("run_experiment", style=style, description="lr 3e-4")
+    with FakeOllama([model], [reply, reply]) as fake:
+        r = client(fake).chat(model, USER, tools=TOOLS + [RUN_TOOL])
+        plain = client(fake).chat(model, USER)          # without tools the server parses nothing
+    assert plain.message.content == reply.content and not plain.message.tool_calls
+    if style in NATIVE[model]:
+        assert [(c.function.name, c.function.arguments) for c in r.message.tool_calls] == [
+            ("run_experiment", {"description": "lr 3e-4"})]
+        assert r.message.content == ""
+        return
     assert not r.message.tool_calls
     blob = r.message.content
+    assert blob == reply.content
     wrapper = {"fenced": "```json\n", "tag": "<tool_call>\n"}.get(style)
     if wrapper:
         assert wrapper in blob and not blob.startswith("{")
         blob = blob[blob.index("{"):blob.rindex("}") + 1]
     key = "parameters" if style == "parameters" else "arguments"
     assert json.loads(blob) == {"name": "run_experiment", key: {"description": "lr 3e-4"}}
+
+
+@pytest.mark.parametrize("model", [MODEL, LLAMA])
+def test_native_calls_come_from_the_models_own_format(model):
+    # a scripted call is written as the template writes calls, so the server's parser returns it natively
+    script = [tool_calls(("edit_file", {"path": "train.py", "old_text": "a", "new_text": "b"}),
+                         ("run_experiment", {"description": "d"})), tool_call("read_file", path="x")]
+    with FakeOllama([model], script) as fake:
+        r = client(fake).chat(model, USER, tools=TOOLS + [RUN_TOOL])
+        raw = client(fake).chat(model, USER).message.content      # no tools: the model's text as it is
+    assert [(c.function.name, c.function.arguments) for c in r.message.tool_calls] == [
+        ("edit_file", {"path": "train.py", "old_text": "a", "new_text": "b"}), ("run_experiment", {"description": "d"})]
+    assert raw == {MODEL: '<tool_call>\n{"name": "read_file", "arguments": {"path": "x"}}\n</tool_call>',
+                   LLAMA: '{"name": "read_file", "parameters": {"path": "x"}}'}[model]
+
+
+def test_tool_parser_like_ollama_0_12():
+    names = ["read_file", "edit_file", "run_experiment"]
+    call = '{"name": "edit_file", "arguments": {"path": "train.py", "old_text": "x", "new_text": "y"}}'
+    args = {"path": "train.py", "old_text": "x", "new_text": "y"}
+    # text before the tag is content; after it, nothing is (the closing tag and any words are dropped)
+    assert parse_tool_output(f"Let me edit.\n<tool_call>\n{call}\n</tool_call> done", "<tool_call>", names) == (
+        "Let me edit.\n", [("edit_file", args)])
+    # the name is the first tool name in the text, even inside the arguments of another
+    assert parse_tool_output('<tool_call>{"name": "run_experiment", "arguments": {"description": "after '
+                             'edit_file"}}</tool_call>', "<tool_call>", names)[1] == [
+        ("run_experiment", {"description": "after edit_file"})]
+    # arguments as a JSON string, several calls, "parameters"
+    two = ('<tool_call>{"name": "read_file", "arguments": "{\\"path\\": \\"a\\"}"}</tool_call>\n'
+           '<tool_call>{"name": "read_file", "parameters": {"path": "b"}}</tool_call>')
+    assert parse_tool_output(two, "<tool_call>", names) == ("", [("read_file", {"path": "a"}),
+                                                                 ("read_file", {"path": "b"})])
+    # an unknown tool or a call without arguments: no call, and the text after the tag is lost
+    assert parse_tool_output('ok <tool_call>{"name": "rm_rf", "arguments": {}}', "<tool_call>", names) == ("ok ", [])
+    assert parse_tool_output('<tool_call>{"name": "read_file"}</tool_call>', "<tool_call>", names) == ("", [])
+    # "{" tag: only output that starts with JSON; without a call in it, all of it is content
+    assert parse_tool_output(" " + call, "{", names) == (" ", [("edit_file", args)])
+    assert parse_tool_output("Sure: " + call, "{", names) == ("Sure: " + call, [])
+    assert parse_tool_output('{"lr": 3e-4} is my plan', "{", names) == ('{"lr": 3e-4} is my plan', [])
+    assert parse_tool_output("no call at all", "<tool_call>", names) == ("no call at all", [])
 
 
 def test_list_and_show():
@@ -222,12 +282,15 @@ def test_callable_reply_sees_the_request():
 
 
 def test_failing_reply_function_is_a_500_and_fails_the_test():
-    fake = FakeOllama({MODEL: 32768}, [lambda req: req["no such key"]])
+    fake = FakeOllama({MODEL: 32768}, [lambda req: req["no such key"], "never sent"])
     with pytest.raises(AssertionError, match="KeyError"):
         with fake:
             with pytest.raises(ollama.ResponseError) as e:
                 client(fake).chat(MODEL, USER)
             assert e.value.status_code == 500 and "KeyError" in e.value.error
+            with pytest.raises(ollama.ResponseError) as e:     # the rest of the script no longer applies
+                client(fake).chat(MODEL, USER)
+            assert e.value.status_code == 400 and fake.remaining == 1
 
 
 def test_exhausted_script_never_hangs():
@@ -257,7 +320,7 @@ def test_context_accounting():
         c = client(fake)
         big = [{"role": "user", "content": "word " * 10000}]  # about 12.5K tokens
         r = c.chat(MODEL, big, options={"num_ctx": 16384})
-        assert r.prompt_eval_count == estimate_tokens(fake.chat_requests[-1]) > 12000
+        assert r.prompt_eval_count == 50000 // 4 + 4
         assert fake.requests_to("/api/chat")[-1]["truncated"] is False
         # no num_ctx: the server default applies and the prompt is cut silently
         r = c.chat(MODEL, big)
@@ -297,6 +360,36 @@ def test_capability_and_option_errors_like_the_server():
             c.chat(MODEL, USER, options={"num_ctx": "16k"})
         assert (e.value.status_code, e.value.error) == (500, 'option "num_ctx" must be of type integer')
         assert fake.remaining == 1
+
+
+@pytest.mark.parametrize("patch, error", [
+    ({"messages": [{"role": "user", "content": 3}]},
+     "json: cannot unmarshal number into Go struct field Message.messages.content of type string"),
+    ({"messages": {"role": "user", "content": "x"}},
+     "json: cannot unmarshal object into Go struct field ChatRequest.messages of type []api.Message"),
+    ({"messages": USER + [{"role": "assistant", "content": "", "tool_calls": [
+        {"function": {"name": "read_file", "arguments": '{"path": "x"}'}}]}]},
+     "json: cannot unmarshal string into Go struct field ToolCallFunction.messages.tool_calls.function.arguments "
+     "of type api.ToolCallFunctionArguments"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "required": "path"}}}]},
+     "json: cannot unmarshal string into Go struct field ToolFunctionParameters.tools.function.parameters.required "
+     "of type []string"),
+    ({"keep_alive": "30 minutes"}, 'time: invalid duration "30 minutes"'),
+    ({"stream": "no"}, "json: cannot unmarshal string into Go struct field ChatRequest.stream of type bool"),
+    ({"options": [1]}, "json: cannot unmarshal array into Go struct field ChatRequest.options of type "
+                       "map[string]interface {}"),
+])
+def test_request_shapes_the_server_refuses(patch, error):
+    with FakeOllama({MODEL: 32768}, ["unused"]) as fake:
+        r = httpx.post(fake.url + "/api/chat", json={"model": MODEL, "messages": USER, "stream": False, **patch})
+        assert (r.status_code, r.json()) == (400, {"error": error})
+        assert fake.remaining == 1
+        # the shapes the harness sends are accepted, unknown fields ignored
+        ok = {"model": MODEL, "stream": False, "keep_alive": "30m", "options": {"num_ctx": 16384}, "tools": TOOLS,
+              "messages": USER + [{"role": "assistant", "content": "", "tool_calls": [
+                  {"function": {"name": "read_file", "arguments": {"path": "x"}}}]},
+                  {"role": "tool", "content": "x", "tool_name": "read_file"}], "surprise": 1}
+        assert httpx.post(fake.url + "/api/chat", json=ok).status_code == 200
 
 
 def test_thinking_models():

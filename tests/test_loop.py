@@ -4,20 +4,32 @@ client), real git in a temp repo, the real run.sh (AUTORESEARCH_IMAGE=host) and 
 To make keep/discard deterministic with a 2-second budget, the temp repo's train.py is sabotaged: both encoders
 return a constant, so every rank ties at n (val_mean_rank == n_val exactly). "Improving" restores the text
 encoder (image->text ranks become ~n/2), "worsening" sabotages it again.
+
+Tests marked `sandbox` run experiments through run.sh; the others record a baseline (seed_baseline) and end their
+experiments before a run, so they need no podman and run for a normal user too.
 """
+import json
 import os
+import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
+import types
 
 import pytest
+from conftest import TINY_TRAINER, TINY_TRAINER_MAIN, assert_plot_marks
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
-from fake_ollama import FakeOllama, content_tool_call, server_down, text, tool_call, tool_calls  # noqa: E402
+sys.path.insert(0, ROOT)
+import autoresearch as ar  # noqa: E402
+from fake_ollama import (FakeOllama, Model, content_tool_call, delay, error, server_down, text,  # noqa: E402
+                         tool_call, tool_calls)
 
 N_VAL = 48
 IMG_OK = "        return self.proj(self.vit(self.prep(images)))\n"
@@ -28,8 +40,12 @@ BOOM = "    torch.manual_seed(SEED)\n"
 FILES = ["autoresearch.py", "train.py", "run.sh", "prepare_data.py", "program.md", "scratchpad.md", ".gitignore"]
 
 
-def git(cwd, *args):
-    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
+GIT_IDENTITY = dict(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
+
+
+def git(cwd, *args):   # with an identity: a normal user's HOME may have no git config
+    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True,
+                          env=dict(os.environ, **GIT_IDENTITY)).stdout.strip()
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +71,7 @@ def make_repo(path):
 
 def env_for(url, data):
     env = dict(os.environ, OLLAMA_HOST=url, AUTORESEARCH_IMAGE="host", AUTORESEARCH_DATA=str(data),
-               AUTORESEARCH_TIME_BUDGET="2", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
-               GIT_COMMITTER_EMAIL="t@t", PYTHONUNBUFFERED="1")
+               AUTORESEARCH_TIME_BUDGET="2", PYTHONUNBUFFERED="1", **GIT_IDENTITY)
     env.pop("AUTORESEARCH_SANDBOX", None)
     return env
 
@@ -69,9 +84,18 @@ def harness(repo, env, *args, timeout=600):
 
 
 def rows(repo):
-    sys.path.insert(0, ROOT)
-    import autoresearch as ar
     return ar.load_results(str(repo / "results.tsv"))
+
+
+def seed_baseline(repo, tag, value=N_VAL):
+    """A run on branch autoresearch/<tag> whose baseline is recorded (constant encoders score exactly N_VAL, sigma
+    0): --resume continues it with model experiments, without running the baseline in the sandbox."""
+    git(repo, "checkout", "-q", "-b", f"autoresearch/{tag}")
+    head = git(repo, "rev-parse", "HEAD")
+    ar.append_row({"experiment": 0, "commit": head, "val_mean_rank": value, "delta": 0, "status": "baseline",
+                   "description": "baseline", "runs": f"{value},{value}", "best": value, "sigma": 0,
+                   "best_commit": head, "phase": "Phase 1: Hyperparameters"}, str(repo / "results.tsv"))
+    return head
 
 
 def last_tool_result(req):
@@ -81,20 +105,27 @@ def last_tool_result(req):
 
 
 def expect(check, reply):
-    """A scripted reply that first asserts something about the request (what the harness sent back)."""
+    """A scripted reply that first checks the request (what the harness sent back): `check` must return True. A
+    failed check is answered with a 500 and fails the test (assert_no_failed_checks, or the fake's `with` block)."""
     def fn(req):
-        check(req)
+        assert check(req) is True, f"check failed on the request ending with {req['messages'][-1]!r}"[:3000]
         return reply
     return fn
 
 
-def png_ok(path):
+def assert_no_failed_checks(fake):
+    assert not fake.errors, "\n".join(fake.errors)
+
+
+def png_ok(path, rows, tmp_dir):
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
     w, h = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
     assert 800 <= w <= 2000 and 400 <= h <= 1200
+    assert_plot_marks(path, rows, tmp_dir)
 
 
+@pytest.mark.sandbox
 def test_research_loop_end_to_end(tmp_path, data):
     repo = make_repo(tmp_path / "repo")
     note = "- NOTE-XYZ: the text encoder must not be constant\n"
@@ -103,41 +134,60 @@ def test_research_loop_end_to_end(tmp_path, data):
         assert len(req["messages"]) == 2 and req["messages"][0]["role"] == "system"
         assert "## Phase 1: Hyperparameters" in req["messages"][0]["content"]
         assert "Current phase: Phase 1: Hyperparameters" in req["messages"][1]["content"]
+        return True
+
+    def nudged(req):
+        m = req["messages"][-1]
+        return m["role"] == "user" and m["content"].startswith("You did not call a tool.")
+
+    def results_row(req, pattern):   # the results table of the prompt
+        return re.search(pattern, req["messages"][1]["content"], re.M) is not None
+
+    def crash_fed_back(req):        # the crash's reason and the log tail, with the traceback, for a fix attempt
+        m = req["messages"][-1]
+        return (m["role"] == "user" and m["content"].startswith("The run crashed (")
+                and "Last lines of logs/3.log" in m["content"] and "train| RuntimeError: boom-1" in m["content"])
 
     script = [
         # exp 1: nudge, two refused paths, an edit that improves (native tool calls)
         expect(fresh, text("I think we should restore the text encoder.")),
-        expect(lambda r: "did not call a tool" in r["messages"][-1]["content"],
-               tool_call("read_file", path="../../etc/passwd")),
-        expect(lambda r: "'..' is not allowed" in last_tool_result(r),
+        expect(nudged, tool_call("read_file", path="../../etc/passwd")),
+        expect(lambda r: last_tool_result(r) == "ERROR: '..' is not allowed: '../../etc/passwd'",
                tool_call("edit_file", path="prepare_data.py", old_text="import", new_text="x")),
-        expect(lambda r: "not allowed here" in last_tool_result(r),
+        expect(lambda r: last_tool_result(r).startswith("ERROR: 'prepare_data.py' is not allowed here; allowed: "
+                                                        "scratchpad.md, train.py"),
                tool_call("edit_file", path="train.py", old_text=TXT_BAD, new_text=TXT_OK)),
         tool_call("edit_file", path="train.py", old_text=IMG_BAD, new_text=IMG_OK),
         expect(lambda r: last_tool_result(r).startswith("OK: edited train.py"),
                tool_call("run_experiment", description="restore text embeddings")),
-        # exp 2: tool calls written in content (three styles), an edit that makes it worse, a scratchpad note
-        expect(lambda r: fresh(r) or "restore text embeddings" in r["messages"][1]["content"],
+        # exp 2: tool calls written in content (three styles), an edit that makes it worse, a scratchpad note;
+        # the prompt shows exp 1's result
+        expect(lambda r: fresh(r) and results_row(r, r"^1 +keep +[\d.]+ +-[\d.]+ +restore text embeddings$"),
                content_tool_call("edit_file", path="train.py", old_text=TXT_OK, new_text=TXT_BAD, style="fenced")),
-        expect(lambda r: last_tool_result(r).startswith("OK"),
+        expect(lambda r: last_tool_result(r).startswith("OK: edited train.py"),
                content_tool_call("edit_file", path="scratchpad.md", old_text="## Next ideas\n",
                                  new_text="## Next ideas\n" + note, style="tag")),
         content_tool_call("run_experiment", description="constant text embeddings again", style="parameters"),
-        # exp 3: a crash, then a fix that fails too (several calls in one reply)
-        expect(lambda r: fresh(r) or "NOTE-XYZ" in r["messages"][1]["content"],
+        # exp 3: a crash, then a fix that fails too (several calls in one reply); the prompt shows exp 2's
+        # result and the note that survived its revert
+        expect(lambda r: fresh(r) and "NOTE-XYZ" in r["messages"][1]["content"]
+               and results_row(r, r"^2 +discard +[\d.]+ +[\d.]+ +constant text embeddings again$"),
                tool_calls(("edit_file", {"path": "train.py", "old_text": BOOM,
                                          "new_text": "    raise RuntimeError('boom-1')\n" + BOOM}),
                           ("run_experiment", {"description": "crash on purpose"}))),
-        expect(lambda r: "boom-1" in r["messages"][-1]["content"] and r["messages"][-1]["role"] == "user",
+        expect(crash_fed_back,
                tool_calls(("edit_file", {"path": "train.py", "old_text": "boom-1", "new_text": "boom-2"}),
                           ("run_experiment", {"description": "crash on purpose, fixed?"}))),
         # exp 4: run_experiment without a change is refused, then recorded invalid
-        tool_call("run_experiment", description="nothing changed"),
-        expect(lambda r: "identical" in last_tool_result(r), tool_call("run_experiment", description="again")),
+        expect(lambda r: results_row(r, r"^3 +crash +- +- +crash on purpose$"),
+               tool_call("run_experiment", description="nothing changed")),
+        expect(lambda r: last_tool_result(r).startswith("ERROR: cannot run: train.py is identical"),
+               tool_call("run_experiment", description="again")),
     ]
     with FakeOllama({"qwen2.5-coder:7b": 32768}, script) as fake:
         p = harness(repo, env_for(fake.url, data), "--tag", "e2e", "--max-experiments", "4", "--noise-runs", "2",
                     "--fix-attempts", "1", "--max-invalid", "1")
+        assert_no_failed_checks(fake)
         assert p.returncode == 0, p.stdout + p.stderr
         assert fake.remaining == 0
         reqs = fake.chat_requests
@@ -150,13 +200,21 @@ def test_research_loop_end_to_end(tmp_path, data):
     assert float(keep["val_mean_rank"]) < N_VAL * 0.7 and float(keep["delta"]) < -float(keep["threshold"]) < 0
     assert len(keep["runs"].split(",")) == 2                  # a keep is repeated with another seed (sigma, best)
     assert float(worse["val_mean_rank"]) == (N_VAL + (N_VAL + 1) / 2) / 2      # image->text ~n/2, text->image n
+    assert float(worse["delta"]) == pytest.approx(float(worse["val_mean_rank"]) - float(keep["best"]), abs=0.01)
     assert float(worse["delta"]) > 0 and "not > threshold" in worse["reason"]
-    assert worse["sigma"] != "" and float(worse["sigma"]) > 0   # re-estimated from the keep's two seeds
+    a, b = map(float, keep["runs"].split(","))   # sigma re-estimated: the baseline's pair (equal) and the keep's
+    assert a != b and float(worse["sigma"]) == pytest.approx(abs(a - b) / 2, rel=1e-3)
     assert "exit" in crash["reason"] and crash["commit"]
     assert invalid["commit"] == "" and "identical" in invalid["reason"]
     assert crash["description"] == "crash on purpose"
     assert keep["description"] == "restore text embeddings" and keep["phase"] == "Phase 1: Hyperparameters"
-    assert all(float(r["model_seconds"]) >= 0 and float(r["run_seconds"]) >= 0 for r in rs)
+    secs = {r["status"]: {k: float(r[k]) for k in ("model_seconds", "run_seconds", "wall_seconds")} for r in rs}
+    assert secs["baseline"]["model_seconds"] == 0 and secs["invalid"]["run_seconds"] == 0
+    assert secs["baseline"]["run_seconds"] >= 2 * 2 and secs["keep"]["run_seconds"] >= 2 * 2   # 2 runs of 2 s
+    assert secs["discard"]["run_seconds"] >= 2 and secs["crash"]["run_seconds"] > 0
+    assert all(secs[s]["model_seconds"] > 0 for s in ("keep", "discard", "crash", "invalid"))
+    assert all(v["wall_seconds"] >= v["model_seconds"] + v["run_seconds"] - 0.01 for v in secs.values())
+    assert all(int(r["prompt_tokens"]) > 1000 for r in rs[1:])
 
     # git: the branch holds the keep (structured message) and the notes; train.py is the best version
     assert git(repo, "rev-parse", "--abbrev-ref", "HEAD") == "autoresearch/e2e"
@@ -177,7 +235,7 @@ def test_research_loop_end_to_end(tmp_path, data):
     assert (repo / "logs" / "1.log").read_text().count("--- trusted evaluation ---") == 1
     assert "boom-2" in (repo / "logs" / "3.log").read_text()
     assert sorted(os.listdir(repo / "runs")) == ["0", "1"]
-    png_ok(repo / "progress.png")
+    png_ok(repo / "progress.png", rs, tmp_path)
     lines = p.stdout.split("\n")
     head = next(i for i, line in enumerate(lines) if "test_mean_rank" in line)
     assert lines[head + 1].split()[0] == "baseline" and lines[head + 2].startswith("best (exp 1)")
@@ -192,7 +250,7 @@ def test_research_loop_end_to_end(tmp_path, data):
     rl = r.stdout.split("\n")
     rhead = next(i for i, line in enumerate(rl) if "test_mean_rank" in line)
     assert rl[rhead + 1:rhead + 3] == lines[head + 1:head + 3]       # same val and test numbers as at the end
-    png_ok(repo / "progress.png")
+    png_ok(repo / "progress.png", rs, tmp_path)
 
 
 def wait_for(cond, timeout, what):
@@ -221,6 +279,7 @@ def containers_of(pid):
     return [n for n in out.split() if n.startswith(f"autoresearch-{pid}-")]
 
 
+@pytest.mark.sandbox
 def test_ctrl_c_then_kill_9_then_resume(tmp_path, data):
     repo = make_repo(tmp_path / "repo")
     improve = [tool_call("edit_file", path="train.py", old_text=TXT_BAD, new_text=TXT_OK),
@@ -287,11 +346,15 @@ def startup(repo, env, *args):
 
 def test_startup_failures(tmp_path, data):
     repo = make_repo(tmp_path / "repo")
-    with FakeOllama({"qwen2.5-coder:7b": 32768, "small:1b": 8192}) as fake:
+    models = [Model("qwen2.5-coder:7b"), Model("small:1b", 8192), Model("codellama:7b", capabilities=("completion",))]
+    with FakeOllama(models) as fake:
         env = env_for(fake.url, data)
         assert "ollama pull nosuch:3b" in startup(repo, env, "--model", "nosuch:3b")
         err = startup(repo, env, "--model", "small:1b")
         assert "context of 8192" in err and "--num-ctx 8192" in err
+        # a model without tool support is refused before the baseline, naming one that has it
+        err = startup(repo, env, "--model", "codellama:7b")
+        assert "'codellama:7b' does not support tool calling" in err and "--model qwen2.5-coder:7b" in err
         assert "run python prepare_data.py" in startup(repo, dict(env, AUTORESEARCH_DATA=str(tmp_path / "none")))
         bin_dir = tmp_path / "bin"          # PATH with git but without podman
         bin_dir.mkdir()
@@ -314,3 +377,194 @@ def test_startup_failures(tmp_path, data):
     plain.mkdir()
     shutil.copy2(os.path.join(ROOT, "autoresearch.py"), plain)
     assert "not inside a git repository" in startup(plain, env)
+
+
+# ---------------------------------------------------------------- the model's server failing, phases, parsers, --serve
+# (no sandbox run: the baseline is recorded and the experiments end before a run)
+
+def test_ollama_failing_mid_experiment_is_retried_then_recorded_interrupted_and_resumed(tmp_path, data):
+    repo = make_repo(tmp_path / "repo")
+    base = seed_baseline(repo, "fail")
+    same = lambda r: r["messages"] == fake.chat_requests[0]["messages"]     # a retry resends the conversation
+
+    def go_away(req):       # Ollama dies while answering: the request is cut, then the port refuses
+        threading.Thread(target=fake.stop).start()
+        return delay(60)
+
+    script = [error(500, "llama runner process has terminated: exit status 2"),    # exp 1: a crashed runner,
+              delay(20, text("too late")),                                         # a timeout (--request-timeout 3),
+              expect(same, tool_call("run_experiment", description="unchanged")),  # then an answer
+              go_away]                                                             # exp 2
+    with FakeOllama({"qwen2.5-coder:7b": 32768}, script) as fake:
+        p = harness(repo, env_for(fake.url, data), "--resume", "--max-experiments", "2", "--max-invalid", "0",
+                    "--request-timeout", "3")
+        assert_no_failed_checks(fake)
+    assert p.returncode == 2, p.stdout + p.stderr
+    retries = re.findall(r"^autoresearch: Ollama request failed \((\w+)", p.stdout, re.M)
+    assert retries == ["ResponseError", "ReadTimeout", "RemoteProtocolError", "ConnectionError", "ConnectionError"]
+    assert "Ollama request failed: ConnectionError" in p.stderr and "--resume --tag fail" in p.stderr
+    rs = rows(repo)
+    assert [(r["experiment"], r["status"]) for r in rs] == [("0", "baseline"), ("1", "invalid"), ("2", "interrupted")]
+    assert "Ollama request failed" in rs[2]["reason"] and rs[2]["commit"] == ""
+    assert git(repo, "rev-parse", "HEAD") == base and git(repo, "status", "--porcelain") == ""
+
+    # --resume continues with a fresh conversation for the next experiment, which sees exp 1 but not exp 2
+    with FakeOllama({"qwen2.5-coder:7b": 32768}, [
+            expect(lambda r: re.search(r"^1 +invalid ", r["messages"][1]["content"], re.M) is not None
+                   and re.search(r"^2 ", r["messages"][1]["content"], re.M) is None,
+                   tool_call("run_experiment", description="unchanged again"))]) as fake:
+        p = harness(repo, env_for(fake.url, data), "--resume", "--max-experiments", "2", "--max-invalid", "0")
+        assert_no_failed_checks(fake)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert [(r["experiment"], r["status"]) for r in rows(repo)][3:] == [("3", "invalid")]
+
+
+def test_phase_advances_inside_the_loop(tmp_path, data):
+    repo = make_repo(tmp_path / "repo")
+    seed_baseline(repo, "phases")
+
+    def phase_is(n, title):
+        return lambda r: f"Current phase: Phase {n}: {title}\n" in r["messages"][1]["content"]
+
+    unchanged = tool_call("run_experiment", description="unchanged")
+    # --phase-plateau 1: one experiment without a keep ends a phase; then --phase-every 1: any experiment does
+    with FakeOllama({"qwen2.5-coder:7b": 32768}, [expect(phase_is(1, "Hyperparameters"), unchanged),
+                                                  expect(phase_is(2, "Losses and temperature"), unchanged)]) as fake:
+        p = harness(repo, env_for(fake.url, data), "--resume", "--max-experiments", "2", "--max-invalid", "0",
+                    "--phase-plateau", "1")
+        assert_no_failed_checks(fake)
+        assert p.returncode == 0, p.stdout + p.stderr
+        fake.add(expect(phase_is(3, "Architecture"), unchanged))
+        p = harness(repo, env_for(fake.url, data), "--resume", "--max-experiments", "3", "--max-invalid", "0",
+                    "--phase-every", "1", "--phase-plateau", "99")
+        assert_no_failed_checks(fake)
+        assert p.returncode == 0, p.stdout + p.stderr
+    assert [r["phase"] for r in rows(repo)] == ["Phase 1: Hyperparameters", "Phase 1: Hyperparameters",
+                                                "Phase 2: Losses and temperature", "Phase 3: Architecture"]
+
+
+@pytest.mark.parametrize("model", ["qwen2.5-coder:7b", "llama3.1:8b"])
+def test_harness_takes_tool_calls_from_either_tool_parser(tmp_path, monkeypatch, model):
+    """Ollama turns a model's tool calls into native tool_calls only when they are written the way its template
+    writes them (<tool_call> tags for qwen, leading JSON for llama); the rest reaches the harness as text."""
+    repo = make_repo(tmp_path / "repo")
+    monkeypatch.chdir(repo)
+    script = [content_tool_call("read_file", path="program.md", style="fenced"),
+              tool_call("edit_file", path="train.py", old_text=TXT_BAD, new_text=TXT_OK),
+              content_tool_call("edit_file", path="scratchpad.md", old_text="## Next ideas\n",
+                                new_text="## Next ideas\n- N1\n", style="tag"),
+              content_tool_call("run_experiment", description="restore text", style="bare")]
+    args = types.SimpleNamespace(model=model, tag="p", num_ctx=16384, temperature=0.7, max_turns=6, max_nudges=0,
+                                 max_tool_calls=10, max_invalid=0)
+    with FakeOllama([model], script) as fake:
+        loop = ar.Loop(args, ar.make_client(fake.url, 30))
+        messages = [{"role": "system", "content": loop.system}, {"role": "user", "content": "go"}]
+        stats = {"model_seconds": 0.0, "prompt_tokens": 0, "run_seconds": 0.0}
+        assert loop.converse(messages, stats, (repo / "train.py").read_text()) == ("run", "restore text")
+        assert fake.remaining == 0
+        sent = fake.chat_requests[-1]["messages"]
+    native = {"qwen2.5-coder:7b": [False, True, True], "llama3.1:8b": [False, True, False]}[model]
+    assert [bool(m.get("tool_calls")) for m in sent if m["role"] == "assistant"] == native
+    results = [m["content"] for m in sent if m["role"] == "tool"]
+    assert "## Phase 1: Hyperparameters" in results[0] and results[1].startswith("OK: edited train.py")
+    assert results[2].startswith("OK: edited scratchpad.md")
+    assert TXT_OK in (repo / "train.py").read_text() and "- N1\n" in (repo / "scratchpad.md").read_text()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_starts_ollama_from_path(tmp_path, data):
+    repo = make_repo(tmp_path / "repo")
+    seed_baseline(repo, "serve")
+    url = f"http://127.0.0.1:{free_port()}"
+    (tmp_path / "script.json").write_text(json.dumps([{"tool_calls": [["run_experiment", {"description": "x"}]]}]))
+    bin_dir = tmp_path / "bin"       # a stand-in `ollama` that serves the scripted server on $OLLAMA_HOST
+    bin_dir.mkdir()
+    (bin_dir / "ollama").write_text(f"#!/bin/sh\n[ \"$1\" = serve ] || exit 2\necho \"$OLLAMA_HOST\" > {tmp_path}/host\n"
+                                    f"echo $$ > {tmp_path}/pid\nexec {sys.executable} {HERE}/fake_ollama.py\n")
+    (bin_dir / "ollama").chmod(0o755)
+    env = dict(env_for(url, data), PATH=f"{bin_dir}:{os.environ['PATH']}",
+               FAKE_OLLAMA_SCRIPT=str(tmp_path / "script.json"))
+    del env["OLLAMA_HOST"]            # the server must be started on --host
+    try:
+        p = harness(repo, env, "--resume", "--serve", "--host", url, "--max-experiments", "1", "--max-invalid", "0")
+        assert p.returncode == 0, p.stdout + p.stderr
+        assert "starting `ollama serve`" in p.stdout and (tmp_path / "host").read_text().strip() == url
+        assert [r["status"] for r in rows(repo)] == ["baseline", "invalid"]
+        assert "identical" in rows(repo)[1]["reason"]       # the scripted reply came from the server it started
+    finally:
+        if (tmp_path / "pid").exists():
+            os.kill(int((tmp_path / "pid").read_text()), signal.SIGTERM)
+
+
+# ---------------------------------------------------------------- kill -9 in a keep's second seed; the harness's limits
+
+@pytest.mark.sandbox
+def test_kill_9_during_a_keeps_second_seed_keeps_it_on_one_run(tmp_path, data):
+    repo = make_repo(tmp_path / "repo")
+    seed_baseline(repo, "k9")
+    improve = [tool_call("edit_file", path="train.py", old_text=TXT_BAD, new_text=TXT_OK),
+               tool_call("run_experiment", description="restore text embeddings")]   # deterministic 36.25
+    with FakeOllama({"qwen2.5-coder:7b": 32768}, improve) as fake:
+        env = env_for(fake.url, data)
+        p = subprocess.Popen([sys.executable, "autoresearch.py", "--resume", "--max-experiments", "1",
+                              "--noise-runs", "2"], cwd=repo, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+        wait_for(training_started(repo / "logs" / "1-s2.log"), 300, "the second seed of experiment 1 to train")
+        orphan = int((repo / "runs" / ".running").read_text())
+        p.kill()
+        p.communicate(timeout=30)
+        # decided on its first run, the keep is committed before the second seed runs
+        assert "Status: keep\n" in git(repo, "log", "-1", "--format=%B") and TXT_OK in (repo / "train.py").read_text()
+        r = harness(repo, env, "--resume", "--max-experiments", "1")
+        assert r.returncode == 0, r.stdout + r.stderr
+    assert not alive(orphan) and containers_of(orphan) == []
+    rs = rows(repo)
+    assert [(r["experiment"], r["status"]) for r in rs] == [("0", "baseline"), ("1", "keep")]
+    assert rs[1]["runs"] == "36.25" and float(rs[1]["best"]) == 36.25 and "(1 run(s))" in rs[1]["reason"]
+    assert git(repo, "rev-parse", "HEAD") == rs[1]["commit"] == rs[1]["best_commit"]
+    assert TXT_OK in (repo / "train.py").read_text() and git(repo, "status", "--porcelain") == ""
+    assert sorted(os.listdir(repo / "runs")) == ["1"]           # the cut-short second seed's hand-off is gone
+
+
+@pytest.mark.sandbox
+def test_harness_cuts_a_flooding_log_and_kills_a_run_past_its_wall_clock(tmp_path, data, monkeypatch):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for f in ("run.sh", "prepare_data.py"):
+        shutil.copy2(os.path.join(ROOT, f), repo / f)
+    monkeypatch.chdir(repo)
+    for k, v in dict(AUTORESEARCH_IMAGE="host", AUTORESEARCH_DATA=str(data), AUTORESEARCH_GRACE="600").items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("AUTORESEARCH_SANDBOX", raising=False)
+    # 1) a train.py that prints 3 MiB: the log keeps its first 1 MiB (LOG_MAX_BYTES, lowered here) and the last
+    #    256 KiB, and the metric block at the very end is still read
+    monkeypatch.setattr(ar, "LOG_MAX_BYTES", 1 << 20)
+    (repo / "train.py").write_text(TINY_TRAINER + "for i in range(3 * 1024):\n    print('x' * 1023)\n"
+                                   + TINY_TRAINER_MAIN)
+    run = ar.run_sandbox(types.SimpleNamespace(time_budget=2), "7", "runs/7", 1, "p")
+    assert run.status == "ok" and run.value > 1, run.tail
+    log = (repo / "logs" / "7.log").read_bytes()
+    head, note, tail = log.partition(b"\n[autoresearch: log cut at 1 MiB; its last 256 KiB follow]\n")
+    assert note and len(head) == 1 << 20 and len(tail) == 256 << 10
+    assert head.startswith(b"train| " + b"x" * 1023 + b"\n") and tail.count(b"--- trusted evaluation ---") == 1
+    # 2) a train.py that hangs: the harness's own wall clock (budget + GRACE_SECONDS, lowered here; run.sh's is
+    #    600 s) stops run.sh, which removes its container
+    monkeypatch.setattr(ar, "GRACE_SECONDS", 8)
+    (repo / "train.py").write_text("import time\nprint('sleeping', flush=True)\ntime.sleep(600)\n")
+    pids = []
+    watch = threading.Thread(target=lambda: wait_for(
+        lambda: os.path.exists("runs/.running") and pids.append(int(open("runs/.running").read())) is None,
+        60, "run.sh to start"))
+    watch.start()
+    t0 = time.time()
+    run = ar.run_sandbox(types.SimpleNamespace(time_budget=1), "8", "runs/8", 1, "p")
+    took = time.time() - t0
+    watch.join()
+    assert run.status == "timeout" and run.reason == "harness wall-clock limit 9s exceeded", run.reason
+    assert 9 <= took < 9 + 25 and "train| sleeping" in (repo / "logs" / "8.log").read_text()
+    assert not alive(pids[0]) and containers_of(pids[0]) == [] and not os.path.exists("runs/.running")

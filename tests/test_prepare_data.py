@@ -240,10 +240,33 @@ def test_meta_json_does_not_reveal_the_held_out_seed(tiny_data):
     assert str(secret) not in (tiny_data / "meta.json").read_text()
 
 
+def panels(png):
+    """The two image panels of a preview (left and right half), as RGB arrays cut at their edges."""
+    img = np.asarray(Image.open(png).convert("RGB")).astype(int)
+    out = []
+    for half in (img[:, :img.shape[1] // 2], img[:, img.shape[1] // 2:]):
+        ink = (half < 245).any(axis=2)
+        cols = np.where(ink.mean(axis=0) > 0.5)[0]
+        rows = np.where(ink[:, cols.min():cols.max() + 1].mean(axis=1) > 0.9)[0]
+        out.append(half[rows.min():rows.max() + 1, cols.min():cols.max() + 1])
+    return out
+
+
 def test_preview_writes_pngs(tiny_data, tmp_path):
     pd.preview(tiny_data, 2, tmp_path / "previews")
     pngs = sorted((tmp_path / "previews").glob("*.png"))
     assert len(pngs) == 2 and Image.open(pngs[0]).size[0] > 200
+    images = np.load(tiny_data / "val" / "images.npy").astype(int)
+    n_boxes = np.load(tiny_data / "val" / "regions.npz")["image_index"]
+    for i, png in enumerate(pngs):
+        left, right = panels(png)
+        shrink = lambda a: np.asarray(Image.fromarray(a.astype(np.uint8)).resize(images.shape[1:3], Image.BOX))
+        # the left panel is val image i itself, the right one that image under the heatmap and the boxes
+        assert np.abs(shrink(left) - images[i]).mean() < 3
+        assert np.abs(shrink(left) - images[1 - i]).mean() > 10
+        assert np.abs(shrink(right) - images[i]).mean() > 15
+        white = (right[2:-2, 2:-2] >= 250).all(axis=2).sum()     # box outlines (the image has no pure white)
+        assert white > 100 * (n_boxes == i).sum() > 0
 
 
 def test_download_weights_offline_is_a_clear_error(tmp_path):
@@ -285,8 +308,13 @@ def test_metrics_ties_count_against():
 
 def test_metrics_non_finite_scores_are_worst():
     sim = np.eye(4)
-    sim[0, 0] = np.nan
-    assert pd.retrieval_metrics(sim)["mean_rank"] > 1
+    sim[0, 0] = np.nan     # the correct pair of image 0 / text 0 ranks last (4) in both directions, the others first
+    assert pd.retrieval_metrics(sim)["mean_rank"] == pytest.approx((4 + 1 + 1 + 1) / 4)
+    sim = np.eye(4)
+    sim[1, 0] = sim[0, 2] = np.inf    # a non-finite wrong pair never outranks a correct one
+    assert pd.retrieval_metrics(sim)["mean_rank"] == 1
+    sim[:, 3] = -np.inf               # -inf is as bad as nan: pair 3 ties with all, rank 4 in both directions
+    assert pd.retrieval_metrics(sim)["mean_rank"] == pytest.approx((1 + 1 + 1 + 4) / 4)
 
 
 # ----------------------------------------------------------------------------------------------- evaluator
