@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """autoresearch: an offline research loop driven by a local Ollama model.
 
-    python autoresearch.py [--model M] [--tag NAME] [--max-experiments N] [--resume] ...
-    python autoresearch.py report [--test]
+    python autoresearch.py [--model M] [--tag NAME] [--max-experiments N] [--resume] [--agent A] ...
+    python autoresearch.py report [--test | --compare TAG [TAG ...]]
 
 Each experiment: the model reads train.py + scratchpad.md + recent results, makes ONE change through
 three tools (read_file, edit_file, run_experiment), the harness trains it in the sandbox (./run.sh),
@@ -19,6 +19,12 @@ Keep rule (noise-aware): the baseline runs --noise-runs times with seeds 1..K; s
 deviation of all repeated runs (baseline + each keep, which is re-run once with seed 2). A candidate (seed 1)
 is kept iff best - mean > max(z * sigma / sqrt(n), floor * best) over its n runs; the new best is that mean. --confirm instead
 asks a second seed to agree.
+
+Agents: --agent llm (the default) is the model above. --agent optuna (TPE) and --agent random are classic
+search baselines in the same loop: each proposes values for train.py's numeric constants (the search space:
+program.md's `## Search space` block, else derived from train.py's active preset, see derived_space), written into
+train.py as an ordinary edit; commit, sandbox, keep rule, results.tsv (column `agent`) and branch are the same.
+`report --compare` draws several runs on the same axes (compare.png) with a table.
 
 Everything the model can do goes through `tool_*` functions; every subprocess goes through `spawn`.
 Parsing, editing, deciding and prompt building are pure functions (tested in tests/test_autoresearch.py).
