@@ -177,10 +177,10 @@ def test_history_from_rows_failed_and_interrupted_trials():
         return {"experiment": str(exp), "status": status, "description": f"LR={lr}" if lr else "",
                 "runs": runs, "val_mean_rank": value, "agent": agent}
     rows = [row(0, "baseline", None, "50", "50"), row(1, "discard", 0.001, "40,42", "40"),
-            row(2, "crash", 0.002), row(3, "timeout", 0.003), row(4, "interrupted", 0.004),
+            row(2, "crash", 0.002, "12", "12"), row(3, "timeout", 0.003), row(4, "interrupted", 0.004),
             row(5, "keep", 0.005, "", "30"), row(6, "interrupted", None), row(7, "discard", 0.009, agent="llm"),
             row(8, "interrupted", 0.006)]
-    done, pending = ar.tuner_trials(rows, "random", space)
+    done, pending = ar.tuner_trials(rows, "random", space)      # a crash is a failed trial, whatever it printed
     assert done == [({"LR": 0.001}, 41.0), ({"LR": 0.002}, None), ({"LR": 0.003}, None), ({"LR": 0.005}, 30.0)]
     assert pending == [{"LR": 0.004}, {"LR": 0.006}]
     done, pending = ar.tuner_trials(rows + [row(9, "discard", 0.004, "45", "45")], "random", space)
