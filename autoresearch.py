@@ -514,17 +514,20 @@ class Param:
         return s if any(c in s for c in ".en") else s + ".0"   # stays a float literal (100.0, not 100)
 
 
-def _number(node):
-    """Pure. The value of literals combined with + - * / (e.g. 1 / 0.07), else None (calls, names, bools, text)."""
+def _number(node, depth=0):
+    """Pure. The value of literals combined with + - * / (e.g. 1 / 0.07), else None (calls, names, bools, text,
+    and expressions nested deeper than any constant needs: a model-written 1+1+...+1 must not exhaust the stack)."""
+    if depth > 20:
+        return None
     if isinstance(node, ast.Constant):
         return node.value if type(node.value) in (int, float) else None
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.UAdd, ast.USub)):
-        v = _number(node.operand)
+        v = _number(node.operand, depth + 1)
         return None if v is None else -v if isinstance(node.op, ast.USub) else v
     ops = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
            ast.Div: lambda a, b: a / b}   # no ** : 10 ** 10 ** 10 would hang the harness
     if isinstance(node, ast.BinOp) and type(node.op) in ops:
-        a, b = _number(node.left), _number(node.right)
+        a, b = _number(node.left, depth + 1), _number(node.right, depth + 1)
         if a is not None and b is not None and not (isinstance(node.op, ast.Div) and b == 0):
             return ops[type(node.op)](a, b)
     return None

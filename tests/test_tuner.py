@@ -90,7 +90,8 @@ def test_space_rules():
             DEPTH = 4
         AFTER = 5.0
     """)
-    space = {p.name: p for p in ar.search_space(src, "", cuda=False)}
+    deep = src.replace("AFTER = 5.0", "DEEP = " + "1 + " * 2000 + "1")   # model-written: must not blow the stack
+    space = {p.name: p for p in ar.search_space(deep, "", cuda=False)}
     assert list(space) == ["LR", "STEPS", "DROP_PROB", "MIX_FRAC", "WIDTH", "DEPTH"]   # SCALE < 0: no scale
     assert (space["LR"].low, space["LR"].high) == (0.05, 0.8)                      # the last assignment wins
     assert (space["STEPS"].kind, space["STEPS"].low, space["STEPS"].high) == ("int", 5, 20)
