@@ -90,7 +90,7 @@ def test_space_rules():
             DEPTH = 4
         AFTER = 5.0
     """)
-    deep = src.replace("AFTER = 5.0", "DEEP = " + "1 + " * 2000 + "1")   # model-written: must not blow the stack
+    deep = src.replace("LR = 0.2", "LR = 0.2\nDEEP = " + "1 + " * 2000 + "1")   # model-written: no stack overflow
     space = {p.name: p for p in ar.search_space(deep, "", cuda=False)}
     assert list(space) == ["LR", "STEPS", "DROP_PROB", "MIX_FRAC", "WIDTH", "DEPTH"]   # SCALE < 0: no scale
     assert (space["LR"].low, space["LR"].high) == (0.05, 0.8)                      # the last assignment wins
