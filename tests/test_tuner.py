@@ -243,11 +243,11 @@ def harness(repo, env, *args, timeout=600):
 
 
 def interrupt_at(repo, env, exp, *args):
-    """Start the harness and Ctrl-C it as soon as experiment `exp` starts its run."""
+    """Start the harness and Ctrl-C it as soon as experiment `exp` has started its run.sh."""
     p = subprocess.Popen([sys.executable, "autoresearch.py", *args], cwd=repo, env=env, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
-    log, t0 = repo / "logs" / f"{exp}.log", time.time()
-    while not log.exists():
+    log, running, t0 = repo / "logs" / f"{exp}.log", repo / "runs" / ".running", time.time()
+    while not (log.exists() and running.exists()):     # the pid file is written once run.sh is spawned
         assert p.poll() is None and time.time() - t0 < 600, p.communicate()
         time.sleep(0.1)
     p.send_signal(signal.SIGINT)
