@@ -1,6 +1,7 @@
 """Benchmark (issue 10 §3): how much can a keep be trusted?
 
-    python tests/bench_research.py                 # the full benchmark: default data and budget (hours on 2 cores)
+    python tests/bench_research.py --calibration calib.json    # the full benchmark: default data and budget
+    python tests/bench_research.py --calibration calib.json --confirm   # the loop again with other rule flags
     python tests/bench_research.py --budget 3 --n-train 300 --n-val 100 --n-test 100 --gains expert-off \\
         --nulls 1 --calib-seeds 3 --noise-runs 2     # a smoke run (minutes; its figures mean nothing)
 
@@ -21,6 +22,7 @@
 """
 import argparse
 import ast
+import json
 import math
 import os
 import shutil
@@ -160,6 +162,8 @@ def main():
     ap.add_argument("--z", type=float, default=2.0)
     ap.add_argument("--floor", type=float, default=0.01)
     ap.add_argument("--confirm", action="store_true")
+    ap.add_argument("--calibration", help="a JSON file: read the calibration from it if it exists, else write it "
+                    "there (to rerun the loop with other keep-rule flags without recalibrating)")
     ap.add_argument("--keep", action="store_true", help="keep the temp folder (repo, logs, results.tsv)")
     a = ap.parse_args()
     if a.calib_seeds < 2:
@@ -182,7 +186,15 @@ def main():
                    GIT_AUTHOR_NAME="b", GIT_AUTHOR_EMAIL="b@b", GIT_COMMITTER_NAME="b", GIT_COMMITTER_EMAIL="b@b")
         env.setdefault("AUTORESEARCH_IMAGE", "host")
 
-        values = calibrate(repo, env, {"baseline": lambda s: s, "null": null(99), **gains}, a.calib_seeds)
+        if a.calibration and os.path.exists(a.calibration):
+            with open(a.calibration) as f:
+                values = json.load(f)
+            print(f"calibration from {a.calibration}: " + ", ".join(f"{n} {v}" for n, v in values.items()))
+        else:
+            values = calibrate(repo, env, {"baseline": lambda s: s, "null": null(99), **gains}, a.calib_seeds)
+            if a.calibration:
+                with open(a.calibration, "w") as f:
+                    json.dump(values, f)
         base = values["baseline"]
         real = [n for n in gains if statistics.mean(base) - statistics.mean(values[n]) >
                 2 * math.sqrt(statistics.variance(base) / len(base) + statistics.variance(values[n]) / len(values[n]))]
