@@ -190,6 +190,8 @@ def main():
             with open(a.calibration) as f:
                 values = json.load(f)
             print(f"calibration from {a.calibration}: " + ", ".join(f"{n} {v}" for n, v in values.items()))
+            if set(gains) - set(values):
+                sys.exit(f"{a.calibration} has no runs of {', '.join(sorted(set(gains) - set(values)))}")
         else:
             values = calibrate(repo, env, {"baseline": lambda s: s, "null": null(99), **gains}, a.calib_seeds)
             if a.calibration:
