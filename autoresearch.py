@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """autoresearch: an offline research loop driven by a local Ollama model.
 
-    python autoresearch.py [--model M] [--tag NAME] [--max-experiments N] [--resume] ...
-    python autoresearch.py report [--test]
+    python autoresearch.py [--model M] [--tag NAME] [--max-experiments N] [--resume] [--agent A] ...
+    python autoresearch.py report [--test | --compare TAG [TAG ...]]
 
 Each experiment: the model reads train.py + scratchpad.md + recent results, makes ONE change through
 three tools (read_file, edit_file, run_experiment), the harness trains it in the sandbox (./run.sh),
@@ -20,6 +20,12 @@ deviation of all repeated runs (baseline + each keep, which is re-run once with 
 is kept iff best - mean > max(z * sigma / sqrt(n), floor * best) over its n runs; the new best is that mean. --confirm instead
 asks a second seed to agree.
 
+Agents: --agent llm (the default) is the model above. --agent optuna (TPE) and --agent random are classic
+search baselines in the same loop: each proposes values for train.py's numeric constants (the search space:
+program.md's `## Search space` block, else derived from train.py's active preset, see derived_space), written into
+train.py as an ordinary edit; commit, sandbox, keep rule, results.tsv (column `agent`) and branch are the same.
+`report --compare` draws several runs on the same axes (compare.png) with a table.
+
 Everything the model can do goes through `tool_*` functions; every subprocess goes through `spawn`.
 Parsing, editing, deciding and prompt building are pure functions (tested in tests/test_autoresearch.py).
 """
@@ -30,6 +36,7 @@ import difflib
 import json
 import math
 import os
+import random
 import re
 import select
 import shutil
@@ -37,6 +44,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 
 # qwen2.5-coder:7b: ~4.7 GB quantized, so it fits next to a 15 GB training run on a 24 GB GPU, it is
 # trained for tool calling, and it answers a ~6K-token prompt in seconds. Bigger models can be passed.
@@ -49,11 +57,13 @@ SCRATCHPAD = "scratchpad.md"
 TRAIN = "train.py"
 COLUMNS = ["experiment", "commit", "val_mean_rank", "delta", "status", "description",   # contract
            "runs", "best", "sigma", "threshold", "reason", "phase", "best_commit",
-           "val_median_rank", "model_seconds", "run_seconds", "wall_seconds", "prompt_tokens", "finished"]
+           "val_median_rank", "model_seconds", "run_seconds", "wall_seconds", "prompt_tokens", "finished", "agent"]
 STATUSES = {"baseline", "keep", "discard", "crash", "invalid", "timeout", "interrupted"}
 READABLE = {TRAIN, PROGRAM, SCRATCHPAD, RESULTS}       # + the last run's log, added at run time
 EDITABLE = {TRAIN, SCRATCHPAD}
-OUR_OUTPUTS = ("results.tsv", "progress.png", "logs/", "runs/")  # never make the tree "dirty"
+OUR_OUTPUTS = ("results.tsv", "progress.png", "logs/", "runs/",  # never make the tree "dirty"
+               "results-", "compare.png", "test_scores.tsv")          # (results-TAG.tsv: archived runs)
+TEST_SCORES = "test_scores.tsv"   # test_mean_rank of each commit evaluated on the test split
 SCRATCHPAD_MAX_CHARS = 4000       # the agent must condense its notes beyond this
 READ_MAX_CHARS = 20000
 LOG_MAX_BYTES = 64 << 20          # per experiment log; the metric block is parsed from the in-memory tail
@@ -70,7 +80,7 @@ class HarnessError(Exception):
 # ----------------------------------------------------------------------------------------------
 # The allowlist: one function through which every subprocess goes.
 
-GIT_SUBCOMMANDS = {"rev-parse", "status", "add", "commit", "reset", "checkout", "log", "config"}
+GIT_SUBCOMMANDS = {"rev-parse", "status", "add", "commit", "reset", "checkout", "log", "config", "show"}
 
 
 def check_argv(argv):
@@ -475,6 +485,312 @@ def state_from_rows(rows):
 
 
 # ----------------------------------------------------------------------------------------------
+# Tuner agents (--agent optuna|random): the search space read from train.py (or program.md), proposals from every
+# recorded result, and each trial written into train.py as an ordinary edit. Only the proposer differs from the LLM.
+
+DIRECTION = "minimize"            # val_mean_rank: lower is better (decide() assumes the same)
+FRACTIONS = ("_FRAC", "_PROB")    # constants named so are fractions or probabilities: searched within [0, 1]
+SPACE_LINE = re.compile(r"([A-Z][A-Z0-9_]*)\s*:\s*(\S+)\s+(\S+)\s+(\S+)")
+SPACE_FORMAT = "NAME: log|float|int LOW HIGH, e.g. `LEARNING_RATE: log 1e-4 4e-3`"
+
+
+@dataclass(frozen=True)
+class Param:
+    """One searched constant: `log` (log-uniform float), `float` (uniform) or `int` (uniform integer) in [low, high]."""
+    name: str
+    kind: str
+    low: float
+    high: float
+
+    def snap(self, v):
+        """The value as written into train.py: 4 significant digits (or an integer), inside the range."""
+        v = round(v) if self.kind == "int" else float(f"{v:.4g}")
+        return min(max(v, self.low), self.high)
+
+    def literal(self, v):
+        if self.kind == "int":
+            return str(int(v))
+        s = f"{v:.4g}"
+        return s if any(c in s for c in ".en") else s + ".0"   # stays a float literal (100.0, not 100)
+
+
+def _number(node, depth=0):
+    """Pure. The value of literals combined with + - * / (e.g. 1 / 0.07), else None (calls, names, bools, text,
+    and expressions nested deeper than any constant needs: a model-written 1+1+...+1 must not exhaust the stack)."""
+    if depth > 20:
+        return None
+    if isinstance(node, ast.Constant):
+        return node.value if type(node.value) in (int, float) else None
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.UAdd, ast.USub)):
+        v = _number(node.operand, depth + 1)
+        return None if v is None else -v if isinstance(node.op, ast.USub) else v
+    ops = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
+           ast.Div: lambda a, b: a / b}   # no ** : 10 ** 10 ** 10 would hang the harness
+    if isinstance(node, ast.BinOp) and type(node.op) in ops:
+        a, b = _number(node.left, depth + 1), _number(node.right, depth + 1)
+        if a is not None and b is not None and not (isinstance(node.op, ast.Div) and b == 0):
+            return ops[type(node.op)](a, b)
+    return None
+
+
+def _device_branch(stmt, device):
+    """Pure. For `if DEVICE == "x":` / `!=` the statements that run on `device`, else None (not a preset block)."""
+    t = stmt.test if isinstance(stmt, ast.If) else None
+    if not (isinstance(t, ast.Compare) and isinstance(t.left, ast.Name) and t.left.id == "DEVICE"
+            and len(t.ops) == 1 and isinstance(t.ops[0], (ast.Eq, ast.NotEq))
+            and isinstance(t.comparators[0], ast.Constant) and isinstance(t.comparators[0].value, str)):
+        return None
+    runs = (device == t.comparators[0].value) == isinstance(t.ops[0], ast.Eq)
+    return stmt.body if runs else stmt.orelse
+
+
+def hyperparameters(train_src, cuda):
+    """Pure. {NAME: ast.Assign} of the numeric UPPER_CASE constants of train.py's active preset.
+
+    The hyperparameter section is the module level up to and including the `if DEVICE == "cuda": ... else: ...`
+    preset block (all of it without one); of that block only the branch that runs counts: the cuda one iff
+    cuda (torch.cuda.is_available(), the test train.py makes). Values must be numbers or arithmetic on
+    numbers: TIME_BUDGET = float(os.environ...), booleans, strings and dicts are not searched. The last
+    assignment of a name wins, as when the module runs."""
+    device = "cuda" if cuda else "cpu"
+    found = {}
+
+    def collect(stmts):
+        for s in stmts:
+            branch = _device_branch(s, device)
+            if branch is not None:
+                collect(branch)
+            elif (isinstance(s, ast.Assign) and len(s.targets) == 1 and isinstance(s.targets[0], ast.Name)
+                  and re.fullmatch(r"[A-Z][A-Z0-9_]*", s.targets[0].id) and _number(s.value) is not None):
+                found[s.targets[0].id] = s
+
+    for stmt in ast.parse(train_src).body:
+        collect([stmt])
+        if _device_branch(stmt, device) is not None:
+            break
+    return found
+
+
+def derived_space(consts):
+    """Pure. The default space around the current values: floats log-uniform from x1/4 to x4, ints uniform from
+    x1/2 to x2, fractions and probabilities (names ending in _FRAC or _PROB) log-uniform clipped to [0, 1].
+    Zero and negative constants have no scale to multiply and are left out (list them in program.md)."""
+    space = []
+    for name, node in consts.items():
+        v = _number(node.value)
+        if v <= 0:
+            continue
+        if isinstance(v, int) and not name.endswith(FRACTIONS):
+            p = Param(name, "int", math.ceil(v / 2), 2 * v)
+        else:
+            hi = min(4 * v, 1.0) if name.endswith(FRACTIONS) else 4 * v
+            p = Param(name, "log", float(f"{v / 4:.4g}"), float(f"{hi:.4g}"))
+        if p.low < p.high:
+            space.append(p)
+    return space
+
+
+def parse_search_space(program_text, consts, preset="active"):
+    """Pure. The `## Search space` block of program.md as [Param], or None without one.
+
+    One constant per line, `NAME: log|float|int LOW HIGH`; blank lines, ``` fences, list dashes and backticks
+    around a line are ignored; the next `#` heading ends the block. Bad input: one HarnessError naming the line."""
+    lines = program_text.split("\n")
+    start = next((i for i, line in enumerate(lines) if re.fullmatch(r"##\s*search space\s*", line.strip(), re.I)),
+                 None)
+    if start is None:
+        return None
+    space = []
+    for i in range(start + 1, len(lines)):
+        raw = lines[i].strip()
+        if raw.startswith("#"):
+            break
+        line = raw.lstrip("-* ").strip("`").strip()
+        if not line or raw.startswith("```"):
+            continue
+
+        def bad(why):
+            return HarnessError(f"{PROGRAM} line {i + 1} ({raw!r}) in ## Search space: {why}; "
+                                f"expected {SPACE_FORMAT}")
+        m = SPACE_LINE.fullmatch(line)
+        if not m:
+            raise bad("not a search-space line")
+        name, kind, lo, hi = m.groups()
+        if kind not in ("log", "float", "int"):
+            raise bad(f"unknown kind {kind!r} (log, float or int)")
+        try:
+            low, high = float(lo), float(hi)
+        except ValueError:
+            raise bad("LOW and HIGH must be numbers") from None
+        if not (math.isfinite(low) and math.isfinite(high)) or low >= high:
+            raise bad("LOW must be a finite number below HIGH")
+        if kind == "log" and low <= 0:
+            raise bad("a log range needs LOW > 0")
+        if kind == "int":
+            if low != int(low) or high != int(high):
+                raise bad("int bounds must be whole numbers")
+            low, high = int(low), int(high)
+        if name not in consts:
+            raise bad(f"{name} is not a numeric constant of train.py's {preset} preset (those are: "
+                      f"{', '.join(consts) or 'none'})")
+        if any(p.name == name for p in space):
+            raise bad(f"{name} is listed twice")
+        space.append(Param(name, kind, low, high))
+    if not space:
+        raise HarnessError(f"{PROGRAM}'s ## Search space block lists no constants; expected lines like {SPACE_FORMAT}")
+    return space
+
+
+def search_space(train_src, program_text, cuda):
+    """Pure. program.md's `## Search space` block if it has one, else the space derived from train.py."""
+    try:
+        consts = hyperparameters(train_src, cuda)
+    except SyntaxError as e:
+        raise HarnessError(f"train.py does not parse ({e.msg}, line {e.lineno}): fix it before tuning") from None
+    space = parse_search_space(program_text, consts, "cuda" if cuda else "cpu")
+    space = derived_space(consts) if space is None else space
+    if not space:
+        raise HarnessError("train.py has no numeric UPPER_CASE constants to search: add a ## Search space block "
+                           f"to {PROGRAM} ({SPACE_FORMAT})")
+    if sum(len(p.name) + 12 for p in space) > 480:    # the description cell of results.tsv holds the trial
+        raise HarnessError(f"the search space ({len(space)} constants) is too large to record each trial in "
+                           f"{RESULTS}: list the constants to search in a ## Search space block of {PROGRAM}")
+    return space
+
+
+def apply_params(train_src, literals, cuda):
+    """Pure. train.py with the value of each constant in {NAME: source text} replaced in the active preset,
+    nothing else touched."""
+    consts = hyperparameters(train_src, cuda)
+    missing = [n for n in literals if n not in consts]
+    if missing:
+        raise HarnessError(f"train.py no longer has the searched constant(s) {', '.join(missing)} in its "
+                           f"active preset")
+    src = train_src.encode("utf-8")            # ast offsets count bytes
+    starts = [0] + [i + 1 for i, b in enumerate(src) if b == ord("\n")]
+    edits = []
+    for name, text in literals.items():
+        v = consts[name].value
+        edits.append((starts[v.lineno - 1] + v.col_offset, starts[v.end_lineno - 1] + v.end_col_offset, text))
+    for a, b, text in sorted(edits, reverse=True):
+        src = src[:a] + text.encode("utf-8") + src[b:]
+    return src.decode("utf-8")
+
+
+def format_params(space, params):
+    """Pure. A trial as results.tsv's description, `NAME=value ...`, in the space's order."""
+    return " ".join(f"{p.name}={p.literal(params[p.name])}" for p in space)
+
+
+def parse_params(description, space):
+    """Pure. The trial written by format_params, or None if the description is not one of this space."""
+    pairs = dict(tok.split("=", 1) for tok in description.split() if "=" in tok)
+    if sorted(pairs) != sorted(p.name for p in space):
+        return None
+    try:
+        return {p.name: p.snap(float(pairs[p.name])) for p in space}
+    except ValueError:
+        return None
+
+
+def random_params(space, seed, k):
+    """Pure. The k-th trial of the random agent: uniform (log-uniform for `log`), reproducible from (seed, k)."""
+    rng = random.Random(f"{seed}:{k}")
+    out = {}
+    for p in space:
+        if p.kind == "int":
+            v = rng.randint(p.low, p.high)
+        elif p.kind == "log":
+            v = math.exp(rng.uniform(math.log(p.low), math.log(p.high)))
+        else:
+            v = rng.uniform(p.low, p.high)
+        out[p.name] = p.snap(v)
+    return out
+
+
+def tuner_trials(rows, agent, space):
+    """Pure. (done, pending) of one agent from results rows. done: [(params, value)] in order, value None for a
+    crash or timeout (a failed trial), else the mean of the trial's seeded runs. pending: trials that were
+    interrupted and not run to a verdict since; they run again first, so no trial is lost or repeated."""
+    done, pending = [], []
+    for r in rows:
+        if r.get("agent") != agent or r["status"] == "baseline":
+            continue
+        params = parse_params(r["description"], space)
+        if r["status"] == "interrupted":
+            if params is not None and params not in pending:   # None: stopped before a trial was proposed
+                pending.append(params)
+            continue
+        if params is None:
+            raise HarnessError(f"experiment {r['experiment']} in {RESULTS} is not a trial of this search space "
+                               f"({r['description'][:80]!r}): resume with the {PROGRAM} and train.py it started with")
+        if params in pending:
+            pending.remove(params)
+        runs = [num(x) for x in r.get("runs", "").split(",") if num(x) is not None]
+        value = None if r["status"] in ("crash", "timeout", "invalid") else (
+            sum(runs) / len(runs) if runs else num(r["val_mean_rank"]))
+        done.append((params, value))
+    return done, pending
+
+
+class RandomSampler:
+    def __init__(self, space, seed):
+        self.space, self.seed = space, seed
+
+    def propose(self, done):
+        return random_params(self.space, self.seed, len(done))
+
+
+class OptunaSampler:
+    """TPE through Optuna's ask/tell interface; results recorded before this process started are added as trials."""
+    def __init__(self, space, seed):
+        try:
+            import optuna
+        except ImportError:
+            raise HarnessError("--agent optuna needs Optuna: pip install optuna") from None
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self.optuna, self.space, self.seed = optuna, space, seed
+        D = optuna.distributions
+        self.dists = {p.name: D.IntDistribution(p.low, p.high) if p.kind == "int"
+                      else D.FloatDistribution(p.low, p.high, log=p.kind == "log") for p in space}
+        self.study, self.asked, self.told = None, {}, 0
+
+    def propose(self, done):
+        optuna = self.optuna
+        if self.study is None:   # a fresh sampler with the run's first seed would propose the first trials again
+            self.study = optuna.create_study(direction=DIRECTION,
+                                             sampler=optuna.samplers.TPESampler(seed=self.seed + len(done)))
+        for params, value in done[self.told:]:
+            state = optuna.trial.TrialState.COMPLETE if value is not None else optuna.trial.TrialState.FAIL
+            trial = self.asked.pop(json.dumps(params, sort_keys=True), None)
+            if trial is None:
+                self.study.add_trial(optuna.trial.create_trial(params=params, distributions=self.dists,
+                                                               value=value, state=state))
+            else:
+                self.study.tell(trial, value, state=state)
+        self.told = len(done)
+        trial = self.study.ask(self.dists)
+        params = {p.name: p.snap(trial.params[p.name]) for p in self.space}
+        self.asked[json.dumps(params, sort_keys=True)] = trial
+        return params
+
+
+class Tuner:
+    """A tuner agent: the search space of the run's baseline, and the sampler that proposes its trials."""
+    def __init__(self, agent, train_src, program_text, cuda, seed):
+        self.agent, self.cuda = agent, cuda
+        self.space = search_space(train_src, program_text, cuda)
+        self.sampler = (OptunaSampler if agent == "optuna" else RandomSampler)(self.space, seed)
+
+    def next_edit(self, rows, train_src):
+        """(train.py with the next trial applied, its description)."""
+        done, pending = tuner_trials(rows, self.agent, self.space)
+        params = pending[0] if pending else self.sampler.propose(done)
+        text = {p.name: p.literal(params[p.name]) for p in self.space}
+        return apply_params(train_src, text, self.cuda), format_params(self.space, params)
+
+
+# ----------------------------------------------------------------------------------------------
 # Impure steps.
 
 def say(msg):
@@ -564,6 +880,12 @@ def startup_checks(args, client):
                            "): commit or stash your changes first (git status)")
     if not os.path.exists(os.path.join(data_dir(), "meta.json")):
         raise HarnessError(f"no prepared data in {data_dir()}/: run python prepare_data.py")
+    if args.agent == "llm":   # a tuner agent proposes without a model
+        check_model(args, client)
+    check_sandbox()
+
+
+def check_model(args, client):
     try:
         models = client.list().models
     except Exception as e:  # noqa: BLE001 -- any failure here means "not reachable"
@@ -597,6 +919,9 @@ def startup_checks(args, client):
     if ctx is not None and int(ctx) < args.num_ctx:
         raise HarnessError(f"model {args.model!r} supports a context of {ctx} tokens, less than "
                            f"--num-ctx {args.num_ctx}: pass --num-ctx {ctx} or choose a bigger-context model")
+
+
+def check_sandbox():
     if os.environ.get("AUTORESEARCH_SANDBOX") == "none":
         say("autoresearch: WARNING: AUTORESEARCH_SANDBOX=none, training runs unsandboxed on this machine")
     elif not shutil.which("podman"):
@@ -735,8 +1060,8 @@ def run_sandbox(args, label, run_dir, seed, phase_short, extra_argv=()):
 
 
 class Loop:
-    def __init__(self, args, client):
-        self.args, self.client = args, client
+    def __init__(self, args, client, tuner=None):
+        self.args, self.client, self.tuner = args, client, tuner   # tuner: --agent optuna|random
         self.branch = f"autoresearch/{args.tag}"
         self.program = read_text(PROGRAM)
         self.phases = parse_phases(self.program)
@@ -767,6 +1092,7 @@ class Loop:
 
     def record(self, **row):
         row.setdefault("finished", datetime.datetime.now().isoformat(timespec="seconds"))
+        row.setdefault("agent", self.tuner.agent if self.tuner else "llm")
         row.setdefault("sigma", fmt(self.sigma()))
         append_row({k: (fmt(v) if isinstance(v, float) else v) for k, v in row.items()})
         self.rows = load_results()
@@ -966,6 +1292,14 @@ class Loop:
             return f"only train.py and scratchpad.md may change, but also changed: {', '.join(other)}"
         return None
 
+    def tune(self, stats):
+        """A tuner agent's turn: its next trial written into train.py, then run like the model's edit."""
+        t0 = time.time()
+        text, desc = self.tuner.next_edit(self.rows, read_text(TRAIN))
+        write_text(TRAIN, text)
+        stats["model_seconds"] += time.time() - t0
+        return "run", desc
+
     # --- experiments ---------------------------------------------------------------------------------
     def baseline(self):
         exp = self.next_exp()
@@ -1010,7 +1344,7 @@ class Loop:
         try:
             messages = [{"role": "system", "content": self.system},
                         {"role": "user", "content": self.user_message(base_src, best, sigma, phase)}]
-            outcome, info = self.converse(messages, stats, base_src)
+            outcome, info = self.tune(stats) if self.tuner else self.converse(messages, stats, base_src)
             desc = info if outcome == "run" else ""
             fixes = 0
             while outcome == "run":
@@ -1247,6 +1581,8 @@ def report_test(rows):
             p = spawn(["./run.sh", "--test", run_dir], timeout=1800)
             m = parse_metrics(p.stdout)
             test = fmt(m.get("test_mean_rank")) if "test_mean_rank" in m else f"failed (exit {p.returncode})"
+            if "test_mean_rank" in m:
+                record_test_score(vals[exp]["commit"], m["test_mean_rank"])
         if not test[:1].isdigit():
             rc = 1
         print(f"{name:<16}{fmt(num(vals[exp]['val_mean_rank'])):>15}{test:>16}")
@@ -1255,13 +1591,135 @@ def report_test(rows):
     return rc
 
 
+def record_test_score(commit, value, path=TEST_SCORES):
+    """Append to test_scores.tsv, so that report --compare can show a run's best commit on test later."""
+    new = not os.path.exists(path)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(("commit\ttest_mean_rank\tfinished\n" if new else "") +
+                f"{commit}\t{value:.6g}\t{datetime.datetime.now().isoformat(timespec='seconds')}\n")
+
+
+def load_test_scores(path=TEST_SCORES):
+    """{commit: its latest test_mean_rank}."""
+    if not os.path.exists(path):
+        return {}
+    cells = [line.split("\t") for line in read_text(path).split("\n")[1:]]
+    return {c[0]: num(c[1]) for c in cells if len(c) >= 2 and num(c[1]) is not None}
+
+
+def best_so_far(rows):
+    """Pure. [(experiment, wall-clock hours so far, running best)] of the rows that recorded a running best."""
+    out, hours = [], 0.0
+    for r in rows:
+        hours += (num(r.get("wall_seconds")) or 0.0) / 3600
+        if num(r["best"]) is not None:
+            out.append((int(r["experiment"]), hours, num(r["best"])))
+    return out
+
+
+def compare_line(rows, scores):
+    """Pure. One run's figures for report --compare. A keep "survived" when its second-seed run alone also beat
+    the best before it by the recorded threshold; keeps without a second run (--noise-runs 1) are not counted."""
+    s = summarize(rows)
+    _, best_commit, _, _ = state_from_rows(rows)
+    checked = survived = 0
+    for i, r in enumerate(rows):
+        runs = [num(x) for x in r.get("runs", "").split(",") if num(x) is not None]
+        before = next((num(p["best"]) for p in reversed(rows[:i]) if num(p["best"]) is not None), None)
+        if r["status"] == "keep" and len(runs) >= 2 and before is not None and num(r["threshold"]) is not None:
+            checked += 1
+            survived += before - runs[1] > num(r["threshold"])
+    return {"agent": next((r["agent"] for r in reversed(rows) if r.get("agent")), "llm"), "best": s["best"],
+            "test": scores.get(best_commit), "experiments": s["experiments"], "keeps": s["keeps"],
+            "per_hour": s["per_hour"], "survived": survived, "checked": checked}
+
+
+def run_results(name):
+    """A run to compare: NAME.tsv is a results file; a tag is results.tsv while its branch is checked out, else
+    results-TAG.tsv (where `mv results.tsv results-TAG.tsv` puts a finished run before the next one starts)."""
+    path = name if name.endswith(".tsv") else RESULTS if name == current_tag() else f"results-{name}.tsv"
+    if not os.path.exists(path):
+        raise HarnessError(f"no results for {name!r}: {path} does not exist (after a run, keep its results with "
+                           f"mv {RESULTS} results-TAG.tsv; or pass a results file ending in .tsv)")
+    rows = load_results(path)
+    if summarize(rows) is None:
+        raise HarnessError(f"{path} has no baseline yet: nothing to compare")
+    return rows
+
+
+def write_compare(runs, scores, path="compare.png"):
+    """Running best against experiment number (left) and wall-clock hours (right), one colour per run; a star
+    marks the best commit's test_mean_rank where it has been evaluated."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), dpi=110, sharey=True)
+    for i, (name, rows) in enumerate(runs):
+        pts, line = best_so_far(rows), compare_line(rows, scores)
+        label = f"{name} ({line['agent']}): best {line['best']:.4g}" + (
+            f", test {line['test']:.4g}" if line["test"] is not None else "")
+        for ax, x in ((axes[0], [p[0] for p in pts]), (axes[1], [p[1] for p in pts])):
+            ax.step(x, [p[2] for p in pts], where="post", color=f"C{i}", lw=2, label=label)
+            if line["test"] is not None:
+                ax.scatter([x[-1]], [line["test"]], marker="*", s=160, color=f"C{i}", edgecolors="black", zorder=3)
+    axes[0].xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    axes[0].set_xlabel("experiment")
+    axes[1].set_xlabel("wall-clock hours")
+    axes[0].set_ylabel("best val_mean_rank so far (lower is better)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[0].legend(loc="best", fontsize=8, framealpha=0.8)
+    fig.suptitle("autoresearch runs compared (★ = the best commit on the test split)")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
+def compare(names):
+    runs = [(n, run_results(n)) for n in names]
+    scores = load_test_scores()
+    write_compare(runs, scores)
+    print(f"{'run':<16}{'agent':<8}{'experiments':>12}{'best val':>10}{'its test':>10}{'keeps':>7}{'exp/hour':>10}"
+          f"  keeps confirmed by a 2nd seed")
+    for name, rows in runs:
+        c = compare_line(rows, scores)
+        print(f"{name[:15]:<16}{c['agent']:<8}{c['experiments']:>12}{c['best']:>10.4g}{fmt(c['test']) or '-':>10}"
+              f"{c['keeps']:>7}{c['per_hour']:>10.1f}  " + (f"{c['survived']}/{c['checked']}" if c["checked"] else "-"))
+    return 0
+
+
+def report(args):
+    """`report`: progress.png and the summary of this run (--test: also baseline and best on test);
+    `report --compare`: compare.png and a table for several runs."""
+    if args.compare:
+        return compare(args.compare)
+    rows = load_results()
+    if not rows:
+        raise HarnessError(f"no {RESULTS} here yet: run python autoresearch.py first")
+    write_report(rows)
+    summary(rows)
+    return report_test(rows) if args.test else 0
+
+
+def make_tuner(args):
+    """The tuner of --agent optuna|random over the search space of the run's baseline commit (a resumed run
+    keeps its space). The active preset is the one train.py picks: cuda iff torch sees a GPU."""
+    base = next((r["commit"] for r in load_results() if r["status"] == "baseline"), None) if args.resume else None
+    if base:
+        train_src, program = git("show", f"{base}:{TRAIN}"), git("show", f"{base}:{PROGRAM}")
+    else:
+        train_src, program = read_text(TRAIN), read_text(PROGRAM)
+    import torch
+    return Tuner(args.agent, train_src, program, torch.cuda.is_available(), args.tuner_seed)
+
+
 # ----------------------------------------------------------------------------------------------
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="autoresearch.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                epilog="Subcommand: `autoresearch.py report [--test]` writes progress.png and prints "
-                                       "a summary; --test also evaluates baseline and best on the test split.")
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL, help="Ollama model (a 7B coder fits next to training on 24 GB)")
     p.add_argument("--host", default=os.environ.get("OLLAMA_HOST") or DEFAULT_HOST, help="Ollama server")
     p.add_argument("--tag", default=None, help="run on branch autoresearch/TAG; default: today's date, e.g. nov27 (with --resume: the current branch)")
@@ -1286,6 +1744,17 @@ def parse_args(argv):
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--request-timeout", type=float, default=900, help="seconds per Ollama request")
     p.add_argument("--serve", action="store_true", help="start `ollama serve` if Ollama is not reachable")
+    p.add_argument("--agent", choices=("llm", "optuna", "random"), default=None,
+                   help="who proposes each experiment: the Ollama model, Optuna's TPE or uniform random samples "
+                        "over the search space (program.md's ## Search space, else train.py's constants); "
+                        "default: llm, with --resume the run's own agent")
+    p.add_argument("--tuner-seed", type=int, default=0, help="seed of the optuna and random agents")
+    sub = p.add_subparsers(dest="command", title="subcommand")
+    rp = sub.add_parser("report", help="progress.png and a summary; see report -h")
+    how = rp.add_mutually_exclusive_group()
+    how.add_argument("--test", action="store_true", help="also evaluate baseline and best on the test split")
+    how.add_argument("--compare", nargs="+", metavar="TAG", help="compare.png and a table for these runs: a tag "
+                     "means results.tsv while its branch is checked out, else results-TAG.tsv; or a .tsv path")
     args = p.parse_args(argv)
     if args.num_ctx < 2048 or args.noise_runs < 1 or args.time_budget < 1:
         p.error("--num-ctx >= 2048, --noise-runs >= 1 and --time-budget >= 1 are required")
@@ -1315,25 +1784,22 @@ def main(argv=None):
     # Started as a background job of a script, Python inherits SIGINT ignored; Ctrl-C must still stop us cleanly.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        if argv[:1] == ["report"]:
-            rp = argparse.ArgumentParser(prog="autoresearch.py report")
-            rp.add_argument("--test", action="store_true", help="also evaluate baseline and best on the test split")
-            ra = rp.parse_args(argv[1:])
-            rows = load_results()
-            if not rows:
-                raise HarnessError(f"no {RESULTS} here yet: run python autoresearch.py first")
-            write_report(rows)
-            summary(rows)
-            return report_test(rows) if ra.test else 0
         args = parse_args(argv)
+        if args.command == "report":
+            return report(args)
         if args.tag is None:
             args.tag = (current_tag() if args.resume else None) or datetime.date.today().strftime("%b%d").lower()
         if not re.fullmatch(r"[A-Za-z0-9._-]+", args.tag):
             raise HarnessError("--tag may only use letters, digits, '.', '_' and '-'")
         git_identity()
-        client = make_client(args.host, args.request_timeout)
+        if args.agent is None:   # a resumed run keeps its agent
+            recorded = [r["agent"] for r in load_results() if r.get("agent")] if args.resume else []
+            args.agent = recorded[-1] if recorded else "llm"
+        if args.agent != "llm":
+            args.fix_attempts = 0   # nobody to fix a crash: it is a failed trial
+        client = make_client(args.host, args.request_timeout) if args.agent == "llm" else None
         startup_checks(args, client)
-        loop = Loop(args, client)
+        loop = Loop(args, client, make_tuner(args) if args.agent != "llm" else None)
         loop.main()
         return 0
     except HarnessError as e:
