@@ -1448,7 +1448,6 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, _sigterm)
     # Started as a background job of a script, Python inherits SIGINT ignored; Ctrl-C must still stop us cleanly.
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    args = None
     try:
         if argv[:1] == ["report"]:
             rp = argparse.ArgumentParser(prog="autoresearch.py report")
@@ -1479,8 +1478,6 @@ def main(argv=None):
         return 2
     except KeyboardInterrupt:
         live_clear()
-        if on_slurm(args) and shutil.which("squeue"):
-            slurm_cancel_tag(args.tag)   # whatever job is still queued or running (a run stops its own first)
         print("\nautoresearch: interrupted; the best commit is checked out. Continue with --resume.", file=sys.stderr)
         return 130
 

@@ -26,8 +26,8 @@ from test_loop import BOOM, TXT_BAD, TXT_OK, alive, containers_of, data, env_for
 TAG = "sl"
 IMPROVE = [tool_call("edit_file", path="train.py", old_text=TXT_BAD, new_text=TXT_OK),
            tool_call("run_experiment", description="restore text embeddings")]
-WORSEN = [tool_call("edit_file", path="train.py", old_text=TXT_OK, new_text=TXT_BAD),
-          tool_call("run_experiment", description="constant text embeddings again")]
+CRASH = [tool_call("edit_file", path="train.py", old_text=BOOM, new_text="    raise RuntimeError('boom')\n" + BOOM),
+         tool_call("run_experiment", description="crash on purpose")]
 HANG = [tool_call("edit_file", path="train.py", old_text=BOOM,
                   new_text="    print('HANG', flush=True)\n    time.sleep(600)\n" + BOOM),
         tool_call("run_experiment", description="hang until stopped")]
@@ -183,9 +183,9 @@ def test_slurm_launcher_end_to_end(tmp_path, data, cluster):
         p.communicate(timeout=30)
         time.sleep(1)
         assert job_state(c, "4") == "RUNNING" and alive(pid)
-        # ... until --resume cancels it, records experiment 4 once, and runs experiment 5 as a SLURM job
-        fake.add(*WORSEN)
-        r = subprocess.run(harness_args("--resume", "--max-experiments", "2"), cwd=repo, env=env,
+        # ... until --resume cancels it, records experiment 4 once, and runs experiment 5 (a crash) as a SLURM job
+        fake.add(*CRASH)
+        r = subprocess.run(harness_args("--resume", "--max-experiments", "2", "--fix-attempts", "0"), cwd=repo, env=env,
                            capture_output=True, text=True, timeout=600)
         assert r.returncode == 0 and "Traceback" not in r.stderr, r.stdout + r.stderr
         assert "cancelling SLURM job" in r.stdout and "test_mean_rank" in r.stdout
@@ -195,14 +195,15 @@ def test_slurm_launcher_end_to_end(tmp_path, data, cluster):
     rs = rows(repo)
     assert [(r["experiment"], r["status"]) for r in rs] == [
         ("0", "baseline"), ("1", "interrupted"), ("2", "keep"), ("3", "interrupted"), ("4", "interrupted"),
-        ("5", "discard")], rs
+        ("5", "crash")], rs
     assert "killed during the run" in rs[4]["reason"]
+    assert rs[5]["reason"] == "run.sh exit 1: run.sh: FAILED train.py exited with code 1"   # not srun's line after it
     # every run was a SLURM job of this repository, named after the tag and the experiment
     comp = [dict(kv.split("=", 1) for kv in line.split() if "=" in kv) for line in open(c.jobcomp)]
     ours = {(j["Name"], j["JobState"]) for j in comp if j["WorkDir"] == str(repo)}
     assert ours == {(ar.job_name(TAG, name), state) for name, state in (
         ("check", "COMPLETED"), ("0", "COMPLETED"), ("1", "CANCELLED"), ("2", "COMPLETED"), ("3", "CANCELLED"),
-        ("4", "CANCELLED"), ("5", "COMPLETED"), ("test-0", "COMPLETED"), ("test-2", "COMPLETED"))}, ours
+        ("4", "CANCELLED"), ("5", "FAILED"), ("test-0", "COMPLETED"), ("test-2", "COMPLETED"))}, ours
     assert "train| HANG" in (repo / "logs" / "1.log").read_text()
     # nothing left behind: no job, no check token; the tree is clean on the best commit
     assert c.squeue() == ""
