@@ -57,16 +57,19 @@ def munge_ok():
     return enc.returncode == 0 and subprocess.run(["unmunge"], input=enc.stdout, capture_output=True).returncode == 0
 
 
+MUNGED_PID = "/run/munge/munged.pid"
+
+
 def start_munge():
-    """Reuse a running munged; else start one (it daemonizes itself and outlives the tests, like a system one)."""
+    """Reuse a running munged (True if we started one)."""
     if munge_ok():
-        return
+        return False
     os.makedirs("/run/munge", exist_ok=True)
     shutil.chown("/run/munge", "munge", "munge")
     p = subprocess.run(["runuser", "-u", "munge", "--", "/usr/sbin/munged"], capture_output=True, text=True)
     for _ in range(50):
         if munge_ok():
-            return
+            return True
         time.sleep(0.1)
     raise ClusterError(f"munged did not start (exit {p.returncode}): {(p.stderr or p.stdout).strip()}")
 
@@ -79,6 +82,7 @@ class Cluster:
         self.conf = os.path.join(self.dir, "slurm.conf")
         self.jobcomp = os.path.join(self.dir, "log", "jobcomp.txt")
         self.env = dict(os.environ, SLURM_CONF=self.conf)
+        self.pid_files = [os.path.join(self.dir, f"{d}.pid") for d in ("slurmd", "slurmctld")]
 
     def log(self, daemon):
         path = os.path.join(self.dir, "log", f"{daemon}.log")
@@ -101,7 +105,8 @@ class Cluster:
         with open(self.conf, "w") as f:
             f.write(CONF.format(host=self.host, ctld_port=free_port(), d_port=free_port(), d=self.dir, cpus=cpus,
                                 mem=mem, mem_per_cpu=max(256, mem // (4 * cpus))))
-        start_munge()
+        if start_munge():
+            self.pid_files.append(MUNGED_PID)
         for daemon in ("slurmctld", "slurmd"):
             prefix = self.slurmd_prefix if daemon == "slurmd" else []
             p = subprocess.run([*prefix, daemon, "-f", self.conf], env=self.env, capture_output=True, text=True)
@@ -120,13 +125,12 @@ class Cluster:
         return subprocess.run(["squeue", "-h", *args], env=self.env, capture_output=True, text=True).stdout
 
     def stop(self):
-        """Cancel what is left, then stop the daemons by their pid files."""
+        """Cancel what is left, then stop the daemons (and a munged we started) by their pid files."""
         subprocess.run(["scancel", "--partition=debug"], env=self.env, capture_output=True)
         t0 = time.time()
         while time.time() - t0 < 40 and self.squeue():   # KillWait (30 s) bounds how long a cancel takes
             time.sleep(0.2)
-        for daemon in ("slurmd", "slurmctld"):
-            pid_file = os.path.join(self.dir, f"{daemon}.pid")
+        for pid_file in self.pid_files:
             try:
                 pid = int(open(pid_file).read().strip())
             except (OSError, ValueError):
