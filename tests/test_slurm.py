@@ -21,7 +21,8 @@ sys.path.insert(0, ROOT)
 import autoresearch as ar  # noqa: E402
 from fake_ollama import FakeOllama, tool_call  # noqa: E402
 from slurm_cluster import Cluster, ClusterError  # noqa: E402
-from test_loop import BOOM, TXT_BAD, TXT_OK, alive, containers_of, data, env_for, git, make_repo, rows, wait_for  # noqa: E402,F401
+from test_loop import (BOOM, TXT_BAD, TXT_OK, alive, containers_of, data, env_for, git, make_repo,  # noqa: E402,F401
+                       rows, wait_for)
 
 TAG = "sl"
 IMPROVE = [tool_call("edit_file", path="train.py", old_text=TXT_BAD, new_text=TXT_OK),
@@ -147,7 +148,7 @@ def hung(c, repo, exp):
     return pid
 
 
-def test_slurm_launcher_end_to_end(tmp_path, data, cluster):
+def test_slurm_launcher_end_to_end(cluster, tmp_path, data):
     c = cluster
     repo = make_repo(tmp_path / "repo")
     with FakeOllama({"qwen2.5-coder:7b": 32768}, HANG + IMPROVE + HANG) as fake:
@@ -213,7 +214,7 @@ def test_slurm_launcher_end_to_end(tmp_path, data, cluster):
     assert TXT_OK in src and "HANG" not in src
 
 
-def test_slurm_startup_check(tmp_path, tmp_path_factory, data, cluster):
+def test_slurm_startup_check(cluster, tmp_path, tmp_path_factory, data):
     """One clear message each: site settings that are not options, a request SLURM refuses, and a compute node
     that does not see the data at the same path (its slurmd runs in a mount namespace where the data is hidden)."""
     repo = make_repo(tmp_path / "repo")
