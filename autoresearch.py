@@ -33,12 +33,15 @@ import argparse
 import ast
 import datetime
 import difflib
+import hashlib
 import json
 import math
 import os
 import random
 import re
+import secrets
 import select
+import shlex
 import shutil
 import signal
 import subprocess
@@ -94,6 +97,18 @@ def check_argv(argv):
         return None
     if prog in ("./run.sh", "podman"):
         return None
+    if prog in ("srun", "sbatch"):
+        # options only (values joined by '='), then exactly ./run.sh [--test DIR] or the start-up probe
+        i = next((k for k, a in enumerate(argv) if k and not a.startswith("-")), len(argv))
+        cmd = list(argv[i:])
+        run_sh = cmd == ["./run.sh"] or len(cmd) == 3 and cmd[:2] == ["./run.sh", "--test"]
+        if run_sh or cmd[:2] == ["sha256sum", "--"]:
+            return None
+        return f"{prog} may only run ./run.sh or the start-up probe, not {cmd[:2]}"
+    if prog in ("scancel", "squeue", "sacct"):
+        if all(a.startswith("-") or a.isdigit() for a in argv[1:]):
+            return None
+        return f"{prog} takes options and job ids only"
     if list(argv) == ["ollama", "serve"]:
         return None
     return f"command not allowed: {prog}"
@@ -882,7 +897,7 @@ def startup_checks(args, client):
         raise HarnessError(f"no prepared data in {data_dir()}/: run python prepare_data.py")
     if args.agent == "llm":   # a tuner agent proposes without a model
         check_model(args, client)
-    check_sandbox()
+    check_sandbox(args)
 
 
 def check_model(args, client):
@@ -921,10 +936,10 @@ def check_model(args, client):
                            f"--num-ctx {args.num_ctx}: pass --num-ctx {ctx} or choose a bigger-context model")
 
 
-def check_sandbox():
+def check_sandbox(args):
     if os.environ.get("AUTORESEARCH_SANDBOX") == "none":
         say("autoresearch: WARNING: AUTORESEARCH_SANDBOX=none, training runs unsandboxed on this machine")
-    elif not shutil.which("podman"):
+    elif not on_slurm(args) and not shutil.which("podman"):
         raise HarnessError("the sandbox needs podman: install it (apt-get install podman), or set "
                            "AUTORESEARCH_SANDBOX=none to run unsandboxed (unsafe)")
 
@@ -1001,6 +1016,154 @@ def stop_orphan():
         os.remove(RUNNING)
 
 
+# ----------------------------------------------------------------------------------------------
+# Launchers: where ./run.sh runs. `local`: here. `slurm`: each run is one SLURM job (srun) on a compute node that
+# sees this repository, the data and the weights at the same paths (a shared filesystem, checked at start-up).
+# srun streams the job's output back, so a run reads like a local one; new are only srun's own lines and the
+# ways SLURM loses a job (cancelled, node failure, preemption, its time limit), which SLURM's state tells.
+
+SLURM_LOST = {"CANCELLED": "interrupted", "NODE_FAIL": "interrupted", "PREEMPTED": "interrupted",
+              "BOOT_FAIL": "interrupted", "DEADLINE": "interrupted", "REVOKED": "interrupted",
+              "TIMEOUT": "timeout", "OUT_OF_MEMORY": "crash"}
+SLURM_FINAL = {"COMPLETED", "FAILED", *SLURM_LOST}
+SLURM_OWN_LINE = re.compile(r"(srun|slurmstepd(-\S+)?): ")   # srun's and slurmstepd's messages, not run.sh's
+SLURM_GPU_OPTION = re.compile(r"--gres=.*|--gpus(-per-[a-z]+)?=.*|-G.+")
+
+
+def on_slurm(args):
+    return getattr(args, "launcher", "local") == "slurm"
+
+
+def job_name(tag, label):
+    return f"autoresearch-{tag}-{label}"
+
+
+def slurm_site_args(environ=os.environ):
+    """AUTORESEARCH_SLURM_ARGS, the site's options (partition, account, ...): user configuration, never the model's."""
+    site = shlex.split(environ.get("AUTORESEARCH_SLURM_ARGS", ""))
+    bad = [a for a in site if not a.startswith("-")]
+    if bad:
+        raise HarnessError(f"AUTORESEARCH_SLURM_ARGS holds {bad[0]!r}, which is not an option: join each value to "
+                           f"its option with '=' (e.g. --partition=gpu --account=lab --gres=gpu:a100:1)")
+    return site
+
+
+def srun_argv(site, name, minutes, workdir, command):
+    """Pure. One SLURM job running `command`: the site's options first, then the harness's own, which win.
+    A GPU request among the site's options (--gres=gpu:a100:1, or --gres=none on a CPU cluster) replaces ours."""
+    gpu = [] if any(SLURM_GPU_OPTION.fullmatch(a) for a in site) else ["--gres=gpu:1"]
+    return ["srun", *site, f"--job-name={name}", f"--time={minutes}", "--nodes=1", "--ntasks=1",
+            f"--chdir={workdir}", "--export=ALL", *gpu, *command]
+
+
+def launch_argv(args, label, command):
+    """The command line of one run: `command` here, or as a SLURM job allowed the budget plus the allowance."""
+    if not on_slurm(args):
+        return list(command)
+    minutes = math.ceil((args.time_budget + GRACE_SECONDS) / 60)
+    return srun_argv(slurm_site_args(), job_name(args.tag, label), minutes, os.getcwd(), command)
+
+
+def slurm_jobs(*options):
+    """[(job id, state, name, working directory)] of this user's jobs, from squeue."""
+    p = spawn(["squeue", "--me", "--noheader", "--format=%i|%T|%j|%Z", *options])
+    return [tuple(line.split("|", 3)) for line in p.stdout.split("\n") if line.count("|") >= 3]
+
+
+def slurm_state(name):
+    """(job id, state) of the newest job called `name`, once final; (None, None) if SLURM knows no such job.
+    squeue remembers finished jobs for MinJobAge (300 s by default), sacct (where the site keeps accounting) longer."""
+    found = (None, None)
+    for _ in range(120):   # srun may return while the controller still has the job COMPLETING
+        jobs = [(int(j), s) for j, s, _, _ in slurm_jobs("--states=all", f"--name={name}") if j.isdigit()]
+        if not jobs:
+            p = spawn(["sacct", "--noheader", "--parsable2", "--allocations", "--starttime=now-7days",
+                       f"--name={name}", "--format=JobIDRaw,State"])
+            jobs = [(int(j), s.split(" ")[0]) for j, _, s in (line.partition("|") for line in p.stdout.split("\n"))
+                    if j.isdigit()]
+        if jobs:
+            found = max(jobs)
+            if found[1] in SLURM_FINAL:
+                break
+        time.sleep(0.25)
+    return found
+
+
+def slurm_verdict(job_id, state, returncode, output, metrics):
+    """Pure. A job SLURM lost (cancelled, node failure, preemption, its time limit) is recorded with SLURM's state as
+    the reason; any other run gets run.sh's own verdict, read without srun's lines after it."""
+    if state in SLURM_LOST:
+        return SLURM_LOST[state], f"SLURM job {job_id} {state}"
+    own = "\n".join(line for line in output.split("\n") if not SLURM_OWN_LINE.match(line))
+    if state is None and not own.strip():
+        raise HarnessError(f"srun started no job (exit {returncode}): {output.strip()[-500:]}\nCheck "
+                           f"AUTORESEARCH_SLURM_ARGS and the cluster (sinfo), then continue with --resume")
+    return classify_run(returncode, own, metrics)
+
+
+def run_verdict(args, label, returncode, output, metrics):
+    """status, reason of a finished run."""
+    if not on_slurm(args):
+        return classify_run(returncode, output, metrics)
+    return slurm_verdict(*slurm_state(job_name(args.tag, label)), returncode, output, metrics)
+
+
+def stop_run(args, label, p):
+    """Stop one run: its SLURM job first (run.sh gets SIGTERM there and removes its containers), then srun/run.sh."""
+    if on_slurm(args):
+        ids = [j for j, _, _, _ in slurm_jobs(f"--name={job_name(args.tag, label)}")]
+        if ids:
+            spawn(["scancel", *ids])
+    stop_group(p)
+
+
+def slurm_cancel_tag(tag):
+    """Cancel this user's live jobs of this tag started from this repository (e.g. left by a killed harness)."""
+    here = os.getcwd()
+    ids = [j for j, state, name, wd in slurm_jobs() if name.startswith(job_name(tag, "")) and state != "COMPLETING"
+           and (wd == here or wd.startswith(here + "/"))]
+    if ids:
+        say(f"autoresearch: cancelling SLURM job(s) {', '.join(ids)} of tag {tag}")
+        spawn(["scancel", *ids])
+
+
+def sha256_file(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def slurm_startup(args):
+    """--launcher slurm: the client commands exist, jobs left by a killed harness are cancelled (--resume), and a job
+    asking for what every run asks for sees this repository, run.sh and the data at the same paths, same content."""
+    missing = [c for c in ("srun", "squeue", "scancel") if not shutil.which(c)]
+    if missing:
+        raise HarnessError(f"--launcher slurm needs the SLURM commands srun, squeue and scancel ({', '.join(missing)} "
+                           f"not found): run autoresearch on a submit (login) node of the cluster")
+    if args.resume:
+        slurm_cancel_tag(args.tag)
+    os.makedirs("runs", exist_ok=True)
+    token = f"runs/.slurm-check-{secrets.token_hex(8)}"   # new content: a stale copy of the tree cannot have it
+    write_text(token, secrets.token_hex(16))
+    paths = [os.path.abspath(f) for f in ("run.sh", TRAIN, "prepare_data.py", os.path.join(data_dir(), "meta.json"),
+                                          token)]
+    say("autoresearch: checking that a SLURM job sees this repository and the data (one short job)")
+    try:
+        p = spawn(launch_argv(args, "check", ["sha256sum", "--", *paths]), stdin=subprocess.DEVNULL)
+        seen = {m.group(2): m.group(1) for m in re.finditer(r"^([0-9a-f]{64})  (.+)$", p.stdout, re.M)}
+        wrong = [f for f in paths if seen.get(f) != sha256_file(f)]
+    finally:
+        os.remove(token)
+    if wrong and not seen:
+        raise HarnessError(f"the SLURM start-up job failed (srun exit {p.returncode}): "
+                           f"{(p.stderr or p.stdout).strip()[-800:]}\nCheck AUTORESEARCH_SLURM_ARGS (partition, "
+                           f"account; --gres=none on a cluster without GPUs) and the cluster (sinfo)")
+    if wrong:
+        raise HarnessError(f"a SLURM job does not see {wrong[0]} as this machine does "
+                           f"({'different content' if wrong[0] in seen else 'missing'}): --launcher slurm needs "
+                           f"the repository, the data ({data_dir()}) and the weights on a filesystem shared with the "
+                           f"compute nodes, at the same paths (README: SLURM)")
+
+
 def run_sandbox(args, label, run_dir, seed, phase_short, extra_argv=()):
     """./run.sh in its own process group with a hard wall-clock limit; output streams to logs/<label>.log."""
     os.makedirs("logs", exist_ok=True)
@@ -1008,11 +1171,12 @@ def run_sandbox(args, label, run_dir, seed, phase_short, extra_argv=()):
     log_path = f"logs/{label}.log"
     env = dict(os.environ, AUTORESEARCH_TIME_BUDGET=str(args.time_budget),
                AUTORESEARCH_RUN_DIR=os.path.abspath(run_dir), AUTORESEARCH_SEED=str(seed))
-    limit = args.time_budget + GRACE_SECONDS
+    # under SLURM the job's --time bounds the run, and time spent queueing is not the run's
+    limit = math.inf if on_slurm(args) else args.time_budget + GRACE_SECONDS
     t0 = time.time()
     tail, buf, loss, killed, logged = b"", b"", "-", False, 0
     with open(log_path, "wb", buffering=0) as log:   # unbuffered: users (and tests) tail -f it
-        p = spawn(["./run.sh", *extra_argv], wait=False, env=env, stdout=subprocess.PIPE,
+        p = spawn(launch_argv(args, label, ["./run.sh", *extra_argv]), wait=False, env=env, stdout=subprocess.PIPE,
                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         write_text(RUNNING, str(p.pid))   # lets a later start stop this run if we get kill -9'd
         try:
@@ -1020,7 +1184,7 @@ def run_sandbox(args, label, run_dir, seed, phase_short, extra_argv=()):
             while True:
                 elapsed = time.time() - t0
                 if elapsed > limit:
-                    stop_group(p)
+                    stop_run(args, label, p)
                     killed = True
                     break
                 r, _, _ = select.select([fd], [], [], 0.5)
@@ -1042,7 +1206,7 @@ def run_sandbox(args, label, run_dir, seed, phase_short, extra_argv=()):
             if logged > LOG_MAX_BYTES:
                 log.write(b"\n[autoresearch: log cut at %d MiB; its last 256 KiB follow]\n" % (LOG_MAX_BYTES >> 20) + tail)
         except BaseException:
-            stop_group(p)   # Ctrl-C: stop the containers before anything else
+            stop_run(args, label, p)   # Ctrl-C: stop the containers before anything else
             raise
         finally:
             p.stdout.close()
@@ -1054,7 +1218,7 @@ def run_sandbox(args, label, run_dir, seed, phase_short, extra_argv=()):
     if killed:
         status, reason = "timeout", f"harness wall-clock limit {limit}s exceeded"
     else:
-        status, reason = classify_run(p.returncode, out, metrics)
+        status, reason = run_verdict(args, label, p.returncode, out, metrics)
     lines = [line for line in out.split("\n") if line.strip()]
     return Run(status, reason, metrics, time.time() - t0, log_path, "\n".join(lines[-LOG_TAIL_LINES:]))
 
@@ -1474,7 +1638,7 @@ class Loop:
             raise
         write_report(self.rows)
         summary(self.rows)
-        report_test(self.rows)
+        report_test(self.rows, self.args)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1565,7 +1729,7 @@ def write_report(rows, path="progress.png", quiet=False):
         print(f"wrote {path}")
 
 
-def report_test(rows):
+def report_test(rows, args=None):
     """Evaluate the baseline and the best hand-off on the held-out test split."""
     _, _, best_exp, base_exp = state_from_rows(rows)
     if base_exp is None:
@@ -1578,7 +1742,7 @@ def report_test(rows):
         run_dir = f"runs/{exp}"
         test = "missing hand-off"
         if os.path.isdir(run_dir):
-            p = spawn(["./run.sh", "--test", run_dir], timeout=1800)
+            p = spawn(launch_argv(args, f"test-{exp}", ["./run.sh", "--test", run_dir]), timeout=1800)
             m = parse_metrics(p.stdout)
             test = fmt(m.get("test_mean_rank")) if "test_mean_rank" in m else f"failed (exit {p.returncode})"
             if "test_mean_rank" in m:
@@ -1749,6 +1913,8 @@ def parse_args(argv):
                         "over the search space (program.md's ## Search space, else train.py's constants); "
                         "default: llm, with --resume the run's own agent")
     p.add_argument("--tuner-seed", type=int, default=0, help="seed of the optuna and random agents")
+    p.add_argument("--launcher", choices=("local", "slurm"), default="local", help="where runs execute: here, or "
+                   "each as a SLURM job (srun; site options in $AUTORESEARCH_SLURM_ARGS; needs a shared filesystem)")
     sub = p.add_subparsers(dest="command", title="subcommand")
     rp = sub.add_parser("report", help="progress.png and a summary; see report -h")
     how = rp.add_mutually_exclusive_group()
@@ -1799,6 +1965,8 @@ def main(argv=None):
             args.fix_attempts = 0   # nobody to fix a crash: it is a failed trial
         client = make_client(args.host, args.request_timeout) if args.agent == "llm" else None
         startup_checks(args, client)
+        if on_slurm(args):
+            slurm_startup(args)
         loop = Loop(args, client, make_tuner(args) if args.agent != "llm" else None)
         loop.main()
         return 0
