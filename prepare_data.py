@@ -17,6 +17,7 @@ same code as the real data, so both go through one path. torch and transformers 
 """
 import argparse
 import io
+import itertools
 import json
 import os
 import re
@@ -714,14 +715,17 @@ def read_handoff(run_dir, name):
     except OSError as e:
         raise UserError(f"cannot open {name} in the run directory ({os.strerror(e.errno)}); "
                         "the hand-off may hold regular files only")
-    with open(fd, "rb") as f:
+    try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise UserError(f"{name} in the run directory is not a regular file; the hand-off may hold regular "
                             "files only")
         if st.st_size > cap:
             raise UserError(f"{name} is {st.st_size} bytes, more than the {cap} allowed")
-        data = f.read(cap + 1)
+        with open(fd, "rb", closefd=False) as f:
+            data = f.read(cap + 1)
+    finally:
+        os.close(fd)
     if len(data) > cap:
         raise UserError(f"{name} is more than the {cap} bytes allowed")
     return data
@@ -734,11 +738,14 @@ def read_split(data, split):
     names = ["meta.json", f"{split}/images.npy", f"{split}/tokens.npy"]
     files = {}
     if str(data) == "-":
-        with tarfile.open(fileobj=sys.stdin.buffer, mode="r|") as tar:
-            for m in tar:
-                if not m.isreg() or m.name not in names or m.name in files:
-                    raise UserError(f"unexpected entry {m.name[:80]!r} in the data on stdin (expected {names})")
-                files[m.name] = tar.extractfile(m).read()
+        try:
+            with tarfile.open(fileobj=sys.stdin.buffer, mode="r|") as tar:
+                for m in tar:
+                    if not m.isreg() or m.name not in names or m.name in files:
+                        raise UserError(f"unexpected entry {m.name[:80]!r} in the data on stdin (expected {names})")
+                    files[m.name] = tar.extractfile(m).read()
+        except tarfile.TarError as e:
+            raise UserError(f"cannot read the data on stdin as a tar stream ({e})")
     else:
         files = {n: (Path(data) / n).read_bytes() for n in names if (Path(data) / n).is_file()}
     if len(files) != len(names):
@@ -836,7 +843,7 @@ class Encoders:
         try:
             for body in requests:
                 _send(self.to_child, body, self.deadline)
-            reply = _recv(self.from_child, cap + 1, self.deadline)
+            reply = _recv(self.from_child, 1 + max(cap, 4096), self.deadline)  # room for an error line
         except TimeoutError:
             raise UserError("evaluating the exported model took too long (AUTORESEARCH_EVAL_TIMEOUT)")
         except (EOFError, BrokenPipeError):
@@ -888,7 +895,11 @@ def encoder_child(reply_fd):
                     ep = move_to_device_pass(ep, device)
                 except Exception:
                     dev = "cpu"
-            models.append((ep.module(), dev))
+            module = ep.module()
+            # Everything the graph could write to and read back in its next call: weights, buffers, constants.
+            state = [t for t in itertools.chain(module.parameters(), module.buffers(), (
+                v for m in module.modules() for v in vars(m).values())) if isinstance(t, torch.Tensor)]
+            models.append((module, dev, state, [t.clone() for t in state]))
             fell_back.append(dev != device)
         _send(reply_fd, b"R" + bytes(fell_back))
         while True:
@@ -897,20 +908,22 @@ def encoder_child(reply_fd):
             except EOFError:
                 return
             which, f = request[0], io.BytesIO(request[1:])
-            model, dev = models[which]
+            model, dev, state, pristine = models[which]
             stage = ENCODERS[which]
             with torch.no_grad():
                 out = model(*prepare[which]([np.load(f) for _ in range(which + 1)], dev))
-            if not isinstance(out, torch.Tensor) or out.ndim != 2:
+            if not all(torch.equal(a, b) for a, b in zip(state, pristine)):
+                raise UserError("the graph changed its own weights, buffers or constants; nothing may carry over "
+                                "from one batch to the next")
+            if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[1] > MAX_DIM:
                 shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-                raise UserError(f"{stage} returned {shape}, expected a tensor [batch, D]")
+                raise UserError(f"it returned {shape}, expected a tensor [batch, D] with D <= {MAX_DIM}")
             out = out.detach().float().cpu().contiguous().numpy().astype("<f4", copy=False)
             _send(reply_fd, b"A" + struct.pack("<II", *out.shape) + out.tobytes())
-    except UserError as e:
-        _send(reply_fd, b"E" + f"cannot use {stage}: {e}".encode("ascii", "replace"))
     except Exception as e:
         what = f"cannot load {stage}" if len(models) < len(ENCODERS) else f"{stage} failed on the evaluation data"
-        _send(reply_fd, b"E" + f"{what} ({type(e).__name__}: {e})".encode("ascii", "replace"))
+        why = f": {e}" if isinstance(e, UserError) else f" ({type(e).__name__}: {e})"
+        _send(reply_fd, b"E" + (what + why).encode("ascii", "replace"))
 
 
 def _op_name(target):
@@ -991,7 +1004,7 @@ def evaluate(run_dir, data, split="val", batch=256):
         stats = read_train_stats(read_handoff(run_dir, "train_stats.json"), notes)
         meta, images, tokens = read_split(data, split)
         n = len(images)
-        fell_back = encoders.talk(archives, b"R", len(ENCODERS))
+        fell_back = encoders.talk(archives, b"R", len(ENCODERS))[:len(ENCODERS)]
         notes += [f"note: could not move {name} to the GPU; evaluated on the CPU"
                   for name, f in zip(ENCODERS, fell_back) if f]
         # Two independent secret orders: the graphs never see which image goes with which caption. Batches of at
