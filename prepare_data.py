@@ -4,7 +4,8 @@
     python prepare_data.py --ukiyoe-vg DIR       ingest a local copy of Ukiyo-eVG instead
     python prepare_data.py --download-weights    cache the pretrained ViT-S/16 and DistilBERT in ./weights (internet)
     python prepare_data.py --preview 8           PNGs of validation images with their heatmaps, into ./previews
-    python prepare_data.py --evaluate RUN_DIR    trusted retrieval evaluation of an exported model (val split)
+    python prepare_data.py --evaluate RUN_DIR    trusted retrieval evaluation of an exported model (val split);
+                                                 with --data - the split comes as a tar stream on stdin (run.sh)
 
 The synthetic train split is a pure function of --seed (public: meta.json records it). The val and test splits
 come from a separate secret --heldout-seed, drawn at random on the first build and recorded only in
@@ -528,6 +529,8 @@ OTHER_OPS = {"_operator." + n for n in ("getitem", "add", "sub", "mul", "floordi
                                         "eq", "ne", "lt", "le", "gt", "ge", "and_", "or_", "not_")}
 OTHER_OPS |= {"torch.sym_max", "torch.sym_min", "torch.sym_not", "torch.sym_float", "torch.sym_int", "torch._assert",
               "torch.ops.higher_order.wrap_with_set_grad_enabled", "torch.ops.higher_order.wrap_with_autocast"}
+# Custom objects, operators as values and namedtuple types: torch looks each up by name.
+BY_NAME = {"as_custom_obj", "as_operator", "custom_obj_values", "treespec_namedtuple_fields"}
 # A plain program reads parameters, buffers and constants and returns outputs: no effect tokens, no mutated
 # state carried from one batch to the next, no custom objects.
 INPUT_SPECS = {"user_input", "parameter", "buffer", "tensor_constant", "constant_input"}
@@ -614,7 +617,7 @@ def _check_program(o, key=""):
                 raise UserError(f"unexpected name {k[:60]!r} in the graph")
             if k == "metadata":
                 o[k] = {}
-            elif k in ("as_custom_obj", "as_operator") or k in ("custom_obj_values", "treespec_namedtuple_fields") and v:
+            elif k in BY_NAME and v:
                 raise UserError(f"the graph uses {k}: only tensors and plain values are allowed")
             elif k in ("input_specs", "output_specs") and not all(
                     isinstance(spec, dict) and set(spec) <= (INPUT_SPECS if k == "input_specs" else OUTPUT_SPECS)
@@ -830,7 +833,8 @@ class Encoders:
         r, w = os.pipe()
         env = {k: os.environ[k] for k in CHILD_ENV if k in os.environ}
         env.update(TORCH_FORCE_WEIGHTS_ONLY_LOAD="1", OMP_WAIT_POLICY="PASSIVE")
-        code = "import sys; sys.path.insert(0, sys.argv[1]); import prepare_data; prepare_data.encoder_child(int(sys.argv[2]))"
+        code = ("import sys; sys.path.insert(0, sys.argv[1]); import prepare_data; "
+                "prepare_data.encoder_child(int(sys.argv[2]))")
         self.proc = subprocess.Popen([sys.executable, "-I", "-c", code, str(ROOT), str(w)], stdin=subprocess.PIPE,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, pass_fds=(w,))
         os.close(w)
@@ -953,9 +957,11 @@ def check_graphs(ep):
 
 def _encode_all(encoders, which, arrays, order, batch):
     """Embeddings of all rows, in row order, sent to the child in `order`, `batch` rows at a time."""
-    parts = [encoders.encode(which, [a[idx] for a in arrays]) for idx in np.split(order, range(batch, len(order), batch))]
-    if len({p.shape[1] for p in parts}) != 1:
-        raise UserError(f"{ENCODERS[which]} returned embeddings of different sizes {sorted({p.shape[1] for p in parts})}")
+    parts = [encoders.encode(which, [a[idx] for a in arrays])
+             for idx in np.split(order, range(batch, len(order), batch))]
+    sizes = sorted({p.shape[1] for p in parts})
+    if len(sizes) != 1:
+        raise UserError(f"{ENCODERS[which]} returned embeddings of different sizes {sizes}")
     emb = np.empty((len(order), parts[0].shape[1]), dtype=np.float32)
     emb[order] = np.concatenate(parts)
     if not np.isfinite(emb).all():
@@ -1036,7 +1042,8 @@ def evaluate(run_dir, data, split="val", batch=256):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", "--data", dest="out", type=Path, default=None,
-                   help="data directory (default: $AUTORESEARCH_DATA, else ./data)")
+                   help="data directory (default: $AUTORESEARCH_DATA, else ./data); for --evaluate, '-' reads "
+                        "meta.json and the split's images.npy and tokens.npy as a tar stream on stdin")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic train split (public: in meta.json)")
     p.add_argument("--heldout-seed", type=int, default=None,
                    help="seed of the synthetic val and test splits (secret; default: the one recorded in "

@@ -135,7 +135,8 @@ def plant_pickle(path):
     shape = tuple(s["as_int"] for s in pm["tensor_meta"]["sizes"])
     class Evil:
         def __reduce__(self):
-            return (eval, (f"(exec({PAYLOAD!r}), __import__('torch').nn.Parameter(__import__('torch').zeros{shape}))[1]",))
+            t = "__import__('torch')"
+            return (eval, (f"(exec({PAYLOAD!r}), {t}.nn.Parameter({t}.zeros{shape}))[1]",))
     buf = io.BytesIO()
     torch.save(Evil(), buf)
     return entries + [(name.rsplit("/", 1)[0] + "/weight_9", buf.getvalue())], name, json.dumps(cfg).encode()
@@ -458,7 +459,8 @@ def runs(tmp_path_factory, data, reference):
         "no_model": src(NO_MODEL, FAKE=repr(FAKE)),
         "pickle_files": src(PICKLE_FILES, PAYLOAD=payload),
         "pickle_in_pt2": src(PICKLE_IN_PT2, PAYLOAD=payload),
-        "nul_name": src(HIDDEN_PICKLE, PAYLOAD=payload, SECOND_NAME='n + "\\0hidden"', SECOND_NAME_LABEL="'a NUL name'"),
+        "nul_name": src(HIDDEN_PICKLE, PAYLOAD=payload, SECOND_NAME='n + "\\0hidden"',
+                        SECOND_NAME_LABEL="'a NUL name'"),
         "dup_name": src(HIDDEN_PICKLE, PAYLOAD=payload, SECOND_NAME="n", SECOND_NAME_LABEL="'a duplicate name'"),
         "escape": src(PICKLE_IN_PT2, PAYLOAD=repr(ESCAPE_PAYLOAD)),
         "spec_ctypes": src(SPEC_CTYPES, PAYLOAD=payload, LIBRARY=repr(payload_library(base))),
