@@ -80,7 +80,7 @@ def test_the_split_can_come_from_a_directory_or_from_stdin_alike(honest, tiny_da
     ([("val/heatmaps.npy", tarfile.REGTYPE, b"x")], "unexpected entry 'val/heatmaps.npy' in the data on stdin"),
     ([("meta.json", tarfile.REGTYPE, b"{}")], "unexpected entry 'meta.json' in the data on stdin"),
     ([("val/labels", tarfile.SYMTYPE, b"")], "unexpected entry 'val/labels' in the data on stdin"),
-])
+], ids=["extra", "twice", "symlink"])
 def test_only_the_expected_plain_files_are_read_from_stdin(honest, tiny_data, extra, message):
     p = evaluate(honest, tiny_data, stdin=split_tar(tiny_data, extra=extra))
     assert p.returncode == 1 and message in p.err and "mean_rank" not in p.out, p.err
@@ -277,6 +277,16 @@ class Centred(Img):
         return e - e.mean(0, keepdim=True)
 img, txt = Centred(), Txt()
 '''
+STATEFUL = '''
+class Counting(Img):
+    def __init__(s):
+        super().__init__()
+        s.register_buffer("calls", torch.zeros(()))
+    def forward(s, images):
+        s.calls.add_(1)
+        return super().forward(images) * s.calls
+img, txt = Counting(), Txt()
+'''
 WIDE = f'''
 class W(Img):
     def forward(s, images): return super().forward(images).repeat(1, {pd.MAX_DIM // 8 + 1})
@@ -295,10 +305,11 @@ img, txt = Slow(), Txt()
 
 @pytest.mark.parametrize("code, env, message", [
     (BATCH_MEAN, {}, "image_encoder.pt2 gives a different embedding for the same input in another batch"),
+    (STATEFUL, {}, "image_encoder.pt2 failed on the evaluation data: the graph changed its own weights, buffers"),
     (WIDE, {}, f"image_encoder.pt2 failed on the evaluation data: it returned (50, {pd.MAX_DIM + 8})"),
     (SLOW, {"AUTORESEARCH_EVAL_TIMEOUT": "10"}, "took too long (AUTORESEARCH_EVAL_TIMEOUT)"),
-])
-def test_the_child_is_held_to_per_row_bounded_output_and_a_time_limit(tiny_data, tmp_path, code, env, message):
+], ids=["batch_mean", "stateful", "wide", "slow"])
+def test_the_child_is_held_to_stateless_per_row_bounded_output_and_a_time_limit(tiny_data, tmp_path, code, env, message):
     run = trainer(tmp_path / "run", tiny_data, code)
     p = evaluate(run, tiny_data, **env)
     assert p.returncode == 1 and message in p.err and "mean_rank" not in p.out, p.err
