@@ -32,17 +32,22 @@ def trainer(run_dir, data, code="img, txt = Img(), Txt()\n"):
     return run_dir
 
 
-def split_tar(data, split="val", extra=()):
-    """The data stream run.sh sends: meta.json and the split's images and tokens (plus `extra` (name, TarInfo
-    type, bytes) members)."""
+def split_tar(data, split="val", extra=(), links=()):
+    """The data stream run.sh sends: meta.json and the split's images and tokens, plus `extra` (name, bytes) files;
+    the names in `links` go as symlinks instead."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
         for name in ["meta.json", f"{split}/images.npy", f"{split}/tokens.npy"]:
-            tar.add(data / name, arcname=name)
-        for name, kind, body in extra:
+            if name in links:
+                info = tarfile.TarInfo(name)
+                info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+                tar.addfile(info)
+            else:
+                tar.add(data / name, arcname=name)
+        for name, body in extra:
             info = tarfile.TarInfo(name)
-            info.type, info.size, info.linkname = kind, len(body), "/etc/passwd" if kind == tarfile.SYMTYPE else ""
-            tar.addfile(info, io.BytesIO(body) if kind == tarfile.REGTYPE else None)
+            info.size = len(body)
+            tar.addfile(info, io.BytesIO(body))
     return buf.getvalue()
 
 
@@ -76,13 +81,13 @@ def test_the_split_can_come_from_a_directory_or_from_stdin_alike(honest, tiny_da
     assert t.returncode == 0 and t.values["test_n"] == "40" and "val_mean_rank" not in t.out, t.err
 
 
-@pytest.mark.parametrize("extra, message", [
-    ([("val/heatmaps.npy", tarfile.REGTYPE, b"x")], "unexpected entry 'val/heatmaps.npy' in the data on stdin"),
-    ([("meta.json", tarfile.REGTYPE, b"{}")], "unexpected entry 'meta.json' in the data on stdin"),
-    ([("val/labels", tarfile.SYMTYPE, b"")], "unexpected entry 'val/labels' in the data on stdin"),
+@pytest.mark.parametrize("stream, message", [
+    ({"extra": [("val/heatmaps.npy", b"x")]}, "unexpected entry 'val/heatmaps.npy' in the data on stdin"),
+    ({"extra": [("meta.json", b"{}")]}, "unexpected entry 'meta.json' in the data on stdin"),
+    ({"links": ["val/tokens.npy"]}, "unexpected entry 'val/tokens.npy' in the data on stdin"),
 ], ids=["extra", "twice", "symlink"])
-def test_only_the_expected_plain_files_are_read_from_stdin(honest, tiny_data, extra, message):
-    p = evaluate(honest, tiny_data, stdin=split_tar(tiny_data, extra=extra))
+def test_only_the_expected_plain_files_are_read_from_stdin(honest, tiny_data, stream, message):
+    p = evaluate(honest, tiny_data, stdin=split_tar(tiny_data, **stream))
     assert p.returncode == 1 and message in p.err and "mean_rank" not in p.out, p.err
 
 

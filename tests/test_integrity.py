@@ -161,16 +161,19 @@ print("planted a pickle behind", @SECOND_NAME_LABEL@, flush=True)
 '''
 # Defence in depth: should a pickle ever get past the checks (here they are taken out of a copy of the evaluator),
 # it runs in the child process that runs the graphs, where it can reach neither the evaluator's stdout, stdin,
-# memory or environment nor the split. The payload reports what it reached in its exit code, 64 + one bit each.
+# memory or environment nor the split, nor run a program from the hand-off. The payload reports what it reached in
+# its exit code, 64 + one bit each.
 ESCAPE_PAYLOAD = r'''
-import os
+import os, subprocess
 parent = "/proc/%d/" % os.getppid()
 reached = 0
 for bit, (path, mode) in enumerate([(parent + "fd/1", "w"), (parent + "fd/0", "rb"), (parent + "mem", "rb"),
-                                    (parent + "environ", "rb"), ("/data", "dir")]):
+                                    (parent + "environ", "rb"), ("/data", "dir"), ("/out/hello", "exec")]):
     try:   # no functions here: the payload runs in an exec() inside an eval(), where they would not see its names
         if mode == "dir":
             os.listdir(path)
+        elif mode == "exec":
+            subprocess.run([path], check=True)
         else:
             with open(path, mode) as f:
                 if mode == "w":
@@ -181,6 +184,11 @@ for bit, (path, mode) in enumerate([(parent + "fd/1", "w"), (parent + "fd/0", "r
 os.write(1, b"\nval_mean_rank: 1.00\n")
 os.write(2, b"\nval_mean_rank: 1.00\n")
 os._exit(64 + reached)
+'''
+ESCAPE = PICKLE_IN_PT2 + r'''
+hello = os.path.join(OUT, "hello")   # a program in the hand-off, which is mounted noexec for the evaluation
+open(hello, "w").write("#!/bin/sh\nexit 0\n")
+os.chmod(hello, 0o755)
 '''
 WEAKENED = [('if pm.get("use_pickle") is not False or not pm.get("tensor_meta")', 'if not pm.get("tensor_meta")'),
             ('TORCH_FORCE_WEIGHTS_ONLY_LOAD="1"', 'TORCH_FORCE_WEIGHTS_ONLY_LOAD="0"')]
@@ -462,7 +470,7 @@ def runs(tmp_path_factory, data, reference):
         "nul_name": src(HIDDEN_PICKLE, PAYLOAD=payload, SECOND_NAME='n + "\\0hidden"',
                         SECOND_NAME_LABEL="'a NUL name'"),
         "dup_name": src(HIDDEN_PICKLE, PAYLOAD=payload, SECOND_NAME="n", SECOND_NAME_LABEL="'a duplicate name'"),
-        "escape": src(PICKLE_IN_PT2, PAYLOAD=repr(ESCAPE_PAYLOAD)),
+        "escape": src(ESCAPE, PAYLOAD=repr(ESCAPE_PAYLOAD)),
         "spec_ctypes": src(SPEC_CTYPES, PAYLOAD=payload, LIBRARY=repr(payload_library(base))),
         "fifo_stats": FIFO_STATS,
         "symlink_stats": SYMLINK_STATS,
@@ -537,11 +545,11 @@ def test_training_cannot_see_validation_or_test_data(runs):
 
 def refused(r, reason):
     """The evaluator refused the run, for `reason` (its one error line), and no payload ran."""
+    assert not payload_ran(r), f"the payload ran in the evaluation: {r}"
     assert r.rc == 1 and r.status == "crash" and r.value is None and "val_mean_rank" not in r.metrics, r
     assert r.lines[-2] == "run.sh: FAILED evaluation exited with code 1", r
     errors = [l for l in unprefixed(r) if l.startswith("prepare_data.py: error: ")]
     assert len(errors) == 1 and reason in errors[0], r
-    assert not payload_ran(r), "the payload ran in the evaluation"
 
 
 def test_skipping_the_model_is_a_crash_and_a_stale_model_is_not_used(runs):
@@ -583,7 +591,8 @@ def test_a_pytree_spec_that_names_a_library_loader_is_refused(runs):
 def test_a_payload_that_gets_past_the_checks_stays_in_the_child(runs):
     # The evaluator copy for this run lets the pickle through; the payload runs in the child that loads the graphs
     # and reports in its exit code (64 + a bit for each) whether it reached the evaluator's stdout, stdin, memory
-    # or environment, or the split. 64: none of them. Its own stdout and stderr are /dev/null.
+    # or environment, or the split, or ran a program from the hand-off. 64: none of them. Its own stdout and
+    # stderr are /dev/null.
     r = runs["escape"]
     assert "train| planted a pickle in p.bias" in r.lines, r
     refused(r, "the encoder process died (exit code 64)")
