@@ -979,14 +979,15 @@ def _check_batch_independence(encoders, which, arrays, emb, batch, rng):
     the rest of its batch (subtracting the batch mean, say) adapts to the evaluation data and is refused."""
     n = len(emb)
     spread = np.median(np.linalg.norm(_unit(emb) - _unit(emb[rng.permutation(n)]), axis=1))
+    allowed = max(BATCH_TOLERANCE * spread, 1e-6)
     for size in sorted({min(batch, n - s) for s in range(0, n, batch)}):
         idx = rng.choice(n, size, replace=False)
         again = encoders.encode(which, [a[idx] for a in arrays])
         drift = np.median(np.linalg.norm(_unit(again) - _unit(emb[idx]), axis=1))
-        if not drift <= max(BATCH_TOLERANCE * spread, 1e-6):  # also refuses NaN
+        if not drift <= allowed:  # also refuses NaN
             raise UserError(f"{ENCODERS[which]} gives a different embedding for the same input in another batch "
-                            f"(median change {drift:.3g}, allowed {BATCH_TOLERANCE * spread:.3g}): each row's "
-                            "output must depend on that row alone, not on the rest of the batch")
+                            f"(median change {drift:.3g}, allowed {allowed:.3g}): each row's output must depend on "
+                            "that row alone, not on the rest of the batch")
 
 
 def evaluate(run_dir, data, split="val", batch=256):
