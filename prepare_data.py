@@ -4,7 +4,8 @@
     python prepare_data.py --ukiyoe-vg DIR       ingest a local copy of Ukiyo-eVG instead
     python prepare_data.py --download-weights    cache the pretrained ViT-S/16 and DistilBERT in ./weights (internet)
     python prepare_data.py --preview 8           PNGs of validation images with their heatmaps, into ./previews
-    python prepare_data.py --evaluate RUN_DIR    trusted retrieval evaluation of an exported model (val split)
+    python prepare_data.py --evaluate RUN_DIR    trusted retrieval evaluation of an exported model (val split);
+                                                 with --data - the split comes as a tar stream on stdin (run.sh)
 
 The synthetic train split is a pure function of --seed (public: meta.json records it). The val and test splits
 come from a separate secret --heldout-seed, drawn at random on the first build and recorded only in
@@ -16,13 +17,19 @@ same code as the real data, so both go through one path. torch and transformers 
 `from prepare_data import box_heatmap` stays cheap.
 """
 import argparse
+import io
+import itertools
 import json
-import logging
 import os
 import re
 import secrets
+import select
 import shutil
+import stat
+import struct
+import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 import zipfile
@@ -477,6 +484,11 @@ def _wrap(text, width):
 
 
 # ----------------------------------------------------------------------------------------------- trusted evaluation
+# Two processes. The trusted parent never imports torch and never runs anything from the hand-off: it reads the
+# split, checks every byte of the two archives and rebuilds them in memory, and ranks. The graphs run in a child
+# process (encoder_child) that gets only the rebuilt archives and the inputs, in two independent secret orders,
+# and hands back only float32 embeddings. The child never sees which image goes with which caption, nor the
+# parent's memory or file descriptors (the parent is not dumpable), nor the real stdout (its own is /dev/null).
 
 def retrieval_metrics(sim):
     """Ranks for image->text (rows) and text->image (columns) of a square similarity matrix whose diagonal holds
@@ -495,13 +507,19 @@ def retrieval_metrics(sim):
     return out
 
 
+ENCODERS = ["image_encoder.pt2", "text_encoder.pt2"]
+HANDOFF_CAPS = {"image_encoder.pt2": 2 << 30, "text_encoder.pt2": 2 << 30, "train_stats.json": 1 << 16}  # bytes
+MAX_DIM = 16384            # embedding size cap: what the child may send back per row
+BATCH_TOLERANCE = 0.005    # batch independence: allowed drift, as a fraction of the distance between two items
 # What torch.export.save writes for one plain nn.Module, and nothing else: torch.export.load() would unpickle
 # (weights_only=False) weights or constants marked "use_pickle", custom/opaque objects, old-format files and
-# sample inputs that the safe unpickler refuses, so such archives are refused before torch ever opens them.
+# sample inputs, so none of those ever reach it.
 ARCHIVE_ENTRIES = re.compile(r"(archive_format|archive_version|byteorder|\.data/version|\.data/serialization_id"
                              r"|models/model\.json|data/sample_inputs/model\.pt"
                              r"|data/weights/model_weights_config\.json|data/weights/weight_\d+"
                              r"|data/constants/model_constants_config\.json|data/constants/tensor_\d+)")
+ARCHIVE_HEADER = {"archive_format": rb"pt2", "archive_version": rb"\d+", "byteorder": rb"little|big",
+                  ".data/version": rb"\d+\n?"}
 FQN = re.compile(r"[A-Za-z_][\w.]*")  # weight names and graph names; they end up in generated Python code
 # Graph ops: aten only (plus the plumbing export emits), no I/O, no string arguments but these harmless ones.
 DENIED_ATEN = {"_print", "from_file"}
@@ -511,6 +529,12 @@ OTHER_OPS = {"_operator." + n for n in ("getitem", "add", "sub", "mul", "floordi
                                         "eq", "ne", "lt", "le", "gt", "ge", "and_", "or_", "not_")}
 OTHER_OPS |= {"torch.sym_max", "torch.sym_min", "torch.sym_not", "torch.sym_float", "torch.sym_int", "torch._assert",
               "torch.ops.higher_order.wrap_with_set_grad_enabled", "torch.ops.higher_order.wrap_with_autocast"}
+# Custom objects, operators as values and namedtuple types: torch looks each up by name.
+BY_NAME = {"as_custom_obj", "as_operator", "custom_obj_values", "treespec_namedtuple_fields"}
+# A plain program reads parameters, buffers and constants and returns outputs: no effect tokens, no mutated
+# state carried from one batch to the next, no custom objects.
+INPUT_SPECS = {"user_input", "parameter", "buffer", "tensor_constant", "constant_input"}
+OUTPUT_SPECS = {"user_output"}
 # Symbolic shapes are parsed with sympy.sympify (an eval) and guards become Python code: plain arithmetic only.
 SYMPY_NAMES = {"Symbol", "Integer", "Rational", "Float", "True", "False", "positive", "integer", "real",
                "nonnegative", "finite", "Max", "Min", "Mul", "Add", "Pow", "Mod", "Abs", "floor", "ceiling", "Eq",
@@ -519,37 +543,19 @@ SYMPY_NAMES = {"Symbol", "Integer", "Rational", "Float", "True", "False", "posit
                "IntTrueDiv", "FloatTrueDiv", "PowByNatural", "FloatPow", "Where"}
 SYMBOL = r"[a-z]+\d+"
 GUARD_TERM = re.compile(r"L\['[A-Za-z_]\w*'\](\.(size|stride)\(\)\[\d+\])?")
-METADATA_BAD_CHARS = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f\u2028\u2029]")
 
 
-def _op_name(target):
-    """'torch.ops.aten.add.Tensor' style name of a graph node target (an OpOverload, a HOP or a function)."""
-    import torch
-    if isinstance(target, torch._ops.OpOverload):
-        return f"torch.ops.{target.namespace}.{target._overloadpacket.__name__}.{target._overloadname}"
-    if isinstance(target, torch._ops.HigherOrderOperator):
-        return f"torch.ops.higher_order.{target.name()}"
-    if callable(target) and getattr(target, "__module__", None) in ("_operator", "operator"):
-        return f"_operator.{target.__name__}"
-    if callable(target) and getattr(torch, getattr(target, "__name__", ""), None) is target:
-        return f"torch.{target.__name__}"
-    return repr(target)
-
-
-def _check_op(name):
-    """Raises UserError unless name is an allowed graph op ('torch.ops.aten.<op>.<overload>' or OTHER_OPS)."""
-    import torch
+def _check_op(name, inputs=()):
+    """Raises UserError unless name is an allowed graph op ('torch.ops.aten.<op>.<overload>' or OTHER_OPS) whose
+    only string arguments are harmless ones."""
     m = re.fullmatch(r"torch\.ops\.aten\.(\w+)\.(\w+)", name)
-    if name in OTHER_OPS:
-        return
-    if not m or m.group(1) in DENIED_ATEN:
+    if name not in OTHER_OPS and (not m or m.group(1) in DENIED_ATEN):
         raise UserError(f"the graph calls {name[:80]!r}: only side-effect-free aten ops are allowed")
-    op = getattr(getattr(torch.ops.aten, m.group(1), None), m.group(2), None)
-    if not isinstance(op, torch._ops.OpOverload):
-        raise UserError(f"the graph calls an unknown op {name[:80]!r}")
-    for a in op._schema.arguments:
-        if "str" in str(a.type) and a.name not in STR_ARGS:
-            raise UserError(f"the graph calls {name} with a string argument {a.name!r}, which is not allowed")
+    for a in inputs:
+        arg = a.get("arg") if isinstance(a, dict) else None
+        if isinstance(arg, dict) and {"as_string", "as_strings"} & set(arg) and a.get("name") not in STR_ARGS:
+            raise UserError(f"the graph calls {name} with a string argument {str(a.get('name'))[:40]!r}, "
+                            "which is not allowed")
 
 
 def _check_expr(s):
@@ -568,28 +574,68 @@ def _check_guard(s):
         raise UserError(f"unexpected guard {s[:80]!r}")
 
 
-def _check_model_json(o, key=""):
-    """Walks the serialized program: node targets, symbolic expressions, guards and names must all be plain."""
+def _check_spec(s):
+    """A pytree spec as torch.export.save writes it for an encoder: tensors in tuples, lists and dicts with plain
+    keys. torch imports any other type, and enum values in a dict's keys, by name (a ctypes library loader, say)."""
+    def node(t):
+        ok = isinstance(t, dict) and set(t) == {"type", "context", "children_spec"} and isinstance(
+            t["children_spec"], list)
+        typ, ctx, kids = (t["type"], t["context"], t["children_spec"]) if ok else (None, None, None)
+        if not ok:
+            pass
+        elif typ is None:
+            ok = ctx is None and not kids
+        elif typ in ("builtins.tuple", "builtins.list"):
+            ok = ctx == "null"
+        elif typ == "builtins.dict":
+            keys = _strict_json(ctx) if isinstance(ctx, str) else None
+            ok = isinstance(keys, list) and len(keys) == len(kids) and all(
+                isinstance(k, str) and FQN.fullmatch(k) for k in keys)
+        else:
+            ok = False
+        if not ok:
+            raise UserError(f"unexpected input/output structure {json.dumps(t)[:100]}: only tensors in tuples, "
+                            "lists and dicts with plain string keys are allowed")
+        for k in kids:
+            node(k)
+
+    spec = _strict_json(s) if isinstance(s, str) else None
+    if not (isinstance(spec, list) and len(spec) == 2 and spec[0] == 1):
+        raise UserError(f"unexpected pytree spec {str(s)[:80]!r}")
+    node(spec[1])
+
+
+def _check_program(o, key=""):
+    """Walks the serialized program: node targets, symbolic expressions, guards, specs and names must all be plain.
+    Node metadata (stack traces, module paths) is dropped: it only informs, and torch imports or compiles some of
+    it."""
     if isinstance(o, dict):
         if "target" in o and "inputs" in o:  # a graph node, at any depth (subgraphs included)
-            _check_op(str(o["target"]))
+            _check_op(str(o["target"]), o["inputs"] if isinstance(o["inputs"], list) else [])
         for k, v in o.items():
-            if k == "metadata" and "target" in o:  # node metadata: stack traces etc., only ever in comments
-                for s in _strings(v):
-                    if METADATA_BAD_CHARS.search(s):
-                        raise UserError("unexpected control characters in the graph's metadata")
+            if not FQN.fullmatch(k):
+                raise UserError(f"unexpected name {k[:60]!r} in the graph")
+            if k == "metadata":
+                o[k] = {}
+            elif k in BY_NAME and v:
+                raise UserError(f"the graph uses {k}: only tensors and plain values are allowed")
+            elif k in ("input_specs", "output_specs") and not all(
+                    isinstance(spec, dict) and set(spec) <= (INPUT_SPECS if k == "input_specs" else OUTPUT_SPECS)
+                    for spec in v):
+                raise UserError(f"the graph has {k} of kinds {sorted({s for d in v for s in d})}: only plain inputs, "
+                                "parameters, buffers and constants in, outputs out (no state carried between calls)")
             elif k == "expr_str":
                 _check_expr(str(v))
             elif k == "guards_code":
                 for g in v:
                     _check_guard(str(g))
-            elif k in ("in_spec", "out_spec"):  # pytree specs: JSON, decoded with json
-                pass
+            elif k in ("in_spec", "out_spec"):
+                _check_spec(v)
             else:
-                _check_model_json(v, k)
+                _check_program(v, k)
     elif isinstance(o, list):
         for v in o:
-            _check_model_json(v, key)
+            _check_program(v, key)
     elif isinstance(o, str):
         ok = FQN.fullmatch(o) or o == "" or (key == "as_string" and re.fullmatch(r"[\w ,.\->]*", o)) or (
             key == "torch_version" and re.fullmatch(r"[\w.+]*", o))
@@ -597,46 +643,305 @@ def _check_model_json(o, key=""):
             raise UserError(f"unexpected string {o[:60]!r} in the graph ({key})")
 
 
-def _strings(o):
-    if isinstance(o, str):
-        yield o
-    elif isinstance(o, dict):
-        for k, v in o.items():
-            yield str(k)
-            yield from _strings(v)
-    elif isinstance(o, list):
-        for v in o:
-            yield from _strings(v)
+def _strict_json(b):
+    """JSON with unique keys, so that what we check is what torch reads (its parser keeps the last duplicate)."""
+    def unique(pairs):
+        if len({k for k, _ in pairs}) != len(pairs):
+            raise UserError(f"duplicate keys in {[k for k, _ in pairs][:8]} in the archive's JSON")
+        return dict(pairs)
+    return json.loads(b, object_pairs_hook=unique)
 
 
-def check_archive(path):
-    """Refuses (UserError) any .pt2 that is not exactly what torch.export.save writes for a plain nn.Module: only
-    raw tensors, no pickles, no old formats, only safe graph ops; nothing here runs code from the archive."""
-    import io
-    import torch
+def check_archive(raw):
+    """The archive torch will load, rebuilt in memory from the checked entries of `raw` (what train.py wrote),
+    else UserError. Only what torch.export.save writes for a plain nn.Module: plain, unique entry names, raw
+    tensors only (nothing torch would unpickle), unique-key JSON, safe graph ops and plain specs. torch never
+    reads `raw` itself, so where two zip readers disagree (NUL bytes in names, duplicate names, a local header
+    that differs from the central directory) only the checked reading counts."""
     try:
-        with zipfile.ZipFile(path) as z:
-            names = z.namelist()
-            root = names[0].split("/", 1)[0] + "/" if names else ""
-            for n in names:
-                if not n.startswith(root) or not ARCHIVE_ENTRIES.fullmatch(n[len(root):]):
-                    raise UserError(f"unexpected entry {n[:80]!r}: only what torch.export.save writes is allowed")
-            read = lambda n: z.read(root + n)
-            if read("archive_format") != b"pt2" or "models/model.json" not in [n[len(root):] for n in names]:
-                raise UserError("not a torch.export archive (save it with torch.export.save)")
-            for cfg, prefix in (("data/weights/model_weights_config.json", "weight_"),
-                                ("data/constants/model_constants_config.json", "tensor_")):
-                for fqn, pm in json.loads(read(cfg))["config"].items():
-                    if pm.get("use_pickle") is not False or not pm.get("tensor_meta") or not FQN.fullmatch(fqn) \
-                            or not re.fullmatch(prefix + r"\d+", str(pm.get("path_name"))):
-                        raise UserError(f"{fqn[:60]!r} is not a plain tensor (pickled or custom objects are refused)")
-            try:  # torch.export.load falls back to an unrestricted unpickler when the safe one refuses
-                torch.load(io.BytesIO(read("data/sample_inputs/model.pt")), weights_only=True)
-            except Exception as e:
-                raise UserError(f"its sample inputs are not plain tensors ({type(e).__name__})")
-            _check_model_json(json.loads(read("models/model.json")))
-    except (zipfile.BadZipFile, KeyError, ValueError, TypeError, AttributeError) as e:
-        raise UserError(f"not a torch.export archive ({type(e).__name__}: {e})")
+        z = zipfile.ZipFile(io.BytesIO(raw))
+        infos = z.infolist()
+        root = infos[0].orig_filename.split("/", 1)[0] + "/" if infos else ""
+        entries = {}
+        for info in infos:
+            name = info.orig_filename  # zipfile's .filename stops at a NUL byte; torch reads the whole name
+            if not (name.isascii() and name.isprintable()):
+                raise UserError(f"entry name {name[:80]!r} has a non-printable character")
+            rel = name[len(root):]
+            if rel in entries:
+                raise UserError(f"duplicate entry {name[:80]!r}")
+            if not name.startswith(root) or not ARCHIVE_ENTRIES.fullmatch(rel):
+                raise UserError(f"unexpected entry {name[:80]!r}: only what torch.export.save writes is allowed")
+            if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 1:
+                raise UserError(f"entry {name[:80]!r} is compressed or encrypted; torch.export.save stores entries")
+            entries[rel] = z.read(info)  # checks the local header's name against the central directory's
+        if entries.get("archive_format") != b"pt2" or "models/model.json" not in entries:
+            raise UserError("not a torch.export archive (save it with torch.export.save)")
+        out = {}
+        for name, pattern in ARCHIVE_HEADER.items():
+            if not re.fullmatch(pattern, entries[name]):
+                raise UserError(f"unexpected {name} {entries[name][:20]!r}")
+            out[name] = entries[name]
+        for cfg, folder, prefix in (("data/weights/model_weights_config.json", "data/weights/", "weight_"),
+                                    ("data/constants/model_constants_config.json", "data/constants/", "tensor_")):
+            config = _strict_json(entries[cfg])
+            if set(config) != {"config"}:
+                raise UserError(f"unexpected keys {sorted(config)[:5]} in {cfg}")
+            for fqn, pm in config["config"].items():
+                if pm.get("use_pickle") is not False or not pm.get("tensor_meta") or not FQN.fullmatch(fqn) \
+                        or not re.fullmatch(prefix + r"\d+", str(pm.get("path_name"))):
+                    raise UserError(f"{fqn[:60]!r} is not a plain tensor (pickled or custom objects are refused)")
+                _check_program(pm)
+                out[folder + pm["path_name"]] = entries[folder + pm["path_name"]]
+            out[cfg] = json.dumps(config).encode()
+        program = _strict_json(entries["models/model.json"])
+        _check_program(program)
+        out["models/model.json"] = json.dumps(program).encode()
+        out["data/sample_inputs/model.pt"] = b""  # read as "no sample inputs": nothing for torch to unpickle
+    except (zipfile.BadZipFile, KeyError, ValueError, TypeError, AttributeError, RecursionError) as e:
+        raise UserError(f"not a torch.export archive ({type(e).__name__}: {str(e)[:200]})")
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as w:
+        for name, data in out.items():
+            w.writestr("archive/" + name, data)
+    return buf.getvalue()
+
+
+def read_handoff(run_dir, name):
+    """The bytes of one hand-off file, None if it is missing. Only a regular file of at most its cap: never a
+    symlink (no-follow), never a FIFO (non-blocking open) or a device."""
+    cap = HANDOFF_CAPS[name]
+    try:
+        fd = os.open(Path(run_dir) / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise UserError(f"cannot open {name} in the run directory ({os.strerror(e.errno)}); "
+                        "the hand-off may hold regular files only")
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UserError(f"{name} in the run directory is not a regular file; the hand-off may hold regular "
+                            "files only")
+        if st.st_size > cap:
+            raise UserError(f"{name} is {st.st_size} bytes, more than the {cap} allowed")
+        with open(fd, "rb", closefd=False) as f:
+            data = f.read(cap + 1)
+    finally:
+        os.close(fd)
+    if len(data) > cap:
+        raise UserError(f"{name} is more than the {cap} bytes allowed")
+    return data
+
+
+def read_split(data, split):
+    """meta.json, images and tokens of a split: from a data directory, or with data "-" from a tar stream on stdin
+    that holds just those three files (how run.sh passes them, so that no file in the evaluation container holds
+    the split and only this process, not the one running the graphs, ever has it)."""
+    names = ["meta.json", f"{split}/images.npy", f"{split}/tokens.npy"]
+    files = {}
+    if str(data) == "-":
+        try:
+            with tarfile.open(fileobj=sys.stdin.buffer, mode="r|") as tar:
+                for m in tar:
+                    if not m.isreg() or m.name not in names or m.name in files:
+                        raise UserError(f"unexpected entry {m.name[:80]!r} in the data on stdin (expected {names})")
+                    files[m.name] = tar.extractfile(m).read()
+        except tarfile.TarError as e:
+            raise UserError(f"cannot read the data on stdin as a tar stream ({e})")
+    else:
+        files = {n: (Path(data) / n).read_bytes() for n in names if (Path(data) / n).is_file()}
+    if len(files) != len(names):
+        raise UserError(f"no prepared {split} split in {data}; run python prepare_data.py first")
+    meta = json.loads(files["meta.json"])
+    images, tokens = (np.load(io.BytesIO(files[n]), allow_pickle=False) for n in names[1:])
+    return meta, images, tokens
+
+
+def read_train_stats(data, notes):
+    """The informational numbers of train_stats.json, keeping only real finite numbers (never echo strings)."""
+    try:
+        stats = json.loads(data)
+    except (TypeError, ValueError):
+        notes.append("note: no readable train_stats.json in the run directory")
+        return {}
+    out = {}
+    for k in STAT_KEYS:
+        v = stats.get(k) if isinstance(stats, dict) else None
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v):
+            out[k] = v
+        else:
+            notes.append(f"note: train_stats.json has no valid number for {k}")
+    return out
+
+
+def _not_dumpable():
+    """Other processes of our uid (the encoder child) can then neither read our memory nor open our file
+    descriptors through /proc, nor ptrace us; there is no Yama on every kernel to stop them otherwise."""
+    if sys.platform == "linux":
+        import ctypes
+        if ctypes.CDLL(None, use_errno=True).prctl(4, 0, 0, 0, 0) != 0:  # PR_SET_DUMPABLE, 0
+            raise UserError(f"prctl(PR_SET_DUMPABLE) failed: {os.strerror(ctypes.get_errno())}")
+
+
+def _one_line(s, limit=300):
+    """Text from the child, safe to print: printable ASCII on one bounded line."""
+    return " ".join(re.sub(r"[^\x20-\x7e]", " ", s).split())[:limit]
+
+
+# Frames on the pipes between parent and child: 8-byte little-endian length, then the body.
+def _read_exact(fd, n, deadline=None):
+    buf = bytearray()
+    while len(buf) < n:
+        if deadline is not None and not select.select([fd], [], [], max(0, deadline - time.monotonic()))[0]:
+            raise TimeoutError
+        chunk = os.read(fd, min(n - len(buf), 1 << 20))
+        if not chunk:
+            raise EOFError
+        buf += chunk
+    return bytes(buf)
+
+
+def _write_all(fd, data, deadline=None):
+    view = memoryview(data)
+    while view:
+        if deadline is not None and not select.select([], [fd], [], max(0, deadline - time.monotonic()))[1]:
+            raise TimeoutError
+        view = view[os.write(fd, view):]
+
+
+def _send(fd, body, deadline=None):
+    _write_all(fd, struct.pack("<Q", len(body)) + body, deadline)
+
+
+def _recv(fd, cap=None, deadline=None):
+    n = struct.unpack("<Q", _read_exact(fd, 8, deadline))[0]
+    if cap is not None and n > cap:
+        raise UserError(f"the encoder process sent {n} bytes where at most {cap} fit")
+    return _read_exact(fd, n, deadline)
+
+
+CHILD_ENV = ("PATH", "HOME", "LD_LIBRARY_PATH", "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS")
+
+
+class Encoders:
+    """The parent's end of the child that runs the graphs: one time limit over everything, and nothing taken from
+    it but bounded, shape-checked float32 arrays (and, on failure, one sanitized line)."""
+
+    def __init__(self, deadline):
+        self.deadline = deadline
+        r, w = os.pipe()
+        env = {k: os.environ[k] for k in CHILD_ENV if k in os.environ}
+        env.update(TORCH_FORCE_WEIGHTS_ONLY_LOAD="1", OMP_WAIT_POLICY="PASSIVE")
+        code = ("import sys; sys.path.insert(0, sys.argv[1]); import prepare_data; "
+                "prepare_data.encoder_child(int(sys.argv[2]))")
+        self.proc = subprocess.Popen([sys.executable, "-I", "-c", code, str(ROOT), str(w)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, pass_fds=(w,))
+        os.close(w)
+        self.to_child, self.from_child = self.proc.stdin.fileno(), r
+        os.set_blocking(self.to_child, False)
+        os.set_blocking(r, False)
+
+    def talk(self, requests, tag, cap):
+        """Sends the request frames, returns the body of the reply, which must carry `tag` and fit in cap bytes."""
+        try:
+            for body in requests:
+                _send(self.to_child, body, self.deadline)
+            reply = _recv(self.from_child, 1 + max(cap, 4096), self.deadline)  # room for an error line
+        except TimeoutError:
+            raise UserError("evaluating the exported model took too long (AUTORESEARCH_EVAL_TIMEOUT)")
+        except (EOFError, BrokenPipeError):
+            self.proc.kill()
+            rc = self.proc.wait()
+            raise UserError(f"the encoder process died ({f'signal {-rc}' if rc < 0 else f'exit code {rc}'})")
+        if reply[:1] == b"E":
+            raise UserError(_one_line(reply[1:].decode("ascii", "replace")))
+        if reply[:1] != tag:
+            raise UserError("the encoder process sent a malformed reply")
+        return reply[1:]
+
+    def encode(self, which, arrays):
+        """Embeddings [rows, D] of one batch for encoder `which` (0 image, 1 text)."""
+        buf = io.BytesIO()
+        for a in arrays:
+            np.save(buf, a)
+        rows = len(arrays[0])
+        body = self.talk([bytes([which]) + buf.getvalue()], b"A", 8 + rows * MAX_DIM * 4)
+        n, dim = struct.unpack("<II", body[:8]) if len(body) >= 8 else (-1, 0)
+        if n != rows or not 1 <= dim <= MAX_DIM or len(body) != 8 + n * dim * 4:
+            raise UserError(f"{ENCODERS[which]} returned shape ({n}, {dim}) for {rows} inputs; expected "
+                            f"[{rows}, D] with D <= {MAX_DIM}")
+        return np.frombuffer(body, "<f4", offset=8).reshape(n, dim)
+
+    def close(self):
+        self.proc.kill()
+        self.proc.wait()
+        self.proc.stdin.close()
+        os.close(self.from_child)
+
+
+def encoder_child(reply_fd):
+    """The child: loads the two archives sent on stdin, then answers each batch with its embeddings on reply_fd.
+    It runs the untrusted graphs, so what it sends is checked by the parent, never believed."""
+    import torch
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    prepare = [lambda a, dev: [torch.from_numpy(a[0]).to(dev).permute(0, 3, 1, 2).float().div(255)],
+               lambda a, dev: [torch.from_numpy(x).to(dev).long() for x in a]]
+    models, fell_back, stage = [], [], ENCODERS[0]
+    try:
+        for stage in ENCODERS:
+            ep = torch.export.load(io.BytesIO(_recv(0)))
+            check_graphs(ep)
+            dev = device
+            if device != "cpu":
+                try:
+                    from torch.export.passes import move_to_device_pass
+                    ep = move_to_device_pass(ep, device)
+                except Exception:
+                    dev = "cpu"
+            module = ep.module()
+            # Everything the graph could write to and read back in its next call: weights, buffers, constants.
+            state = [t for t in itertools.chain(module.parameters(), module.buffers(), (
+                v for m in module.modules() for v in vars(m).values())) if isinstance(t, torch.Tensor)]
+            models.append((module, dev, state, [t.clone() for t in state]))
+            fell_back.append(dev != device)
+        _send(reply_fd, b"R" + bytes(fell_back))
+        while True:
+            try:
+                request = _recv(0)
+            except EOFError:
+                return
+            which, f = request[0], io.BytesIO(request[1:])
+            model, dev, state, pristine = models[which]
+            stage = ENCODERS[which]
+            with torch.no_grad():
+                out = model(*prepare[which]([np.load(f) for _ in range(which + 1)], dev))
+            if not all(torch.equal(a, b) for a, b in zip(state, pristine)):
+                raise UserError("the graph changed its own weights, buffers or constants; nothing may carry over "
+                                "from one batch to the next")
+            if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[1] > MAX_DIM:
+                shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                raise UserError(f"it returned {shape}, expected a tensor [batch, D] with D <= {MAX_DIM}")
+            out = out.detach().float().cpu().contiguous().numpy().astype("<f4", copy=False)
+            _send(reply_fd, b"A" + struct.pack("<II", *out.shape) + out.tobytes())
+    except Exception as e:
+        what = f"cannot load {stage}" if len(models) < len(ENCODERS) else f"{stage} failed on the evaluation data"
+        why = f": {e}" if isinstance(e, UserError) else f" ({type(e).__name__}: {e})"
+        _send(reply_fd, b"E" + (what + why).encode("ascii", "replace"))
+
+
+def _op_name(target):
+    """'torch.ops.aten.add.Tensor' style name of a graph node target (an OpOverload, a HOP or a function)."""
+    import torch
+    if isinstance(target, torch._ops.OpOverload):
+        return f"torch.ops.{target.namespace}.{target._overloadpacket.__name__}.{target._overloadname}"
+    if isinstance(target, torch._ops.HigherOrderOperator):
+        return f"torch.ops.higher_order.{target.name()}"
+    if callable(target) and getattr(target, "__module__", None) in ("_operator", "operator"):
+        return f"_operator.{target.__name__}"
+    if callable(target) and getattr(torch, getattr(target, "__name__", ""), None) is target:
+        return f"torch.{target.__name__}"
+    return repr(target)
 
 
 def check_graphs(ep):
@@ -650,144 +955,87 @@ def check_graphs(ep):
                 _check_op(_op_name(node.target))
 
 
-def _load_program(path, device, notes):
-    import torch
-    if not path.is_file():
-        raise UserError(f"missing model file {path} (train.py must export it with torch.export.save)")
-    if not zipfile.is_zipfile(path):
-        raise UserError(f"cannot load {path}: not a torch.export archive (save it with torch.export.save)")
-    logger = logging.getLogger("torch.export")
-    level = logger.level
-    logger.setLevel(logging.ERROR)  # torch logs its own traceback before raising; our message says it all
-    try:
-        check_archive(path)  # before torch opens it: torch.export.load can unpickle
-        ep = torch.export.load(str(path))
-        check_graphs(ep)
-    except UserError as e:
-        raise UserError(f"cannot load {path}: {e}")
-    except Exception as e:
-        raise UserError(f"cannot load {path} as a torch.export program ({type(e).__name__}: {e})")
-    finally:
-        logger.setLevel(level)
-    if device != "cpu":
-        try:
-            from torch.export.passes import move_to_device_pass
-            ep = move_to_device_pass(ep, device)
-        except Exception as e:
-            notes.append(f"note: could not move {path.name} to {device} ({type(e).__name__}); evaluating on cpu")
-            device = "cpu"
-    return ep.module(), device
-
-
-def _encode(fn, arrays, order, batch, device):
-    import torch
-    chunks = []
-    with torch.no_grad():
-        for s in range(0, len(order), batch):
-            idx = order[s: s + batch]
-            chunks.append(fn(*[a(idx, device) for a in arrays]).float().cpu())
-    emb = torch.cat(chunks).numpy()
-    out = np.empty_like(emb)
-    out[order] = emb
-    return out
-
-
-def _check_embeddings(emb, n, what):
-    if emb.ndim != 2 or emb.shape[0] != n:
-        raise UserError(f"{what} returned shape {tuple(emb.shape)}, expected [{n}, D]")
+def _encode_all(encoders, which, arrays, order, batch):
+    """Embeddings of all rows, in row order, sent to the child in `order`, `batch` rows at a time."""
+    parts = [encoders.encode(which, [a[idx] for a in arrays])
+             for idx in np.split(order, range(batch, len(order), batch))]
+    sizes = sorted({p.shape[1] for p in parts})
+    if len(sizes) != 1:
+        raise UserError(f"{ENCODERS[which]} returned embeddings of different sizes {sizes}")
+    emb = np.empty((len(order), parts[0].shape[1]), dtype=np.float32)
+    emb[order] = np.concatenate(parts)
     if not np.isfinite(emb).all():
-        raise UserError(f"{what} returned non-finite embeddings")
+        raise UserError(f"{ENCODERS[which]} returned non-finite embeddings")
+    return emb
 
 
-def read_train_stats(run_dir, notes):
-    """The informational numbers of train_stats.json, keeping only real finite numbers (never echo strings)."""
-    try:
-        stats = json.loads((run_dir / "train_stats.json").read_text())
-    except (OSError, ValueError):
-        notes.append("note: no readable train_stats.json in the run directory")
-        return {}
-    out = {}
-    for k in STAT_KEYS:
-        v = stats.get(k) if isinstance(stats, dict) else None
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v):
-            out[k] = v
-        else:
-            notes.append(f"note: train_stats.json has no valid number for {k}")
-    return out
+def _unit(e):
+    return e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
 
 
-class silenced_output:
-    """fds 1 and 2 point at /dev/null inside (whatever the loaded graphs or torch print goes nowhere);
-    .real writes to the original stdout. Restored on exit, so errors are reported normally."""
-
-    def __enter__(self):
-        sys.stdout.flush(), sys.stderr.flush()
-        self.saved = os.dup(1), os.dup(2)
-        null = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(null, 1), os.dup2(null, 2)
-        os.close(null)
-        self.real = os.fdopen(os.dup(self.saved[0]), "w")
-        return self
-
-    def __exit__(self, *exc):
-        self.real.close()
-        sys.stdout.flush(), sys.stderr.flush()
-        for fd, saved in zip((1, 2), self.saved):
-            os.dup2(saved, fd)
-            os.close(saved)
+def _check_batch_independence(encoders, which, arrays, emb, batch, rng):
+    """Each row's embedding must depend on that row alone. For each batch size of the first pass, a random subset
+    is encoded again as one batch of that size, next to different rows at different positions; a graph that uses
+    the rest of its batch (subtracting the batch mean, say) adapts to the evaluation data and is refused."""
+    n = len(emb)
+    spread = np.median(np.linalg.norm(_unit(emb) - _unit(emb[rng.permutation(n)]), axis=1))
+    allowed = max(BATCH_TOLERANCE * spread, 1e-6)
+    for size in sorted({min(batch, n - s) for s in range(0, n, batch)}):
+        idx = rng.choice(n, size, replace=False)
+        again = encoders.encode(which, [a[idx] for a in arrays])
+        drift = np.median(np.linalg.norm(_unit(again) - _unit(emb[idx]), axis=1))
+        if not drift <= allowed:  # also refuses NaN
+            raise UserError(f"{ENCODERS[which]} gives a different embedding for the same input in another batch "
+                            f"(median change {drift:.3g}, allowed {allowed:.3g}): each row's output must depend on "
+                            "that row alone, not on the rest of the batch")
 
 
-def evaluate(run_dir, data_dir, split="val", batch=256):
+def evaluate(run_dir, data, split="val", batch=256):
     """Prints the metric block on stdout (notes first, whole lines); see the contract in README/contracts."""
-    with silenced_output() as out:
-        notes, lines, m = _evaluate(run_dir, data_dir, split, batch)
-        out.real.write("".join(line + "\n" for line in notes + lines))
-        out.real.flush()
-    return m
-
-
-def _evaluate(run_dir, data_dir, split, batch):
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning threads crawl when cores are shared
-    import torch
-    t0 = time.time()
-    run_dir, data_dir = Path(run_dir), Path(data_dir)
-    if not (data_dir / "meta.json").is_file() or not (data_dir / split / "images.npy").is_file():
-        raise UserError(f"no prepared {split} split in {data_dir}; run python prepare_data.py first")
-    meta = json.loads((data_dir / "meta.json").read_text())
-    images = np.load(data_dir / split / "images.npy")
-    tokens = np.load(data_dir / split / "tokens.npy")
-    n = len(images)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    notes = []
-    image_enc, dev_i = _load_program(run_dir / "image_encoder.pt2", device, notes)
-    text_enc, dev_t = _load_program(run_dir / "text_encoder.pt2", device, notes)
-    # Two independent secret orders: the exported graphs never see which image goes with which caption.
-    rng = np.random.default_rng(secrets.randbits(64))
-    order_img, order_txt = rng.permutation(n), rng.permutation(n)
-    img_arr = lambda idx, dev: torch.from_numpy(images[idx]).to(dev).permute(0, 3, 1, 2).float().div(255)
-    ids_arr = lambda idx, dev: torch.from_numpy(tokens[idx]).to(dev).long()
-    mask_arr = lambda idx, dev: (torch.from_numpy(tokens[idx]) != meta.get("pad_id", 0)).to(dev).long()
+    t0 = time.monotonic()
+    deadline = t0 + 0.9 * float(os.environ.get("AUTORESEARCH_EVAL_TIMEOUT") or 600)  # our message before the kill
+    _not_dumpable()
+    encoders = Encoders(deadline)  # starts now: it imports torch while we read and check
     try:
-        emb_i = _encode(image_enc, [img_arr], order_img, batch, dev_i)
-        emb_t = _encode(text_enc, [ids_arr, mask_arr], order_txt, batch, dev_t)
-    except UserError:
-        raise
-    except Exception as e:
-        msg = " ".join(str(e).split())[:300]  # one line: the message is the model's, so it must not forge lines
-        raise UserError(f"the exported model failed on the {split} data ({type(e).__name__}: {msg})")
-    _check_embeddings(emb_i, n, "image_encoder.pt2")
-    _check_embeddings(emb_t, n, "text_encoder.pt2")
+        archives = []
+        for name in ENCODERS:
+            raw = read_handoff(run_dir, name)
+            if raw is None:
+                raise UserError(f"missing model file {Path(run_dir) / name} (train.py must export it with "
+                                "torch.export.save)")
+            try:
+                archives.append(check_archive(raw))
+            except UserError as e:
+                raise UserError(f"cannot load {Path(run_dir) / name}: {e}")
+        notes = []
+        stats = read_train_stats(read_handoff(run_dir, "train_stats.json"), notes)
+        meta, images, tokens = read_split(data, split)
+        n = len(images)
+        fell_back = encoders.talk(archives, b"R", len(ENCODERS))[:len(ENCODERS)]
+        notes += [f"note: could not move {name} to the GPU; evaluated on the CPU"
+                  for name, f in zip(ENCODERS, fell_back) if f]
+        # Two independent secret orders: the graphs never see which image goes with which caption. Batches of at
+        # most half the split, so a batch never holds all of it and a second composition always exists.
+        rng = np.random.default_rng(secrets.randbits(64))
+        batch = max(1, min(batch, -(-n // 2)))
+        inputs = [[images], [tokens, (tokens != meta.get("pad_id", 0)).astype(np.int32)]]
+        emb = []
+        for which, order in enumerate([rng.permutation(n), rng.permutation(n)]):
+            emb.append(_encode_all(encoders, which, inputs[which], order, batch))
+            _check_batch_independence(encoders, which, inputs[which], emb[which], batch, rng)
+    finally:
+        encoders.close()
+    emb_i, emb_t = emb
     if emb_i.shape[1] != emb_t.shape[1]:
         raise UserError(f"embedding sizes differ: image {emb_i.shape[1]}, text {emb_t.shape[1]}")
-    normalize = lambda e: e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
-    m = retrieval_metrics(normalize(emb_i.astype(np.float64)) @ normalize(emb_t.astype(np.float64)).T)
+    m = retrieval_metrics(_unit(emb_i.astype(np.float64)) @ _unit(emb_t.astype(np.float64)).T)
     lines = [f"{split}_mean_rank: {m['mean_rank']:.2f}", f"{split}_median_rank: {m['median_rank']:.1f}",
              f"{split}_r1: {m['r1']:.4f}", f"{split}_r5: {m['r5']:.4f}", f"{split}_r10: {m['r10']:.4f}",
              f"{split}_n: {n}"]
-    lines += [f"{k}: {v:.1f}" if isinstance(v, float) else f"{k}: {v}"
-              for k, v in read_train_stats(run_dir, notes).items()]
-    lines.append(f"eval_seconds: {time.time() - t0:.1f}")
-    return notes, lines, m
+    lines += [f"{k}: {v:.1f}" if isinstance(v, float) else f"{k}: {v}" for k, v in stats.items()]
+    lines.append(f"eval_seconds: {time.monotonic() - t0:.1f}")
+    print("\n".join(notes + lines), flush=True)
+    return m
 
 
 # ----------------------------------------------------------------------------------------------- main
@@ -795,7 +1043,8 @@ def _evaluate(run_dir, data_dir, split, batch):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", "--data", dest="out", type=Path, default=None,
-                   help="data directory (default: $AUTORESEARCH_DATA, else ./data)")
+                   help="data directory (default: $AUTORESEARCH_DATA, else ./data); for --evaluate, '-' reads "
+                        "meta.json and the split's images.npy and tokens.npy as a tar stream on stdin")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic train split (public: in meta.json)")
     p.add_argument("--heldout-seed", type=int, default=None,
                    help="seed of the synthetic val and test splits (secret; default: the one recorded in "

@@ -126,7 +126,9 @@ if [[ ${AUTORESEARCH_SANDBOX:-} == none ]]; then
         fi
     fi
     echo "--- trusted evaluation ---"
-    timeout -k 5 "$EVAL_TIMEOUT" "$PY" prepare_data.py --evaluate "$RUN_DIR" --split "$EVAL_SPLIT" --data "$DATA" || rc=$?
+    TORCH_FORCE_WEIGHTS_ONLY_LOAD=1 AUTORESEARCH_EVAL_TIMEOUT=$EVAL_TIMEOUT timeout -k 5 "$EVAL_TIMEOUT" \
+        "$PY" prepare_data.py --evaluate "$RUN_DIR" --split "$EVAL_SPLIT" --data - \
+        < <(tar -C "$DATA" -cf - meta.json "$EVAL_SPLIT/images.npy" "$EVAL_SPLIT/tokens.npy") || rc=$?
     [[ $rc == 124 ]] && { echo "run.sh: TIMEOUT evaluation exceeded ${EVAL_TIMEOUT}s (AUTORESEARCH_EVAL_TIMEOUT)"; exit 124; }
     [[ $rc != 0 ]] && { echo "run.sh: FAILED evaluation exited with code $rc"; exit 1; }
     finish; exit 0
@@ -272,7 +274,7 @@ run_container() {
     RC=0
     local t0; t0=$(now_ms)
     # In the background so a SIGINT/SIGTERM to run.sh runs the trap at once instead of after the container ends.
-    ( podman run --name "$CURRENT" --timeout "$limit" "$@" 2>&1 | $filter; exit "${PIPESTATUS[0]}" ) &
+    ( podman run --name "$CURRENT" --timeout "$limit" "$@" 2>&1 | $filter; exit "${PIPESTATUS[0]}" ) <&0 &
     wait $! || RC=$?
     # Killed (non-zero) at or after the limit: that is the timeout, whatever code the kill produced
     # (conmon's --timeout gives 255 here; 137 would otherwise look like an OOM kill).
@@ -318,10 +320,13 @@ if [[ $TEST_SPLIT == 0 ]]; then
 fi
 
 echo "--- trusted evaluation ---"
-EVAL_MOUNTS=(-v "$REPO/prepare_data.py:$C_CODE/prepare_data.py:ro" -v "$DATA/meta.json:$C_DATA/meta.json:ro"
-             -v "$DATA/$EVAL_SPLIT:$C_DATA/$EVAL_SPLIT:ro" -v "$RUN_DIR:$C_OUT:ro")
-run_container "$EVAL_TIMEOUT" cat "${BASE[@]}" "${ENV[@]}" "${EVAL_MOUNTS[@]}" "${MODE_ARGS[@]}" \
-    "${ROOTFS[@]}" "$PY" prepare_data.py --evaluate "$C_OUT" --split "$EVAL_SPLIT" --data "$C_DATA"
+# The split is streamed in on stdin rather than mounted: no file in the container holds it, so only the trusted
+# evaluator has it, never the child process that runs the graphs. The hand-off can't hold anything executable.
+EVAL_MOUNTS=(-v "$REPO/prepare_data.py:$C_CODE/prepare_data.py:ro" -v "$RUN_DIR:$C_OUT:ro,noexec,nosuid,nodev")
+run_container "$EVAL_TIMEOUT" cat -i "${BASE[@]}" "${ENV[@]}" -e TORCH_FORCE_WEIGHTS_ONLY_LOAD=1 \
+    -e AUTORESEARCH_EVAL_TIMEOUT="$EVAL_TIMEOUT" "${EVAL_MOUNTS[@]}" "${MODE_ARGS[@]}" "${ROOTFS[@]}" \
+    "$PY" prepare_data.py --evaluate "$C_OUT" --split "$EVAL_SPLIT" --data - \
+    < <(tar -C "$DATA" -cf - meta.json "$EVAL_SPLIT/images.npy" "$EVAL_SPLIT/tokens.npy")
 if [[ $TIMED_OUT == 1 ]]; then
     echo "run.sh: TIMEOUT evaluation killed after ${EVAL_TIMEOUT}s (AUTORESEARCH_EVAL_TIMEOUT)"; exit 124
 elif [[ $OOM == true || $RC == 137 ]]; then

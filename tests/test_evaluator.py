@@ -1,0 +1,320 @@
+"""The trusted evaluator on its own (no podman): the split on stdin, the archive it rebuilds for torch, each archive
+and hand-off check, the child process's limits, and the secret orders. The hostile train.py files that reach these
+checks through ./run.sh are in test_integrity.py."""
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, TINY_TRAINER
+
+sys.path.insert(0, str(ROOT))
+import prepare_data as pd  # noqa: E402
+
+
+def trainer(run_dir, data, code="img, txt = Img(), Txt()\n"):
+    """conftest's tiny trainer with `code` (which defines img and txt), run in this process: exports into run_dir."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    saved = dict(os.environ)
+    os.environ.update(AUTORESEARCH_OUT=str(run_dir), AUTORESEARCH_DATA=str(data))
+    try:
+        exec(TINY_TRAINER + code + "export(img, txt)\nstats(num_params_m='val_mean_rank: 1')\n", {})
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return run_dir
+
+
+def split_tar(data, split="val", extra=(), links=()):
+    """The data stream run.sh sends: meta.json and the split's images and tokens, plus `extra` (name, bytes) files;
+    the names in `links` go as symlinks instead."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name in ["meta.json", f"{split}/images.npy", f"{split}/tokens.npy"]:
+            if name in links:
+                info = tarfile.TarInfo(name)
+                info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+                tar.addfile(info)
+            else:
+                tar.add(data / name, arcname=name)
+        for name, body in extra:
+            info = tarfile.TarInfo(name)
+            info.size = len(body)
+            tar.addfile(info, io.BytesIO(body))
+    return buf.getvalue()
+
+
+def evaluate(run, data, *args, stdin=None, evaluator=ROOT / "prepare_data.py", **env):
+    """prepare_data.py --evaluate: the split from `data` (a directory), or from stdin when stdin is given."""
+    p = subprocess.run([sys.executable, str(evaluator), "--evaluate", str(run), "--data",
+                        "-" if stdin is not None else str(data), *args], input=stdin or b"", capture_output=True,
+                       env={**os.environ, **env}, timeout=300)
+    p.out, p.err = p.stdout.decode(), p.stderr.decode()
+    p.values = dict(line.split(": ", 1) for line in p.out.splitlines() if ": " in line)
+    return p
+
+
+@pytest.fixture(scope="module")
+def honest(tiny_data, tmp_path_factory):
+    return trainer(tmp_path_factory.mktemp("honest"), tiny_data)
+
+
+# ----------------------------------------------------------------------------------------------- end to end
+
+def test_the_split_can_come_from_a_directory_or_from_stdin_alike(honest, tiny_data):
+    a = evaluate(honest, tiny_data)
+    b = evaluate(honest, tiny_data, stdin=split_tar(tiny_data))
+    assert a.returncode == 0 and b.returncode == 0, a.err + b.err
+    assert a.values["val_n"] == "100" and 1 <= float(a.values["val_mean_rank"]) <= 100
+    assert {k: v for k, v in a.values.items() if k != "eval_seconds"} == \
+        {k: v for k, v in b.values.items() if k != "eval_seconds"}
+    assert a.values["num_steps"] == "3" and "num_params_m" not in a.values   # a string is never echoed
+    assert a.out.count("val_mean_rank") == 1
+    t = evaluate(honest, tiny_data, "--split", "test", stdin=split_tar(tiny_data, "test"))
+    assert t.returncode == 0 and t.values["test_n"] == "40" and "val_mean_rank" not in t.out, t.err
+
+
+@pytest.mark.parametrize("stream, message", [
+    ({"extra": [("val/heatmaps.npy", b"x")]}, "unexpected entry 'val/heatmaps.npy' in the data on stdin"),
+    ({"extra": [("meta.json", b"{}")]}, "unexpected entry 'meta.json' in the data on stdin"),
+    ({"links": ["val/tokens.npy"]}, "unexpected entry 'val/tokens.npy' in the data on stdin"),
+], ids=["extra", "twice", "symlink"])
+def test_only_the_expected_plain_files_are_read_from_stdin(honest, tiny_data, stream, message):
+    p = evaluate(honest, tiny_data, stdin=split_tar(tiny_data, **stream))
+    assert p.returncode == 1 and message in p.err and "mean_rank" not in p.out, p.err
+
+
+def test_a_missing_file_in_the_stream_is_an_error(honest, tiny_data):
+    p = evaluate(honest, tiny_data, "--split", "test", stdin=split_tar(tiny_data))   # holds val, not test
+    assert p.returncode == 1 and "unexpected entry 'val/images.npy'" in p.err, p.err
+    p = evaluate(honest, tiny_data, stdin=b"")
+    assert p.returncode == 1 and "cannot read the data on stdin as a tar stream" in p.err, p.err
+
+
+# ----------------------------------------------------------------------------------------------- the archive
+
+def entries(path):
+    with zipfile.ZipFile(path) as z:
+        return [(i.filename, z.read(i)) for i in z.infolist()]
+
+
+def archive(items, compression=zipfile.ZIP_STORED):
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression) as z:
+        for name, data in items:
+            info = zipfile.ZipInfo("x")
+            info.filename, info.compress_type = name, compression   # as is: ZipInfo() cuts a name at a NUL byte
+            z.writestr(info, data)
+    return buf.getvalue()
+
+
+def edit_json(items, suffix, edit):
+    out = []
+    for name, data in items:
+        if name.endswith(suffix):
+            obj = json.loads(data)
+            edit(obj)
+            data = json.dumps(obj).encode()
+        out.append((name, data))
+    return out
+
+
+def signature(m):
+    return m["graph_module"]["module_call_graph"][0]["signature"]
+
+
+def set_spec(m, node):
+    spec = json.loads(signature(m)["in_spec"])
+    spec[1]["children_spec"][1] = node
+    signature(m)["in_spec"] = json.dumps(spec)
+
+
+def first_node(m):
+    return m["graph_module"]["graph"]["nodes"][0]
+
+
+def test_torch_gets_a_rebuilt_archive_of_checked_entries_only(honest):
+    import torch
+    raw = (honest / "image_encoder.pt2").read_bytes()
+    rebuilt = pd.check_archive(raw)
+    got = dict(entries(io.BytesIO(rebuilt)))
+    assert all(n.startswith("archive/") for n in got) and "archive/.data/serialization_id" not in got
+    assert got["archive/data/sample_inputs/model.pt"] == b""   # nothing torch would unpickle
+    nodes = json.loads(got["archive/models/model.json"])["graph_module"]["graph"]["nodes"]
+    assert nodes and all(n["metadata"] == {} for n in nodes)   # no stack traces or module paths
+    x = torch.rand(5, 3, 64, 64)
+    ours, theirs = torch.export.load(io.BytesIO(rebuilt)).module(), torch.export.load(io.BytesIO(raw)).module()
+    assert torch.equal(ours(x), theirs(x))
+
+
+@pytest.mark.parametrize("attack, message", [
+    ("nul", "has a non-printable character"),
+    ("duplicate", "duplicate entry"),
+    ("extra", "unexpected entry 'image_encoder/data/evil.py'"),
+    ("deflated", "is compressed or encrypted"),
+    ("header", "File name in directory"),
+    ("json_keys", "duplicate keys"),
+    ("pickled_weight", "'p.weight' is not a plain tensor"),
+    ("custom_constant", "'c' is not a plain tensor"),
+    ("spec_type", "unexpected input/output structure"),
+    ("spec_enum", "unexpected input/output structure"),
+    ("custom_obj", "the graph uses as_custom_obj"),
+    ("string_arg", "with a string argument 'filename'"),
+    ("denied_op", "the graph calls 'torch.ops.aten._print.default'"),
+    ("buffer_mutation", "the graph has output_specs of kinds ['buffer_mutation', 'user_output']"),
+    ("sympy", "unexpected symbolic expression"),
+])
+def test_archive_checks(honest, attack, message):
+    items = entries(honest / "image_encoder.pt2")
+    cfg = "model_weights_config.json"
+    compression = zipfile.ZIP_STORED
+    if attack == "nul":
+        items = [(n + "\0" if n.endswith(cfg) else n, d) for n, d in items]
+    elif attack == "duplicate":
+        items += [i for i in items if i[0].endswith(cfg)]
+    elif attack == "extra":
+        items += [("image_encoder/data/evil.py", b"import os")]
+    elif attack == "deflated":
+        compression = zipfile.ZIP_DEFLATED
+    elif attack == "json_keys":
+        items = [(n, d.replace(b'{"config": {', b'{"config": {}, "config": {', 1) if n.endswith(cfg) else d)
+                 for n, d in items]
+    elif attack == "pickled_weight":
+        items = edit_json(items, cfg, lambda c: c["config"]["p.weight"].update(use_pickle=True))
+    elif attack == "custom_constant":
+        items = edit_json(items, "model_constants_config.json", lambda c: c["config"].update(
+            c={"path_name": "custom_obj_0", "is_param": False, "use_pickle": False, "tensor_meta": None}))
+    elif attack == "spec_type":
+        items = edit_json(items, "model.json", lambda m: set_spec(
+            m, {"type": "collections.namedtuple", "context": "torch.return_types.max", "children_spec": []}))
+    elif attack == "spec_enum":
+        items = edit_json(items, "model.json", lambda m: set_spec(m, {
+            "type": "builtins.dict", "children_spec": [{"type": None, "context": None, "children_spec": []}],
+            "context": json.dumps([{"__enum__": True, "fqn": "ctypes:cdll", "name": "/out/x.so"}])}))
+    elif attack == "custom_obj":
+        items = edit_json(items, "model.json", lambda m: first_node(m)["inputs"].append(
+            {"name": "obj", "arg": {"as_custom_obj": {"name": "obj", "class_fqn": "os.system"}}, "kind": 1}))
+    elif attack == "string_arg":
+        items = edit_json(items, "model.json", lambda m: first_node(m)["inputs"].append(
+            {"name": "filename", "arg": {"as_string": "/data/val/images.npy"}, "kind": 1}))
+    elif attack == "denied_op":
+        items = edit_json(items, "model.json", lambda m: first_node(m).update(target="torch.ops.aten._print.default"))
+    elif attack == "buffer_mutation":
+        items = edit_json(items, "model.json", lambda m: m["graph_module"]["signature"]["output_specs"].append(
+            {"buffer_mutation": {"arg": {"name": "x"}, "buffer_name": "b"}}))
+    elif attack == "sympy":
+        items = edit_json(items, "model.json", lambda m: m["graph_module"]["graph"]["sym_int_values"].update(
+            x={"as_expr": {"expr_str": "__import__('os').system('id')", "hint": None}}))
+    raw = archive(items, compression)
+    if attack == "header":   # the local header names another file than the central directory does
+        name = next(n for n, _ in items if n.endswith(cfg)).encode()
+        i = raw.index(name)
+        raw = raw[:i] + name.replace(b"weights_config", b"weights_confiG") + raw[i + len(name):]
+    with pytest.raises(pd.UserError, match=None) as e:
+        pd.check_archive(raw)
+    assert message in str(e.value)
+    pd.check_archive(archive(entries(honest / "image_encoder.pt2")))   # control: the untouched entries pass
+
+
+# ----------------------------------------------------------------------------------------------- the hand-off
+
+def test_hand_off_files_are_plain_files_of_bounded_size(tmp_path):
+    assert pd.read_handoff(tmp_path, "train_stats.json") is None
+    (tmp_path / "train_stats.json").write_text("{}")
+    assert pd.read_handoff(tmp_path, "train_stats.json") == b"{}"
+    (tmp_path / "train_stats.json").unlink()
+    os.mkfifo(tmp_path / "train_stats.json")   # opening it for reading would block
+    with pytest.raises(pd.UserError, match="train_stats.json in the run directory is not a regular file"):
+        pd.read_handoff(tmp_path, "train_stats.json")
+    (tmp_path / "image_encoder.pt2").mkdir()
+    with pytest.raises(pd.UserError, match="image_encoder.pt2 in the run directory is not a regular file"):
+        pd.read_handoff(tmp_path, "image_encoder.pt2")
+    (tmp_path / "text_encoder.pt2").symlink_to("/dev/zero")
+    with pytest.raises(pd.UserError, match=r"cannot open text_encoder.pt2 in the run directory \(Too many levels"):
+        pd.read_handoff(tmp_path, "text_encoder.pt2")
+    (tmp_path / "train_stats.json").unlink()
+    with open(tmp_path / "train_stats.json", "wb") as f:
+        f.truncate(pd.HANDOFF_CAPS["train_stats.json"] + 1)   # sparse: costs nothing
+    with pytest.raises(pd.UserError, match="train_stats.json is 65537 bytes, more than the 65536 allowed"):
+        pd.read_handoff(tmp_path, "train_stats.json")
+
+
+# ----------------------------------------------------------------------------------------------- the child
+
+POSITION = '''
+class PosImg(torch.nn.Module):
+    def forward(s, images):
+        return torch.nn.functional.one_hot(torch.arange(images.shape[0]) % 512, 512).float() + 0 * images.sum()
+class PosTxt(torch.nn.Module):
+    def forward(s, input_ids, attention_mask):
+        return torch.nn.functional.one_hot(torch.arange(input_ids.shape[0]) % 512, 512).float() + 0 * input_ids.sum()
+img, txt = PosImg(), PosTxt()
+'''
+
+
+def test_batch_position_cheat_is_refused_and_defeated_by_the_secret_orders(tiny_data, tmp_path):
+    run = trainer(tmp_path / "run", tiny_data, POSITION)
+    p = evaluate(run, tiny_data)
+    assert p.returncode == 1 and "image_encoder.pt2 gives a different embedding for the same input in another " \
+                                 "batch" in p.err and "mean_rank" not in p.out, p.err
+    # Without the batch check the cheat runs: sharing the image and caption orders it would score 1.0; with
+    # independent secret orders only the fixed points of a random permutation match: mean rank ~ n - 1.
+    weak = tmp_path / "weak" / "prepare_data.py"
+    weak.parent.mkdir()
+    check = "            _check_batch_independence(encoders, which, inputs[which], emb[which], batch, rng)\n"
+    assert check in (ROOT / "prepare_data.py").read_text()
+    weak.write_text((ROOT / "prepare_data.py").read_text().replace(check, ""))
+    p = evaluate(run, tiny_data, evaluator=weak)
+    assert p.returncode == 0 and float(p.values["val_mean_rank"]) > 50.5, p.err   # chance is 50.5
+
+
+BATCH_MEAN = '''
+class Centred(Img):
+    def forward(s, images):
+        e = super().forward(images)
+        return e - e.mean(0, keepdim=True)
+img, txt = Centred(), Txt()
+'''
+STATEFUL = '''
+class Counting(Img):
+    def __init__(s):
+        super().__init__()
+        s.register_buffer("calls", torch.zeros(()))
+    def forward(s, images):
+        s.calls.add_(1)
+        return super().forward(images) * s.calls
+img, txt = Counting(), Txt()
+'''
+WIDE = f'''
+class W(Img):
+    def forward(s, images): return super().forward(images).repeat(1, {pd.MAX_DIM // 8 + 1})
+img, txt = W(), Txt()
+'''
+SLOW = '''
+class Slow(Img):
+    def forward(s, images):
+        x = images.flatten(1)[:, :1].expand(-1, 4096)
+        for _ in range(200):
+            x = x @ torch.ones(4096, 4096) / 4096
+        return super().forward(images) + x[:, :8]
+img, txt = Slow(), Txt()
+'''
+
+
+@pytest.mark.parametrize("code, env, message", [
+    (BATCH_MEAN, {}, "image_encoder.pt2 gives a different embedding for the same input in another batch"),
+    (STATEFUL, {}, "image_encoder.pt2 failed on the evaluation data: the graph changed its own weights, buffers"),
+    (WIDE, {}, f"image_encoder.pt2 failed on the evaluation data: it returned (50, {pd.MAX_DIM + 8})"),
+    (SLOW, {"AUTORESEARCH_EVAL_TIMEOUT": "10"}, "took too long (AUTORESEARCH_EVAL_TIMEOUT)"),
+], ids=["batch_mean", "stateful", "wide", "slow"])
+def test_the_child_is_held_to_stateless_per_row_bounded_output_and_a_time_limit(tiny_data, tmp_path, code, env, message):
+    run = trainer(tmp_path / "run", tiny_data, code)
+    p = evaluate(run, tiny_data, **env)
+    assert p.returncode == 1 and message in p.err and "mean_rank" not in p.out, p.err
