@@ -243,7 +243,6 @@ for d in "${TMPDIR:-/tmp}"/autoresearch-run-*.*; do
 done
 
 # Image or host root filesystem. ROOTFS goes LAST among the options: with --rootfs the path takes the image's place.
-
 MODE_ARGS=()
 if [[ ${AUTORESEARCH_IMAGE:-} == host ]]; then
     # Host mode: the host's / as a copy-on-write overlay, read-only on top, run as "nobody". What the user

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from conftest import TINY_TRAINER
-from test_sandbox import EXPORT_MODEL, data, host_processes_with, make_repo, run  # noqa: F401  (data: a fixture)
+from test_sandbox import EXPORT_MODEL, containers_of, data, host_processes_with, make_repo, run  # noqa: F401  (data: a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -221,12 +221,18 @@ def hostile(tmp_path_factory, data):
     stale = Path(os.environ.get("TMPDIR", "/tmp")) / f"autoresearch-run-{dead.pid}.test{secrets.token_hex(3)}"
     (stale / "out").mkdir(parents=True)
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "stale", str(stale / "out")], check=True)
-    peak, stop = [0], threading.Event()
+    peak, stop, log_types = [0], threading.Event(), set()
 
     def watch():
+        n = 0
         while not stop.is_set():
             for p in list(procs):
                 peak[0] = max(peak[0], rss_of_shells(p.pid))
+                if n % 20 == 0:   # podman is slow to ask: once a second, how it logs the container's output
+                    for c in containers_of(p.pid):
+                        log_types.add(subprocess.run(["podman", "inspect", "--format", "{{.HostConfig.LogConfig.Type}}",
+                                                      c], capture_output=True, text=True).stdout.strip())
+            n += 1
             time.sleep(0.05)
     procs = []
     th = threading.Thread(target=watch, daemon=True)
@@ -245,7 +251,7 @@ def hostile(tmp_path_factory, data):
         subprocess.run(["umount", str(stale / "out")], capture_output=True)
     time.sleep(2)   # the late writer would have written by now
     r = subprocess.CompletedProcess(p.args, p.returncode, out, err)
-    r.lines, r.probes, r.peak_rss_kib = out.split("\n"), probes(r), peak[0]
+    r.lines, r.probes, r.peak_rss_kib, r.log_types = out.split("\n"), probes(r), peak[0], log_types - {""}
     r.run_dir, r.repo, r.stale, r.marker = repo / "runs" / "last", repo, stale, marker
     print(out[-5000:], err)
     return r
@@ -296,6 +302,11 @@ def test_endless_line_is_cut_and_memory_stays_bounded(hostile):
     assert sum(len(l) - len("train| ") for l in xs) == 16 << 20                   # every byte came through ...
     assert max(len(l) for l in xs) <= len("train| ") + 4096                         # ... in bounded pieces
     assert 0 < hostile.peak_rss_kib < 40 << 10, hostile.peak_rss_kib                # 16 MiB line, shells < 40 MiB
+
+
+def test_podman_keeps_no_second_copy_of_the_output(hostile):
+    # podman's default (k8s-file) writes everything the container prints to a file on the host's disk as well
+    assert hostile.log_types == {"none"}
 
 
 def test_only_expected_regular_files_come_back_with_sane_permissions(hostile):
