@@ -269,7 +269,7 @@ def classify_run(returncode, output, metrics, budget=None, allowance=None):
             took = "has no trusted train_wall_seconds" if wall is None else f"took {wall:.0f}s"
             return "invalid", (f"over the time budget: training {took}, more than the {budget}s budget + "
                                f"{allowance:.0f}s allowed for start-up and export ({OVERHEAD_FACTOR:g}x the "
-                               f"baseline's); TIME_BUDGET is fixed by the harness")
+                               f"baseline's, at least {OVERHEAD_FLOOR:g}s); TIME_BUDGET is fixed by the harness")
         return "ok", ""
     if returncode == 137 or last.startswith("run.sh: OUT OF MEMORY"):
         return "crash", "out of memory"

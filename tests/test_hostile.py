@@ -490,13 +490,12 @@ def test_loop_survives_out_of_memory_and_stops_on_a_setup_error(tmp_path):
         env["OLLAMA_HOST"] = fake.url
         p = subprocess.run([sys.executable, "autoresearch.py", "--tag", "t", "--noise-runs", "1", "--fix-attempts", "0",
                             "--max-experiments", "5"], cwd=repo, env=env, capture_output=True, text=True, timeout=900)
-        assert fake.remaining == 0, p.stdout + p.stderr
-    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stdout + p.stderr
-    assert "could not run the sandbox" in p.stderr and "no data cache" in p.stderr, p.stderr
     rows = ar.load_results(str(repo / "results.tsv"))
     assert [r["status"] for r in rows][:2] == ["baseline", "crash"], rows
     assert rows[1]["reason"] == "out of memory"
     assert rows[2]["status"] in ("keep", "discard") and rows[2]["description"] == "more weight decay", rows
     assert [r["status"] for r in rows][3:] == ["interrupted"], rows               # not a crash of the model
+    assert p.returncode == 2 and "Traceback" not in p.stderr and fake.remaining == 0, p.stdout + p.stderr
+    assert "could not run the sandbox" in p.stderr and "no data cache" in p.stderr, p.stderr
     assert float(rows[0]["train_wall_seconds"]) > 2
     assert not (repo / "oom").exists() and git(repo, "status", "--porcelain") == ""
