@@ -60,7 +60,8 @@ SCRATCHPAD = "scratchpad.md"
 TRAIN = "train.py"
 COLUMNS = ["experiment", "commit", "val_mean_rank", "delta", "status", "description",   # contract
            "runs", "best", "sigma", "threshold", "reason", "phase", "best_commit",
-           "val_median_rank", "model_seconds", "run_seconds", "wall_seconds", "prompt_tokens", "finished", "agent"]
+           "val_median_rank", "model_seconds", "run_seconds", "wall_seconds", "prompt_tokens", "finished", "agent",
+           "train_wall_seconds"]
 STATUSES = {"baseline", "keep", "discard", "crash", "invalid", "timeout", "interrupted"}
 READABLE = {TRAIN, PROGRAM, SCRATCHPAD, RESULTS}       # + the last run's log, added at run time
 EDITABLE = {TRAIN, SCRATCHPAD}
@@ -72,7 +73,16 @@ READ_MAX_CHARS = 20000
 LOG_MAX_BYTES = 64 << 20          # per experiment log; the metric block is parsed from the in-memory tail
 LOG_TAIL_LINES = 60
 TOOL_RESULT_MAX = 8000
-GRACE_SECONDS = 900               # on top of the budget: container start, export, evaluation
+# The time budget is the harness's: run.sh times the training container itself (train_wall_seconds). A candidate may
+# run past the budget by OVERHEAD_FACTOR x the baseline's own overhead (its train_wall_seconds - budget: start-up,
+# data loading, export), at least OVERHEAD_FLOOR seconds (the jitter of a busy machine); beyond that it is invalid,
+# and GRACE_MARGIN seconds later run.sh kills it (AUTORESEARCH_GRACE, unless the user set it). The baseline is the
+# user's own train.py and nothing is measured yet: it gets run.sh's generous default grace.
+OVERHEAD_FACTOR = 2.0
+OVERHEAD_FLOOR = 30.0
+GRACE_MARGIN = 10
+RUN_GRACE, EVAL_TIMEOUT = 120, 600  # run.sh's defaults for AUTORESEARCH_GRACE and AUTORESEARCH_EVAL_TIMEOUT
+HARNESS_SLACK = 120                 # the harness's own kill comes this long after run.sh's two limits
 TOKEN_RESERVE = 0.25              # share of num_ctx left for tool results and the answer
 
 
@@ -260,13 +270,31 @@ def last_loss(line):
     return m.group(1) if m else None
 
 
-def classify_run(returncode, output, metrics):
-    """Pure: ok | timeout | crash, plus a short reason."""
-    tail = [line for line in output.split("\n") if line.strip()][-1:]
-    last = tail[0] if tail else ""
+def budget_allowance(rows, budget):
+    """Pure. Seconds a candidate's training container may run past the budget: OVERHEAD_FACTOR x the baseline's own
+    overhead (the slowest of its seeds), at least OVERHEAD_FLOOR (also when no baseline overhead is recorded)."""
+    base = next((r for r in rows if r["status"] == "baseline"), {})
+    wall = num(base.get("train_wall_seconds"))
+    return max(OVERHEAD_FACTOR * (wall - budget), OVERHEAD_FLOOR) if wall is not None else OVERHEAD_FLOOR
+
+
+def classify_run(returncode, output, metrics, budget=None, allowance=None):
+    """Pure: ok | timeout | crash | invalid (over the time budget, when an allowance is given) | setup (run.sh
+    exit 2: the sandbox could not run, not the model's fault), plus a short reason."""
+    lines = [line for line in output.split("\n") if line.strip()]
+    last = lines[-1] if lines else ""
     if returncode == 124 or last.startswith("run.sh: TIMEOUT"):
         return "timeout", last[:200] or "timed out"
+    if returncode == 2:   # run.sh's own message (from its last "run.sh: " line; train.py's lines are prefixed)
+        start = max((i for i, line in enumerate(lines) if line.startswith("run.sh: ")), default=len(lines) - 1)
+        return "setup", " ".join(line.strip() for line in lines[start:])[:500] or "run.sh exit 2"
     if returncode == 0 and "val_mean_rank" in metrics:
+        wall = metrics.get("train_wall_seconds")
+        if allowance is not None and (wall is None or wall > budget + allowance):
+            took = "has no trusted train_wall_seconds" if wall is None else f"took {wall:.0f}s"
+            return "invalid", (f"over the time budget: training {took}, more than the {budget}s budget + "
+                               f"{allowance:.0f}s allowed for start-up and export ({OVERHEAD_FACTOR:g}x the "
+                               f"baseline's, at least {OVERHEAD_FLOOR:g}s); TIME_BUDGET is fixed by the harness")
         return "ok", ""
     if returncode == 137 or last.startswith("run.sh: OUT OF MEMORY"):
         return "crash", "out of memory"
@@ -380,6 +408,9 @@ Procedure: 1) look at the results and the scratchpad, 2) pick ONE change that fi
 not been tried, 3) edit train.py, 4) add a short note (hypothesis, what to try next) to scratchpad.md,
 5) call run_experiment. The harness keeps your change only if val_mean_rank (lower is better) improves by more
 than the run-to-run noise; otherwise train.py is reverted, but scratchpad.md notes are kept.
+The time budget is fixed: the harness times every training run itself, and a run that takes clearly longer than
+TIME_BUDGET plus the baseline's start-up and export time is recorded invalid, never kept. Do not raise TIME_BUDGET
+or train past it; make training better within it.
 Call tools with the tool-calling interface. If you cannot, reply with ONLY a JSON object like
 {"name": "edit_file", "arguments": {"path": "train.py", "old_text": "...", "new_text": "..."}}.
 """
@@ -1056,11 +1087,17 @@ def srun_argv(site, name, minutes, workdir, command):
             f"--chdir={workdir}", "--export=ALL", *gpu, *command]
 
 
-def launch_argv(args, label, command):
+def run_limit(budget, grace):
+    """Seconds after which a run is stopped from outside (by the harness, or SLURM's --time): run.sh's own two
+    limits, training (budget + grace) and evaluation, plus slack."""
+    return budget + grace + int(os.environ.get("AUTORESEARCH_EVAL_TIMEOUT") or EVAL_TIMEOUT) + HARNESS_SLACK
+
+
+def launch_argv(args, label, command, grace=RUN_GRACE):
     """The command line of one run: `command` here, or as a SLURM job allowed the budget plus the allowance."""
     if not on_slurm(args):
         return list(command)
-    minutes = math.ceil((args.time_budget + GRACE_SECONDS) / 60)
+    minutes = math.ceil(run_limit(args.time_budget, grace) / 60)
     return srun_argv(slurm_site_args(), job_name(args.tag, label), minutes, os.getcwd(), command)
 
 
@@ -1089,7 +1126,7 @@ def slurm_state(name):
     return found
 
 
-def slurm_verdict(job_id, state, returncode, output, metrics):
+def slurm_verdict(job_id, state, returncode, output, metrics, budget=None, allowance=None):
     """Pure. A job SLURM lost (cancelled, node failure, preemption, its time limit) is recorded with SLURM's state as
     the reason; any other run gets run.sh's own verdict, read without srun's lines after it."""
     if state in SLURM_LOST:
@@ -1098,14 +1135,15 @@ def slurm_verdict(job_id, state, returncode, output, metrics):
     if state is None and not own.strip():
         raise HarnessError(f"srun started no job (exit {returncode}): {output.strip()[-500:]}\nCheck "
                            f"AUTORESEARCH_SLURM_ARGS and the cluster (sinfo), then continue with --resume")
-    return classify_run(returncode, own, metrics)
+    return classify_run(returncode, own, metrics, budget, allowance)
 
 
-def run_verdict(args, label, returncode, output, metrics):
+def run_verdict(args, label, returncode, output, metrics, allowance=None):
     """status, reason of a finished run."""
     if not on_slurm(args):
-        return classify_run(returncode, output, metrics)
-    return slurm_verdict(*slurm_state(job_name(args.tag, label)), returncode, output, metrics)
+        return classify_run(returncode, output, metrics, args.time_budget, allowance)
+    return slurm_verdict(*slurm_state(job_name(args.tag, label)), returncode, output, metrics, args.time_budget,
+                         allowance)
 
 
 def stop_run(args, label, p):
@@ -1164,19 +1202,22 @@ def slurm_startup(args):
                            f"compute nodes, at the same paths (README: SLURM)")
 
 
-def run_sandbox(args, label, run_dir, seed, phase_short, extra_argv=()):
-    """./run.sh in its own process group with a hard wall-clock limit; output streams to logs/<label>.log."""
+def run_sandbox(args, label, run_dir, seed, phase_short, extra_argv=(), allowance=None):
+    """./run.sh in its own process group with a hard wall-clock limit; output streams to logs/<label>.log.
+    With an allowance (candidates), a run over the budget + allowance is invalid and run.sh kills it soon after."""
     os.makedirs("logs", exist_ok=True)
     os.makedirs(os.path.dirname(RUNNING), exist_ok=True)
     log_path = f"logs/{label}.log"
-    env = dict(os.environ, AUTORESEARCH_TIME_BUDGET=str(args.time_budget),
+    grace = int(os.environ.get("AUTORESEARCH_GRACE") or
+                (RUN_GRACE if allowance is None else math.ceil(allowance) + GRACE_MARGIN))
+    env = dict(os.environ, AUTORESEARCH_TIME_BUDGET=str(args.time_budget), AUTORESEARCH_GRACE=str(grace),
                AUTORESEARCH_RUN_DIR=os.path.abspath(run_dir), AUTORESEARCH_SEED=str(seed))
     # under SLURM the job's --time bounds the run, and time spent queueing is not the run's
-    limit = math.inf if on_slurm(args) else args.time_budget + GRACE_SECONDS
+    limit = math.inf if on_slurm(args) else run_limit(args.time_budget, grace)
     t0 = time.time()
     tail, buf, loss, killed, logged = b"", b"", "-", False, 0
     with open(log_path, "wb", buffering=0) as log:   # unbuffered: users (and tests) tail -f it
-        p = spawn(launch_argv(args, label, ["./run.sh", *extra_argv]), wait=False, env=env, stdout=subprocess.PIPE,
+        p = spawn(launch_argv(args, label, ["./run.sh", *extra_argv], grace), wait=False, env=env, stdout=subprocess.PIPE,
                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         write_text(RUNNING, str(p.pid))   # lets a later start stop this run if we get kill -9'd
         try:
@@ -1218,7 +1259,10 @@ def run_sandbox(args, label, run_dir, seed, phase_short, extra_argv=()):
     if killed:
         status, reason = "timeout", f"harness wall-clock limit {limit}s exceeded"
     else:
-        status, reason = run_verdict(args, label, p.returncode, out, metrics)
+        status, reason = run_verdict(args, label, p.returncode, out, metrics, allowance)
+        if status == "setup":
+            raise HarnessError(f"./run.sh could not run the sandbox: {reason} (full output: {log_path}). "
+                               f"Fix the set-up, then continue with --resume.")
     lines = [line for line in out.split("\n") if line.strip()]
     return Run(status, reason, metrics, time.time() - t0, log_path, "\n".join(lines[-LOG_TAIL_LINES:]))
 
@@ -1241,6 +1285,9 @@ class Loop:
 
     def sigma(self):
         return pooled_sigma(noise_groups(self.rows))
+
+    def allowance(self):
+        return budget_allowance(self.rows, self.args.time_budget)
 
     def phase(self):
         i = phase_index([r["status"] for r in self.rows], len(self.phases), self.args.phase_every,
@@ -1490,7 +1537,8 @@ class Loop:
                     description="baseline", runs=",".join(fmt(v, 6) for v in values), best=best,
                     sigma=fmt(pooled_sigma([values])), reason=f"{len(values)} seed(s)", phase=self.phases[0],
                     best_commit=head, val_median_rank=runs[0].metrics.get("val_median_rank"),
-                    run_seconds=sum(r.seconds for r in runs), model_seconds=0.0, wall_seconds=time.time() - t0)
+                    run_seconds=sum(r.seconds for r in runs), model_seconds=0.0, wall_seconds=time.time() - t0,
+                    train_wall_seconds=max(r.metrics.get("train_wall_seconds", 0.0) for r in runs))
         self.cleanup_runs()
         say(f"autoresearch: baseline val_mean_rank {fmt(best)} (runs {','.join(fmt(v) for v in values)}; "
             f"sigma {fmt(self.sigma()) or 'unknown'})")
@@ -1517,7 +1565,7 @@ class Loop:
                 git("commit", "-q", "--no-verify", "--allow-empty", "-m",
                     commit_message(exp, desc, phase, "candidate"))
                 cand = git("rev-parse", "HEAD")
-                run = run_sandbox(a, str(exp), f"runs/{exp}", 1, phase.split(":")[0])
+                run = run_sandbox(a, str(exp), f"runs/{exp}", 1, phase.split(":")[0], allowance=self.allowance())
                 stats["run_seconds"] += run.seconds
                 self.last_log = run.log
                 if run.status != "crash" or fixes >= a.fix_attempts:
@@ -1549,7 +1597,8 @@ class Loop:
                 self.commit_keep(exp, desc, phase, run.value, delta, thr, sigma, values)
             if status == "confirm" or pending_keep:
                 # confirm: a second seed must agree; keep: repeat to re-estimate sigma and de-bias best
-                rep = run_sandbox(a, f"{exp}-s2", f"runs/{exp}-s2", 2, phase.split(":")[0])
+                rep = run_sandbox(a, f"{exp}-s2", f"runs/{exp}-s2", 2, phase.split(":")[0],
+                                  allowance=self.allowance())
                 stats["run_seconds"] += rep.seconds
                 if rep.status == "ok":
                     values.append(rep.value)
@@ -1588,7 +1637,7 @@ class Loop:
                     threshold=thr, reason=why, phase=phase, best_commit=head,
                     val_median_rank=run.metrics.get("val_median_rank"), model_seconds=stats["model_seconds"],
                     run_seconds=stats["run_seconds"], wall_seconds=time.time() - t0,
-                    prompt_tokens=stats["prompt_tokens"])
+                    prompt_tokens=stats["prompt_tokens"], train_wall_seconds=run.metrics.get("train_wall_seconds"))
         self.cleanup_runs()
         say(f"autoresearch: experiment {exp}: KEEP val_mean_rank {fmt(run.value)} ({why})")
 
@@ -1601,7 +1650,7 @@ class Loop:
                     threshold=threshold, reason=reason, phase=phase, best_commit=base,
                     val_median_rank=(metrics or {}).get("val_median_rank"), model_seconds=stats["model_seconds"],
                     run_seconds=stats["run_seconds"], wall_seconds=time.time() - t0,
-                    prompt_tokens=stats["prompt_tokens"])
+                    prompt_tokens=stats["prompt_tokens"], train_wall_seconds=(metrics or {}).get("train_wall_seconds"))
         self.restore(base, scratch)
         self.cleanup_runs()
         say(f"autoresearch: experiment {exp}: {status.upper()} {fmt(value) if value else ''} ({reason})")

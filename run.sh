@@ -8,17 +8,27 @@
 # The code being run was written by a model, so nothing in it is trusted: no network, code and data read-only,
 # one writable hand-off directory, no capabilities, a non-root user, pids/memory limits and a hard wall clock.
 # Output: train.py's lines prefixed with "train| " (so it can never forge a metric), then
-# "--- trusted evaluation ---", the evaluator's `key: value` block and "total_seconds: X".
-# Exit codes: 0 ok, 1 train/eval failed, 124 timeout, 137 out of memory, 2 usage/setup error,
-# 130/143 interrupted by SIGINT/SIGTERM (the container is killed and removed first).
+# "--- trusted evaluation ---", the evaluator's `key: value` block, "train_wall_seconds: X" (the training
+# container's wall time, measured here: the harness refuses runs that overran the budget) and "total_seconds: X".
+# Exit codes: 0 ok, 1 train/eval failed, 124 timeout, 137 out of memory, 2 usage/setup error (also: podman could
+# not start a container), 130/143 interrupted by SIGINT/SIGTERM (the container is killed and removed first).
+#
+# The hand-off: train.py writes to a private tmpfs of AUTORESEARCH_HANDOFF_SIZE and at most 1000 files (RAM, counted
+# in AUTORESEARCH_MEMORY). Once the container is gone, run.sh copies only the expected regular files
+# (image_encoder.pt2, text_encoder.pt2, train_stats.json; never symlinks, FIFOs or devices) into the run directory,
+# which the sandbox never sees. Files are capped at that size too (ulimit fsize); core dumps are off.
 #
 # Environment (defaults in brackets):
 #   AUTORESEARCH_TIME_BUDGET  training seconds, passed to train.py [300]
 #   AUTORESEARCH_GRACE        extra seconds train.py gets for start-up and export before it is killed [120]
+#                             (generous for a baseline or a manual run; the loop gives candidates 10 s more than
+#                             the overhead it allows them, measured on the baseline: see autoresearch.py)
 #   AUTORESEARCH_EVAL_TIMEOUT hard limit for the evaluation container, seconds [600]
 #   AUTORESEARCH_MEMORY       podman --memory (no swap on top) [16g]
 #   AUTORESEARCH_PIDS         podman --pids-limit, threads count too [1024]
 #   AUTORESEARCH_SHM_SIZE     podman --shm-size, for data-loader workers [2g]
+#   AUTORESEARCH_HANDOFF_SIZE size of the hand-off tmpfs and the largest file train.py may write [2g]
+#                             (the GPU preset exports ~350 MB at fp32)
 #   AUTORESEARCH_SEED         passed to train.py [unset]
 #   AUTORESEARCH_GPUS         comma-separated GPU ids or "all", used when an NVIDIA CDI spec exists [all]
 #   AUTORESEARCH_IMAGE        unset: image built from Containerfile; "host": the host's / as a throw-away overlay;
@@ -60,9 +70,13 @@ EVAL_TIMEOUT="${AUTORESEARCH_EVAL_TIMEOUT:-600}"
 MEMORY="${AUTORESEARCH_MEMORY:-16g}"
 PIDS="${AUTORESEARCH_PIDS:-1024}"
 SHM_SIZE="${AUTORESEARCH_SHM_SIZE:-2g}"
+HANDOFF_SIZE="${AUTORESEARCH_HANDOFF_SIZE:-2g}"
+HANDOFF_FILES=1000
 for n in BUDGET GRACE EVAL_TIMEOUT PIDS; do
     [[ ${!n} =~ ^[0-9]+$ ]] || die "$n must be a whole number of seconds/processes, got '${!n}'"
 done
+HANDOFF_BYTES=$(numfmt --from=iec "${HANDOFF_SIZE^^}" 2>/dev/null) && [[ $HANDOFF_BYTES =~ ^[1-9][0-9]*$ ]] ||
+    die "AUTORESEARCH_HANDOFF_SIZE must be a size like 2g or 500m, got '$HANDOFF_SIZE'"
 TRAIN_LIMIT=$((BUDGET + GRACE))
 
 DATA="${AUTORESEARCH_DATA:-data}"
@@ -79,16 +93,24 @@ WEIGHTS="${AUTORESEARCH_WEIGHTS:-weights}"
 # Output: every line train.py prints gets the "train| " prefix and carriage returns (progress bars) become new
 # prefixed lines. A bash read loop rather than sed/awk: it streams line by line (sed's '$' look-ahead and mawk's
 # input buffering both hold lines back) and still terminates a last line that has no newline, so the next line
-# can't be glued to it. It handles tens of thousands of lines a second, far more than a training log needs.
+# can't be glued to it. Lines longer than 4096 bytes are cut into several, so an endless line can't grow this
+# shell's memory, and control characters (escape sequences, backspace; tab and CR aside) are dropped, so a log
+# shown in a terminal can't move the cursor to draw an unprefixed line. ~15K lines/s on 2 busy cores.
 prefix_train() {
-    local line
-    while IFS= read -r line || [[ -n $line ]]; do
+    local LC_ALL=C line
+    while IFS= read -r -n 4096 line || [[ -n $line ]]; do
+        line=${line//[$'\x01'-$'\x08'$'\x0b'$'\x0c'$'\x0e'-$'\x1f'$'\x7f']/}
+        line=${line//$'\xc2'[$'\x80'-$'\x9f']/}   # the 8-bit forms of the same (C1), as UTF-8
         printf 'train| %s\n' "${line//$'\r'/$'\n'train| }"
     done
 }
 
 # Final verdict lines go to stdout so that, in a merged log, they are really the last line.
-finish() { local ms=$(( $(now_ms) - START_MS )); printf 'total_seconds: %d.%d\n' $((ms / 1000)) $((ms % 1000 / 100)); }
+seconds() { printf '%s: %d.%d\n' "$1" $(($2 / 1000)) $(($2 % 1000 / 100)); }
+finish() {
+    [[ -n $TRAIN_MS ]] && seconds train_wall_seconds "$TRAIN_MS"   # trusted: the harness checks it against the budget
+    seconds total_seconds $(( $(now_ms) - START_MS ))
+}
 
 # Environment train.py and the evaluator see, in every mode.
 common_env() {
@@ -99,6 +121,37 @@ common_env() {
     [[ -n $weights ]] && echo "AUTORESEARCH_WEIGHTS=$weights HF_HOME=$weights TORCH_HOME=$weights/torch"
     return 0
 }
+
+# ---------------------------------------------------------------------------------------------------------------
+# A private working directory, removed on exit: podman runs from here (conmon drops an `oom` file into its working
+# directory, which must never land in the repository), and it holds the hand-off tmpfs and the masks.
+ROOTLESS=0; [[ $(id -u) != 0 ]] && ROOTLESS=1
+# Rootless podman keeps its own user and mount namespace: the hand-off tmpfs is mounted, read and removed in there.
+in_ns() { if [[ $ROOTLESS == 1 ]]; then podman unshare "$@"; else "$@"; fi; }
+WORK="$(mktemp -d "${TMPDIR:-/tmp}/autoresearch-run-$$.XXXXXX")"
+HANDOFF="$WORK/out"
+CURRENT=""   # name of the running container, for the signal handler
+CHILD=""     # AUTORESEARCH_SANDBOX=none: the `timeout` that runs train.py (it leads train.py's process group)
+MOUNTED=0    # the hand-off tmpfs is mounted
+TRAIN_MS=""  # wall time of the training container (of train.py without a sandbox)
+unmount_handoff() { [[ $MOUNTED == 1 ]] || return 0; MOUNTED=0; in_ns umount "$HANDOFF" || in_ns umount -l "$HANDOFF"; }
+cleanup() {
+    [[ -n $CHILD ]] && kill -TERM "$CHILD" 2>/dev/null || true   # timeout passes it on, SIGKILL 5 s later
+    CHILD=""
+    [[ -n $CURRENT ]] && podman rm -f -t 0 "$CURRENT" >/dev/null 2>&1 || true
+    unmount_handoff || true
+    rm -rf --one-file-system "$WORK" || true   # never into a hand-off that failed to unmount
+}
+trap cleanup EXIT
+on_signal() {
+    trap - INT TERM
+    cleanup
+    wait 2>/dev/null || true   # let the output pipeline drain so the verdict below is the last line
+    echo "run.sh: INTERRUPTED by SIG$1; training/evaluation stopped and cleaned up"
+    [[ $1 == INT ]] && exit 130 || exit 143
+}
+trap 'on_signal INT' INT
+trap 'on_signal TERM' TERM
 
 # ---------------------------------------------------------------------------------------------------------------
 # No sandbox: for development only. Same output format and time limit, but train.py can see and do anything
@@ -117,8 +170,15 @@ if [[ ${AUTORESEARCH_SANDBOX:-} == none ]]; then
     rc=0
     if [[ $TEST_SPLIT == 0 ]]; then
         rm -f "$RUN_DIR"/*.pt2 "$RUN_DIR"/train_stats.json
-        # timeout kills train.py's whole process group at the limit (children that start a session escape it).
-        timeout -k 5 "$TRAIN_LIMIT" "$PY" train.py 2>&1 | prefix_train || rc=${PIPESTATUS[0]}
+        # timeout kills train.py's whole process group at the limit (children that start a session escape it). That
+        # group is not run.sh's, so timeout runs in the background: a signal to run.sh reaches it through cleanup.
+        mkfifo "$WORK/train.out"
+        prefix_train <"$WORK/train.out" & drain=$!
+        t0=$(now_ms)
+        timeout -k 5 "$TRAIN_LIMIT" "$PY" train.py >"$WORK/train.out" 2>&1 & CHILD=$!
+        wait "$CHILD" || rc=$?
+        CHILD="" TRAIN_MS=$(( $(now_ms) - t0 ))
+        wait "$drain"
         if [[ $rc == 124 || $rc == 137 ]]; then
             echo "run.sh: TIMEOUT training exceeded ${TRAIN_LIMIT}s (AUTORESEARCH_TIME_BUDGET=$BUDGET + grace $GRACE)"; exit 124
         elif [[ $rc != 0 ]]; then
@@ -137,16 +197,16 @@ fi
 command -v podman >/dev/null || die "podman is not installed. Install it (Debian/Ubuntu: sudo apt-get install podman;
   Fedora: sudo dnf install podman; see https://podman.io/docs/installation), or, for development only,
   run with AUTORESEARCH_SANDBOX=none"
+cd "$WORK"
 
 # ---------------------------------------------------------------------------------------------------------------
 # Podman set-up.
 #  root (this machine): crun fails under hybrid cgroups, so use runc; podman's default ulimits exceed what the
 #    host allows and are refused, so pass explicit ones. Memory/pids limits work through cgroups as root.
 #  rootless (a workstation): the default runtime is fine and the user's own ulimits are inherited.
-#    --userns=keep-id makes the container user the invoking user, so hand-off files come out owned by you.
+#    --userns=keep-id makes the container user the invoking user (it owns the hand-off tmpfs).
 #    Memory and pids limits need cgroups v2 with delegation (the default on current Fedora/Ubuntu); on
 #    cgroups v1 rootless podman ignores them, so we warn.
-ROOTLESS=0; [[ $(id -u) != 0 ]] && ROOTLESS=1
 BUILD_SETUP=()
 if [[ -n ${AUTORESEARCH_PODMAN_ARGS:-} ]]; then
     read -r -a SETUP <<<"$AUTORESEARCH_PODMAN_ARGS"
@@ -170,25 +230,21 @@ fi
 # Paths inside the container (the same in every mode).
 C_CODE=/workspace C_DATA=/data C_OUT=/out C_WEIGHTS=/weights
 
-# Image or host root filesystem. ROOTFS goes LAST among the options: with --rootfs the path takes the image's place.
-SKEL=""      # throw-away host dir holding the empty directories used to mask host paths
-CURRENT=""   # name of the running container, for the signal handler
-LENT_DIR=""  # hand-off dir while it belongs to the sandbox user
-give_back_run_dir() { [[ -n $LENT_DIR ]] && chown -R -P "$(id -u):$(id -g)" "$LENT_DIR"; LENT_DIR=""; }
-cleanup() {
-    [[ -n $CURRENT ]] && podman rm -f -t 0 "$CURRENT" >/dev/null 2>&1 || true
-    give_back_run_dir || true
-    [[ -n $SKEL ]] && rm -rf "$SKEL" || true
-}
-trap cleanup EXIT
-
 # A run.sh killed with SIGKILL can't clean up: its container is killed by conmon at the time limit but stays
-# listed. Remove those whose run.sh (the pid in the name) is gone; live ones belong to parallel runs.
+# listed, and its work dir may still hold the hand-off tmpfs (RAM). Remove those whose run.sh (the pid in the
+# name) is gone; live ones belong to parallel runs.
 for c in $(podman ps -a --filter label=autoresearch=1 --format '{{.Names}}' 2>/dev/null); do
     pid=${c#autoresearch-}; pid=${pid%%-*}
     [[ $pid =~ ^[0-9]+$ ]] && ! kill -0 "$pid" 2>/dev/null && podman rm -f -t 0 "$c" >/dev/null 2>&1 || true
 done
+for d in "${TMPDIR:-/tmp}"/autoresearch-run-*.*; do
+    pid=${d##*/autoresearch-run-}; pid=${pid%%.*}
+    [[ -d $d && $pid =~ ^[0-9]+$ ]] && ! kill -0 "$pid" 2>/dev/null || continue
+    in_ns umount "$d/out" 2>/dev/null || true
+    rm -rf --one-file-system "$d" || true
+done
 
+# Image or host root filesystem. ROOTFS goes LAST among the options: with --rootfs the path takes the image's place.
 MODE_ARGS=()
 if [[ ${AUTORESEARCH_IMAGE:-} == host ]]; then
     # Host mode: the host's / as a copy-on-write overlay, read-only on top, run as "nobody". What the user
@@ -199,13 +255,14 @@ if [[ ${AUTORESEARCH_IMAGE:-} == host ]]; then
     # dir) is readable from inside the sandbox, val/test included. Keep held-out data only under the masked
     # paths (/root, /home, /mnt, /media, /srv, the repo, AUTORESEARCH_DATA, the run dir, the weights dir) or not
     # world-readable; the image built from the Containerfile (AUTORESEARCH_IMAGE unset) has no such gap.
-    # The interpreter and its trees (base install, virtualenv) are bound back read-only at the same paths.
-    read -r PY PYBASE PYPREFIX < <(python3 -c 'import os, sys; print(os.path.realpath(sys.executable), sys.base_prefix, sys.prefix)') ||
+    # The interpreter and its trees (base install, and the virtualenv or conda env) are bound back read-only at the
+    # same paths, and the python3 on PATH runs as is: its realpath would be the base install without the venv.
+    read -r PY PYTREES < <(python3 -c 'import sys; print(sys.executable, *{sys.base_prefix, sys.prefix})') ||
         die "host mode needs python3 (with torch) on the host"
-    PYTREES=("$PYBASE"); [[ $PYPREFIX != "$PYBASE" ]] && PYTREES+=("$PYPREFIX")
+    read -r -a PYTREES <<<"$PYTREES"
     SB_USER=65534:65534
-    SKEL="$(mktemp -d "${TMPDIR:-/tmp}/autoresearch-mask.XXXXXX")"
-    chmod 755 "$SKEL"
+    SKEL="$WORK/mask"
+    mkdir -m 755 "$SKEL"
     # Runc gives a tmpfs the mode of the directory it covers (/root is 0700, so the bound-back Python would be
     # unreachable for "nobody"); an empty 0755 host directory bound over the path masks it without that problem.
     # Plain --tmpfs would copy the directory's content in (tmpcopyup): notmpcopyup is essential.
@@ -227,11 +284,11 @@ else
         IMAGE="$AUTORESEARCH_IMAGE"
     else
         # Rebuilt only when Containerfile or requirements.txt change: the tag is a hash of both.
-        hash="$(cat Containerfile requirements.txt | sha256sum | cut -c1-12)"
+        hash="$(cat "$REPO/Containerfile" "$REPO/requirements.txt" | sha256sum | cut -c1-12)"
         IMAGE="localhost/autoresearch:$hash"
         if ! podman image exists "$IMAGE"; then
             echo "run.sh: building $IMAGE from Containerfile (once; needs network access to pull the base image)" >&2
-            ctx="$(mktemp -d)"; cp Containerfile requirements.txt "$ctx/"
+            ctx="$(mktemp -d)"; cp "$REPO/Containerfile" "$REPO/requirements.txt" "$ctx/"
             # Only these two files form the build context, so data/, runs/ and weights/ never enter the image.
             if ! podman build "${BUILD_SETUP[@]}" -t "$IMAGE" -f "$ctx/Containerfile" "$ctx" >&2; then
                 rm -rf "$ctx"
@@ -258,6 +315,8 @@ BASE=(
     --read-only --read-only-tmpfs=false
     --memory "$MEMORY" --memory-swap "$MEMORY"
     --pids-limit "$PIDS" --shm-size "$SHM_SIZE"
+    --ulimit core=0:0 --ulimit "fsize=$HANDOFF_BYTES:$HANDOFF_BYTES"
+    --log-driver none   # podman's own copy of the output would be a second, unbounded file on the host
     "${GPU[@]}"
     --label autoresearch=1
     --workdir "$C_CODE"
@@ -267,7 +326,7 @@ ENV=(-e HOME=/tmp); for kv in $(common_env "$C_OUT" "$C_DATA" "${WEIGHTS:+$C_WEI
 
 # Runs one container with a hard wall clock. conmon's --timeout kills it even if this script itself is killed
 # with SIGKILL; afterwards `podman rm -f` kills whatever is left (e.g. when the podman client died).
-# Sets RC, OOM and TIMED_OUT.
+# Sets RC, OOM, TIMED_OUT and WALL_MS; exits 2 if podman could not start the container at all.
 run_container() {
     local limit=$1 filter=$2; shift 2
     CURRENT="autoresearch-$$-$RANDOM$RANDOM"
@@ -278,35 +337,44 @@ run_container() {
     wait $! || RC=$?
     # Killed (non-zero) at or after the limit: that is the timeout, whatever code the kill produced
     # (conmon's --timeout gives 255 here; 137 would otherwise look like an OOM kill).
+    WALL_MS=$(( $(now_ms) - t0 ))
     TIMED_OUT=0
-    [[ $RC != 0 ]] && (( $(now_ms) - t0 >= limit * 1000 - 500 )) && TIMED_OUT=1
-    OOM="$(podman inspect --format '{{.State.OOMKilled}}' "$CURRENT" 2>/dev/null || echo false)"
+    [[ $RC != 0 ]] && (( WALL_MS >= limit * 1000 - 500 )) && TIMED_OUT=1
+    local state
+    state="$(podman inspect --format '{{.State.OOMKilled}} {{.State.Status}} {{.State.ExitCode}}' "$CURRENT" 2>/dev/null ||
+             echo "false none")"
+    OOM=${state%% *}
     podman rm -f -t 0 "$CURRENT" >/dev/null 2>&1 || true
     CURRENT=""
+    # 125-127: podman or the runtime failed before the command ran (no container, or one that never exited with
+    # that code itself), a set-up problem rather than train.py's failure.
+    [[ $RC =~ ^12[5-7]$ && ${state#* } != "exited $RC" ]] &&
+        die "podman could not start the container (podman exit $RC, its error is above): check the podman set-up
+  (podman info; AUTORESEARCH_PODMAN_ARGS) and, in host mode, that $PY exists"
+    return 0
 }
-
-on_signal() {
-    trap - INT TERM
-    cleanup
-    wait 2>/dev/null || true   # let the output pipeline drain so the verdict below is the last line
-    echo "run.sh: INTERRUPTED by SIG$1; container killed and removed"
-    [[ $1 == INT ]] && exit 130 || exit 143
-}
-trap 'on_signal INT' INT
-trap 'on_signal TERM' TERM
 
 if [[ $TEST_SPLIT == 0 ]]; then
     # Remove only what a previous run left that we know, so a stale model can't be evaluated as this run's.
     rm -f "$RUN_DIR"/*.pt2 "$RUN_DIR"/train_stats.json
-    # The hand-off dir must be writable by the sandbox user: lend it for the run and give it back afterwards,
-    # also when interrupted (chown -R -P never follows symlinks the container may have planted).
-    [[ -n $SB_USER ]] && chown "$SB_USER" "$RUN_DIR" && LENT_DIR="$RUN_DIR"
+    # The sandbox never sees the run dir: it writes to a tmpfs owned by the sandbox user, with a size and a file
+    # limit, so neither the host's disk nor its inodes can fill up.
+    mkdir "$HANDOFF"
+    in_ns mount -t tmpfs -o "size=$HANDOFF_BYTES,nr_inodes=$HANDOFF_FILES,mode=0700,noexec,nosuid,nodev${SB_USER:+,uid=${SB_USER%:*},gid=${SB_USER#*:}}" \
+        autoresearch-handoff "$HANDOFF" || die "could not mount the hand-off tmpfs on $HANDOFF"
+    MOUNTED=1
     TRAIN_MOUNTS=(-v "$REPO/train.py:$C_CODE/train.py:ro" -v "$DATA/meta.json:$C_DATA/meta.json:ro"
-                  -v "$DATA/train:$C_DATA/train:ro" -v "$RUN_DIR:$C_OUT:rw")
+                  -v "$DATA/train:$C_DATA/train:ro" -v "$HANDOFF:$C_OUT:rw")
     [[ -f $DATA/vocab.txt ]] && TRAIN_MOUNTS+=(-v "$DATA/vocab.txt:$C_DATA/vocab.txt:ro")
     run_container "$TRAIN_LIMIT" prefix_train "${BASE[@]}" "${ENV[@]}" "${TRAIN_MOUNTS[@]}" "${MODE_ARGS[@]}" \
         "${ROOTFS[@]}" "$PY" train.py
-    give_back_run_dir
+    TRAIN_MS=$WALL_MS
+    # The container and every process in it are gone: nothing writes to the hand-off any more. Copy out only the
+    # expected names that are regular files (find -type f never follows a symlink; FIFOs and devices are not
+    # files), as new files of the user's with default permissions.
+    [[ $RC == 0 ]] && in_ns find "$HANDOFF" -maxdepth 1 -type f \( -name image_encoder.pt2 -o -name text_encoder.pt2 \
+        -o -name train_stats.json \) -exec cp --no-preserve=all -t "$RUN_DIR" -- {} +
+    unmount_handoff
     if [[ $TIMED_OUT == 1 ]]; then
         echo "run.sh: TIMEOUT training killed after ${TRAIN_LIMIT}s (AUTORESEARCH_TIME_BUDGET=$BUDGET + grace $GRACE)"
         exit 124

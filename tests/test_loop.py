@@ -552,9 +552,9 @@ def test_harness_cuts_a_flooding_log_and_kills_a_run_past_its_wall_clock(tmp_pat
     head, note, tail = log.partition(b"\n[autoresearch: log cut at 1 MiB; its last 256 KiB follow]\n")
     assert note and len(head) == 1 << 20 and len(tail) == 256 << 10
     assert head.startswith(b"train| " + b"x" * 1023 + b"\n") and tail.count(b"--- trusted evaluation ---") == 1
-    # 2) a train.py that hangs: the harness's own wall clock (budget + GRACE_SECONDS, lowered here; run.sh's is
+    # 2) a train.py that hangs: the harness's own wall clock (run_limit, lowered here to budget + 8 s; run.sh's is
     #    600 s) stops run.sh, which removes its container
-    monkeypatch.setattr(ar, "GRACE_SECONDS", 8)
+    monkeypatch.setattr(ar, "run_limit", lambda budget, grace: budget + 8)
     (repo / "train.py").write_text("import time\nprint('sleeping', flush=True)\ntime.sleep(600)\n")
     pids = []
     watch = threading.Thread(target=lambda: wait_for(

@@ -367,7 +367,7 @@ def test_refuses_without_podman(tmp_path, data):
     repo = make_repo(tmp_path, EXPORT_MODEL)
     bindir = tmp_path / "bin"
     bindir.mkdir()
-    for tool in ("bash", "dirname", "mkdir", "cat", "cut", "date"):
+    for tool in ("bash", "dirname", "mkdir", "cat", "cut", "date", "id", "mktemp", "numfmt", "rm"):
         os.symlink(shutil.which(tool), bindir / tool)
     p = run(repo, data, PATH=str(bindir))
     assert p.returncode == 2

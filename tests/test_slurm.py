@@ -48,9 +48,10 @@ def test_srun_argv_and_allowlist():
     # --time is the budget plus the allowance, rounded up to minutes; the local launcher runs the command itself
     args = types.SimpleNamespace(launcher="slurm", tag="nov27", time_budget=300)
     os.environ.pop("AUTORESEARCH_SLURM_ARGS", None)
+    os.environ.pop("AUTORESEARCH_EVAL_TIMEOUT", None)
     run = ar.launch_argv(args, "7-s2", ["./run.sh", "--test", "runs/7"])
     assert run[-3:] == ["./run.sh", "--test", "runs/7"] and "--job-name=autoresearch-nov27-7-s2" in run
-    assert f"--time={math.ceil((300 + ar.GRACE_SECONDS) / 60)}" in run and "--time=20" in run
+    assert "--time=19" in run, run   # 300 s budget + 120 s grace + 600 s evaluation + 120 s slack = 19 min
     assert ar.launch_argv(types.SimpleNamespace(launcher="local"), "7", ["./run.sh"]) == ["./run.sh"]
     # site settings: options only, each value joined by '=' (a stray word would become srun's command)
     assert ar.slurm_site_args({"AUTORESEARCH_SLURM_ARGS": "--partition=gpu '--comment=a b'"}) == \

@@ -1,0 +1,501 @@
+"""Hostile train.py files against the harness's limits, with real podman in host mode (issue 8 §2-§5, issue 12 §7).
+
+Each test first proves that its attack ran (the probe line is in the output), then asserts the specific outcome.
+The budget rule and the exit-code rule are pure functions, tested here directly as well.
+"""
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from conftest import TINY_TRAINER
+from test_sandbox import EXPORT_MODEL, containers_of, data, host_processes_with, make_repo, run  # noqa: F401  (data: a fixture)
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import autoresearch as ar  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "tests"))
+from fake_ollama import FakeOllama, tool_call  # noqa: E402
+
+
+def probes(p):
+    return {m.group(1): m.group(2) for m in re.finditer(r"^train\| PROBE (\w+): (.*)$", p.stdout, re.M)}
+
+
+# ------------------------------------------------------------------------------- §2 the time budget is the harness's
+
+def test_budget_allowance_rule():
+    base = [{"status": "baseline", "train_wall_seconds": "320.5"}, {"status": "keep", "train_wall_seconds": "900"}]
+    assert ar.budget_allowance(base, 300) == 41.0                  # 2 x the baseline's 20.5 s overhead
+    assert ar.budget_allowance(base, 310) == ar.OVERHEAD_FLOOR     # 2 x 10.5 s is below the floor
+    assert ar.budget_allowance([], 300) == ar.OVERHEAD_FLOOR       # nothing measured yet: the floor
+    assert ar.budget_allowance([{"status": "baseline", "train_wall_seconds": ""}], 300) == ar.OVERHEAD_FLOOR
+
+
+def test_classify_run_refuses_over_budget_and_flags_setup_errors():
+    out = "train| x\n--- trusted evaluation ---\nval_mean_rank: 3.5\ntrain_wall_seconds: {}\ntotal_seconds: 9.0\n"
+    ok = out.format(330.0)
+    assert ar.classify_run(0, ok, ar.parse_metrics(ok), 300, 30.0) == ("ok", "")
+    over = out.format(330.2)
+    status, reason = ar.classify_run(0, over, ar.parse_metrics(over), 300, 30.0)
+    assert status == "invalid" and "took 330s" in reason and "300s budget + 30s" in reason
+    assert ar.classify_run(0, over, ar.parse_metrics(over))[0] == "ok"   # the baseline: nothing to compare with
+    bare = "--- trusted evaluation ---\nval_mean_rank: 3.5\n"          # a run.sh that did not time training
+    assert ar.classify_run(0, bare, ar.parse_metrics(bare), 300, 30.0)[0] == "invalid"
+    setup = "train| Error: no such runtime\nrun.sh: podman could not start the container (podman exit 125)\n  (check)\n"
+    assert ar.classify_run(2, setup, {}) == ("setup", "run.sh: podman could not start the container (podman exit "
+                                                      "125) (check)")
+
+
+TIMED_TRAINER = TINY_TRAINER + r'''
+import time
+TIME_BUDGET = float(os.environ["AUTORESEARCH_TIME_BUDGET"])
+img, txt = Img(), Txt()
+opt = torch.optim.SGD(list(img.parameters()) + list(txt.parameters()), lr=1e-3)
+t0, steps = time.time(), 0
+while time.time() - t0 < TIME_BUDGET:
+    loss = img(torch.rand(8, 3, S, S)).pow(2).mean()
+    opt.zero_grad(); loss.backward(); opt.step(); steps += 1
+print(f"PROBE trained: {time.time() - t0:.1f}s", flush=True)
+export(img, txt)
+stats()
+'''
+
+
+def test_train_py_that_raises_its_own_budget_is_invalid(tmp_path, data):
+    greedy_src = TIMED_TRAINER.replace('TIME_BUDGET = float(os.environ["AUTORESEARCH_TIME_BUDGET"])',
+                                       'TIME_BUDGET = float(os.environ["AUTORESEARCH_TIME_BUDGET"]) * 25')
+    assert greedy_src != TIMED_TRAINER
+    repos = {}
+    for name, src in (("honest", TIMED_TRAINER), ("greedy", greedy_src)):
+        (tmp_path / name).mkdir()
+        repos[name] = make_repo(tmp_path / name, src)
+    # side by side, to save time; a grace long enough to finish, so that the budget rule (not run.sh's kill) refuses
+    with ThreadPoolExecutor(2) as pool:
+        runs = {name: pool.submit(run, repo, data, AUTORESEARCH_TIME_BUDGET="2", AUTORESEARCH_GRACE="150",
+                                  timeout=300) for name, repo in repos.items()}
+    seen = {}
+    for name, future in runs.items():
+        p = future.result()
+        assert p.returncode == 0, p.stdout + p.stderr
+        seen[name] = ar.parse_metrics(p.stdout)
+        assert float(probes(p)["trained"].rstrip("s")) >= (2 if name == "honest" else 50)   # the attack ran
+        assert seen[name]["train_wall_seconds"] > float(probes(p)["trained"].rstrip("s"))
+    honest, greedy = runs["honest"].result(), runs["greedy"].result()
+    rows = [{"status": "baseline", "train_wall_seconds": str(seen["honest"]["train_wall_seconds"])}]
+    allowance = ar.budget_allowance(rows, 2)
+    assert ar.classify_run(0, honest.stdout, seen["honest"], 2, allowance) == ("ok", "")
+    status, reason = ar.classify_run(0, greedy.stdout, seen["greedy"], 2, allowance)
+    assert status == "invalid" and "over the time budget" in reason, (reason, seen)
+
+
+# ------------------------------------------------------------------------------- §4 disk, inodes, memory, terminal
+
+HOSTILE = r'''
+import errno, hashlib, os, resource, stat, subprocess, sys, threading, time
+def probe(name, fn):
+    try:
+        r = fn()
+        print(f"PROBE {name}: ALLOWED {r!r}"[:300], flush=True)
+    except Exception as e:
+        print(f"PROBE {name}: blocked {type(e).__name__}: {e}"[:300], flush=True)
+
+def fill():                                      # real blocks, 1 MiB at a time, in files of 16 MiB
+    n = 0
+    try:
+        while n < 300:
+            with open(f"/out/fill{n // 16}", "ab") as f:
+                f.write(b"x" * (1 << 20))
+            n += 1
+    finally:
+        print(f"PROBE fill_mib: {n}", flush=True)
+        for i in range(n // 16 + 1):
+            os.remove(f"/out/fill{i}")
+    return n
+
+def sparse():
+    with open("/out/sparse", "wb") as f:
+        f.seek(1 << 40); f.write(b"x")
+
+def inodes():                                    # empty files until the file system says no
+    n = 0
+    try:
+        while n < 50000:
+            open(f"/out/e{n}", "w").close(); n += 1
+    finally:
+        print(f"PROBE inode_count: {n}", flush=True)
+        for i in range(n):
+            os.remove(f"/out/e{i}")
+    return n
+
+def threads():
+    ts, stop = [], threading.Event()
+    try:
+        while len(ts) < 5000:
+            t = threading.Thread(target=stop.wait, daemon=True); t.start(); ts.append(t)
+    finally:
+        print(f"PROBE thread_count: {len(ts)}", flush=True)
+        stop.set()
+        for t in ts:
+            t.join()
+
+def exec_from_handoff():
+    with open("/out/tool.sh", "w") as f:
+        f.write("#!/bin/sh\necho ran\n")
+    os.chmod("/out/tool.sh", 0o755)
+    try:
+        return subprocess.run(["/out/tool.sh"], capture_output=True, text=True).stdout
+    finally:
+        os.remove("/out/tool.sh")
+
+probe("fill", fill)
+probe("sparse", sparse)
+probe("inodes", inodes)
+probe("raise_core", lambda: resource.setrlimit(resource.RLIMIT_CORE, (resource.RLIM_INFINITY,) * 2))
+print(f"PROBE core_limit: {resource.getrlimit(resource.RLIMIT_CORE)}", flush=True)
+print(f"PROBE fsize_limit: {resource.getrlimit(resource.RLIMIT_FSIZE)}", flush=True)
+probe("threads", threads)
+probe("exec_handoff", exec_from_handoff)
+# Terminal tricks: erase the line and go to column 1 (CSI, also as C1), backspaces, a window-title OSC.
+print("\x1b[2K\x1b[1GFAKE1 val_mean_rank: 0.5")
+print("\u009b2K\u009b1GFAKE2 val_mean_rank: 0.5")
+print("\b" * 7 + "FAKE3 val_mean_rank: 0.5\x1b]0;owned\x07")
+# An endless line: megabytes without a newline.
+chunk = "x" * (1 << 16)
+for _ in range(@ENDLESS_MIB@ * 16):
+    sys.stdout.write(chunk)
+sys.stdout.write("\nPROBE endless: done\n"); sys.stdout.flush()
+''' + EXPORT_MODEL + r'''
+stats()
+print("PROBE image_sha: " + hashlib.sha256(open("/out/image_encoder.pt2", "rb").read()).hexdigest(), flush=True)
+# Leave things behind: a symlink, a FIFO, a hard link, odd modes, and a writer that outlives train.py.
+os.symlink("/etc/passwd", "/out/passwd.pt2")
+os.mkfifo("/out/pipe")
+os.link("/out/image_encoder.pt2", "/out/hard.pt2")
+os.chmod("/out/train_stats.json", 0o4777)
+os.chmod("/out", 0o777)
+subprocess.Popen([sys.executable, "-c", """
+import os, time
+print("PROBE late_writer: started", flush=True)
+time.sleep(5)
+open("/out/image_encoder.pt2", "wb").write(b"late junk")
+print("PROBE late_writer: wrote", flush=True)
+""", "@MARKER@"], start_new_session=True)
+time.sleep(1)
+print("PROBE done: exiting", flush=True)
+os._exit(0)   # at once: the writer is still asleep
+'''
+
+
+def rss_of_shells(session):
+    """Total resident KiB of the bash processes in run.sh's session (run.sh and its output filters)."""
+    total = 0
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            fields = stat.rsplit(")", 1)[1].split()
+            if stat[stat.index("(") + 1:stat.rindex(")")] == "bash" and int(fields[3]) == session:
+                total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory, data):
+    tmp = tmp_path_factory.mktemp("hostile")
+    marker = "autoresearch-late-" + secrets.token_hex(6)
+    repo = make_repo(tmp, HOSTILE.replace("@ENDLESS_MIB@", "16").replace("@MARKER@", marker))
+    # What a run.sh killed with SIGKILL leaves: its work dir with the hand-off tmpfs still mounted.
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = Path(os.environ.get("TMPDIR", "/tmp")) / f"autoresearch-run-{dead.pid}.test{secrets.token_hex(3)}"
+    (stale / "out").mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "stale", str(stale / "out")], check=True)
+    peak, stop, log_types = [0], threading.Event(), set()
+
+    def watch():
+        n = 0
+        while not stop.is_set():
+            for p in list(procs):
+                peak[0] = max(peak[0], rss_of_shells(p.pid))
+                if n % 20 == 0:   # podman is slow to ask: once a second, how it logs the container's output
+                    for c in containers_of(p.pid):
+                        log_types.add(subprocess.run(["podman", "inspect", "--format", "{{.HostConfig.LogConfig.Type}}",
+                                                      c], capture_output=True, text=True).stdout.strip())
+            n += 1
+            time.sleep(0.05)
+    procs = []
+    th = threading.Thread(target=watch, daemon=True)
+    th.start()
+    e = dict(os.environ, AUTORESEARCH_IMAGE="host", AUTORESEARCH_DATA=str(data), AUTORESEARCH_TIME_BUDGET="20",
+             AUTORESEARCH_GRACE="90", AUTORESEARCH_EVAL_TIMEOUT="60", AUTORESEARCH_MEMORY="2g",
+             AUTORESEARCH_HANDOFF_SIZE="64m", AUTORESEARCH_PIDS="256")
+    try:
+        p = subprocess.Popen(["./run.sh"], cwd=repo, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, start_new_session=True)
+        procs.append(p)
+        out, err = p.communicate(timeout=400)
+    finally:
+        stop.set()
+        th.join()
+        subprocess.run(["umount", str(stale / "out")], capture_output=True)
+    time.sleep(2)   # the late writer would have written by now
+    r = subprocess.CompletedProcess(p.args, p.returncode, out, err)
+    r.lines, r.probes, r.peak_rss_kib, r.log_types = out.split("\n"), probes(r), peak[0], log_types - {""}
+    r.run_dir, r.repo, r.stale, r.marker = repo / "runs" / "last", repo, stale, marker
+    print(out[-5000:], err)
+    return r
+
+
+def test_hostile_run_still_completes(hostile):
+    assert hostile.returncode == 0, hostile.stdout[-3000:] + hostile.stderr
+    assert hostile.probes["done"] == "exiting" and "val_n: 16" in hostile.lines
+
+
+def test_handoff_size_is_limited(hostile):
+    assert "No space left on device" in hostile.probes["fill"]                      # it tried, and hit the limit
+    assert 40 <= int(hostile.probes["fill_mib"]) <= 64                              # AUTORESEARCH_HANDOFF_SIZE=64m
+    assert "File too large" in hostile.probes["sparse"]                             # apparent size: ulimit fsize
+    assert hostile.probes["fsize_limit"] == f"({64 << 20}, {64 << 20})"
+
+
+def test_handoff_file_count_is_limited(hostile):
+    assert "No space left on device" in hostile.probes["inodes"]
+    assert 900 <= int(hostile.probes["inode_count"]) < 1000
+
+
+def test_core_dumps_are_off(hostile):
+    assert hostile.probes["core_limit"] == "(0, 0)"
+    assert hostile.probes["raise_core"].startswith("blocked ValueError")
+
+
+def test_threads_are_limited(hostile):
+    assert "can't start new thread" in hostile.probes["threads"]
+    assert 100 < int(hostile.probes["thread_count"]) < 256
+
+
+def test_handoff_is_noexec(hostile):
+    assert hostile.probes["exec_handoff"].startswith("blocked PermissionError")
+
+
+def test_escape_codes_cannot_draw_a_fake_line(hostile):
+    fakes = [l for l in hostile.lines if "FAKE" in l]
+    assert len(fakes) == 3, fakes                                                   # all three were printed
+    assert all(l.startswith("train| ") for l in fakes)
+    assert not [l for l in hostile.lines if re.search(r"[\x00-\x08\x0b-\x1f\x7f\x80-\x9f]", l)]
+    assert "train| [2K[1GFAKE1 val_mean_rank: 0.5" in hostile.lines
+
+
+def test_endless_line_is_cut_and_memory_stays_bounded(hostile):
+    assert hostile.probes["endless"] == "done"
+    xs = [l for l in hostile.lines if l.startswith("train| xxxx")]
+    assert sum(len(l) - len("train| ") for l in xs) == 16 << 20                   # every byte came through ...
+    assert max(len(l) for l in xs) <= len("train| ") + 4096                         # ... in bounded pieces
+    assert 0 < hostile.peak_rss_kib < 40 << 10, hostile.peak_rss_kib                # 16 MiB line, shells < 40 MiB
+
+
+def test_podman_keeps_no_second_copy_of_the_output(hostile):
+    # podman's default (k8s-file) writes everything the container prints to a file on the host's disk as well
+    assert hostile.log_types == {"none"}
+
+
+def test_only_expected_regular_files_come_back_with_sane_permissions(hostile):
+    files = sorted(hostile.run_dir.iterdir())
+    assert [f.name for f in files] == ["image_encoder.pt2", "text_encoder.pt2", "train_stats.json"]
+    for f in files:
+        st = f.lstat()
+        assert stat_ok(st), (f, oct(st.st_mode))
+    d = hostile.run_dir.stat()
+    assert d.st_uid == os.getuid() and d.st_mode & 0o022 == 0                      # not 0777 any more
+
+
+def stat_ok(st):
+    import stat as s
+    return s.S_ISREG(st.st_mode) and st.st_uid == os.getuid() and s.S_IMODE(st.st_mode) & 0o7022 == 0
+
+
+def test_nothing_writes_after_training_ended(hostile):
+    import hashlib
+    assert hostile.probes["late_writer"] == "started"
+    assert "train| PROBE late_writer: wrote" not in hostile.lines
+    assert hashlib.sha256((hostile.run_dir / "image_encoder.pt2").read_bytes()).hexdigest() == \
+        hostile.probes["image_sha"]
+    assert host_processes_with(hostile.marker) == []
+
+
+def test_stale_handoff_of_a_killed_run_sh_is_removed(hostile):
+    assert not hostile.stale.exists()
+
+
+def test_fifo_and_symlink_as_model_files_are_not_handed_over(tmp_path, data):
+    repo = make_repo(tmp_path, EXPORT_MODEL + r'''
+os.rename("/out/text_encoder.pt2", "/out/real_text.pt2")
+os.symlink("/out/real_text.pt2", "/out/text_encoder.pt2")   # a valid model, but behind a symlink
+os.remove("/out/train_stats.json")
+os.mkfifo("/out/train_stats.json")                           # would block a reader forever
+print("PROBE planted: symlink and fifo", flush=True)
+''')
+    p = run(repo, data)
+    assert probes(p)["planted"] == "symlink and fifo"
+    assert p.returncode == 1 and p.lines[-1] == "run.sh: FAILED evaluation exited with code 1", p.stdout + p.stderr
+    assert "text_encoder.pt2" in p.stdout + p.stderr                                # it says which file is missing
+    assert p.seconds < 50                                                           # no wait for the eval timeout
+    assert sorted(f.name for f in (repo / "runs" / "last").iterdir()) == ["image_encoder.pt2"]
+
+
+def test_core_dump_does_not_land_on_the_host(tmp_path, data):
+    repo = make_repo(tmp_path, r'''
+import os, resource
+try:
+    resource.setrlimit(resource.RLIMIT_CORE, (resource.RLIM_INFINITY,) * 2)
+    print("PROBE raise_core: allowed", flush=True)
+except ValueError as e:
+    print(f"PROBE raise_core: blocked {e}", flush=True)
+os.chdir("/out")                                  # core_pattern "core": the dump goes to the working directory
+hog = b"x" * (200 << 20)
+print("PROBE abort: now", flush=True)
+os.abort()
+''')
+    p = run(repo, data)
+    assert probes(p)["abort"] == "now" and probes(p)["raise_core"].startswith("blocked")
+    # SIGABRT, or SIGSEGV: as PID 1 the abort signal itself is ignored and glibc falls back to a fault
+    assert p.returncode == 1 and p.lines[-1] in ("run.sh: FAILED train.py exited with code 134",
+                                                 "run.sh: FAILED train.py exited with code 139"), p.stdout
+    left = [f for f in repo.rglob("*") if f.is_file()]
+    assert sorted(f.name for f in left) == ["prepare_data.py", "run.sh", "train.py"], left
+
+
+# ------------------------------------------------------------------------------- §3 an OOM kill leaves no trace
+
+def test_out_of_memory_leaves_the_repository_clean(tmp_path, data):
+    repo = make_repo(tmp_path, 'print("PROBE hog: start", flush=True)\nhog = [b"x" * (64 << 20) for _ in range(64)]\n')
+    p = run(repo, data, AUTORESEARCH_MEMORY="256m")
+    assert probes(p)["hog"] == "start"
+    assert p.returncode == 137 and p.lines[-1].startswith("run.sh: OUT OF MEMORY")
+    assert sorted(f.name for f in repo.iterdir()) == ["prepare_data.py", "run.sh", "runs", "train.py"]  # no `oom`
+
+
+# ------------------------------------------------------------------------------- §5 host mode from a virtualenv
+
+def test_host_mode_runs_the_virtualenv_python(tmp_path, data):
+    venv = tmp_path / "venv"   # under /tmp: masked in the sandbox, so it must be bound back
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)
+    site = subprocess.run([str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    assert site.startswith(str(venv))
+    Path(site, "only_in_the_venv.py").write_text("WHERE = 'venv'\n")
+    repo = make_repo(tmp_path, "import sys, only_in_the_venv\n"
+                               "print('PROBE venv:', only_in_the_venv.WHERE, sys.prefix, flush=True)\n" + EXPORT_MODEL)
+    p = run(repo, data, PATH=f"{venv / 'bin'}:{os.environ['PATH']}")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert probes(p)["venv"] == f"venv {venv}"
+    assert "val_n: 16" in p.lines
+
+
+# ------------------------------------------------------------------------------- issue 12 §7 exit codes
+
+def test_podman_that_cannot_start_is_a_setup_error(tmp_path, data):
+    repo = make_repo(tmp_path, EXPORT_MODEL)
+    p = run(repo, data, AUTORESEARCH_PODMAN_ARGS="--runtime /nonexistent/runtime")
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "podman could not start the container (podman exit 125" in p.stderr
+    assert "FAILED" not in p.stdout
+
+
+def test_train_py_exiting_125_is_its_own_failure(tmp_path, data):
+    repo = make_repo(tmp_path, "print('PROBE exit: 125', flush=True)\nraise SystemExit(125)\n")
+    p = run(repo, data)
+    assert probes(p)["exit"] == "125"
+    assert p.returncode == 1 and p.lines[-1] == "run.sh: FAILED train.py exited with code 125"
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_without_sandbox_is_reported_and_stops_train_py(tmp_path, data, sig, code):
+    marker = "autoresearch-nosb-" + secrets.token_hex(6)
+    repo = make_repo(tmp_path, f'''
+import signal, subprocess, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", "{marker}"])
+print("ready", flush=True)
+while True:
+    time.sleep(1)
+''')
+    env = dict(os.environ, AUTORESEARCH_SANDBOX="none", AUTORESEARCH_DATA=str(data))
+    p = subprocess.Popen(["./run.sh"], cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                         text=True, start_new_session=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    for line in p.stdout:
+        if line == "train| ready\n":
+            break
+    os.killpg(p.pid, sig)
+    rest = p.stdout.read().splitlines()
+    assert p.wait(timeout=30) == code
+    assert rest[-1].startswith(f"run.sh: INTERRUPTED by {sig.name}"), rest
+    assert host_processes_with(marker) == []
+
+
+# ------------------------------------------------------------------------------- the loop: OOM, then a set-up error
+
+LOOP_FILES = ["autoresearch.py", "train.py", "run.sh", "prepare_data.py", "program.md", "scratchpad.md", ".gitignore"]
+ANCHOR = "    torch.manual_seed(SEED)\n"
+
+
+def git(cwd, *args):
+    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def test_loop_survives_out_of_memory_and_stops_on_a_setup_error(tmp_path):
+    """One loop: the baseline; a candidate that runs out of memory (a crash, and no `oom` file makes the tree dirty);
+    a normal candidate that must run and be recorded; then the data cache vanishes while the model works, and the
+    next run.sh exits 2: the loop stops with run.sh's message instead of blaming (and "fixing") the model."""
+    data = tmp_path / "data"
+    subprocess.run([sys.executable, str(ROOT / "prepare_data.py"), "--out", str(data), "--n-train", "64",
+                    "--n-val", "16", "--n-test", "16"], check=True, capture_output=True)
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for f in LOOP_FILES:
+        shutil.copy2(ROOT / f, repo / f)
+    assert (repo / "train.py").read_text().count(ANCHOR) == 1
+    git(repo, "init", "-q", "-b", "main")
+    git(repo, "add", "-A")
+    git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "template")
+
+    def vanish(req):
+        (data / "meta.json").rename(data / "meta.json.gone")
+        return tool_call("run_experiment", description="anything")
+    script = [
+        tool_call("edit_file", path="train.py", old_text=ANCHOR,
+                  new_text='    hog = [b"x" * (64 << 20) for _ in range(64)]\n' + ANCHOR),
+        tool_call("run_experiment", description="hold 4 GiB"),
+        tool_call("edit_file", path="train.py", old_text="WEIGHT_DECAY = 1e-4", new_text="WEIGHT_DECAY = 2e-4"),
+        tool_call("run_experiment", description="more weight decay"),
+        tool_call("edit_file", path="train.py", old_text="GRAD_CLIP = 1.0", new_text="GRAD_CLIP = 2.0"),
+        vanish,
+    ]
+    env = dict(os.environ, AUTORESEARCH_IMAGE="host", AUTORESEARCH_DATA=str(data), AUTORESEARCH_TIME_BUDGET="2",
+               AUTORESEARCH_MEMORY="2g", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
+               GIT_COMMITTER_EMAIL="t@t")
+    env.pop("AUTORESEARCH_SANDBOX", None)
+    with FakeOllama({"qwen2.5-coder:7b": 32768}, script) as fake:
+        env["OLLAMA_HOST"] = fake.url
+        p = subprocess.run([sys.executable, "autoresearch.py", "--tag", "t", "--noise-runs", "1", "--fix-attempts", "0",
+                            "--max-experiments", "5"], cwd=repo, env=env, capture_output=True, text=True, timeout=900)
+    rows = ar.load_results(str(repo / "results.tsv"))
+    assert [r["status"] for r in rows][:2] == ["baseline", "crash"], rows
+    assert rows[1]["reason"] == "out of memory"
+    assert rows[2]["status"] in ("keep", "discard") and rows[2]["description"] == "more weight decay", rows
+    assert [r["status"] for r in rows][3:] == ["interrupted"], rows               # not a crash of the model
+    assert p.returncode == 2 and "Traceback" not in p.stderr and fake.remaining == 0, p.stdout + p.stderr
+    assert "could not run the sandbox" in p.stderr and "no data cache" in p.stderr, p.stderr
+    assert float(rows[0]["train_wall_seconds"]) > 2
+    assert not (repo / "oom").exists() and git(repo, "status", "--porcelain") == ""
