@@ -154,6 +154,7 @@ def test_torch_gets_a_rebuilt_archive_of_checked_entries_only(honest):
     assert torch.equal(ours(x), theirs(x))
 
 
+@pytest.mark.filterwarnings("ignore:Duplicate name")
 @pytest.mark.parametrize("attack, message", [
     ("nul", "has a non-printable character"),
     ("duplicate", "duplicate entry"),
