@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # Tests that start containers through run.sh: every test of these modules, and those marked `sandbox` elsewhere.
 # As root they always run (a podman failure fails them); as a normal user they run where rootless podman can start
 # the sandbox, and are skipped with the reason where it cannot.
-SANDBOX_MODULES = {"test_sandbox.py", "test_integrity.py"}
+SANDBOX_MODULES = {"test_sandbox.py", "test_integrity.py", "test_hostile.py"}
 
 
 def pytest_configure(config):

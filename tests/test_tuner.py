@@ -332,6 +332,7 @@ def tuned(tmp_path_factory):
     return out
 
 
+@pytest.mark.sandbox
 def test_random_agent_through_the_loop_and_resume(tuned):
     rows, space = tuned["random"], tuned["random_space"]
     assert [r["status"] for r in tuned["random_before"]] == ["baseline", "discard", "interrupted"]
@@ -343,6 +344,7 @@ def test_random_agent_through_the_loop_and_resume(tuned):
     assert trials == [expect[0], expect[1], expect[1], expect[2]]
 
 
+@pytest.mark.sandbox
 def test_optuna_agent_through_the_loop_and_resume(tuned):
     rows, space = tuned["optuna"], tuned["optuna_space"]
     statuses = [r["status"] for r in rows]
@@ -353,6 +355,7 @@ def test_optuna_agent_through_the_loop_and_resume(tuned):
     assert (tuned["repo"] / "results-rnd.tsv").exists()
 
 
+@pytest.mark.sandbox
 def test_report_compare_draws_both_runs(tuned):
     repo = tuned["repo"]
     p = harness(repo, tuned["env"], "report", "--compare", "rnd", "opt")
