@@ -223,7 +223,8 @@ fi
 GPU=()
 if command -v nvidia-smi >/dev/null && compgen -G "/etc/cdi/nvidia*.yaml" >/dev/null ||
         compgen -G "/var/run/cdi/nvidia*.yaml" >/dev/null && command -v nvidia-smi >/dev/null; then
-    IFS=, read -r -a ids <<<"${AUTORESEARCH_GPUS:-all}"
+    # In a SLURM job, only the GPUs it was granted (podman's containers run outside the job's cgroup).
+    IFS=, read -r -a ids <<<"${SLURM_STEP_GPUS:-${SLURM_JOB_GPUS:-${AUTORESEARCH_GPUS:-all}}}"
     for id in "${ids[@]}"; do GPU+=(--device "nvidia.com/gpu=$id"); done
 fi
 
