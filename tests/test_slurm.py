@@ -169,6 +169,7 @@ def test_slurm_launcher_end_to_end(cluster, tmp_path, data):
         p.send_signal(signal.SIGINT)
         out, err = p.communicate(timeout=120)
         assert p.returncode == 130 and "Traceback" not in err, out + err
+        wait_for(lambda: job_state(c, "3") != "COMPLETING", 60, "job 3 to finish cancelling")   # run.sh cleans up
         assert job_state(c, "3") == "CANCELLED" and not alive(pid) and containers_of(pid) == []
         rs = rows(repo)
         assert [(r["experiment"], r["status"]) for r in rs] == [("0", "baseline"), ("1", "interrupted"),
@@ -190,6 +191,7 @@ def test_slurm_launcher_end_to_end(cluster, tmp_path, data):
                            capture_output=True, text=True, timeout=600)
         assert r.returncode == 0 and "Traceback" not in r.stderr, r.stdout + r.stderr
         assert "cancelling SLURM job" in r.stdout and "test_mean_rank" in r.stdout
+        wait_for(lambda: job_state(c, "4") != "COMPLETING", 60, "job 4 to finish cancelling")   # run.sh cleans up
         assert job_state(c, "4") == "CANCELLED" and not alive(pid) and containers_of(pid) == []
         assert fake.remaining == 0
 
