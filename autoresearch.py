@@ -26,11 +26,13 @@ program.md's `## Search space` block, else derived from train.py's active preset
 train.py as an ordinary edit; commit, sandbox, keep rule, results.tsv (column `agent`) and branch are the same.
 `report --compare` draws several runs on the same axes (compare.png) with a table.
 
-Everything the model can do goes through `tool_*` functions; every subprocess goes through `spawn`.
+The model acts only through the three tools (Loop.tool_read, Loop.tool_edit, and run_experiment, which ends its turn);
+every subprocess goes through `spawn`, an allowlist of fixed argument lists.
 Parsing, editing, deciding and prompt building are pure functions (tested in tests/test_autoresearch.py).
 """
 import argparse
 import ast
+import dataclasses
 import datetime
 import difflib
 import hashlib
@@ -62,7 +64,6 @@ COLUMNS = ["experiment", "commit", "val_mean_rank", "delta", "status", "descript
            "runs", "best", "sigma", "threshold", "reason", "phase", "best_commit",
            "val_median_rank", "model_seconds", "run_seconds", "wall_seconds", "prompt_tokens", "finished", "agent",
            "train_wall_seconds"]
-STATUSES = {"baseline", "keep", "discard", "crash", "invalid", "timeout", "interrupted"}
 READABLE = {TRAIN, PROGRAM, SCRATCHPAD, RESULTS}       # + the last run's log, added at run time
 EDITABLE = {TRAIN, SCRATCHPAD}
 OUR_OUTPUTS = ("results.tsv", "progress.png", "logs/", "runs/",  # never make the tree "dirty"
@@ -867,6 +868,11 @@ def read_text(path):
         return f.read()
 
 
+def read_scratchpad():
+    """scratchpad.md's notes, None where the project has none."""
+    return read_text(SCRATCHPAD) if os.path.exists(SCRATCHPAD) else None
+
+
 def write_text(path, text):
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)
@@ -990,29 +996,33 @@ def start_ollama(args, client):
     raise HarnessError(f"started `ollama serve` but it did not answer at {args.host}")
 
 
+@dataclasses.dataclass
 class Run:
     """The outcome of one ./run.sh invocation."""
-    def __init__(self, status, reason, metrics, seconds, log, tail):
-        self.status, self.reason, self.metrics, self.seconds, self.log, self.tail = \
-            status, reason, metrics, seconds, log, tail
+    status: str
+    reason: str
+    metrics: dict
+    seconds: float
+    log: str
+    tail: str
 
     @property
     def value(self):
         return self.metrics.get("val_mean_rank")
 
 
-def stop_group(p, grace=20):
+def stop_group(pid, grace=20):
     """Ask run.sh's whole process group to stop (it removes its containers on SIGTERM), then kill."""
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5)):
         try:
-            os.killpg(p.pid, sig)
+            os.killpg(pid, sig)
         except ProcessLookupError:
             return
-        try:
-            p.wait(timeout=wait)
+        t0 = time.time()
+        while time.time() - t0 < wait and _alive(pid):
+            time.sleep(0.2)
+        if not _alive(pid):
             return
-        except subprocess.TimeoutExpired:
-            pass
 
 
 def _alive(pid):
@@ -1033,16 +1043,7 @@ def stop_orphan():
         alive = False
     if alive:
         say(f"autoresearch: stopping the run.sh (pid {pid}) left by a killed harness")
-        for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 5)):
-            try:
-                os.killpg(pid, sig)
-            except ProcessLookupError:
-                break
-            t0 = time.time()
-            while time.time() - t0 < wait and _alive(pid):
-                time.sleep(0.2)
-            if not _alive(pid):
-                break
+        stop_group(pid, 30)
     if os.path.exists(RUNNING):
         os.remove(RUNNING)
 
@@ -1152,7 +1153,7 @@ def stop_run(args, label, p):
         ids = [j for j, _, _, _ in slurm_jobs(f"--name={job_name(args.tag, label)}")]
         if ids:
             spawn(["scancel", *ids])
-    stop_group(p)
+    stop_group(p.pid)
 
 
 def slurm_cancel_tag(tag):
@@ -1202,7 +1203,7 @@ def slurm_startup(args):
                            f"compute nodes, at the same paths (README: SLURM)")
 
 
-def run_sandbox(args, label, run_dir, seed, phase_short, extra_argv=(), allowance=None):
+def run_sandbox(args, label, run_dir, seed, phase_short, allowance=None):
     """./run.sh in its own process group with a hard wall-clock limit; output streams to logs/<label>.log.
     With an allowance (candidates), a run over the budget + allowance is invalid and run.sh kills it soon after."""
     os.makedirs("logs", exist_ok=True)
@@ -1217,7 +1218,7 @@ def run_sandbox(args, label, run_dir, seed, phase_short, extra_argv=(), allowanc
     t0 = time.time()
     tail, buf, loss, killed, logged = b"", b"", "-", False, 0
     with open(log_path, "wb", buffering=0) as log:   # unbuffered: users (and tests) tail -f it
-        p = spawn(launch_argv(args, label, ["./run.sh", *extra_argv], grace), wait=False, env=env, stdout=subprocess.PIPE,
+        p = spawn(launch_argv(args, label, ["./run.sh"], grace), wait=False, env=env, stdout=subprocess.PIPE,
                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         write_text(RUNNING, str(p.pid))   # lets a later start stop this run if we get kill -9'd
         try:
@@ -1324,7 +1325,7 @@ class Loop:
         if not exists:
             raise HarnessError(f"nothing to resume: branch {self.branch} does not exist (check --tag)")
         self.rows = load_results(repair=True)
-        scratch = read_text(SCRATCHPAD) if os.path.exists(SCRATCHPAD) else None
+        scratch = read_scratchpad()
         git("checkout", "-q", "-f", self.branch)
         head = git("rev-parse", "HEAD")
         _, target, _, _ = state_from_rows(self.rows)
@@ -1644,7 +1645,7 @@ class Loop:
     def finish(self, exp, base, t0, stats, phase, status, description, reason, commit="", value=None, delta=None,
                threshold=None, values=(), metrics=None, log=None):
         """Record a non-keep outcome, then go back to the best commit keeping the scratchpad notes."""
-        scratch = read_text(SCRATCHPAD) if os.path.exists(SCRATCHPAD) else None
+        scratch = read_scratchpad()
         self.record(experiment=exp, commit=commit, val_mean_rank=value, delta=delta, status=status,
                     description=description, runs=",".join(fmt(v, 6) for v in values), best=self.best,
                     threshold=threshold, reason=reason, phase=phase, best_commit=base,
@@ -1656,7 +1657,7 @@ class Loop:
         say(f"autoresearch: experiment {exp}: {status.upper()} {fmt(value) if value else ''} ({reason})")
 
     def user_message(self, train_src, best, sigma, phase):
-        scratch = read_text(SCRATCHPAD) if os.path.exists(SCRATCHPAD) else ""
+        scratch = read_scratchpad() or ""
         rows = [r for r in self.rows if r["status"] != "interrupted"]
         best_line = f"val_mean_rank {fmt(best)} (noise sigma {fmt(sigma) or 'unknown'}; a change must beat it " \
                     f"by more than max({self.args.z}*sigma, {self.args.floor:.0%}))"
@@ -1667,9 +1668,6 @@ class Loop:
             if (len(msg) + len(self.system)) / self.chars_per_token + 300 <= budget:
                 break
         return msg
-
-    def test_eval(self):
-        report_test(self.rows)
 
     def main(self):
         self.setup()

@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import textwrap
 import time
 import zipfile
 from collections import Counter
@@ -465,22 +466,11 @@ def preview(data_dir, n, out_dir):
             axes[1].add_patch(plt.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, color="white", lw=1))
         for ax in axes:
             ax.set_axis_off()
-        fig.suptitle("\n".join(_wrap(captions[i], 80)), fontsize=9)
+        fig.suptitle(textwrap.fill(captions[i], 80), fontsize=9)
         fig.tight_layout()
         fig.savefig(out_dir / f"val_{i:04d}.png", dpi=100)
         plt.close(fig)
     print(f"wrote {min(n, len(images))} previews ({s}px images) to {out_dir}")
-
-
-def _wrap(text, width):
-    lines, line = [], ""
-    for word in text.split():
-        if line and len(line) + 1 + len(word) > width:
-            lines.append(line)
-            line = word
-        else:
-            line = f"{line} {word}".strip()
-    return lines + [line]
 
 
 # ----------------------------------------------------------------------------------------------- trusted evaluation
@@ -991,7 +981,7 @@ def _check_batch_independence(encoders, which, arrays, emb, batch, rng):
 
 
 def evaluate(run_dir, data, split="val", batch=256):
-    """Prints the metric block on stdout (notes first, whole lines); see the contract in README/contracts."""
+    """Prints the metric block on stdout (notes first, whole lines); see the README's trust boundary."""
     t0 = time.monotonic()
     deadline = t0 + 0.9 * float(os.environ.get("AUTORESEARCH_EVAL_TIMEOUT") or 600)  # our message before the kill
     _not_dumpable()
@@ -1068,8 +1058,12 @@ def main(argv=None):
             return 0
         if args.download_weights:
             download_weights(weights_dir)
-        build = args.ukiyoe_vg is not None or not args.download_weights and (
-            args.preview is None or not (data_dir / "meta.json").exists())
+        if args.ukiyoe_vg is not None:
+            build = True
+        elif args.download_weights:   # just the weights
+            build = False
+        else:                         # the synthetic data, unless only previews of existing data were asked for
+            build = args.preview is None or not (data_dir / "meta.json").exists()
         if build:
             if min(args.n_train, args.n_val, args.n_test) < 1:
                 raise UserError("--n-train, --n-val and --n-test must be at least 1")
