@@ -106,6 +106,8 @@ prefix_train() {
 }
 
 # Final verdict lines go to stdout so that, in a merged log, they are really the last line.
+# What the evaluator reads on stdin: the split it scores, streamed rather than mounted (see the evaluation below).
+split_tar() { tar -C "$DATA" -cf - meta.json "$EVAL_SPLIT/images.npy" "$EVAL_SPLIT/tokens.npy"; }
 seconds() { printf '%s: %d.%d\n' "$1" $(($2 / 1000)) $(($2 % 1000 / 100)); }
 finish() {
     [[ -n $TRAIN_MS ]] && seconds train_wall_seconds "$TRAIN_MS"   # trusted: the harness checks it against the budget
@@ -188,7 +190,7 @@ if [[ ${AUTORESEARCH_SANDBOX:-} == none ]]; then
     echo "--- trusted evaluation ---"
     TORCH_FORCE_WEIGHTS_ONLY_LOAD=1 AUTORESEARCH_EVAL_TIMEOUT=$EVAL_TIMEOUT timeout -k 5 "$EVAL_TIMEOUT" \
         "$PY" prepare_data.py --evaluate "$RUN_DIR" --split "$EVAL_SPLIT" --data - \
-        < <(tar -C "$DATA" -cf - meta.json "$EVAL_SPLIT/images.npy" "$EVAL_SPLIT/tokens.npy") || rc=$?
+        < <(split_tar) || rc=$?
     [[ $rc == 124 ]] && { echo "run.sh: TIMEOUT evaluation exceeded ${EVAL_TIMEOUT}s (AUTORESEARCH_EVAL_TIMEOUT)"; exit 124; }
     [[ $rc != 0 ]] && { echo "run.sh: FAILED evaluation exited with code $rc"; exit 1; }
     finish; exit 0
@@ -395,7 +397,7 @@ EVAL_MOUNTS=(-v "$REPO/prepare_data.py:$C_CODE/prepare_data.py:ro" -v "$RUN_DIR:
 run_container "$EVAL_TIMEOUT" cat -i "${BASE[@]}" "${ENV[@]}" -e TORCH_FORCE_WEIGHTS_ONLY_LOAD=1 \
     -e AUTORESEARCH_EVAL_TIMEOUT="$EVAL_TIMEOUT" "${EVAL_MOUNTS[@]}" "${MODE_ARGS[@]}" "${ROOTFS[@]}" \
     "$PY" prepare_data.py --evaluate "$C_OUT" --split "$EVAL_SPLIT" --data - \
-    < <(tar -C "$DATA" -cf - meta.json "$EVAL_SPLIT/images.npy" "$EVAL_SPLIT/tokens.npy")
+    < <(split_tar)
 if [[ $TIMED_OUT == 1 ]]; then
     echo "run.sh: TIMEOUT evaluation killed after ${EVAL_TIMEOUT}s (AUTORESEARCH_EVAL_TIMEOUT)"; exit 124
 elif [[ $OOM == true || $RC == 137 ]]; then
