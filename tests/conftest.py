@@ -123,13 +123,15 @@ MARKS = {GREY: ("discard",), GREEN: ("keep",), RED: ("crash", "timeout", "invali
 
 def assert_plot_marks(png, rows, tmp_dir):
     """progress.png shows a mark for each experiment: each kind's colour covers a dot's worth of pixels per
-    experiment of that kind more than the same plot drawn without them; red marks nothing but failures."""
+    experiment of that kind more than the same plot with those rows relabelled `interrupted` (not drawn as a mark;
+    the running best, the axes and the other marks stay as they are); red marks nothing but failures."""
     sys.path.insert(0, str(ROOT))
     import autoresearch as ar
     for color, statuses in MARKS.items():
         n = sum(r["status"] in statuses for r in rows)
         without = Path(tmp_dir) / f"without-{statuses[0]}.png"
-        ar.write_report([r for r in rows if r["status"] not in statuses], str(without), quiet=True)
+        ar.write_report([dict(r, status="interrupted") if r["status"] in statuses else r for r in rows], str(without),
+                        quiet=True)
         assert color_pixels(png, color) - color_pixels(without, color) >= DOT_PIXELS * n, (statuses, n)
         if color == RED:
             assert color_pixels(without, RED) == 0
