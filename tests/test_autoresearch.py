@@ -15,6 +15,40 @@ sys.path.insert(0, ROOT)
 import autoresearch as ar  # noqa: E402
 
 
+# ---------------------------------------------------------------- the metric, declared once by the project
+
+ACC = ar.Metric("accuracy", "maximize")   # a fork's metric: higher is better
+
+
+def test_project_metric_is_read_from_prepare_data(tmp_path):
+    assert ar.project_metric(ROOT) == ("mean_rank", "minimize") == ar.Metric("mean_rank", "minimize")
+    (tmp_path / "prepare_data.py").write_text('"""METRIC = "fake" in a docstring is not a declaration"""\n'
+                                              'import torch\nMETRIC = "accuracy"\nDIRECTION = "maximize"\n')
+    name, direction = m = ar.project_metric(str(tmp_path))      # read with ast: torch is never imported
+    assert (name, direction, m.column, m.better) == ("accuracy", "maximize", "val_accuracy", "higher")
+    assert m.columns[:6] == ["experiment", "commit", "val_accuracy", "delta", "status", "description"]
+    for bad, found in (('METRIC = "Accuracy"\nDIRECTION = "maximize"\n', "METRIC 'Accuracy'"),
+                       ('METRIC = "accuracy"\nDIRECTION = "up"\n', "DIRECTION 'up'"),
+                       ('NAME = "acc"\nMETRIC = NAME\nDIRECTION = "maximize"\n', "METRIC not a string literal"),
+                       ('METRIC = "accuracy"\n', "DIRECTION missing"),
+                       ('if True:\n    METRIC = "accuracy"\nDIRECTION = "maximize"\n', "METRIC missing")):
+        (tmp_path / "prepare_data.py").write_text(bad)
+        with pytest.raises(ar.HarnessError) as e:
+            ar.project_metric(str(tmp_path))
+        assert found in str(e.value) and 'METRIC = "accuracy"' in str(e.value), str(e.value)
+        assert 'DIRECTION = "maximize"   # or "minimize"' in str(e.value)
+    (tmp_path / "prepare_data.py").unlink()
+    with pytest.raises(ar.HarnessError, match="prepare_data.py is missing"):
+        ar.project_metric(str(tmp_path))
+
+
+def test_no_metric_is_written_into_the_harness():
+    with open(os.path.join(ROOT, "autoresearch.py")) as f:
+        src = f.read()
+    for literal in ("mean_rank", "lower is better", "higher is better"):
+        assert literal not in src, literal
+
+
 # ---------------------------------------------------------------- tool-call parsing
 
 def test_native_tool_calls_win_over_content():
@@ -96,6 +130,13 @@ def test_classify_run():
     status, reason = ar.classify_run(1, "train| Traceback\ntrain| RuntimeError: boom\n", {})
     assert status == "crash" and "boom" in reason
     assert ar.classify_run(0, "no metric\n", {})[0] == "crash"     # exit 0 without a metric is not ok
+
+
+def test_classify_run_reads_the_declared_metric():
+    out = "--- trusted evaluation ---\nval_accuracy: 0.75\nval_mean_rank: 3\n"
+    assert ar.classify_run(0, out, ar.parse_metrics(out), metric=ACC) == ("ok", "")
+    rank_only = "--- trusted evaluation ---\nval_mean_rank: 3\n"
+    assert ar.classify_run(0, rank_only, ar.parse_metrics(rank_only), metric=ACC)[0] == "crash"
 
 
 def test_last_loss():
@@ -182,6 +223,16 @@ def test_decide_confirm():
         ar.decide([], 100.0, 1.0)
 
 
+def test_decide_maximize():
+    # higher is better: the same rule with the improvement mean - best; delta stays mean - best
+    status, delta, thr, _ = ar.decide([0.85], 0.80, 0.01, z=2, floor=0.01, metric=ACC)
+    assert (status, delta, thr) == ("keep", pytest.approx(0.05), pytest.approx(0.02))
+    assert ar.decide([0.75], 0.80, 0.01, metric=ACC)[0] == "discard"                   # worse
+    assert ar.decide([0.81], 0.80, 0.01, metric=ACC)[0] == "discard"                   # inside the noise
+    assert ar.decide([0.85], 0.80, 0.01, confirm=True, metric=ACC)[0] == "confirm"
+    assert ar.decide([0.85, 0.79], 0.80, 0.01, confirm=True, metric=ACC)[0] == "discard"
+
+
 def test_pooled_sigma():
     assert ar.pooled_sigma([]) is None
     assert ar.pooled_sigma([[5.0]]) is None
@@ -250,6 +301,18 @@ def test_system_prompt_has_program_and_rules():
     names = [t["function"]["name"] for t in ar.TOOLS]
     assert names == ["read_file", "edit_file", "run_experiment"]
     assert ar.TOOLS[1]["function"]["parameters"]["required"] == ["path", "old_text", "new_text"]
+
+
+def test_prompts_name_the_declared_metric():
+    program = "# fork\n## Research question\nWhich changes raise {metric}? ({better} is better)\n"
+    system = ar.build_system_prompt(program, ACC)
+    assert "Which changes raise val_accuracy? (higher is better)" in system
+    assert "only if val_accuracy (higher is better) improves" in system and "{" + "metric}" not in system
+    rows = [{"experiment": "1", "status": "keep", "val_accuracy": 0.8125, "delta": 0.0625, "description": "wider"}]
+    msg = ar.build_user_message("x", "", rows, "val_accuracy 0.8125", "p", metric=ACC)
+    assert "Recent results (higher val_accuracy is better):\nexp  status       val_accuracy   delta" in msg
+    assert "1    keep         0.8125         0.0625    wider" in msg
+    assert "(lower val_mean_rank is better)" in ar.build_user_message("x", "", [], "b", "p")   # this project's
 
 
 def test_commit_message_and_trailers():
@@ -340,6 +403,7 @@ def repo(tmp_path, monkeypatch):
     (tmp_path / "train.py").write_text("LR = 1\n")
     (tmp_path / "scratchpad.md").write_text("notes\n")
     (tmp_path / "program.md").write_text(PROGRAM)
+    (tmp_path / "prepare_data.py").write_text('METRIC = "mean_rank"\nDIRECTION = "minimize"\n')
     (tmp_path / ".gitignore").write_text("results.tsv\nruns/\nlogs/\nprogress.png\n")
     git(tmp_path, "add", "-A")
     git(tmp_path, "commit", "-q", "-m", "init")
@@ -391,6 +455,20 @@ def test_resume_reverts_unrecorded_candidate_keeps_notes(repo):
     assert git(repo, "status", "--porcelain") == ""
     assert not (repo / "runs" / ".running").exists()
     assert loop.next_exp() == 2
+
+
+def test_resume_and_report_refuse_results_of_another_metric(repo):
+    (repo / "results.tsv").write_text("\t".join(ACC.columns) + "\n0\tabc\t0.5\t0\tbaseline\tbaseline\n")
+    head = git(repo, "rev-parse", "HEAD")
+    with pytest.raises(ar.HarnessError) as e:
+        ar.Loop(loop_args(), None).setup()
+    assert "results.tsv records val_accuracy, but this project's prepare_data.py declares METRIC = 'mean_rank' " \
+           "(val_mean_rank)" in str(e.value) and "mv results.tsv" in str(e.value)
+    assert git(repo, "rev-parse", "HEAD") == head and git(repo, "status", "--porcelain") == ""
+    for how in ({"compare": None}, {"compare": ["results.tsv"]}):
+        with pytest.raises(ar.HarnessError, match="records val_accuracy"):
+            ar.report(types.SimpleNamespace(test=False, **how))
+    assert (repo / "results.tsv").read_text().count("\n") == 2                 # left as it was
 
 
 # ---------------------------------------------------------------- context budget and flags
