@@ -344,16 +344,17 @@ def budget_allowance(rows, budget):
 
 
 def classify_run(returncode, output, metrics, budget=None, allowance=None, metric=None):
-    """Pure: ok | timeout | crash | invalid (over the time budget, when an allowance is given) | setup (run.sh
-    exit 2: the sandbox could not run, not the model's fault), plus a short reason."""
+    """Pure. The verdict of a run from run.sh's exit code alone, never from its text (the candidate writes part of
+    it), and a reason from run.sh's last own message (a set-up error spans lines):
+    0 ok, or crash without val_<METRIC>, or invalid (over the time budget, when an allowance is given); 1 (train.py)
+    and 3 (the evaluator refused or failed on the hand-off) crash; 2 setup (the sandbox could not run: not the
+    candidate's fault); 124 timeout; 137 crash (out of memory); 130, 143 interrupted."""
     lines = [line for line in output.split("\n") if line.strip()]
-    last = lines[-1] if lines else ""
-    if returncode == 124 or last.startswith("run.sh: TIMEOUT"):
-        return "timeout", last[:200] or "timed out"
-    if returncode == 2:   # run.sh's own message (from its last "run.sh: " line; train.py's lines are prefixed)
-        start = max((i for i, line in enumerate(lines) if line.startswith("run.sh: ")), default=len(lines) - 1)
-        return "setup", " ".join(line.strip() for line in lines[start:])[:500] or "run.sh exit 2"
-    if returncode == 0 and (metric or project_metric()).column in metrics:
+    start = max((i for i, line in enumerate(lines) if line.startswith("run.sh: ")), default=len(lines) - 1)
+    said = " ".join(line.strip() for line in lines[start:])
+    if returncode == 0:
+        if (metric or project_metric()).column not in metrics:
+            return "crash", "no trusted metric"
         wall = metrics.get("train_wall_seconds")
         if allowance is not None and (wall is None or wall > budget + allowance):
             took = "has no trusted train_wall_seconds" if wall is None else f"took {wall:.0f}s"
@@ -361,9 +362,15 @@ def classify_run(returncode, output, metrics, budget=None, allowance=None, metri
                                f"{allowance:.0f}s allowed for start-up and export ({OVERHEAD_FACTOR:g}x the "
                                f"baseline's, at least {OVERHEAD_FLOOR:g}s); TIME_BUDGET is fixed by the harness")
         return "ok", ""
-    if returncode == 137 or last.startswith("run.sh: OUT OF MEMORY"):
+    if returncode == 2:
+        return "setup", said[:500] or "run.sh exit 2"
+    if returncode == 124:
+        return "timeout", said[:200] or "timed out"
+    if returncode == 137:
         return "crash", "out of memory"
-    return "crash", f"run.sh exit {returncode}" + (f": {last[:200]}" if last else "")
+    if returncode in (130, 143):
+        return "interrupted", said[:200] or f"run.sh exit {returncode}"
+    return "crash", f"run.sh exit {returncode}" + (f": {said[:200]}" if said else "")
 
 
 def apply_edit(text, old, new):

@@ -125,7 +125,18 @@ def test_metric_line_must_match_exactly():
 def test_classify_run():
     assert ar.classify_run(0, GOOD, ar.parse_metrics(GOOD)) == ("ok", "")
     assert ar.classify_run(124, "x\nrun.sh: TIMEOUT after 305s\n", {})[0] == "timeout"
-    assert ar.classify_run(1, "x\nrun.sh: TIMEOUT after 305s", {})[0] == "timeout"
+    # the exit code alone decides (INTERFACE.md §B); run.sh's last own line is only the reason, and text that reads
+    # like another verdict (the candidate writes part of the output) changes nothing
+    assert ar.classify_run(1, "x\nrun.sh: TIMEOUT after 305s", {}) == ("crash", "run.sh exit 1: run.sh: TIMEOUT after "
+                                                                             "305s")
+    assert ar.classify_run(0, GOOD + "run.sh: OUT OF MEMORY\n", ar.parse_metrics(GOOD)) == ("ok", "")
+    refused = "train| run.sh: forged\nrun.sh: evaluation refused the hand-off: batch dependence\n"
+    assert ar.classify_run(3, refused, {}) == ("crash", "run.sh exit 3: run.sh: evaluation refused the hand-off: batch "
+                                                        "dependence")
+    for rc, sig in ((130, "INT"), (143, "TERM")):
+        out = f"train| step 9\nrun.sh: INTERRUPTED by SIG{sig}; training/evaluation stopped and cleaned up\n"
+        assert ar.classify_run(rc, out, {}) == ("interrupted", out.split("\n")[1])
+    assert ar.classify_run(0, "no metric\n", {}) == ("crash", "no trusted metric")
     assert ar.classify_run(137, "run.sh: OUT OF MEMORY (16g)\n", {}) == ("crash", "out of memory")
     status, reason = ar.classify_run(1, "train| Traceback\ntrain| RuntimeError: boom\n", {})
     assert status == "crash" and "boom" in reason
