@@ -36,7 +36,6 @@ Parsing, editing, deciding and prompt building are pure functions (tested in tes
 """
 import argparse
 import ast
-import dataclasses
 import datetime
 import difflib
 import functools
@@ -54,7 +53,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 # qwen2.5-coder:7b: ~4.7 GB quantized, so it fits next to a 15 GB training run on a 24 GB GPU, it is
@@ -67,9 +66,10 @@ PROGRAM = "program.md"
 SCRATCHPAD = "scratchpad.md"
 TRAIN = "train.py"
 # results.tsv's columns after the contract's six (experiment commit val_<METRIC> delta status description)
-MORE_COLUMNS = ["runs", "best", "sigma", "threshold", "reason", "phase", "best_commit", "val_median_rank",
-                "model_seconds", "run_seconds", "wall_seconds", "prompt_tokens", "finished", "agent",
-                "train_wall_seconds"]
+MORE_COLUMNS = ["runs", "best", "sigma", "threshold", "reason", "phase", "best_commit", "model_seconds", "run_seconds",
+                "wall_seconds", "prompt_tokens", "finished", "agent", "train_wall_seconds", "round", "worker"]
+TEXT_COLUMNS = {"commit", "status", "description", "reason", "phase", "best_commit", "finished", "agent"}
+INT_COLUMNS = {"experiment", "prompt_tokens", "round", "worker"}
 READABLE = {TRAIN, PROGRAM, SCRATCHPAD, RESULTS}       # + the last run's log, added at run time
 EDITABLE = {TRAIN, SCRATCHPAD}
 OUR_OUTPUTS = ("results.tsv", "progress.png", "logs/", "runs/",  # never make the tree "dirty"
@@ -453,8 +453,9 @@ def clean_text(s, limit=300):
     return s[:limit]
 
 
-def fmt(v, digits=4):
-    return "" if v is None or v == "" else f"{float(v):.{digits}g}" if isinstance(v, (int, float)) else str(v)
+def fmt(v):
+    """For people (the prompt, the terminal, the plot): 4 significant digits. results.tsv holds values exactly."""
+    return "" if v is None or v == "" else f"{float(v):.4g}" if isinstance(v, (int, float)) else str(v)
 
 
 def results_table(rows, max_rows, metric):
@@ -529,19 +530,88 @@ def commit_message(exp, description, phase_line, status, value=None, delta=None,
     lines = [f"exp {exp}: {clean_text(description, 72)}", "", f"Hypothesis: {clean_text(description, 1000)}",
              f"Experiment: {exp}", f"Phase: {phase_line}", f"Status: {status}"]
     if value is not None:
-        lines.append(f"Metric: {(metric or project_metric()).column} {value:.6g}")
+        lines.append(f"Metric: {(metric or project_metric()).column} {cell(value)}")
     if delta is not None:
-        lines.append(f"Delta: {delta:+.6g}")
+        lines.append(f"Delta: {cell(delta)}")
     for k, v in (extra or {}).items():
         lines.append(f"{k}: {v}")
     return "\n".join(lines) + "\n"
 
 
 # ----------------------------------------------------------------------------------------------
-# results.tsv: untracked, append-only, fsync'd so that kill -9 loses no recorded row.
+# Every experiment ends in one Outcome, which makes one row. Rows stay typed in memory; results.tsv (untracked,
+# append-only, fsync'd so that kill -9 loses no recorded row) holds them exactly and is read back only on --resume.
+
+@dataclass
+class Outcome:
+    """How one experiment ended, filled in as it runs: Loop.conclude() keeps or reverts its commit and records it."""
+    experiment: int
+    status: str = "interrupted"   # until decided: baseline keep discard crash timeout invalid interrupted
+    description: str = ""
+    reason: str = ""
+    phase: str = ""
+    commit: str = ""              # its candidate commit (the keep commit once kept); "" before it made one
+    base: str = ""                # the commit it started from, where it goes back to unless kept ("" for the baseline)
+    values: list = field(default_factory=list)   # val_<METRIC> of each of its seeded runs
+    delta: float = None           # mean(values) - the best it was compared with
+    threshold: float = None
+    train_wall_seconds: float = None
+    model_seconds: float = 0.0
+    run_seconds: float = 0.0
+    prompt_tokens: int = 0
+    started: float = None         # time.time() at its start: wall_seconds
+    agent: str = "llm"
+    round: int = 0
+    worker: int = 0
+
+
+def make_row(o, rows, metric, now):
+    """Pure. The one row builder: an Outcome as a typed results row, after `rows`. A baseline or keep is the new best
+    (the mean of its runs); any other row carries the best it was compared with. sigma is the noise its decision used
+    (for the baseline, its own runs')."""
+    own = o.status in ("baseline", "keep")
+    return {"experiment": o.experiment, "commit": o.commit, metric.column: o.values[0] if o.values else None,
+            "delta": o.delta, "status": o.status, "description": o.description, "runs": tuple(o.values),
+            "best": sum(o.values) / len(o.values) if own else state_from_rows(rows)[0],
+            "sigma": pooled_sigma([o.values] if o.status == "baseline" else noise_groups(rows)),
+            "threshold": o.threshold, "reason": o.reason, "phase": o.phase, "best_commit": o.commit if own else o.base,
+            "model_seconds": o.model_seconds, "run_seconds": o.run_seconds,
+            "wall_seconds": now - o.started if o.started else None, "prompt_tokens": o.prompt_tokens,
+            "finished": datetime.datetime.fromtimestamp(now).isoformat(timespec="seconds"), "agent": o.agent,
+            "train_wall_seconds": o.train_wall_seconds, "round": o.round, "worker": o.worker}
+
+
+def typed_row(cells, metric):
+    """Pure. A results.tsv row (text by column name) as the loop keeps it: numbers as numbers, runs as a tuple.
+    Rows of a harness before rounds and workers: every experiment was its own round (the baseline's 0), worker 0."""
+    row = {}
+    for c in metric.columns:
+        v = cells.get(c, "")
+        row[c] = v if c in TEXT_COLUMNS else tuple(runs_of(cells)) if c == "runs" else num(v)
+        if c in INT_COLUMNS and row[c] is not None:
+            row[c] = int(row[c])
+    if row["round"] is None:
+        row["round"] = 0 if row["status"] == "baseline" else row["experiment"]
+    if row["worker"] is None:
+        row["worker"] = 0
+    return row
+
+
+def cell(v):
+    """A value as results.tsv and the keep commit's trailers write it: a float exactly (its repr, so that --resume
+    reads back the very number the run decided with), a tuple comma-separated, text on one line."""
+    if v is None:
+        return ""
+    if isinstance(v, (tuple, list)):
+        return ",".join(cell(x) for x in v)
+    if isinstance(v, float):
+        r = repr(v)
+        return r[:-2] if r.endswith(".0") else r
+    return clean_text(v, 500)
+
 
 def format_row(row, columns):
-    return "\t".join(clean_text(row.get(c, ""), 500) for c in columns) + "\n"
+    return "\t".join(cell(row.get(c)) for c in columns) + "\n"
 
 
 def parse_results(text):
@@ -583,6 +653,23 @@ def load_results(path=RESULTS, repair=False, metric=None):
     return rows
 
 
+def upgrade_results(metric, path=RESULTS):
+    """--resume of a results.tsv an older harness wrote: rewrite it (atomically) under today's columns, with round and
+    worker as typed_row reads them. Columns no longer written (once, a project's second metric) stay, at the end."""
+    if not os.path.exists(path):
+        return
+    header, rows = parse_results(read_text(path))
+    if not header or header[:len(metric.columns)] == metric.columns:
+        return
+    columns = metric.columns + [h for h in header if h not in metric.columns]
+    new = [{**r, **{k: typed_row(r, metric)[k] for k in ("round", "worker")}} for r in rows]
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write("\t".join(columns) + "\n" + "".join(format_row(r, columns) for r in new))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+
 def append_row(row, path=RESULTS, metric=None):
     """Append one row; a new file starts with the project's header."""
     columns = (metric or project_metric()).columns
@@ -604,10 +691,15 @@ def num(v):
         return None
 
 
+def runs_of(row):
+    """The values of a row's seeded runs: a tuple in memory, comma-separated in a results file."""
+    v = row.get("runs") or ()
+    return [x for x in map(num, v.split(",") if isinstance(v, str) else v) if x is not None]
+
+
 def noise_groups(rows):
     """Groups of repeated runs (same commit, different seeds) recorded in the `runs` column."""
-    return [g for g in ([num(x) for x in r.get("runs", "").split(",") if num(x) is not None] for r in rows
-                        if r["status"] in ("baseline", "keep")) if len(g) >= 2]
+    return [g for g in (runs_of(r) for r in rows if r["status"] in ("baseline", "keep")) if len(g) >= 2]
 
 
 def state_from_rows(rows):
@@ -1092,7 +1184,7 @@ def start_ollama(args, client):
     raise HarnessError(f"started `ollama serve` but it did not answer at {args.host}")
 
 
-@dataclasses.dataclass
+@dataclass
 class Run:
     """One ./run.sh invocation: its verdict, its trusted block, and val_<METRIC> from it."""
     status: str
@@ -1366,6 +1458,7 @@ def run_sandbox(args, label, run_dir, seed, phase_short, allowance=None, metric=
 class Loop:
     def __init__(self, args, client, tuner=None):
         self.args, self.client, self.tuner = args, client, tuner   # tuner: --agent optuna|random
+        self.agent = tuner.agent if tuner else "llm"
         self.branch = f"autoresearch/{args.tag}"
         self.metric = project_metric()
         self.program = read_text(PROGRAM)
@@ -1373,7 +1466,7 @@ class Loop:
         self.system = build_system_prompt(self.program, self.metric)
         self.chars_per_token = 3.5           # calibrated from prompt_eval_count as replies come in
         self.last_log = None
-        self.rows = []
+        self.rows = []                       # typed (make_row); read from results.tsv only on --resume
 
     # --- state -----------------------------------------------------------------------------------
     @property
@@ -1398,12 +1491,31 @@ class Loop:
     def next_exp(self):
         return max([int(r["experiment"]) for r in self.rows], default=-1) + 1
 
-    def record(self, **row):
-        row.setdefault("finished", datetime.datetime.now().isoformat(timespec="seconds"))
-        row.setdefault("agent", self.tuner.agent if self.tuner else "llm")
-        row.setdefault("sigma", fmt(self.sigma()))
-        append_row({k: (fmt(v) if isinstance(v, float) else v) for k, v in row.items()}, metric=self.metric)
-        self.rows = load_results()
+    def outcome(self, exp, **fields):
+        """A new experiment's Outcome, by this loop's agent. Every experiment is a round of its own (the baseline's
+        is 0), on worker 0."""
+        fields.setdefault("round", max((r["round"] for r in self.rows), default=0) + 1)
+        return Outcome(exp, agent=self.agent, **fields)
+
+    def record(self, o):
+        row = make_row(o, self.rows, self.metric, time.time())
+        append_row(row, metric=self.metric)
+        self.rows.append(row)
+
+    def conclude(self, o):
+        """The one ending of every experiment: a keep amends its candidate into the keep commit, anything else goes
+        back to where it started (the scratchpad notes survive), and its row is recorded. The row comes after the
+        keep commit and before the revert, so that a kill -9 anywhere leaves what --resume recovers it from."""
+        if o.status == "keep":
+            self.commit_keep(o)
+        scratch = read_scratchpad()
+        self.record(o)
+        if o.status != "keep" and o.base:
+            self.restore(o.base, scratch)
+        self.cleanup_runs()
+        r, col = self.rows[-1], self.metric.column
+        say(f"autoresearch: experiment {o.experiment}: {o.status.upper()} {col} {fmt(r[col]) or '-'} ({o.reason}); "
+            f"best {fmt(r['best']) or '-'}, sigma {fmt(r['sigma']) or 'unknown'}")
 
     # --- branch set-up and resume reconciliation ----------------------------------------------------
     def setup(self):
@@ -1420,30 +1532,28 @@ class Loop:
             return
         if not exists:
             raise HarnessError(f"nothing to resume: branch {self.branch} does not exist (check --tag)")
-        self.rows = load_results(repair=True, metric=self.metric)
+        self.rows = [typed_row(r, self.metric) for r in load_results(repair=True, metric=self.metric)]
+        upgrade_results(self.metric)
         scratch = read_scratchpad()
         git("checkout", "-q", "-f", self.branch)
         head = git("rev-parse", "HEAD")
         _, target, _, _ = state_from_rows(self.rows)
         if target and head != target:
             tr = parse_trailers(git("log", "-1", "--format=%B", head))
-            recorded = {r["experiment"] for r in self.rows}
-            exp = tr.get("Experiment")
-            if exp and exp not in recorded and tr.get("Status") == "keep":
-                # killed after the keep commit, before its row (in the second seed's run, or just after it): the
-                # commit carries the result, decided on its first run
-                runs = tr.get("Runs", "")
-                self.record(experiment=exp, commit=head, **{self.metric.column: tr.get("Metric", "").split(" ")[-1]},
-                            delta=tr.get("Delta", "").strip(), status="keep",
-                            description=tr.get("Hypothesis", ""), runs=runs, best=tr.get("Best", ""),
-                            threshold=tr.get("Threshold", ""), phase=tr.get("Phase", ""),
-                            reason=f"recovered from the keep commit on resume ({len(runs.split(','))} run(s))",
-                            best_commit=head)
-                target = head
-            elif exp and exp not in recorded and tr.get("Status") == "candidate":
-                self.record(experiment=exp, commit=head, status="interrupted",
-                            description=tr.get("Hypothesis", ""), reason="killed during the run; recovered "
-                            "on resume", phase=tr.get("Phase", ""), best_commit=target)
+            exp = tr.get("Experiment", "")
+            if exp.isdigit() and int(exp) not in {r["experiment"] for r in self.rows}:
+                o = self.outcome(int(exp), commit=head, description=tr.get("Hypothesis", ""), phase=tr.get("Phase", ""))
+                if tr.get("Status") == "keep":
+                    # killed after the keep commit, before its row (in the second seed's run, or just after it): the
+                    # commit carries the result, decided on its first run
+                    o.values, o.delta, o.threshold = runs_of({"runs": tr.get("Runs")}), num(tr.get("Delta")), \
+                        num(tr.get("Threshold"))
+                    o.status, o.reason = "keep", f"recovered from the keep commit on resume ({len(o.values)} run(s))"
+                    self.record(o)
+                    target = head
+                elif tr.get("Status") == "candidate":
+                    o.base, o.reason = target, "killed during the run; recovered on resume"
+                    self.record(o)
         git("reset", "-q", "--hard", target or "HEAD")   # drop half-done edits; the notes are restored below
         if scratch is not None:
             self.save_notes(scratch, "notes recovered on resume")
@@ -1471,7 +1581,7 @@ class Loop:
                     shutil.rmtree(f"runs/{d}", ignore_errors=True)
 
     # --- one model conversation ----------------------------------------------------------------------
-    def chat(self, messages, stats):
+    def chat(self, messages, o):
         self.fit_context(messages)
         for attempt in range(4):
             t0 = time.time()
@@ -1481,15 +1591,15 @@ class Loop:
                                      keep_alive="30m")
                 break
             except Exception as e:  # noqa: BLE001
-                stats["model_seconds"] += time.time() - t0
+                o.model_seconds += time.time() - t0
                 if attempt == 3 or not is_transient(e):
                     raise HarnessError(f"Ollama request failed: {ollama_error(e)}; fix it, then continue "
                                        f"with --resume --tag {self.args.tag}")
                 say(f"autoresearch: Ollama request failed ({ollama_error(e)}), retrying")
                 time.sleep(2 * (attempt + 1))
-        stats["model_seconds"] += time.time() - t0
+        o.model_seconds += time.time() - t0
         used = r.prompt_eval_count or 0
-        stats["prompt_tokens"] = max(stats["prompt_tokens"], used)
+        o.prompt_tokens = max(o.prompt_tokens, used)
         if used:
             self.chars_per_token = max(1.5, sum(len(str(m.get("content", ""))) for m in messages) / used)
         if used >= self.args.num_ctx - 16:
@@ -1512,12 +1622,12 @@ class Loop:
             if m["role"] == "tool" and len(m["content"]) > 200:
                 m["content"] = m["content"][:200] + "\n[... elided to save context ...]"
 
-    def converse(self, messages, stats, base_src):
+    def converse(self, messages, o, base_src):
         """Let the model use tools until it calls run_experiment acceptably. ('run', desc) or ('invalid', why)."""
         a = self.args
         nudges = calls_made = bad_runs = 0
         for _ in range(a.max_turns):
-            content, native = self.chat(messages, stats)
+            content, native = self.chat(messages, o)
             calls = parse_tool_calls(content, native)
             entry = {"role": "assistant", "content": content}
             if native:
@@ -1602,157 +1712,116 @@ class Loop:
             return f"only train.py and scratchpad.md may change, but also changed: {', '.join(other)}"
         return None
 
-    def tune(self, stats):
+    def tune(self, o):
         """A tuner agent's turn: its next trial written into train.py, then run like the model's edit."""
         t0 = time.time()
         text, desc = self.tuner.next_edit(self.rows, read_text(TRAIN))
         write_text(TRAIN, text)
-        stats["model_seconds"] += time.time() - t0
+        o.model_seconds += time.time() - t0
         return "run", desc
+
+    def run(self, label, seed, phase_short, allowance=None):
+        run = run_sandbox(self.args, label, f"runs/{label}", seed, phase_short, allowance, self.metric)
+        self.last_log = run.log
+        return run
 
     # --- experiments ---------------------------------------------------------------------------------
     def baseline(self):
-        exp = self.next_exp()
-        head = git("rev-parse", "HEAD")
-        t0, values, runs = time.time(), [], []
-        say(f"autoresearch: experiment {exp}: baseline ({self.args.noise_runs} run(s) to measure the noise)")
+        o = self.outcome(self.next_exp(), round=0, description="baseline", phase=self.phases[0],
+                         commit=git("rev-parse", "HEAD"), started=time.time())
+        say(f"autoresearch: experiment {o.experiment}: baseline ({self.args.noise_runs} run(s) to measure the noise)")
+        walls = []
         try:
             for k in range(self.args.noise_runs):
-                label = str(exp) if k == 0 else f"{exp}-s{k + 1}"
-                run = run_sandbox(self.args, label, f"runs/{label}", k + 1, "baseline", metric=self.metric)
-                runs.append(run)
-                self.last_log = run.log
+                run = self.run(str(o.experiment) if k == 0 else f"{o.experiment}-s{k + 1}", k + 1, "baseline")
+                o.run_seconds += run.seconds
                 if run.status != "ok":
                     raise HarnessError(f"the baseline run failed ({run.status}: {run.reason}); see {run.log}. "
                                        f"Fix train.py or the sandbox (commit the fix on branch {self.branch}), "
                                        f"then rerun with --resume --tag {self.args.tag}.\n{run.tail[-2000:]}")
-                values.append(run.value)
+                o.values.append(run.value)
+                walls.append(run.metrics.get("train_wall_seconds", 0.0))
         except KeyboardInterrupt:
-            self.record(experiment=exp, commit=head, status="interrupted", description="baseline",
-                        reason="Ctrl-C during the baseline", best_commit="", phase=self.phases[0])
+            o.reason = "Ctrl-C during the baseline"
+            self.conclude(o)
             raise
-        best = sum(values) / len(values)
-        self.record(experiment=exp, commit=head, **{self.metric.column: values[0]}, delta=0.0, status="baseline",
-                    description="baseline", runs=",".join(fmt(v, 6) for v in values), best=best,
-                    sigma=fmt(pooled_sigma([values])), reason=f"{len(values)} seed(s)", phase=self.phases[0],
-                    best_commit=head, val_median_rank=runs[0].metrics.get("val_median_rank"),
-                    run_seconds=sum(r.seconds for r in runs), model_seconds=0.0, wall_seconds=time.time() - t0,
-                    train_wall_seconds=max(r.metrics.get("train_wall_seconds", 0.0) for r in runs))
-        self.cleanup_runs()
-        say(f"autoresearch: baseline {self.metric.column} {fmt(best)} (runs {','.join(fmt(v) for v in values)}; "
-            f"sigma {fmt(self.sigma()) or 'unknown'})")
+        o.status, o.delta, o.reason, o.train_wall_seconds = "baseline", 0.0, f"{len(o.values)} seed(s)", max(walls)
+        self.conclude(o)
 
     def experiment(self):
-        a, exp = self.args, self.next_exp()
-        t0 = time.time()
+        a = self.args
         phase = self.phase()
-        base = git("rev-parse", "HEAD")
+        o = self.outcome(self.next_exp(), phase=phase, base=git("rev-parse", "HEAD"), started=time.time())
+        short = phase.split(":")[0]
         base_src = read_text(TRAIN)   # identical to HEAD: the tree is clean here
         best, sigma = self.best, self.sigma()
-        stats = {"model_seconds": 0.0, "prompt_tokens": 0, "run_seconds": 0.0}
-        cand, run, desc, pending_keep = "", None, "", False
-        say(f"autoresearch: experiment {exp} ({phase}); best {fmt(best)}")
+        run, pending_keep = None, False
+        say(f"autoresearch: experiment {o.experiment} ({phase}); best {fmt(best)}")
         try:
             messages = [{"role": "system", "content": self.system},
                         {"role": "user", "content": self.user_message(base_src, best, sigma, phase)}]
-            outcome, info = self.tune(stats) if self.tuner else self.converse(messages, stats, base_src)
-            desc = info if outcome == "run" else ""
+            verdict, info = self.tune(o) if self.tuner else self.converse(messages, o, base_src)
+            o.description = info if verdict == "run" else ""
             fixes = 0
-            while outcome == "run":
-                git("reset", "-q", "--soft", base)     # one candidate commit on top of best, even after fixes
+            while verdict == "run":
+                git("reset", "-q", "--soft", o.base)     # one candidate commit on top of best, even after fixes
                 git("add", TRAIN, SCRATCHPAD)
                 git("commit", "-q", "--no-verify", "--allow-empty", "-m",
-                    commit_message(exp, desc, phase, "candidate"))
-                cand = git("rev-parse", "HEAD")
-                run = run_sandbox(a, str(exp), f"runs/{exp}", 1, phase.split(":")[0], self.allowance(), self.metric)
-                stats["run_seconds"] += run.seconds
-                self.last_log = run.log
+                    commit_message(o.experiment, o.description, phase, "candidate"))
+                o.commit = git("rev-parse", "HEAD")
+                run = self.run(str(o.experiment), 1, short, self.allowance())
+                o.run_seconds += run.seconds
                 if run.status != "crash" or fixes >= a.fix_attempts:
                     break
                 fixes += 1
-                say(f"autoresearch: experiment {exp} crashed ({run.reason}); fix attempt {fixes}/{a.fix_attempts}")
+                say(f"autoresearch: experiment {o.experiment} crashed ({run.reason}); fix attempt "
+                    f"{fixes}/{a.fix_attempts}")
                 messages.append({"role": "user", "content":
                                  f"The run crashed ({run.reason}). Last lines of {run.log}:\n```\n{run.tail[-3000:]}\n"
                                  f"```\nFix the bug in train.py with edit_file (keep the idea), then call "
                                  f"run_experiment again."})
-                base_src_fix = read_text(TRAIN)
-                outcome, info = self.converse(messages, stats, base_src_fix)
-                if outcome != "run":
-                    break
+                verdict, info = self.converse(messages, o, read_text(TRAIN))
             if run is None:
-                self.finish(exp, base, t0, stats, phase, status="invalid", description="(no valid run)",
-                            reason=info)
-                return
-            if run.status != "ok":
-                self.finish(exp, base, t0, stats, phase, status=run.status, commit=cand, description=desc,
-                            reason=run.reason, log=run.log)
-                return
-            values = [run.value]
-            status, delta, thr, why = decide(values, best, sigma, a.z, a.floor, a.confirm, self.metric)
-            # A keep is decided on this run; the second seed only refines best and sigma. Commit the keep before
-            # that run, so that Ctrl-C or kill -9 during it keeps the gain (on one run) instead of losing it.
-            pending_keep = status == "keep" and a.noise_runs >= 2
-            if pending_keep:
-                self.commit_keep(exp, desc, phase, run.value, delta, thr, sigma, values)
-            if status == "confirm" or pending_keep:
-                # confirm: a second seed must agree; keep: repeat to re-estimate sigma and de-bias best
-                rep = run_sandbox(a, f"{exp}-s2", f"runs/{exp}-s2", 2, phase.split(":")[0], self.allowance(),
-                                  self.metric)
-                stats["run_seconds"] += rep.seconds
-                if rep.status == "ok":
-                    values.append(rep.value)
-                    if status == "confirm":
-                        status, delta, thr, why = decide(values, best, sigma, a.z, a.floor, a.confirm, self.metric)
-                elif status == "confirm":
-                    status, why = "discard", why + f", confirm run failed ({rep.status})"
-            if status == "keep":
-                self.keep(exp, desc, phase, run, delta, thr, why, sigma, values, stats, t0)
-                return
-            self.finish(exp, base, t0, stats, phase, status="discard", commit=cand, description=desc, reason=why,
-                        value=run.value, delta=delta, threshold=thr, values=values, metrics=run.metrics)
+                o.status, o.description, o.reason = "invalid", "(no valid run)", info
+            elif run.status != "ok":
+                o.status, o.reason = run.status, run.reason
+            else:
+                o.values, o.train_wall_seconds = [run.value], run.metrics.get("train_wall_seconds")
+                o.status, o.delta, o.threshold, o.reason = decide(o.values, best, sigma, a.z, a.floor, a.confirm,
+                                                                  self.metric)
+                # A keep is decided on this run; the second seed only refines best and sigma. Commit the keep before
+                # that run, so that Ctrl-C or kill -9 during it keeps the gain (on one run) instead of losing it.
+                pending_keep = o.status == "keep" and a.noise_runs >= 2
+                if pending_keep:
+                    self.commit_keep(o)
+                if o.status == "confirm" or pending_keep:
+                    # confirm: a second seed must agree; keep: repeat to re-estimate sigma and de-bias best
+                    rep = self.run(f"{o.experiment}-s2", 2, short, self.allowance())
+                    o.run_seconds += rep.seconds
+                    if rep.status == "ok":
+                        o.values.append(rep.value)
+                        if o.status == "confirm":
+                            o.status, o.delta, o.threshold, o.reason = decide(o.values, best, sigma, a.z, a.floor,
+                                                                              a.confirm, self.metric)
+                    elif o.status == "confirm":
+                        o.status, o.reason = "discard", o.reason + f", confirm run failed ({rep.status})"
         except (KeyboardInterrupt, HarnessError) as e:
             signal.signal(signal.SIGINT, signal.SIG_IGN)    # a second Ctrl-C must not break the clean-up
             if pending_keep:
-                self.keep(exp, desc, phase, run, delta, thr, why + ", second seed interrupted", sigma, values, stats,
-                          t0)
+                o.reason += ", second seed interrupted"
             else:
-                self.finish(exp, base, t0, stats, phase, status="interrupted", commit=cand, description=desc,
-                            reason=str(e) or "Ctrl-C / SIGTERM")
+                o.status, o.reason = "interrupted", str(e) or "Ctrl-C / SIGTERM"
+            self.conclude(o)
             raise
+        self.conclude(o)
 
-    def commit_keep(self, exp, desc, phase, value, delta, thr, sigma, values):
-        """Amend the candidate into the keep commit; its trailers let a resume record a keep whose row never got
+    def commit_keep(self, o):
+        """Amend the candidate into the keep commit; its trailers let --resume record a keep whose row never got
         written."""
-        trailers = {"Runs": ",".join(fmt(v, 6) for v in values), "Best": fmt(sum(values) / len(values), 6),
-                    "Threshold": fmt(thr), "Sigma": fmt(sigma) or "unknown"}
-        git("commit", "-q", "--no-verify", "--amend", "-m", commit_message(exp, desc, phase, "keep", value, delta,
-                                                                          trailers, self.metric))
-        return git("rev-parse", "HEAD")
-
-    def keep(self, exp, desc, phase, run, delta, thr, why, sigma, values, stats, t0):
-        head = self.commit_keep(exp, desc, phase, run.value, delta, thr, sigma, values)
-        self.record(experiment=exp, commit=head, **{self.metric.column: run.value}, delta=delta, status="keep",
-                    description=desc, runs=",".join(fmt(v, 6) for v in values), best=sum(values) / len(values),
-                    threshold=thr, reason=why, phase=phase, best_commit=head,
-                    val_median_rank=run.metrics.get("val_median_rank"), model_seconds=stats["model_seconds"],
-                    run_seconds=stats["run_seconds"], wall_seconds=time.time() - t0,
-                    prompt_tokens=stats["prompt_tokens"], train_wall_seconds=run.metrics.get("train_wall_seconds"))
-        self.cleanup_runs()
-        say(f"autoresearch: experiment {exp}: KEEP {self.metric.column} {fmt(run.value)} ({why})")
-
-    def finish(self, exp, base, t0, stats, phase, status, description, reason, commit="", value=None, delta=None,
-               threshold=None, values=(), metrics=None, log=None):
-        """Record a non-keep outcome, then go back to the best commit keeping the scratchpad notes."""
-        scratch = read_scratchpad()
-        self.record(experiment=exp, commit=commit, **{self.metric.column: value}, delta=delta, status=status,
-                    description=description, runs=",".join(fmt(v, 6) for v in values), best=self.best,
-                    threshold=threshold, reason=reason, phase=phase, best_commit=base,
-                    val_median_rank=(metrics or {}).get("val_median_rank"), model_seconds=stats["model_seconds"],
-                    run_seconds=stats["run_seconds"], wall_seconds=time.time() - t0,
-                    prompt_tokens=stats["prompt_tokens"], train_wall_seconds=(metrics or {}).get("train_wall_seconds"))
-        self.restore(base, scratch)
-        self.cleanup_runs()
-        say(f"autoresearch: experiment {exp}: {status.upper()} {fmt(value) if value else ''} ({reason})")
+        trailers = {"Runs": cell(o.values), "Best": cell(sum(o.values) / len(o.values)), "Threshold": cell(o.threshold)}
+        git("commit", "-q", "--no-verify", "--amend", "-m", commit_message(o.experiment, o.description, o.phase, "keep",
+                                                                          o.values[0], o.delta, trailers, self.metric))
+        o.commit = git("rev-parse", "HEAD")
 
     def user_message(self, train_src, best, sigma, phase):
         scratch = read_scratchpad() or ""
@@ -1769,7 +1838,6 @@ class Loop:
 
     def main(self):
         self.setup()
-        self.rows = load_results()
         try:
             if not any(r["status"] == "baseline" for r in self.rows):
                 self.baseline()

@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 import types
 
 import pytest
@@ -18,6 +19,7 @@ import autoresearch as ar  # noqa: E402
 # ---------------------------------------------------------------- the metric, declared once by the project
 
 ACC = ar.Metric("accuracy", "maximize")   # a fork's metric: higher is better
+MR = ar.Metric("mean_rank", "minimize")   # this project's
 
 
 def test_project_metric_is_read_from_prepare_data(tmp_path):
@@ -45,7 +47,7 @@ def test_project_metric_is_read_from_prepare_data(tmp_path):
 def test_no_metric_is_written_into_the_harness():
     with open(os.path.join(ROOT, "autoresearch.py")) as f:
         src = f.read()
-    for literal in ("mean_rank", "lower is better", "higher is better"):
+    for literal in ("mean_rank", "median_rank", "lower is better", "higher is better"):
         assert literal not in src, literal
 
 
@@ -364,6 +366,30 @@ def test_results_round_trip(tmp_path):
         ar.load_results(path)
 
 
+def test_one_row_builder_typed_rows_exact_in_results_tsv(tmp_path):
+    """Every outcome makes its row in one place; best and sigma keep full precision, and results.tsv gives back the
+    very same typed rows (it is read only on --resume)."""
+    base = ar.Outcome(0, "baseline", description="baseline", commit="c0", values=[48.123456789, 47.98765432],
+                      delta=0.0, reason="2 seed(s)", started=100.0, round=0)
+    row0 = ar.make_row(base, [], MR, 130.0)
+    assert row0["best"] == (48.123456789 + 47.98765432) / 2 and row0["sigma"] == ar.pooled_sigma([base.values])
+    assert (row0["val_mean_rank"], row0["runs"], row0["best_commit"], row0["wall_seconds"], row0["agent"]) == (
+        48.123456789, (48.123456789, 47.98765432), "c0", 30.0, "llm")
+    disc = ar.Outcome(1, "discard", commit="c1", base="c0", values=[47.9], delta=47.9 - row0["best"],
+                      threshold=0.2, model_seconds=1.5, prompt_tokens=1234, round=1, agent="random")
+    row1 = ar.make_row(disc, [row0], MR, 200.0)
+    assert (row1["best"], row1["sigma"], row1["best_commit"], row1["wall_seconds"]) == (row0["best"], row0["sigma"],
+                                                                                         "c0", None)
+    crash = ar.Outcome(2, "crash", commit="c2", base="c0", reason="run.sh exit 1: boom", round=2, worker=3)
+    row2 = ar.make_row(crash, [row0, row1], MR, 300.0)
+    assert (row2["val_mean_rank"], row2["runs"], row2["best"], row2["worker"]) == (None, (), row0["best"], 3)
+    path = str(tmp_path / "results.tsv")
+    for r in (row0, row1, row2):
+        ar.append_row(r, path, MR)
+    assert [ar.typed_row(r, MR) for r in ar.load_results(path, metric=MR)] == [row0, row1, row2]
+    assert "\t48.123456789\t" in open(path).read() and "\t48.06\t" not in open(path).read()
+
+
 def test_summarize():
     rows = [{"experiment": "0", "status": "baseline", "val_mean_rank": "100", "best": "100", "best_commit": "a",
              "wall_seconds": "600", "run_seconds": "600", "model_seconds": "0"},
@@ -480,6 +506,79 @@ def test_resume_and_report_refuse_results_of_another_metric(repo):
         with pytest.raises(ar.HarnessError, match="records val_accuracy"):
             ar.report(types.SimpleNamespace(test=False, **how))
     assert (repo / "results.tsv").read_text().count("\n") == 2                 # left as it was
+
+
+def test_conclude_keeps_or_reverts_and_records_one_row(repo):
+    base = git(repo, "rev-parse", "HEAD")
+    ar.append_row(baseline_row(base))
+    loop = ar.Loop(loop_args(), None)
+    loop.setup()
+
+    def candidate(src, notes):
+        (repo / "train.py").write_text(src)
+        (repo / "scratchpad.md").write_text(notes)
+        git(repo, "commit", "-qam", ar.commit_message(len(loop.rows), src, "Phase 1: Hyperparameters", "candidate"))
+        return git(repo, "rev-parse", "HEAD")
+
+    # a discard goes back to where it started; the notes survive in a commit of their own
+    worse = candidate("LR = 2\n", "notes\n- lr 2: worse\n")
+    loop.conclude(loop.outcome(1, status="discard", description="lr 2", commit=worse, base=base, values=[53.0],
+                               delta=2.0, threshold=1.0, reason="not > threshold", started=time.time()))
+    assert (repo / "train.py").read_text() == "LR = 1\n" and "lr 2: worse" in (repo / "scratchpad.md").read_text()
+    assert git(repo, "log", "-1", "--format=%s") == "scratchpad: notes kept across a revert"
+    assert git(repo, "status", "--porcelain") == ""
+    # a keep amends its candidate into the keep commit, whose trailers carry the row's numbers exactly
+    notes_commit = git(repo, "rev-parse", "HEAD")
+    cand = candidate("LR = 3\n", "notes\n- lr 2: worse\n- lr 3: better\n")
+    o = loop.outcome(2, status="keep", description="lr 3", phase="Phase 1: Hyperparameters", commit=cand,
+                     base=notes_commit, values=[45.123456, 46.987654], delta=-4.9, threshold=2.5, reason="kept")
+    loop.conclude(o)
+    head = git(repo, "rev-parse", "HEAD")
+    tr = ar.parse_trailers(git(repo, "log", "-1", "--format=%B"))
+    assert o.commit == head != cand and (tr["Status"], tr["Runs"], tr["Threshold"]) == ("keep", "45.123456,46.987654",
+                                                                                         "2.5")
+    assert (repo / "train.py").read_text() == "LR = 3\n" and git(repo, "status", "--porcelain") == ""
+    rows = ar.load_results()
+    assert [(r["experiment"], r["status"], r["commit"], r["best_commit"], r["round"], r["worker"]) for r in rows] == [
+        ("0", "baseline", base, base, "", ""), ("1", "discard", worse, base, "1", "0"),
+        ("2", "keep", head, head, "2", "0")]
+    assert loop.best == (45.123456 + 46.987654) / 2 and loop.sigma() == ar.pooled_sigma([[50, 52],
+                                                                                         [45.123456, 46.987654]])
+    again = ar.Loop(loop_args(), None)          # --resume reads back the very numbers
+    again.setup()
+    assert again.best == loop.best and again.sigma() == loop.sigma() and again.rows == loop.rows
+    assert [r["round"] for r in again.rows] == [0, 1, 2]
+
+
+OLD_HEADER = ("experiment commit val_mean_rank delta status description runs best sigma threshold reason phase "
+              "best_commit val_median_rank model_seconds run_seconds wall_seconds prompt_tokens finished agent "
+              "train_wall_seconds").split()
+
+
+def test_resume_upgrades_a_results_tsv_written_before_rounds_and_workers(repo):
+    base = git(repo, "rev-parse", "HEAD")
+    old = [dict(baseline_row(base), experiment="0", val_median_rank="9", agent="llm", sigma="1.414"),
+           {"experiment": "1", "commit": "", "val_mean_rank": "", "delta": "", "status": "invalid",
+            "description": "(no valid run)", "best": "51", "reason": "no tool call", "best_commit": base,
+            "val_median_rank": "", "agent": "llm", "model_seconds": "12.5"}]
+    text = "\t".join(OLD_HEADER) + "\n" + "".join("\t".join(r.get(c, "") for c in OLD_HEADER) + "\n" for r in old)
+    (repo / "results.tsv").write_text(text)
+    loop = ar.Loop(loop_args(), None)
+    loop.setup()
+    header = (repo / "results.tsv").read_text().split("\n")[0].split("\t")
+    assert header == MR.columns + ["val_median_rank"]          # what it no longer writes stays, at the end
+    rows = ar.load_results()
+    for r, o in zip(rows, old):                                 # nothing recorded is lost or changed
+        assert {c: r[c] for c in OLD_HEADER} == {c: o.get(c, "") for c in OLD_HEADER}
+    assert [(r["round"], r["worker"]) for r in rows] == [("0", "0"), ("1", "0")]
+    assert loop.best == 51.0 and [r["round"] for r in loop.rows] == [0, 1]
+    loop.record(loop.outcome(2, status="invalid", base=base, reason="again"))
+    rows = ar.load_results()
+    assert (rows[2]["experiment"], rows[2]["reason"], rows[2]["round"], rows[2]["val_median_rank"]) == ("2", "again",
+                                                                                                      "2", "")
+    text = (repo / "results.tsv").read_text()
+    ar.Loop(loop_args(), None).setup()                          # once upgraded, left as it is
+    assert (repo / "results.tsv").read_text() == text
 
 
 # ---------------------------------------------------------------- context budget and flags
