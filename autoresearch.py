@@ -7,13 +7,15 @@
 Each experiment: the model reads train.py + scratchpad.md + recent results, makes ONE change through
 three tools (read_file, edit_file, run_experiment), the harness trains it in the sandbox (./run.sh),
 reads the metric from the trusted evaluation block, and keeps the commit only if the improvement is
-larger than the measured run-to-run noise. Otherwise git goes back to the best commit.
+larger than the measured run-to-run noise. Otherwise git goes back to the best commit. However it ends (kept,
+discarded, crashed, interrupted, ...), an experiment is one Outcome, which Loop.conclude turns into that git step
+and one results row (make_row).
 
 Files: branch autoresearch/<tag> holds the baseline, every kept experiment (one commit each, with a structured
-message) and scratchpad-only commits; results.tsv (untracked, append-only, fsync'd) has one row per experiment;
-logs/<exp>.log (and logs/<exp>-s2.log for a second seed) is the full run.sh output; runs/<exp>/ is the model
-hand-off, kept only for the baseline and the current best (for `report --test`); progress.png is redrawn after
-every experiment.
+message) and scratchpad-only commits; results.tsv (untracked, append-only, fsync'd) has one row per experiment,
+its values exact, read back only by --resume (and `report`); logs/<exp>.log (and logs/<exp>-s2.log for a second
+seed) is the full run.sh output; runs/<exp>/ is the model hand-off, kept only for the baseline and the current best
+(for `report --test`); progress.png is redrawn after every experiment.
 
 The metric is the project's: prepare_data.py declares METRIC (its evaluation prints val_<METRIC>) and DIRECTION
 (minimize or maximize) as two literal lines, read here with ast (project_metric); nothing else names it.
@@ -30,9 +32,10 @@ program.md's `## Search space` block, else derived from train.py's active preset
 train.py as an ordinary edit; commit, sandbox, keep rule, results.tsv (column `agent`) and branch are the same.
 `report --compare` draws several runs on the same axes (compare.png) with a table.
 
-The model acts only through the three tools (Loop.tool_read, Loop.tool_edit, and run_experiment, which ends its turn);
-every subprocess goes through `spawn`, an allowlist of fixed argument lists.
-Parsing, editing, deciding and prompt building are pure functions (tested in tests/test_autoresearch.py).
+The model acts only through the three tools: read_file and edit_file (Loop.tool_read, Loop.tool_edit), and
+run_experiment, which Loop.converse handles itself (it ends the turn). Every subprocess goes through `spawn`, an
+allowlist of fixed argument lists. Parsing, editing, deciding and prompt building are pure functions (tested in
+tests/test_autoresearch.py); those with a `metric=None` parameter then read the project's (project_metric).
 """
 import argparse
 import ast
