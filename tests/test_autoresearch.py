@@ -424,6 +424,24 @@ def test_report_png(tmp_path):
     assert_plot_marks(out, rows, tmp_path)
 
 
+def test_report_png_names_the_metric_and_marks_failures_at_the_worse_end(monkeypatch):
+    """The y axis names the metric and its direction; a crash has no value, so its x sits at the worst value drawn:
+    the top when lower is better, the bottom when higher is."""
+    import matplotlib.figure
+    drawn = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, path: drawn.append(fig))
+    for metric, values, label in ((MR, (50.0, 40.0, 45.0), "val_mean_rank (lower is better)"),
+                                  (ACC, (0.5, 0.7, 0.6), "val_accuracy (higher is better)")):
+        rows = [{"experiment": str(i), "status": st, metric.column: str(v), "best": str(values[0]), "description": "d",
+                 "wall_seconds": "1", "run_seconds": "1", "model_seconds": "0"}
+                for i, (st, v) in enumerate(zip(("baseline", "keep", "discard"), values))]
+        rows.append(dict(rows[-1], experiment="3", status="crash", **{metric.column: ""}))
+        ar.write_report(rows, "unused.png", quiet=True, metric=metric)
+        ax = drawn[-1].axes[0]
+        crash = next(c for c in ax.collections if c.get_label() == "crash / timeout / invalid")
+        assert ax.get_ylabel() == label and crash.get_offsets()[0][1] == values[0]
+
+
 # ---------------------------------------------------------------- resume reconciliation on real git
 
 def git(cwd, *args):
