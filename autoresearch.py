@@ -961,7 +961,7 @@ def tuner_trials(rows, agent, space, metric=None):
                                f"({r['description'][:80]!r}): resume with the {PROGRAM} and train.py it started with")
         if params in pending:
             pending.remove(params)
-        runs = [num(x) for x in r.get("runs", "").split(",") if num(x) is not None]
+        runs = runs_of(r)
         value = None if r["status"] in ("crash", "timeout", "invalid") else (
             sum(runs) / len(runs) if runs else num(r[col]))
         done.append((params, value))
@@ -2008,7 +2008,7 @@ def compare_line(rows, scores, metric=None):
     _, best_commit, _, _ = state_from_rows(rows)
     checked = survived = 0
     for i, r in enumerate(rows):
-        runs = [num(x) for x in r.get("runs", "").split(",") if num(x) is not None]
+        runs = runs_of(r)
         before = next((num(p["best"]) for p in reversed(rows[:i]) if num(p["best"]) is not None), None)
         if r["status"] == "keep" and len(runs) >= 2 and before is not None and num(r["threshold"]) is not None:
             checked += 1

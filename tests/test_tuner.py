@@ -184,6 +184,8 @@ def test_history_from_rows_failed_and_interrupted_trials():
     done, pending = ar.tuner_trials(rows, "random", space)      # a crash is a failed trial, whatever it printed
     assert done == [({"LR": 0.001}, 41.0), ({"LR": 0.002}, None), ({"LR": 0.003}, None), ({"LR": 0.005}, 30.0)]
     assert pending == [{"LR": 0.004}, {"LR": 0.006}]
+    mr = ar.Metric("mean_rank", "minimize")                    # the loop's own rows are typed: the same history
+    assert ar.tuner_trials([ar.typed_row(r, mr) for r in rows], "random", space, mr) == (done, pending)
     done, pending = ar.tuner_trials(rows + [row(9, "discard", 0.004, "45", "45")], "random", space)
     assert pending == [{"LR": 0.006}] and done[-1] == ({"LR": 0.004}, 45.0)
     with pytest.raises(ar.HarnessError, match="experiment 9 .* not a trial of this search space"):
