@@ -147,8 +147,8 @@ def _declared_metric(path, text):
     except SyntaxError as e:
         raise HarnessError(f"{path} does not parse ({e.msg}, line {e.lineno})") from None
     name, direction = found.get("METRIC"), found.get("DIRECTION")
-    if not (isinstance(name, str) and re.fullmatch(r"[a-z][a-z0-9_]*", name)) or direction not in ("minimize",
-                                                                                                  "maximize"):
+    named = isinstance(name, str) and re.fullmatch(r"[a-z][a-z0-9_]*", name)
+    if not named or direction not in ("minimize", "maximize"):
         def seen(v):
             return "missing" if v is None else repr(v) if isinstance(v, str) else "not a string literal"
         raise HarnessError(f"{path} must declare the project's metric on two top-level lines of plain string "
