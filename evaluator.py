@@ -162,7 +162,8 @@ ARCHIVE_ENTRIES = re.compile(r"(archive_format|archive_version|byteorder|\.data/
                              r"|data/constants/model_constants_config\.json|data/constants/tensor_\d+)")
 ARCHIVE_HEADER = {"archive_format": rb"pt2", "archive_version": rb"\d+", "byteorder": rb"little|big",
                   ".data/version": rb"\d+\n?"}
-FQN = re.compile(r"[A-Za-z_][\w.]*")  # weight names and graph names; they end up in generated Python code
+FQN = re.compile(r"\w[\w.]*")  # weight and graph names (nn.Sequential's start with a digit); they end up in
+                                # generated Python code, so never a quote, bracket or operator
 # Graph ops: aten only (plus the plumbing export emits), no I/O, no string arguments but these harmless ones.
 DENIED_ATEN = {"_print", "from_file"}
 STR_ARGS = {"approximate", "rounding_mode", "equation", "reduce", "side", "mode", "padding", "padding_mode",
