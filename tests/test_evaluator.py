@@ -83,6 +83,15 @@ def test_the_split_can_come_from_a_directory_or_from_stdin_alike(honest, tiny_da
     assert t.returncode == 0 and t.values["test_n"] == "40" and "val_mean_rank" not in t.out, t.err
 
 
+def test_the_trusted_parent_never_imports_torch(honest, tiny_data):
+    # it reads, checks and scores; only the child process, which runs the graphs, has torch
+    code = ("import sys, evaluator; rc = evaluator.main(['--evaluate', sys.argv[1], '--data', sys.argv[2]]); "
+            "assert rc == 0 and 'torch' not in sys.modules, rc")
+    p = subprocess.run([sys.executable, "-c", code, str(honest), str(tiny_data)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0 and "val_mean_rank: " in p.stdout, p.stderr
+
+
 @pytest.mark.parametrize("stream, message", [
     ({"extra": [("val/heatmaps.npy", b"x")]}, "unexpected entry 'val/heatmaps.npy' in the data on stdin"),
     ({"extra": [("meta.json", b"{}")]}, "unexpected entry 'meta.json' in the data on stdin"),
