@@ -97,7 +97,7 @@ def project_constants(path=PROJECT):
         if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
             try:
                 value = ast.literal_eval(node.value)
-            except ValueError:
+            except (ValueError, TypeError, SyntaxError, RecursionError):   # not a literal
                 value = None
             found.setdefault(node.targets[0].id, []).append(value)
     out = {}
@@ -350,7 +350,6 @@ def check_archive(raw):
     return buf.getvalue()
 
 
-
 # ----------------------------------------------------------------------------------------------- the hand-off
 
 def read_handoff(run_dir, name):
@@ -445,7 +444,6 @@ def _recv(fd, cap=None, deadline=None):
 
 
 CHILD_ENV = ("PATH", "HOME", "LD_LIBRARY_PATH", "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS")
-
 
 
 class Child:
@@ -576,7 +574,6 @@ def check_graphs(ep):
                 if node.op != "call_function":
                     raise Refused(f"the graph has a {node.op} node; only functional aten graphs are allowed")
                 _check_op(_op_name(node.target))
-
 
 
 # ----------------------------------------------------------------------------------------------- scoring

@@ -377,26 +377,31 @@ def project(tmp_path, score_body):
     return d / "evaluator.py"
 
 
+@pytest.mark.parametrize("result, error, message", [
+    ({"r1": 1.0}, ev.SetupError, "score() must return a dict {name: number} that holds METRIC 'mean_rank'"),
+    ({"mean_rank": "best"}, ev.SetupError, "score() must return a dict {name: number}"),
+    ({"mean_rank": True}, ev.SetupError, "score() must return a dict {name: number}"),
+    ({"mean_rank": 1.0, "Bad key": 2}, ev.SetupError, "score() must return a dict {name: number}"),
+    ({"mean_rank": float("nan")}, ev.Refused, "score() gave non-finite values for ['mean_rank']"),
+])
+def test_what_score_must_return(result, error, message):
+    with pytest.raises(error) as e:
+        ev.trusted_lines(result, "mean_rank", "val")
+    assert message in str(e.value)
+    # control: METRIC first, whatever the order score() returns; integers as integers
+    assert ev.trusted_lines({"n": 3, "r1": np.float32(0.5), "mean_rank": np.float64(2.25)}, "mean_rank", "test") == \
+        ["test_mean_rank: 2.25", "test_n: 3", "test_r1: 0.5"]
+
+
 @pytest.mark.parametrize("body, rc, message", [
     ("    return {'r1': 1.0}\n", 2, "score() must return a dict {name: number} that holds METRIC 'mean_rank'"),
-    ("    return {'mean_rank': 'best'}\n", 2, "score() must return a dict {name: number}"),
     ("    encode('model.pt2', split['tokens'])\n", 2, "score() ran 'model.pt2', which is not in PROGRAMS"),
     ("    encode('text_encoder.pt2', split['tokens'].astype(object))\n", 2, "score() must give text_encoder.pt2 numeric"),
-    ("    return {'mean_rank': float('nan')}\n", 1, "score() gave non-finite values for ['mean_rank']"),
     ("    raise KeyError('labels')\n", 1, "score() in prepare_data.py failed (KeyError: 'labels')"),
-], ids=["no_metric", "string", "unknown_program", "object_array", "nan", "raises"])
-def test_what_score_must_return_and_may_ask(honest, tiny_data, tmp_path, body, rc, message):
+], ids=["no_metric", "unknown_program", "object_array", "raises"])
+def test_what_score_may_ask_and_how_it_fails(honest, tiny_data, tmp_path, body, rc, message):
     p = evaluate(honest, tiny_data, evaluator=project(tmp_path, body))
     assert p.returncode == rc and message in p.err and "val_" not in p.out, p.err
-
-
-def test_the_metric_comes_first_whatever_the_order_score_returns(honest, tiny_data, tmp_path):
-    plain = evaluate(honest, tiny_data)
-    body = "    m = _score(encode, split)\n    return {'n': m['n'], 'r1': m['r1'], 'mean_rank': m['mean_rank']}\n"
-    p = evaluate(honest, tiny_data, evaluator=project(tmp_path, body))
-    assert p.returncode == 0, p.err
-    assert p.out.splitlines()[:3] == [f"val_mean_rank: {plain.values['val_mean_rank']}", "val_n: 100",
-                                      f"val_r1: {plain.values['val_r1']}"]
 
 
 def test_a_refusal_sticks_even_when_score_catches_it(tiny_data, tmp_path):
