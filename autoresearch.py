@@ -1885,8 +1885,8 @@ def summary(rows, metric):
     if not s:
         print("autoresearch: no baseline recorded yet")
         return
-    print(f"baseline {metric.column} {s['baseline']:.4g} -> best {s['best']:.4g} (exp {s['best_exp']}), "
-          f"{s['delta_pct']:+.1f}%")
+    print(f"{metric.column} ({metric.better} is better): baseline {s['baseline']:.4g} -> best {s['best']:.4g} "
+          f"(exp {s['best_exp']}), {s['delta_pct']:+.1f}%")
     print(f"{s['experiments']} experiments, {s['keeps']} kept ({s['keep_rate']:.0%}), {s['crashes']} crashed/"
           f"timed out, {s['per_hour']:.1f} experiments/hour")
     print(f"wall time: {s['train_share']:.0%} training+evaluation, {s['model_share']:.0%} waiting for the model, "

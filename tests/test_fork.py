@@ -92,6 +92,7 @@ def runs(tmp_path_factory):
         out = dict(zip(repos, pool.map(lambda repo: run_sh(repo, data), repos.values())))
     out["test"] = run_sh(repos["baseline"], data, "--test", "runs/last")
     print(f"fork runs: {time.time() - t:.0f}s; " + ", ".join(f"{k} {v.block[:1]}" for k, v in out.items()))
+    out["data"] = data
     return out
 
 
@@ -128,3 +129,43 @@ def test_the_sandbox_and_the_engines_checks_guard_the_fork(runs):
     assert p.returncode == 3 and "val_accuracy" not in p.metrics, p.stdout[-3000:]
     assert p.lines[-1].startswith("run.sh: REFUSED by the evaluator: classifier.pt2 gives a different output for "
                                   "the same input in another batch"), p.lines[-1]
+
+
+def test_the_loop_keeps_and_reverts_in_the_forks_direction(tmp_path, runs):
+    """The README's last step: python autoresearch.py in the fork, with the scripted model. The fork starts from a
+    slow learning rate; raising it is kept (accuracy goes up: higher is better), lowering it again is reverted, and
+    a hand-off the engine refuses is a crash with the engine's reason."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from fake_ollama import FakeOllama, tool_call
+    slow, fast = "LEARNING_RATE = 0.0003\n", "LEARNING_RATE = 0.03\n"
+    repo = make_fork(tmp_path / "fork", train_with(BASELINE, slow))
+    hostile = HOSTILE.lstrip("\n") + "    torch.export.save("
+    script = [tool_call("edit_file", path="train.py", old_text=slow, new_text=fast),
+              tool_call("run_experiment", description="raise the learning rate"),
+              tool_call("edit_file", path="train.py", old_text=fast, new_text=slow),
+              tool_call("run_experiment", description="lower the learning rate"),
+              tool_call("edit_file", path="train.py", old_text="    torch.export.save(", new_text=hostile),
+              tool_call("run_experiment", description="centre the logits on the batch")]
+    env = dict(os.environ, AUTORESEARCH_IMAGE="host", AUTORESEARCH_DATA=str(runs["data"]), PYTHONUNBUFFERED="1",
+               GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
+    env.pop("AUTORESEARCH_SANDBOX", None)
+    with FakeOllama({"qwen2.5-coder:7b": 32768}, script) as fake:
+        p = subprocess.run([sys.executable, "autoresearch.py", "--tag", "fork", "--max-experiments", "3",
+                            "--noise-runs", "2", "--fix-attempts", "0", "--time-budget", "20"],
+                           cwd=repo, env=dict(env, OLLAMA_HOST=fake.url), capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0 and fake.remaining == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    header, *lines = (repo / "results.tsv").read_text().strip().split("\n")
+    assert header.split("\t")[:6] == ["experiment", "commit", "val_accuracy", "delta", "status", "description"]
+    rows = [dict(zip(header.split("\t"), line.split("\t"))) for line in lines]
+    assert [r["status"] for r in rows] == ["baseline", "keep", "discard", "crash"], rows
+    base, keep, worse, refused = (float(r["val_accuracy"] or "nan") for r in rows)
+    assert keep > base + 0.2 and float(rows[1]["delta"]) > 0, rows          # up is better: kept
+    assert worse < keep - 0.2 and float(rows[2]["delta"]) < 0, rows         # down is worse: reverted
+    assert "REFUSED by the evaluator" in rows[3]["reason"], rows[3]
+    head = subprocess.run(["git", "show", "HEAD:train.py"], cwd=repo, capture_output=True, text=True).stdout
+    assert fast in head and "Centred" not in head
+    assert subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True).stdout == ""
+    assert re.search(r"^best \(exp 1\) +[\d.]+ +[\d.]+$", p.stdout, re.M), p.stdout[-2000:]   # test_accuracy of best
+    r = subprocess.run([sys.executable, "autoresearch.py", "report"], cwd=repo, env=env, capture_output=True, text=True)
+    assert r.returncode == 0 and "val_accuracy (higher is better): baseline" in r.stdout, r.stdout + r.stderr
+    assert (repo / "progress.png").stat().st_size > 10_000
