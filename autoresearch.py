@@ -46,8 +46,10 @@ import select
 import shlex
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -56,7 +58,8 @@ from dataclasses import dataclass
 DEFAULT_MODEL = "qwen2.5-coder:7b"
 DEFAULT_HOST = "http://127.0.0.1:11434"
 RESULTS = "results.tsv"
-RUNNING = "runs/.running"         # pid of the run.sh in flight (its process group id)
+RUNNING = "runs/.running"         # pids of the run.sh in flight (their process group ids), one per line
+WORKTREES = ".worktrees"          # --workers N: worker k's git worktree is .worktrees/w<k>
 PROGRAM = "program.md"
 SCRATCHPAD = "scratchpad.md"
 TRAIN = "train.py"
@@ -66,7 +69,7 @@ COLUMNS = ["experiment", "commit", "val_mean_rank", "delta", "status", "descript
            "train_wall_seconds"]
 READABLE = {TRAIN, PROGRAM, SCRATCHPAD, RESULTS}       # + the last run's log, added at run time
 EDITABLE = {TRAIN, SCRATCHPAD}
-OUR_OUTPUTS = ("results.tsv", "progress.png", "logs/", "runs/",  # never make the tree "dirty"
+OUR_OUTPUTS = ("results.tsv", "progress.png", "logs/", "runs/", ".worktrees/",  # never make the tree "dirty"
                "results-", "compare.png", "test_scores.tsv")          # (results-TAG.tsv: archived runs)
 TEST_SCORES = "test_scores.tsv"   # test_mean_rank of each commit evaluated on the test split
 SCRATCHPAD_MAX_CHARS = 4000       # the agent must condense its notes beyond this
@@ -94,7 +97,7 @@ class HarnessError(Exception):
 # ----------------------------------------------------------------------------------------------
 # The allowlist: one function through which every subprocess goes.
 
-GIT_SUBCOMMANDS = {"rev-parse", "status", "add", "commit", "reset", "checkout", "log", "config", "show"}
+GIT_SUBCOMMANDS = {"rev-parse", "status", "add", "commit", "reset", "checkout", "log", "config", "show", "worktree"}
 
 
 def check_argv(argv):
@@ -138,8 +141,8 @@ def spawn(argv, *, wait=True, **kw):
     return subprocess.Popen(list(argv), shell=False, **kw)
 
 
-def git(*args, check=True):
-    p = spawn(["git", *args])
+def git(*args, check=True, cwd=None):
+    p = spawn(["git", *args], cwd=cwd)
     if check and p.returncode != 0:
         raise HarnessError(f"git {' '.join(args[:2])} failed: {(p.stderr or p.stdout).strip()}")
     return p.stdout.strip()
@@ -1033,19 +1036,130 @@ def _alive(pid):
         return False
 
 
+_running = {}                     # label -> pid of each run.sh in flight, mirrored in RUNNING
+_running_lock = threading.Lock()  # workers' runs start and end in their own threads
+
+
+def track_run(label, pid):
+    """Note a run in flight (pid) or its end (None) in RUNNING, so that a later start can stop what a harness
+    killed with -9 left running. Written whole and renamed into place: a kill never leaves half a line."""
+    with _running_lock:
+        if pid is None:
+            _running.pop(label, None)
+        else:
+            _running[label] = pid
+        if _running:
+            write_text(RUNNING + ".tmp", "\n".join(str(p) for p in _running.values()))
+            os.replace(RUNNING + ".tmp", RUNNING)
+        elif os.path.exists(RUNNING):
+            os.remove(RUNNING)
+
+
 def stop_orphan():
-    """A run.sh left behind by a harness that was killed with -9 would race the next run: stop it."""
+    """run.sh processes left behind by a harness that was killed with -9 would race the next runs: stop them."""
     try:
-        pid = int(read_text(RUNNING).strip())
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            alive = b"run.sh" in f.read()
+        pids = [int(x) for x in read_text(RUNNING).split()]
     except (OSError, ValueError):
-        alive = False
-    if alive:
-        say(f"autoresearch: stopping the run.sh (pid {pid}) left by a killed harness")
-        stop_group(pid, 30)
+        pids = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                alive = b"run.sh" in f.read()
+        except OSError:
+            alive = False
+        if alive:
+            say(f"autoresearch: stopping the run.sh (pid {pid}) left by a killed harness")
+            stop_group(pid, 30)
     if os.path.exists(RUNNING):
         os.remove(RUNNING)
+
+
+# ----------------------------------------------------------------------------------------------
+# Workers (--workers N): a round starts N candidates from the same best commit, each in its own git worktree
+# (.worktrees/w<k>) and slot (a GPU, or a share of the cores); at its end at most one is kept.
+
+def sidak_z(z, n):
+    """Pure. The z each of n candidates must pass so that the best of n seed-only candidates passes no more often
+    than one candidate passes z (Šidák): alpha = 1 - Phi(z), alpha_n = 1 - (1 - alpha)^(1/n), z_n = Phi^-1(1 - alpha_n).
+    """
+    if n == 1:
+        return z   # exactly, not through two roundings
+    nd = statistics.NormalDist()
+    alpha_n = -math.expm1(math.log1p(-nd.cdf(-z)) / n)   # 1 - (1 - alpha)^(1/n) without cancellation
+    return -nd.inv_cdf(alpha_n)
+
+
+def decide_round(best, sigma, values, z, floor=0.01, confirm=False, direction="minimize"):
+    """Pure. The end of a round: each candidate ({experiment: its value}) is decided against the round's starting
+    best with the round's z (sidak_z); the best that passes goes on (keep, or confirm), every other that passes is
+    discarded as beaten. Returns (winner or None, {experiment: (status, delta, threshold, why)})."""
+    out = {e: decide([v], best, sigma, z, floor, confirm) for e, v in values.items()}
+    passing = [e for e, d in out.items() if d[0] != "discard"]
+    sign = 1 if direction == "minimize" else -1
+    winner = min(passing, key=lambda e: (sign * values[e], e), default=None)   # ties: the earlier experiment
+    for e in passing:
+        if e != winner:
+            _, delta, thr, why = out[e]
+            out[e] = ("discard", delta, thr, f"beaten in round by experiment {winner} ({why})")
+    return winner, out
+
+
+def merge_scratchpads(base, finals):
+    """Pure. The round's scratchpad: base (the notes at the round's start) and, under a heading per experiment, the
+    lines each worker added or rewrote ({experiment: its final scratchpad}). A worker that deleted or condensed base
+    lines deletes them for nobody; a note already present (in base or from an earlier worker) is not repeated."""
+    out = base.rstrip("\n").split("\n") if base.strip() else []
+    seen = {line.strip() for line in out if line.strip()}
+    old = base.split("\n")
+    for exp, text in finals.items():
+        new = text.split("\n")
+        added = [line for tag, _, _, j1, j2 in difflib.SequenceMatcher(None, old, new, autojunk=False).get_opcodes()
+                 if tag in ("insert", "replace") for line in new[j1:j2]]
+        added = [line for line in added if line.strip() and line.strip() not in seen]
+        if added:
+            out += [""] * bool(out) + [f"## Notes of experiment {exp}", *added]
+            seen.update(line.strip() for line in added)
+    return "\n".join(out) + "\n"
+
+
+def worker_slots(n, gpus, gpu_count, cpu_count):
+    """Pure. The environment of each of n workers' runs: with GPUs (AUTORESEARCH_GPUS's ids, or "all"/unset: the
+    gpu_count detected) one GPU each; without, an even share of the cpu_count cores each (run.sh: podman --cpus
+    and as many threads)."""
+    if gpu_count:
+        ids = [str(i) for i in range(gpu_count)] if gpus in (None, "", "all") else \
+            [g.strip() for g in gpus.split(",") if g.strip()]
+        if len(ids) < n:
+            raise HarnessError(f"--workers {n} needs a GPU per worker, but there are {len(ids)} "
+                               f"(AUTORESEARCH_GPUS={gpus or 'all'}): pass --workers {len(ids)} or fewer")
+        return [{"AUTORESEARCH_GPUS": i} for i in ids[:n]]
+    return [{"AUTORESEARCH_CPUS": f"{cpu_count / n:.3g}"} for _ in range(n)]
+
+
+def gpu_count():
+    """GPUs the NVIDIA driver sees (none without it): read from /proc, no subprocess."""
+    d = "/proc/driver/nvidia/gpus"
+    return len(os.listdir(d)) if os.path.isdir(d) else 0
+
+
+def worktree(k, commit):
+    """Worker k's worktree (.worktrees/w<k>), checked out clean at commit (detached: the branch stays the main
+    checkout's). Reused across rounds; a stale folder (e.g. left by a kill -9) is replaced."""
+    path = os.path.join(WORKTREES, f"w{k}")
+    if os.path.isdir(path) and os.path.exists(os.path.join(path, ".git")):
+        git("reset", "-q", "--hard", commit, cwd=path)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+        git("worktree", "prune")
+        git("worktree", "add", "-q", "--detach", path, commit)
+    return path
+
+
+def sweep_worktrees():
+    """Remove every worker worktree (at start-up, on --resume and when the loop ends, normally or not): a round
+    always starts from fresh ones, so whatever is left is an orphan. git forgets those whose folder is gone."""
+    shutil.rmtree(WORKTREES, ignore_errors=True)
+    git("worktree", "prune")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1220,7 +1334,7 @@ def run_sandbox(args, label, run_dir, seed, phase_short, allowance=None):
     with open(log_path, "wb", buffering=0) as log:   # unbuffered: users (and tests) tail -f it
         p = spawn(launch_argv(args, label, ["./run.sh"], grace), wait=False, env=env, stdout=subprocess.PIPE,
                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-        write_text(RUNNING, str(p.pid))   # lets a later start stop this run if we get kill -9'd
+        track_run(label, p.pid)   # lets a later start stop this run if we get kill -9'd
         try:
             fd = p.stdout.fileno()
             while True:
@@ -1252,8 +1366,7 @@ def run_sandbox(args, label, run_dir, seed, phase_short, allowance=None):
             raise
         finally:
             p.stdout.close()
-            if os.path.exists(RUNNING):
-                os.remove(RUNNING)
+            track_run(label, None)
     live_clear()
     out = tail.decode("utf-8", "replace")
     metrics = parse_metrics(out)
