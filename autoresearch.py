@@ -7,18 +7,24 @@
 Each experiment: the model reads train.py + scratchpad.md + recent results, makes ONE change through
 three tools (read_file, edit_file, run_experiment), the harness trains it in the sandbox (./run.sh),
 reads the metric from the trusted evaluation block, and keeps the commit only if the improvement is
-larger than the measured run-to-run noise. Otherwise git goes back to the best commit.
+larger than the measured run-to-run noise. Otherwise git goes back to the best commit. However it ends (kept,
+discarded, crashed, interrupted, ...), an experiment is one Outcome, which Loop.conclude turns into that git step
+and one results row (make_row).
 
 Files: branch autoresearch/<tag> holds the baseline, every kept experiment (one commit each, with a structured
-message) and scratchpad-only commits; results.tsv (untracked, append-only, fsync'd) has one row per experiment;
-logs/<exp>.log (and logs/<exp>-s2.log for a second seed) is the full run.sh output; runs/<exp>/ is the model
-hand-off, kept only for the baseline and the current best (for `report --test`); progress.png is redrawn after
-every experiment.
+message) and scratchpad-only commits; results.tsv (untracked, append-only, fsync'd) has one row per experiment,
+its values exact, read back only by --resume (and `report`); logs/<exp>.log (and logs/<exp>-s2.log for a second
+seed) is the full run.sh output; runs/<exp>/ is the model hand-off, kept only for the baseline and the current best
+(for `report --test`); progress.png is redrawn after every experiment.
+
+The metric is the project's: prepare_data.py declares METRIC (its evaluation prints val_<METRIC>) and DIRECTION
+(minimize or maximize) as two literal lines, read here with ast (project_metric); nothing else names it.
 
 Keep rule (noise-aware): the baseline runs --noise-runs times with seeds 1..K; sigma is the pooled standard
 deviation of all repeated runs (baseline + each keep, which is re-run once with seed 2). A candidate (seed 1)
-is kept iff best - mean > max(z * sigma / sqrt(n), floor * best) over its n runs; the new best is that mean. --confirm instead
-asks a second seed to agree.
+is kept iff its improvement over the best (best - mean when minimizing, mean - best when maximizing) is more than
+max(z * sigma / sqrt(n), floor * |best|) over its n runs; the new best is that mean. --confirm instead asks a second
+seed to agree.
 
 Agents: --agent llm (the default) is the model above. --agent optuna (TPE) and --agent random are classic
 search baselines in the same loop: each proposes values for train.py's numeric constants (the search space:
@@ -26,15 +32,16 @@ program.md's `## Search space` block, else derived from train.py's active preset
 train.py as an ordinary edit; commit, sandbox, keep rule, results.tsv (column `agent`) and branch are the same.
 `report --compare` draws several runs on the same axes (compare.png) with a table.
 
-The model acts only through the three tools (Loop.tool_read, Loop.tool_edit, and run_experiment, which ends its turn);
-every subprocess goes through `spawn`, an allowlist of fixed argument lists.
-Parsing, editing, deciding and prompt building are pure functions (tested in tests/test_autoresearch.py).
+The model acts only through the three tools: read_file and edit_file (Loop.tool_read, Loop.tool_edit), and
+run_experiment, which Loop.converse handles itself (it ends the turn). Every subprocess goes through `spawn`, an
+allowlist of fixed argument lists. Parsing, editing, deciding and prompt building are pure functions (tested in
+tests/test_autoresearch.py); those with a `metric=None` parameter then read the project's (project_metric).
 """
 import argparse
 import ast
-import dataclasses
 import datetime
 import difflib
+import functools
 import hashlib
 import json
 import math
@@ -51,7 +58,8 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 # qwen2.5-coder:7b: ~4.7 GB quantized, so it fits next to a 15 GB training run on a 24 GB GPU, it is
 # trained for tool calling, and it answers a ~6K-token prompt in seconds. Bigger models can be passed.
@@ -63,15 +71,16 @@ WORKTREES = ".worktrees"          # --workers N: worker k's git worktree is .wor
 PROGRAM = "program.md"
 SCRATCHPAD = "scratchpad.md"
 TRAIN = "train.py"
-COLUMNS = ["experiment", "commit", "val_mean_rank", "delta", "status", "description",   # contract
-           "runs", "best", "sigma", "threshold", "reason", "phase", "best_commit",
-           "val_median_rank", "model_seconds", "run_seconds", "wall_seconds", "prompt_tokens", "finished", "agent",
-           "train_wall_seconds"]
+# results.tsv's columns after the contract's six (experiment commit val_<METRIC> delta status description)
+MORE_COLUMNS = ["runs", "best", "sigma", "threshold", "reason", "phase", "best_commit", "model_seconds", "run_seconds",
+                "wall_seconds", "prompt_tokens", "finished", "agent", "train_wall_seconds", "round", "worker"]
+TEXT_COLUMNS = {"commit", "status", "description", "reason", "phase", "best_commit", "finished", "agent"}
+INT_COLUMNS = {"experiment", "prompt_tokens", "round", "worker"}
 READABLE = {TRAIN, PROGRAM, SCRATCHPAD, RESULTS}       # + the last run's log, added at run time
 EDITABLE = {TRAIN, SCRATCHPAD}
 OUR_OUTPUTS = ("results.tsv", "progress.png", "logs/", "runs/", ".worktrees/",  # never make the tree "dirty"
                "results-", "compare.png", "test_scores.tsv")          # (results-TAG.tsv: archived runs)
-TEST_SCORES = "test_scores.tsv"   # test_mean_rank of each commit evaluated on the test split
+TEST_SCORES = "test_scores.tsv"   # test_<METRIC> of each commit evaluated on the test split
 SCRATCHPAD_MAX_CHARS = 4000       # the agent must condense its notes beyond this
 READ_MAX_CHARS = 20000
 LOG_MAX_BYTES = 64 << 20          # per experiment log; the metric block is parsed from the in-memory tail
@@ -92,6 +101,64 @@ TOKEN_RESERVE = 0.25              # share of num_ctx left for tool results and t
 
 class HarnessError(Exception):
     """A problem the user can fix; printed as one clear message, never a traceback."""
+
+
+# ----------------------------------------------------------------------------------------------
+# The project's metric, declared once in its prepare_data.py.
+
+class Metric(NamedTuple):
+    name: str           # the evaluation prints val_<name> (test_<name> on the test split)
+    direction: str      # minimize | maximize
+
+    @property
+    def column(self):
+        return f"val_{self.name}"
+
+    @property
+    def better(self):
+        return "lower" if self.direction == "minimize" else "higher"
+
+    @property
+    def columns(self):
+        return ["experiment", "commit", self.column, "delta", "status", "description", *MORE_COLUMNS]
+
+    def gain(self, value, best):
+        """How much value improves on best (negative: worse)."""
+        return best - value if self.direction == "minimize" else value - best
+
+
+def project_metric(root="."):
+    """The (name, direction) that <root>/prepare_data.py declares as two literal top-level lines, METRIC = "..." and
+    DIRECTION = "minimize" | "maximize". Read with ast, never imported: no torch in the harness, nothing of train.py.
+    Pure functions that take `metric=None` use this one, the project in the current directory."""
+    path = os.path.join(root, "prepare_data.py")
+    try:
+        return _declared_metric(path, read_text(path))
+    except OSError:
+        raise HarnessError(f"{path} is missing: the project declares its metric there (METRIC, DIRECTION)") from None
+
+
+@functools.lru_cache(maxsize=8)   # parsing takes ~15 ms; pure functions given no metric ask for it on every call
+def _declared_metric(path, text):
+    found = {}
+    try:
+        for s in ast.parse(text).body:
+            if (isinstance(s, ast.Assign) and len(s.targets) == 1 and isinstance(s.targets[0], ast.Name)
+                    and s.targets[0].id in ("METRIC", "DIRECTION")):
+                v = s.value
+                found[s.targets[0].id] = v.value if isinstance(v, ast.Constant) and isinstance(v.value, str) else v
+    except SyntaxError as e:
+        raise HarnessError(f"{path} does not parse ({e.msg}, line {e.lineno})") from None
+    name, direction = found.get("METRIC"), found.get("DIRECTION")
+    named = isinstance(name, str) and re.fullmatch(r"[a-z][a-z0-9_]*", name)
+    if not named or direction not in ("minimize", "maximize"):
+        def seen(v):
+            return "missing" if v is None else repr(v) if isinstance(v, str) else "not a string literal"
+        raise HarnessError(f"{path} must declare the project's metric on two top-level lines of plain string "
+                           f"literals, for example\n    METRIC = \"accuracy\"      # the evaluation prints "
+                           f"val_accuracy: lowercase letters, digits, _\n    DIRECTION = \"maximize\"   # or "
+                           f"\"minimize\"\n(found METRIC {seen(name)}, DIRECTION {seen(direction)})")
+    return Metric(name, direction)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -282,17 +349,18 @@ def budget_allowance(rows, budget):
     return max(OVERHEAD_FACTOR * (wall - budget), OVERHEAD_FLOOR) if wall is not None else OVERHEAD_FLOOR
 
 
-def classify_run(returncode, output, metrics, budget=None, allowance=None):
-    """Pure: ok | timeout | crash | invalid (over the time budget, when an allowance is given) | setup (run.sh
-    exit 2: the sandbox could not run, not the model's fault), plus a short reason."""
+def classify_run(returncode, output, metrics, budget=None, allowance=None, metric=None):
+    """Pure. The verdict of a run from run.sh's exit code alone, never from its text (the candidate writes part of
+    it), and a reason from run.sh's last own message (a set-up error spans lines):
+    0 ok, or crash without val_<METRIC>, or invalid (over the time budget, when an allowance is given); 1 (train.py)
+    and 3 (the evaluator refused or failed on the hand-off) crash; 2 setup (the sandbox could not run: not the
+    candidate's fault); 124 timeout; 137 crash (out of memory); 130, 143 interrupted."""
     lines = [line for line in output.split("\n") if line.strip()]
-    last = lines[-1] if lines else ""
-    if returncode == 124 or last.startswith("run.sh: TIMEOUT"):
-        return "timeout", last[:200] or "timed out"
-    if returncode == 2:   # run.sh's own message (from its last "run.sh: " line; train.py's lines are prefixed)
-        start = max((i for i, line in enumerate(lines) if line.startswith("run.sh: ")), default=len(lines) - 1)
-        return "setup", " ".join(line.strip() for line in lines[start:])[:500] or "run.sh exit 2"
-    if returncode == 0 and "val_mean_rank" in metrics:
+    start = max((i for i, line in enumerate(lines) if line.startswith("run.sh: ")), default=len(lines) - 1)
+    said = " ".join(line.strip() for line in lines[start:])
+    if returncode == 0:
+        if (metric or project_metric()).column not in metrics:
+            return "crash", "no trusted metric"
         wall = metrics.get("train_wall_seconds")
         if allowance is not None and (wall is None or wall > budget + allowance):
             took = "has no trusted train_wall_seconds" if wall is None else f"took {wall:.0f}s"
@@ -300,9 +368,15 @@ def classify_run(returncode, output, metrics, budget=None, allowance=None):
                                f"{allowance:.0f}s allowed for start-up and export ({OVERHEAD_FACTOR:g}x the "
                                f"baseline's, at least {OVERHEAD_FLOOR:g}s); TIME_BUDGET is fixed by the harness")
         return "ok", ""
-    if returncode == 137 or last.startswith("run.sh: OUT OF MEMORY"):
+    if returncode == 2:
+        return "setup", said[:500] or "run.sh exit 2"
+    if returncode == 124:
+        return "timeout", said[:200] or "timed out"
+    if returncode == 137:
         return "crash", "out of memory"
-    return "crash", f"run.sh exit {returncode}" + (f": {last[:200]}" if last else "")
+    if returncode in (130, 143):
+        return "interrupted", said[:200] or f"run.sh exit {returncode}"
+    return "crash", f"run.sh exit {returncode}" + (f": {said[:200]}" if said else "")
 
 
 def apply_edit(text, old, new):
@@ -333,28 +407,29 @@ def pooled_sigma(groups):
     return math.sqrt(ss / dof) if dof else None
 
 
-def decide(values, best, sigma, z=2.0, floor=0.01, confirm=False):
-    """Pure keep/discard rule; lower val_mean_rank is better.
+def decide(values, best, sigma, z=2.0, floor=0.01, confirm=False, metric=None):
+    """Pure keep/discard rule in the metric's direction. Returns (status, delta = mean - best, threshold, why).
 
-    Keep iff mean(values) beats best by more than threshold = max(z*sigma/sqrt(n), floor*best), where n
-    runs (different seeds) average the noise down. With confirm, a single run that beats best by more than
-    the floor asks for a second run ("confirm"); it is kept if both runs beat best by more than the floor
+    Keep iff mean(values) improves on best by more than threshold = max(z*sigma/sqrt(n), floor*|best|), where n
+    runs (different seeds) average the noise down. With confirm, a single run that improves on best by more than
+    the floor asks for a second run ("confirm"); it is kept if both runs improve on best by more than the floor
     and their mean passes the threshold. sigma None (unknown) falls back to the floor alone."""
     if not values:
         raise ValueError("decide needs at least one value")
+    metric = metric or project_metric()
     n = len(values)
     mean = sum(values) / n
-    delta = mean - best
+    delta, gain = mean - best, metric.gain(mean, best)
     floor_abs = floor * abs(best)
     threshold = max(z * sigma / math.sqrt(n), floor_abs) if sigma else floor_abs
     sig = "unknown" if sigma is None else f"{sigma:.4g}"
     why = f"delta {delta:+.4g}, sigma {sig}, threshold {threshold:.4g}, n {n}"
     if confirm:
         if n == 1:
-            return ("confirm" if -delta > floor_abs else "discard"), delta, threshold, why
-        if any(best - v <= floor_abs for v in values):
+            return ("confirm" if gain > floor_abs else "discard"), delta, threshold, why
+        if any(metric.gain(v, best) <= floor_abs for v in values):
             return "discard", delta, threshold, why + ", runs disagree"
-    if -delta > threshold:
+    if gain > threshold:
         return "keep", delta, threshold, why + ", improvement > threshold"
     return "discard", delta, threshold, why + ", not > threshold"
 
@@ -384,19 +459,22 @@ def clean_text(s, limit=300):
     return s[:limit]
 
 
-def fmt(v, digits=4):
-    return "" if v is None or v == "" else f"{float(v):.{digits}g}" if isinstance(v, (int, float)) else str(v)
+def fmt(v):
+    """For people (the prompt, the terminal, the plot): 4 significant digits. results.tsv holds values exactly."""
+    return "" if v is None or v == "" else f"{float(v):.4g}" if isinstance(v, (int, float)) else str(v)
 
 
-def results_table(rows, max_rows):
+def results_table(rows, max_rows, metric):
     """Compact table of recent results for the prompt (most recent last)."""
-    lines = ["exp  status       val_mean_rank  delta     description"]
+    col = metric.column
+    w = max(14, len(col) + 1)
+    lines = [f"exp  status       {col:<{w}} delta     description"]
     shown = rows[-max_rows:] if max_rows else []
     if len(rows) > len(shown):
         lines.append(f"... {len(rows) - len(shown)} older experiments omitted (read_file results.tsv for all)")
     for r in shown:
-        lines.append(f"{r['experiment']:<4} {r['status']:<12} {r['val_mean_rank'] or '-':<14} "
-                     f"{r['delta'] or '-':<9} {r['description'][:90]}")
+        lines.append(f"{r['experiment']:<4} {r['status']:<12} {fmt(r[col]) or '-':<{w}} "
+                     f"{fmt(r['delta']) or '-':<9} {r['description'][:90]}")
     return "\n".join(lines)
 
 
@@ -410,7 +488,7 @@ You are the researcher in an automated loop. Every experiment is a fresh convers
   description = a one-sentence hypothesis, e.g. "raise LR from 2e-4 to 4e-4: loss still falling at the end".
 Procedure: 1) look at the results and the scratchpad, 2) pick ONE change that fits the current phase and has
 not been tried, 3) edit train.py, 4) add a short note (hypothesis, what to try next) to scratchpad.md,
-5) call run_experiment. The harness keeps your change only if val_mean_rank (lower is better) improves by more
+5) call run_experiment. The harness keeps your change only if {metric} ({better} is better) improves by more
 than the run-to-run noise; otherwise train.py is reverted, but scratchpad.md notes are kept.
 The time budget is fixed: the harness times every training run itself, and a run that takes clearly longer than
 TIME_BUDGET plus the baseline's start-up and export time is recorded invalid, never kept. Do not raise TIME_BUDGET
@@ -420,19 +498,25 @@ Call tools with the tool-calling interface. If you cannot, reply with ONLY a JSO
 """
 
 
-def build_system_prompt(program_text):
-    return program_text.rstrip() + "\n\n" + TOOL_RULES.strip() + "\n"
+def fill_metric(text, metric):
+    """Pure. program.md and the rules write the metric as {metric} and its direction as {better} (lower, higher)."""
+    return text.replace("{metric}", metric.column).replace("{better}", metric.better)
+
+
+def build_system_prompt(program_text, metric=None):
+    return fill_metric(program_text.rstrip() + "\n\n" + TOOL_RULES.strip() + "\n", metric or project_metric())
 
 
 def build_user_message(train_src, scratchpad, rows, best_line, phase_line, log_path=None,
-                       max_rows=15, scratch_chars=SCRATCHPAD_MAX_CHARS):
+                       max_rows=15, scratch_chars=SCRATCHPAD_MAX_CHARS, metric=None):
     """Pure. The one user message of an experiment's fresh conversation."""
+    metric = metric or project_metric()
     if len(scratchpad) > scratch_chars:
         scratchpad = "[... older notes cut to fit the context ...]\n" + scratchpad[-scratch_chars:]
     parts = [
         f"Current phase: {phase_line}",
         f"Current best: {best_line}",
-        "Recent results (lower val_mean_rank is better):\n" + results_table(rows, max_rows),
+        f"Recent results ({metric.better} {metric.column} is better):\n" + results_table(rows, max_rows, metric),
         "scratchpad.md (your notes; keep them short and condensed):\n```\n" + scratchpad.rstrip() + "\n```",
         "train.py (current best version):\n```python\n" + train_src.rstrip() + "\n```",
     ]
@@ -448,56 +532,155 @@ def parse_trailers(message):
     return {m.group(1): m.group(2).strip() for m in re.finditer(r"^([A-Z][A-Za-z-]*): (.*)$", message, re.M)}
 
 
-def commit_message(exp, description, phase_line, status, metric=None, delta=None, extra=None):
+def commit_message(exp, description, phase_line, status, value=None, delta=None, extra=None, metric=None):
     lines = [f"exp {exp}: {clean_text(description, 72)}", "", f"Hypothesis: {clean_text(description, 1000)}",
              f"Experiment: {exp}", f"Phase: {phase_line}", f"Status: {status}"]
-    if metric is not None:
-        lines.append(f"Metric: val_mean_rank {metric:.6g}")
+    if value is not None:
+        lines.append(f"Metric: {(metric or project_metric()).column} {cell(value)}")
     if delta is not None:
-        lines.append(f"Delta: {delta:+.6g}")
+        lines.append(f"Delta: {cell(delta)}")
     for k, v in (extra or {}).items():
         lines.append(f"{k}: {v}")
     return "\n".join(lines) + "\n"
 
 
 # ----------------------------------------------------------------------------------------------
-# results.tsv: untracked, append-only, fsync'd so that kill -9 loses no recorded row.
+# Every experiment ends in one Outcome, which makes one row. Rows stay typed in memory; results.tsv (untracked,
+# append-only, fsync'd so that kill -9 loses no recorded row) holds them exactly and is read back only on --resume.
 
-def format_row(row):
-    return "\t".join(clean_text(row.get(c, ""), 500) for c in COLUMNS) + "\n"
+@dataclass
+class Outcome:
+    """How one experiment ended, filled in as it runs: Loop.conclude() keeps or reverts its commit and records it."""
+    experiment: int
+    status: str = "interrupted"   # until decided: baseline keep discard crash timeout invalid interrupted
+    description: str = ""
+    reason: str = ""
+    phase: str = ""
+    commit: str = ""              # its candidate commit (the keep commit once kept); "" before it made one
+    base: str = ""                # the commit it started from, where it goes back to unless kept ("" for the baseline)
+    values: list = field(default_factory=list)   # val_<METRIC> of each of its seeded runs
+    delta: float = None           # mean(values) - the best it was compared with
+    threshold: float = None
+    train_wall_seconds: float = None
+    model_seconds: float = 0.0
+    run_seconds: float = 0.0
+    prompt_tokens: int = 0
+    started: float = None         # time.time() at its start: wall_seconds
+    agent: str = "llm"
+    round: int = 0
+    worker: int = 0
+
+
+def make_row(o, rows, metric, now):
+    """Pure. The one row builder: an Outcome as a typed results row, after `rows`. A baseline or keep is the new best
+    (the mean of its runs); any other row carries the best it was compared with. sigma is the noise its decision used
+    (for the baseline, its own runs')."""
+    own = o.status in ("baseline", "keep")
+    return {"experiment": o.experiment, "commit": o.commit, metric.column: o.values[0] if o.values else None,
+            "delta": o.delta, "status": o.status, "description": o.description, "runs": tuple(o.values),
+            "best": sum(o.values) / len(o.values) if own else state_from_rows(rows)[0],
+            "sigma": pooled_sigma([o.values] if o.status == "baseline" else noise_groups(rows)),
+            "threshold": o.threshold, "reason": o.reason, "phase": o.phase, "best_commit": o.commit if own else o.base,
+            "model_seconds": o.model_seconds, "run_seconds": o.run_seconds,
+            "wall_seconds": now - o.started if o.started else None, "prompt_tokens": o.prompt_tokens,
+            "finished": datetime.datetime.fromtimestamp(now).isoformat(timespec="seconds"), "agent": o.agent,
+            "train_wall_seconds": o.train_wall_seconds, "round": o.round, "worker": o.worker}
+
+
+def typed_row(cells, metric):
+    """Pure. A results.tsv row (text by column name) as the loop keeps it: numbers as numbers, runs as a tuple.
+    Rows of a harness before rounds and workers: every experiment was its own round (the baseline's 0), worker 0."""
+    row = {}
+    for c in metric.columns:
+        v = cells.get(c, "")
+        row[c] = v if c in TEXT_COLUMNS else tuple(runs_of(cells)) if c == "runs" else num(v)
+        if c in INT_COLUMNS and row[c] is not None:
+            row[c] = int(row[c])
+    if row["round"] is None:
+        row["round"] = 0 if row["status"] == "baseline" else row["experiment"]
+    if row["worker"] is None:
+        row["worker"] = 0
+    return row
+
+
+def cell(v):
+    """A value as results.tsv and the keep commit's trailers write it: a float exactly (its repr, so that --resume
+    reads back the very number the run decided with), a tuple comma-separated, text on one line."""
+    if v is None:
+        return ""
+    if isinstance(v, (tuple, list)):
+        return ",".join(cell(x) for x in v)
+    if isinstance(v, float):
+        r = repr(v)
+        return r[:-2] if r.endswith(".0") else r
+    return clean_text(v, 500)
+
+
+def format_row(row, columns):
+    return "\t".join(cell(row.get(c)) for c in columns) + "\n"
 
 
 def parse_results(text):
-    """Pure. Rows as dicts; a trailing line without newline (torn write) is not a recorded result."""
+    """Pure. (header, rows as dicts by column name): ([], []) for an empty file, None where the header is not the
+    contract's (experiment commit val_<METRIC> delta status description ...). A trailing line without newline (a torn
+    write) is not a recorded result."""
+    if not text.strip():
+        return [], []
     lines = text.split("\n")
-    if not lines or not lines[0].startswith("experiment\tcommit\tval_mean_rank\tdelta\tstatus\tdescription"):
-        return [] if not text.strip() else None
     header = lines[0].split("\t")
+    if len(header) < 6 or header[:2] != ["experiment", "commit"] or not header[2].startswith("val_") or \
+            header[3:6] != ["delta", "status", "description"]:
+        return None
     rows = []
     for line in lines[1:-1]:   # last element is '' or a torn line
         if line.strip():
             cells = line.split("\t")
             rows.append({h: (cells[i] if i < len(cells) else "") for i, h in enumerate(header)})
-    return rows
+    return header, rows
 
 
-def load_results(path=RESULTS, repair=False):
+def load_results(path=RESULTS, repair=False, metric=None):
+    """Rows of a results file as text by column name; given a metric, a file of another metric is refused."""
     if not os.path.exists(path):
         return []
     with open(path, encoding="utf-8") as f:
         text = f.read()
-    rows = parse_results(text)
-    if rows is None:
+    parsed = parse_results(text)
+    if parsed is None:
         raise HarnessError(f"{path} does not start with the expected header; move it away")
+    header, rows = parsed
+    if metric and header and header[2] != metric.column:
+        raise HarnessError(f"{path} records {header[2]}, but this project's prepare_data.py declares METRIC = "
+                           f"{metric.name!r} ({metric.column}): those are results of another metric. Move the file "
+                           f"away (mv {path} results-old.tsv), or go back to the prepare_data.py it was written under")
     if repair and text and not text.endswith("\n"):
         with open(path, "r+", encoding="utf-8") as f:   # drop the torn last line before appending
             f.truncate(len(text[:text.rfind("\n") + 1].encode("utf-8")))
     return rows
 
 
-def append_row(row, path=RESULTS):
+def upgrade_results(metric, path=RESULTS):
+    """--resume of a results.tsv an older harness wrote: rewrite it (atomically) under today's columns, with round and
+    worker as typed_row reads them. Columns no longer written (once, a project's second metric) stay, at the end."""
+    if not os.path.exists(path):
+        return
+    header, rows = parse_results(read_text(path))
+    if not header or header[:len(metric.columns)] == metric.columns:
+        return
+    columns = metric.columns + [h for h in header if h not in metric.columns]
+    new = [{**r, **{k: typed_row(r, metric)[k] for k in ("round", "worker")}} for r in rows]
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write("\t".join(columns) + "\n" + "".join(format_row(r, columns) for r in new))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+
+def append_row(row, path=RESULTS, metric=None):
+    """Append one row; a new file starts with the project's header."""
+    columns = (metric or project_metric()).columns
     new = not os.path.exists(path) or os.path.getsize(path) == 0
-    data = ("\t".join(COLUMNS) + "\n" if new else "") + format_row(row)
+    data = ("\t".join(columns) + "\n" if new else "") + format_row(row, columns)
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         os.write(fd, data.encode("utf-8"))
@@ -514,10 +697,15 @@ def num(v):
         return None
 
 
+def runs_of(row):
+    """The values of a row's seeded runs: a tuple in memory, comma-separated in a results file."""
+    v = row.get("runs") or ()
+    return [x for x in map(num, v.split(",") if isinstance(v, str) else v) if x is not None]
+
+
 def noise_groups(rows):
     """Groups of repeated runs (same commit, different seeds) recorded in the `runs` column."""
-    return [g for g in ([num(x) for x in r.get("runs", "").split(",") if num(x) is not None] for r in rows
-                        if r["status"] in ("baseline", "keep")) if len(g) >= 2]
+    return [g for g in (runs_of(r) for r in rows if r["status"] in ("baseline", "keep")) if len(g) >= 2]
 
 
 def state_from_rows(rows):
@@ -538,7 +726,6 @@ def state_from_rows(rows):
 # Tuner agents (--agent optuna|random): the search space read from train.py (or program.md), proposals from every
 # recorded result, and each trial written into train.py as an ordinary edit. Only the proposer differs from the LLM.
 
-DIRECTION = "minimize"            # val_mean_rank: lower is better (decide() assumes the same)
 FRACTIONS = ("_FRAC", "_PROB")    # constants named so are fractions or probabilities: searched within [0, 1]
 SPACE_LINE = re.compile(r"([A-Z][A-Z0-9_]*)\s*:\s*(\S+)\s+(\S+)\s+(\S+)")
 SPACE_FORMAT = "NAME: log|float|int LOW HIGH, e.g. `LEARNING_RATE: log 1e-4 4e-3`"
@@ -758,10 +945,11 @@ def random_params(space, seed, k):
     return out
 
 
-def tuner_trials(rows, agent, space):
+def tuner_trials(rows, agent, space, metric=None):
     """Pure. (done, pending) of one agent from results rows. done: [(params, value)] in order, value None for a
     crash or timeout (a failed trial), else the mean of the trial's seeded runs. pending: trials that were
     interrupted and not run to a verdict since; they run again first, so no trial is lost or repeated."""
+    col = (metric or project_metric()).column
     done, pending = [], []
     for r in rows:
         if r.get("agent") != agent or r["status"] == "baseline":
@@ -776,9 +964,9 @@ def tuner_trials(rows, agent, space):
                                f"({r['description'][:80]!r}): resume with the {PROGRAM} and train.py it started with")
         if params in pending:
             pending.remove(params)
-        runs = [num(x) for x in r.get("runs", "").split(",") if num(x) is not None]
+        runs = runs_of(r)
         value = None if r["status"] in ("crash", "timeout", "invalid") else (
-            sum(runs) / len(runs) if runs else num(r["val_mean_rank"]))
+            sum(runs) / len(runs) if runs else num(r[col]))
         done.append((params, value))
     return done, pending
 
@@ -792,14 +980,16 @@ class RandomSampler:
 
 
 class OptunaSampler:
-    """TPE through Optuna's ask/tell interface; results recorded before this process started are added as trials."""
-    def __init__(self, space, seed):
+    """TPE through Optuna's ask/tell interface, in the metric's direction; results recorded before this process
+    started are added as trials."""
+    def __init__(self, space, seed, metric=None):
         try:
             import optuna
         except ImportError:
             raise HarnessError("--agent optuna needs Optuna: pip install optuna") from None
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.optuna, self.space, self.seed = optuna, space, seed
+        self.direction = (metric or project_metric()).direction
         D = optuna.distributions
         self.dists = {p.name: D.IntDistribution(p.low, p.high) if p.kind == "int"
                       else D.FloatDistribution(p.low, p.high, log=p.kind == "log") for p in space}
@@ -808,7 +998,7 @@ class OptunaSampler:
     def propose(self, done):
         optuna = self.optuna
         if self.study is None:   # a fresh sampler with the run's first seed would propose the first trials again
-            self.study = optuna.create_study(direction=DIRECTION,
+            self.study = optuna.create_study(direction=self.direction,
                                              sampler=optuna.samplers.TPESampler(seed=self.seed + len(done)))
         for params, value in done[self.told:]:
             state = optuna.trial.TrialState.COMPLETE if value is not None else optuna.trial.TrialState.FAIL
@@ -827,14 +1017,14 @@ class OptunaSampler:
 
 class Tuner:
     """A tuner agent: the search space of the run's baseline, and the sampler that proposes its trials."""
-    def __init__(self, agent, train_src, program_text, cuda, seed):
-        self.agent, self.cuda = agent, cuda
+    def __init__(self, agent, train_src, program_text, cuda, seed, metric):
+        self.agent, self.cuda, self.metric = agent, cuda, metric
         self.space = search_space(train_src, program_text, cuda)
-        self.sampler = (OptunaSampler if agent == "optuna" else RandomSampler)(self.space, seed)
+        self.sampler = OptunaSampler(self.space, seed, metric) if agent == "optuna" else RandomSampler(self.space, seed)
 
     def next_edit(self, rows, train_src):
         """(train.py with the next trial applied, its description)."""
-        done, pending = tuner_trials(rows, self.agent, self.space)
+        done, pending = tuner_trials(rows, self.agent, self.space, self.metric)
         params = pending[0] if pending else self.sampler.propose(done)
         text = {p.name: p.literal(params[p.name]) for p in self.space}
         return apply_params(train_src, text, self.cuda), format_params(self.space, params)
@@ -926,6 +1116,7 @@ def startup_checks(args, client):
     for f in (TRAIN, PROGRAM, "run.sh"):
         if not os.path.exists(f):
             raise HarnessError(f"{f} is missing in {os.getcwd()}")
+    project_metric()   # declared, and declared right
     if git("rev-parse", "--verify", "-q", "HEAD", check=False) == "":
         raise HarnessError("the repository has no commit yet: git add -A && git commit -m init")
     dirty = dirty_files()
@@ -999,19 +1190,16 @@ def start_ollama(args, client):
     raise HarnessError(f"started `ollama serve` but it did not answer at {args.host}")
 
 
-@dataclasses.dataclass
+@dataclass
 class Run:
-    """The outcome of one ./run.sh invocation."""
+    """One ./run.sh invocation: its verdict, its trusted block, and val_<METRIC> from it."""
     status: str
     reason: str
     metrics: dict
+    value: float
     seconds: float
     log: str
     tail: str
-
-    @property
-    def value(self):
-        return self.metrics.get("val_mean_rank")
 
 
 def stop_group(pid, grace=20):
@@ -1241,7 +1429,7 @@ def slurm_state(name):
     return found
 
 
-def slurm_verdict(job_id, state, returncode, output, metrics, budget=None, allowance=None):
+def slurm_verdict(job_id, state, returncode, output, metrics, budget=None, allowance=None, metric=None):
     """Pure. A job SLURM lost (cancelled, node failure, preemption, its time limit) is recorded with SLURM's state as
     the reason; any other run gets run.sh's own verdict, read without srun's lines after it."""
     if state in SLURM_LOST:
@@ -1250,15 +1438,15 @@ def slurm_verdict(job_id, state, returncode, output, metrics, budget=None, allow
     if state is None and not own.strip():
         raise HarnessError(f"srun started no job (exit {returncode}): {output.strip()[-500:]}\nCheck "
                            f"AUTORESEARCH_SLURM_ARGS and the cluster (sinfo), then continue with --resume")
-    return classify_run(returncode, own, metrics, budget, allowance)
+    return classify_run(returncode, own, metrics, budget, allowance, metric)
 
 
-def run_verdict(args, label, returncode, output, metrics, allowance=None):
+def run_verdict(args, label, returncode, output, metrics, allowance, metric):
     """status, reason of a finished run."""
     if not on_slurm(args):
-        return classify_run(returncode, output, metrics, args.time_budget, allowance)
+        return classify_run(returncode, output, metrics, args.time_budget, allowance, metric)
     return slurm_verdict(*slurm_state(job_name(args.tag, label)), returncode, output, metrics, args.time_budget,
-                         allowance)
+                         allowance, metric)
 
 
 def stop_run(args, label, p):
@@ -1317,7 +1505,7 @@ def slurm_startup(args):
                            f"compute nodes, at the same paths (README: SLURM)")
 
 
-def run_sandbox(args, label, run_dir, seed, phase_short, allowance=None):
+def run_sandbox(args, label, run_dir, seed, phase_short, allowance=None, metric=None):
     """./run.sh in its own process group with a hard wall-clock limit; output streams to logs/<label>.log.
     With an allowance (candidates), a run over the budget + allowance is invalid and run.sh kills it soon after."""
     os.makedirs("logs", exist_ok=True)
@@ -1370,27 +1558,31 @@ def run_sandbox(args, label, run_dir, seed, phase_short, allowance=None):
     live_clear()
     out = tail.decode("utf-8", "replace")
     metrics = parse_metrics(out)
+    metric = metric or project_metric()
     if killed:
         status, reason = "timeout", f"harness wall-clock limit {limit}s exceeded"
     else:
-        status, reason = run_verdict(args, label, p.returncode, out, metrics, allowance)
+        status, reason = run_verdict(args, label, p.returncode, out, metrics, allowance, metric)
         if status == "setup":
             raise HarnessError(f"./run.sh could not run the sandbox: {reason} (full output: {log_path}). "
                                f"Fix the set-up, then continue with --resume.")
     lines = [line for line in out.split("\n") if line.strip()]
-    return Run(status, reason, metrics, time.time() - t0, log_path, "\n".join(lines[-LOG_TAIL_LINES:]))
+    return Run(status, reason, metrics, metrics.get(metric.column), time.time() - t0, log_path,
+               "\n".join(lines[-LOG_TAIL_LINES:]))
 
 
 class Loop:
     def __init__(self, args, client, tuner=None):
         self.args, self.client, self.tuner = args, client, tuner   # tuner: --agent optuna|random
+        self.agent = tuner.agent if tuner else "llm"
         self.branch = f"autoresearch/{args.tag}"
+        self.metric = project_metric()
         self.program = read_text(PROGRAM)
         self.phases = parse_phases(self.program)
-        self.system = build_system_prompt(self.program)
+        self.system = build_system_prompt(self.program, self.metric)
         self.chars_per_token = 3.5           # calibrated from prompt_eval_count as replies come in
         self.last_log = None
-        self.rows = []
+        self.rows = []                       # typed (make_row); read from results.tsv only on --resume
 
     # --- state -----------------------------------------------------------------------------------
     @property
@@ -1415,12 +1607,31 @@ class Loop:
     def next_exp(self):
         return max([int(r["experiment"]) for r in self.rows], default=-1) + 1
 
-    def record(self, **row):
-        row.setdefault("finished", datetime.datetime.now().isoformat(timespec="seconds"))
-        row.setdefault("agent", self.tuner.agent if self.tuner else "llm")
-        row.setdefault("sigma", fmt(self.sigma()))
-        append_row({k: (fmt(v) if isinstance(v, float) else v) for k, v in row.items()})
-        self.rows = load_results()
+    def outcome(self, exp, **fields):
+        """A new experiment's Outcome, by this loop's agent. Every experiment is a round of its own (the baseline's
+        is 0), on worker 0."""
+        fields.setdefault("round", max((r["round"] for r in self.rows), default=0) + 1)
+        return Outcome(exp, agent=self.agent, **fields)
+
+    def record(self, o):
+        row = make_row(o, self.rows, self.metric, time.time())
+        append_row(row, metric=self.metric)
+        self.rows.append(row)
+
+    def conclude(self, o):
+        """The one ending of every experiment: a keep amends its candidate into the keep commit, anything else goes
+        back to where it started (the scratchpad notes survive), and its row is recorded. The row comes after the
+        keep commit and before the revert, so that a kill -9 anywhere leaves what --resume recovers it from."""
+        if o.status == "keep":
+            self.commit_keep(o)
+        scratch = read_scratchpad()
+        self.record(o)
+        if o.status != "keep" and o.base:
+            self.restore(o.base, scratch)
+        self.cleanup_runs()
+        r, col = self.rows[-1], self.metric.column
+        say(f"autoresearch: experiment {o.experiment}: {o.status.upper()} {col} {fmt(r[col]) or '-'} ({o.reason}); "
+            f"best {fmt(r['best']) or '-'}, sigma {fmt(r['sigma']) or 'unknown'}")
 
     # --- branch set-up and resume reconciliation ----------------------------------------------------
     def setup(self):
@@ -1437,30 +1648,28 @@ class Loop:
             return
         if not exists:
             raise HarnessError(f"nothing to resume: branch {self.branch} does not exist (check --tag)")
-        self.rows = load_results(repair=True)
+        self.rows = [typed_row(r, self.metric) for r in load_results(repair=True, metric=self.metric)]
+        upgrade_results(self.metric)
         scratch = read_scratchpad()
         git("checkout", "-q", "-f", self.branch)
         head = git("rev-parse", "HEAD")
         _, target, _, _ = state_from_rows(self.rows)
         if target and head != target:
             tr = parse_trailers(git("log", "-1", "--format=%B", head))
-            recorded = {r["experiment"] for r in self.rows}
-            exp = tr.get("Experiment")
-            if exp and exp not in recorded and tr.get("Status") == "keep":
-                # killed after the keep commit, before its row (in the second seed's run, or just after it): the
-                # commit carries the result, decided on its first run
-                runs = tr.get("Runs", "")
-                self.record(experiment=exp, commit=head, val_mean_rank=tr.get("Metric", "").split(" ")[-1],
-                            delta=tr.get("Delta", "").strip(), status="keep",
-                            description=tr.get("Hypothesis", ""), runs=runs, best=tr.get("Best", ""),
-                            threshold=tr.get("Threshold", ""), phase=tr.get("Phase", ""),
-                            reason=f"recovered from the keep commit on resume ({len(runs.split(','))} run(s))",
-                            best_commit=head)
-                target = head
-            elif exp and exp not in recorded and tr.get("Status") == "candidate":
-                self.record(experiment=exp, commit=head, status="interrupted",
-                            description=tr.get("Hypothesis", ""), reason="killed during the run; recovered "
-                            "on resume", phase=tr.get("Phase", ""), best_commit=target)
+            exp = tr.get("Experiment", "")
+            if exp.isdigit() and int(exp) not in {r["experiment"] for r in self.rows}:
+                o = self.outcome(int(exp), commit=head, description=tr.get("Hypothesis", ""), phase=tr.get("Phase", ""))
+                if tr.get("Status") == "keep":
+                    # killed after the keep commit, before its row (in the second seed's run, or just after it): the
+                    # commit carries the result, decided on its first run
+                    o.values, o.delta, o.threshold = runs_of({"runs": tr.get("Runs")}), num(tr.get("Delta")), \
+                        num(tr.get("Threshold"))
+                    o.status, o.reason = "keep", f"recovered from the keep commit on resume ({len(o.values)} run(s))"
+                    self.record(o)
+                    target = head
+                elif tr.get("Status") == "candidate":
+                    o.base, o.reason = target, "killed during the run; recovered on resume"
+                    self.record(o)
         git("reset", "-q", "--hard", target or "HEAD")   # drop half-done edits; the notes are restored below
         if scratch is not None:
             self.save_notes(scratch, "notes recovered on resume")
@@ -1488,7 +1697,7 @@ class Loop:
                     shutil.rmtree(f"runs/{d}", ignore_errors=True)
 
     # --- one model conversation ----------------------------------------------------------------------
-    def chat(self, messages, stats):
+    def chat(self, messages, o):
         self.fit_context(messages)
         for attempt in range(4):
             t0 = time.time()
@@ -1498,15 +1707,15 @@ class Loop:
                                      keep_alive="30m")
                 break
             except Exception as e:  # noqa: BLE001
-                stats["model_seconds"] += time.time() - t0
+                o.model_seconds += time.time() - t0
                 if attempt == 3 or not is_transient(e):
                     raise HarnessError(f"Ollama request failed: {ollama_error(e)}; fix it, then continue "
                                        f"with --resume --tag {self.args.tag}")
                 say(f"autoresearch: Ollama request failed ({ollama_error(e)}), retrying")
                 time.sleep(2 * (attempt + 1))
-        stats["model_seconds"] += time.time() - t0
+        o.model_seconds += time.time() - t0
         used = r.prompt_eval_count or 0
-        stats["prompt_tokens"] = max(stats["prompt_tokens"], used)
+        o.prompt_tokens = max(o.prompt_tokens, used)
         if used:
             self.chars_per_token = max(1.5, sum(len(str(m.get("content", ""))) for m in messages) / used)
         if used >= self.args.num_ctx - 16:
@@ -1529,12 +1738,12 @@ class Loop:
             if m["role"] == "tool" and len(m["content"]) > 200:
                 m["content"] = m["content"][:200] + "\n[... elided to save context ...]"
 
-    def converse(self, messages, stats, base_src):
+    def converse(self, messages, o, base_src):
         """Let the model use tools until it calls run_experiment acceptably. ('run', desc) or ('invalid', why)."""
         a = self.args
         nudges = calls_made = bad_runs = 0
         for _ in range(a.max_turns):
-            content, native = self.chat(messages, stats)
+            content, native = self.chat(messages, o)
             calls = parse_tool_calls(content, native)
             entry = {"role": "assistant", "content": content}
             if native:
@@ -1581,6 +1790,8 @@ class Loop:
         if not os.path.exists(rel):
             return f"ERROR: {rel} does not exist yet"
         text = read_text(rel)
+        if rel == PROGRAM:   # as in the system prompt
+            text = fill_metric(text, self.metric)
         if rel.startswith("logs/"):
             text = "\n".join(text.split("\n")[-150:])
         return text[-READ_MAX_CHARS:]
@@ -1617,188 +1828,146 @@ class Loop:
             return f"only train.py and scratchpad.md may change, but also changed: {', '.join(other)}"
         return None
 
-    def tune(self, stats):
+    def tune(self, o):
         """A tuner agent's turn: its next trial written into train.py, then run like the model's edit."""
         t0 = time.time()
         text, desc = self.tuner.next_edit(self.rows, read_text(TRAIN))
         write_text(TRAIN, text)
-        stats["model_seconds"] += time.time() - t0
+        o.model_seconds += time.time() - t0
         return "run", desc
+
+    def run(self, label, seed, phase_short, allowance=None):
+        run = run_sandbox(self.args, label, f"runs/{label}", seed, phase_short, allowance, self.metric)
+        self.last_log = run.log
+        return run
 
     # --- experiments ---------------------------------------------------------------------------------
     def baseline(self):
-        exp = self.next_exp()
-        head = git("rev-parse", "HEAD")
-        t0, values, runs = time.time(), [], []
-        say(f"autoresearch: experiment {exp}: baseline ({self.args.noise_runs} run(s) to measure the noise)")
+        o = self.outcome(self.next_exp(), round=0, description="baseline", phase=self.phases[0],
+                         commit=git("rev-parse", "HEAD"), started=time.time())
+        say(f"autoresearch: experiment {o.experiment}: baseline ({self.args.noise_runs} run(s) to measure the noise)")
+        walls = []
         try:
             for k in range(self.args.noise_runs):
-                label = str(exp) if k == 0 else f"{exp}-s{k + 1}"
-                run = run_sandbox(self.args, label, f"runs/{label}", k + 1, "baseline")
-                runs.append(run)
-                self.last_log = run.log
+                run = self.run(str(o.experiment) if k == 0 else f"{o.experiment}-s{k + 1}", k + 1, "baseline")
+                o.run_seconds += run.seconds
                 if run.status != "ok":
                     raise HarnessError(f"the baseline run failed ({run.status}: {run.reason}); see {run.log}. "
                                        f"Fix train.py or the sandbox (commit the fix on branch {self.branch}), "
                                        f"then rerun with --resume --tag {self.args.tag}.\n{run.tail[-2000:]}")
-                values.append(run.value)
+                o.values.append(run.value)
+                walls.append(run.metrics.get("train_wall_seconds", 0.0))
         except KeyboardInterrupt:
-            self.record(experiment=exp, commit=head, status="interrupted", description="baseline",
-                        reason="Ctrl-C during the baseline", best_commit="", phase=self.phases[0])
+            o.reason = "Ctrl-C during the baseline"
+            self.conclude(o)
             raise
-        best = sum(values) / len(values)
-        self.record(experiment=exp, commit=head, val_mean_rank=values[0], delta=0.0, status="baseline",
-                    description="baseline", runs=",".join(fmt(v, 6) for v in values), best=best,
-                    sigma=fmt(pooled_sigma([values])), reason=f"{len(values)} seed(s)", phase=self.phases[0],
-                    best_commit=head, val_median_rank=runs[0].metrics.get("val_median_rank"),
-                    run_seconds=sum(r.seconds for r in runs), model_seconds=0.0, wall_seconds=time.time() - t0,
-                    train_wall_seconds=max(r.metrics.get("train_wall_seconds", 0.0) for r in runs))
-        self.cleanup_runs()
-        say(f"autoresearch: baseline val_mean_rank {fmt(best)} (runs {','.join(fmt(v) for v in values)}; "
-            f"sigma {fmt(self.sigma()) or 'unknown'})")
+        o.status, o.delta, o.reason, o.train_wall_seconds = "baseline", 0.0, f"{len(o.values)} seed(s)", max(walls)
+        self.conclude(o)
 
     def experiment(self):
-        a, exp = self.args, self.next_exp()
-        t0 = time.time()
+        a = self.args
         phase = self.phase()
-        base = git("rev-parse", "HEAD")
+        o = self.outcome(self.next_exp(), phase=phase, base=git("rev-parse", "HEAD"), started=time.time())
+        short = phase.split(":")[0]
         base_src = read_text(TRAIN)   # identical to HEAD: the tree is clean here
         best, sigma = self.best, self.sigma()
-        stats = {"model_seconds": 0.0, "prompt_tokens": 0, "run_seconds": 0.0}
-        cand, run, desc, pending_keep = "", None, "", False
-        say(f"autoresearch: experiment {exp} ({phase}); best {fmt(best)}")
+        run, pending_keep = None, False
+        say(f"autoresearch: experiment {o.experiment} ({phase}); best {fmt(best)}")
         try:
             messages = [{"role": "system", "content": self.system},
                         {"role": "user", "content": self.user_message(base_src, best, sigma, phase)}]
-            outcome, info = self.tune(stats) if self.tuner else self.converse(messages, stats, base_src)
-            desc = info if outcome == "run" else ""
+            verdict, info = self.tune(o) if self.tuner else self.converse(messages, o, base_src)
+            o.description = info if verdict == "run" else ""
             fixes = 0
-            while outcome == "run":
-                git("reset", "-q", "--soft", base)     # one candidate commit on top of best, even after fixes
+            while verdict == "run":
+                git("reset", "-q", "--soft", o.base)     # one candidate commit on top of best, even after fixes
                 git("add", TRAIN, SCRATCHPAD)
                 git("commit", "-q", "--no-verify", "--allow-empty", "-m",
-                    commit_message(exp, desc, phase, "candidate"))
-                cand = git("rev-parse", "HEAD")
-                run = run_sandbox(a, str(exp), f"runs/{exp}", 1, phase.split(":")[0], allowance=self.allowance())
-                stats["run_seconds"] += run.seconds
-                self.last_log = run.log
+                    commit_message(o.experiment, o.description, phase, "candidate"))
+                o.commit = git("rev-parse", "HEAD")
+                run = self.run(str(o.experiment), 1, short, self.allowance())
+                o.run_seconds += run.seconds
                 if run.status != "crash" or fixes >= a.fix_attempts:
                     break
                 fixes += 1
-                say(f"autoresearch: experiment {exp} crashed ({run.reason}); fix attempt {fixes}/{a.fix_attempts}")
+                say(f"autoresearch: experiment {o.experiment} crashed ({run.reason}); fix attempt "
+                    f"{fixes}/{a.fix_attempts}")
                 messages.append({"role": "user", "content":
                                  f"The run crashed ({run.reason}). Last lines of {run.log}:\n```\n{run.tail[-3000:]}\n"
                                  f"```\nFix the bug in train.py with edit_file (keep the idea), then call "
                                  f"run_experiment again."})
-                base_src_fix = read_text(TRAIN)
-                outcome, info = self.converse(messages, stats, base_src_fix)
-                if outcome != "run":
-                    break
+                verdict, info = self.converse(messages, o, read_text(TRAIN))
             if run is None:
-                self.finish(exp, base, t0, stats, phase, status="invalid", description="(no valid run)",
-                            reason=info)
-                return
-            if run.status != "ok":
-                self.finish(exp, base, t0, stats, phase, status=run.status, commit=cand, description=desc,
-                            reason=run.reason, log=run.log)
-                return
-            values = [run.value]
-            status, delta, thr, why = decide(values, best, sigma, a.z, a.floor, a.confirm)
-            # A keep is decided on this run; the second seed only refines best and sigma. Commit the keep before
-            # that run, so that Ctrl-C or kill -9 during it keeps the gain (on one run) instead of losing it.
-            pending_keep = status == "keep" and a.noise_runs >= 2
-            if pending_keep:
-                self.commit_keep(exp, desc, phase, run.value, delta, thr, sigma, values)
-            if status == "confirm" or pending_keep:
-                # confirm: a second seed must agree; keep: repeat to re-estimate sigma and de-bias best
-                rep = run_sandbox(a, f"{exp}-s2", f"runs/{exp}-s2", 2, phase.split(":")[0],
-                                  allowance=self.allowance())
-                stats["run_seconds"] += rep.seconds
-                if rep.status == "ok":
-                    values.append(rep.value)
-                    if status == "confirm":
-                        status, delta, thr, why = decide(values, best, sigma, a.z, a.floor, a.confirm)
-                elif status == "confirm":
-                    status, why = "discard", why + f", confirm run failed ({rep.status})"
-            if status == "keep":
-                self.keep(exp, desc, phase, run, delta, thr, why, sigma, values, stats, t0)
-                return
-            self.finish(exp, base, t0, stats, phase, status="discard", commit=cand, description=desc, reason=why,
-                        value=run.value, delta=delta, threshold=thr, values=values, metrics=run.metrics)
+                o.status, o.description, o.reason = "invalid", "(no valid run)", info
+            elif run.status != "ok":
+                o.status, o.reason = run.status, run.reason
+            else:
+                o.values, o.train_wall_seconds = [run.value], run.metrics.get("train_wall_seconds")
+                o.status, o.delta, o.threshold, o.reason = decide(o.values, best, sigma, a.z, a.floor, a.confirm,
+                                                                  self.metric)
+                # A keep is decided on this run; the second seed only refines best and sigma. Commit the keep before
+                # that run, so that Ctrl-C or kill -9 during it keeps the gain (on one run) instead of losing it.
+                pending_keep = o.status == "keep" and a.noise_runs >= 2
+                if pending_keep:
+                    self.commit_keep(o)
+                if o.status == "confirm" or pending_keep:
+                    # confirm: a second seed must agree; keep: repeat to re-estimate sigma and de-bias best
+                    rep = self.run(f"{o.experiment}-s2", 2, short, self.allowance())
+                    o.run_seconds += rep.seconds
+                    if rep.status == "ok":
+                        o.values.append(rep.value)
+                        if o.status == "confirm":
+                            o.status, o.delta, o.threshold, o.reason = decide(o.values, best, sigma, a.z, a.floor,
+                                                                              a.confirm, self.metric)
+                    elif o.status == "confirm":
+                        o.status, o.reason = "discard", o.reason + f", confirm run failed ({rep.status})"
         except (KeyboardInterrupt, HarnessError) as e:
             signal.signal(signal.SIGINT, signal.SIG_IGN)    # a second Ctrl-C must not break the clean-up
             if pending_keep:
-                self.keep(exp, desc, phase, run, delta, thr, why + ", second seed interrupted", sigma, values, stats,
-                          t0)
+                o.reason += ", second seed interrupted"
             else:
-                self.finish(exp, base, t0, stats, phase, status="interrupted", commit=cand, description=desc,
-                            reason=str(e) or "Ctrl-C / SIGTERM")
+                o.status, o.reason = "interrupted", str(e) or "Ctrl-C / SIGTERM"
+            self.conclude(o)
             raise
+        self.conclude(o)
 
-    def commit_keep(self, exp, desc, phase, value, delta, thr, sigma, values):
-        """Amend the candidate into the keep commit; its trailers let a resume record a keep whose row never got
+    def commit_keep(self, o):
+        """Amend the candidate into the keep commit; its trailers let --resume record a keep whose row never got
         written."""
-        trailers = {"Runs": ",".join(fmt(v, 6) for v in values), "Best": fmt(sum(values) / len(values), 6),
-                    "Threshold": fmt(thr), "Sigma": fmt(sigma) or "unknown"}
-        git("commit", "-q", "--no-verify", "--amend", "-m", commit_message(exp, desc, phase, "keep", value, delta,
-                                                                          trailers))
-        return git("rev-parse", "HEAD")
-
-    def keep(self, exp, desc, phase, run, delta, thr, why, sigma, values, stats, t0):
-        head = self.commit_keep(exp, desc, phase, run.value, delta, thr, sigma, values)
-        self.record(experiment=exp, commit=head, val_mean_rank=run.value, delta=delta, status="keep",
-                    description=desc, runs=",".join(fmt(v, 6) for v in values), best=sum(values) / len(values),
-                    threshold=thr, reason=why, phase=phase, best_commit=head,
-                    val_median_rank=run.metrics.get("val_median_rank"), model_seconds=stats["model_seconds"],
-                    run_seconds=stats["run_seconds"], wall_seconds=time.time() - t0,
-                    prompt_tokens=stats["prompt_tokens"], train_wall_seconds=run.metrics.get("train_wall_seconds"))
-        self.cleanup_runs()
-        say(f"autoresearch: experiment {exp}: KEEP val_mean_rank {fmt(run.value)} ({why})")
-
-    def finish(self, exp, base, t0, stats, phase, status, description, reason, commit="", value=None, delta=None,
-               threshold=None, values=(), metrics=None, log=None):
-        """Record a non-keep outcome, then go back to the best commit keeping the scratchpad notes."""
-        scratch = read_scratchpad()
-        self.record(experiment=exp, commit=commit, val_mean_rank=value, delta=delta, status=status,
-                    description=description, runs=",".join(fmt(v, 6) for v in values), best=self.best,
-                    threshold=threshold, reason=reason, phase=phase, best_commit=base,
-                    val_median_rank=(metrics or {}).get("val_median_rank"), model_seconds=stats["model_seconds"],
-                    run_seconds=stats["run_seconds"], wall_seconds=time.time() - t0,
-                    prompt_tokens=stats["prompt_tokens"], train_wall_seconds=(metrics or {}).get("train_wall_seconds"))
-        self.restore(base, scratch)
-        self.cleanup_runs()
-        say(f"autoresearch: experiment {exp}: {status.upper()} {fmt(value) if value else ''} ({reason})")
+        trailers = {"Runs": cell(o.values), "Best": cell(sum(o.values) / len(o.values)), "Threshold": cell(o.threshold)}
+        git("commit", "-q", "--no-verify", "--amend", "-m", commit_message(o.experiment, o.description, o.phase, "keep",
+                                                                          o.values[0], o.delta, trailers, self.metric))
+        o.commit = git("rev-parse", "HEAD")
 
     def user_message(self, train_src, best, sigma, phase):
         scratch = read_scratchpad() or ""
         rows = [r for r in self.rows if r["status"] != "interrupted"]
-        best_line = f"val_mean_rank {fmt(best)} (noise sigma {fmt(sigma) or 'unknown'}; a change must beat it " \
+        best_line = f"{self.metric.column} {fmt(best)} (noise sigma {fmt(sigma) or 'unknown'}; a change must beat it " \
                     f"by more than max({self.args.z}*sigma, {self.args.floor:.0%}))"
         budget = self.args.num_ctx * (1 - TOKEN_RESERVE)
         for max_rows, scratch_chars in ((15, SCRATCHPAD_MAX_CHARS), (8, 3000), (4, 1500), (2, 600)):
             msg = build_user_message(train_src, scratch, rows, best_line, phase, self.last_log, max_rows,
-                                     scratch_chars)
+                                     scratch_chars, self.metric)
             if (len(msg) + len(self.system)) / self.chars_per_token + 300 <= budget:
                 break
         return msg
 
     def main(self):
         self.setup()
-        self.rows = load_results()
         try:
             if not any(r["status"] == "baseline" for r in self.rows):
                 self.baseline()
-                write_report(self.rows, quiet=True)
+                write_report(self.rows, quiet=True, metric=self.metric)
             while not self.args.max_experiments or self.done() < self.args.max_experiments:
                 self.experiment()
-                write_report(self.rows, quiet=True)
+                write_report(self.rows, quiet=True, metric=self.metric)
         except KeyboardInterrupt:
             if self.rows:
-                write_report(self.rows, quiet=True)
+                write_report(self.rows, quiet=True, metric=self.metric)
             raise
-        write_report(self.rows)
-        summary(self.rows)
-        report_test(self.rows, self.args)
+        write_report(self.rows, metric=self.metric)
+        summary(self.rows, self.metric)
+        report_test(self.rows, self.metric, self.args)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1824,12 +1993,12 @@ def summarize(rows):
             "crashes": sum(r["status"] in ("crash", "timeout") for r in model_rows)}
 
 
-def summary(rows):
+def summary(rows, metric):
     s = summarize(rows)
     if not s:
         print("autoresearch: no baseline recorded yet")
         return
-    print(f"baseline val_mean_rank {s['baseline']:.4g} -> best {s['best']:.4g} (exp {s['best_exp']}), "
+    print(f"baseline {metric.column} {s['baseline']:.4g} -> best {s['best']:.4g} (exp {s['best_exp']}), "
           f"{s['delta_pct']:+.1f}%")
     print(f"{s['experiments']} experiments, {s['keeps']} kept ({s['keep_rate']:.0%}), {s['crashes']} crashed/"
           f"timed out, {s['per_hour']:.1f} experiments/hour")
@@ -1837,13 +2006,15 @@ def summary(rows):
           f"{max(0.0, 1 - s['train_share'] - s['model_share']):.0%} harness")
 
 
-def write_report(rows, path="progress.png", quiet=False):
-    """Dots per experiment (grey discarded, green kept + labelled, red x crashes), running best with noise band."""
+def write_report(rows, path="progress.png", quiet=False, metric=None):
+    """Dots per experiment (grey discarded, green kept + labelled, red x crashes at the worse end), running best with
+    noise band."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker
-    pts = [(int(r["experiment"]), num(r["val_mean_rank"]), r) for r in rows]
+    metric = metric or project_metric()
+    pts = [(int(r["experiment"]), num(r[metric.column]), r) for r in rows]
     fig, ax = plt.subplots(figsize=(11, 5.5), dpi=110)
     dis = [(x, y) for x, y, r in pts if y is not None and r["status"] == "discard"]
     if dis:
@@ -1857,8 +2028,8 @@ def write_report(rows, path="progress.png", quiet=False):
     ys = [y for _, y, _ in pts if y is not None]
     fails = [(x, r) for x, y, r in pts if r["status"] in ("crash", "timeout", "invalid")]
     if fails:
-        top = max(ys) if ys else 1.0
-        ax.scatter([f[0] for f in fails], [top] * len(fails), marker="x", c="#d62728", s=36,
+        worst = (max if metric.direction == "minimize" else min)(ys) if ys else 1.0
+        ax.scatter([f[0] for f in fails], [worst] * len(fails), marker="x", c="#d62728", s=36,
                    label="crash / timeout / invalid", zorder=3)
     # the band uses the sigma known after each row (it is re-estimated as kept experiments add repeats)
     steps = [(x, num(r["best"]), pooled_sigma(noise_groups(rows[:i + 1])) or 0.0)
@@ -1872,7 +2043,7 @@ def write_report(rows, path="progress.png", quiet=False):
                         color="#2ca02c", alpha=0.12, label="noise band (±2σ)")
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("experiment")
-    ax.set_ylabel("val_mean_rank (lower is better)")
+    ax.set_ylabel(f"{metric.column} ({metric.better} is better)")
     s = summarize(rows)
     title = "autoresearch progress"
     if s:
@@ -1889,14 +2060,15 @@ def write_report(rows, path="progress.png", quiet=False):
         print(f"wrote {path}")
 
 
-def report_test(rows, args=None):
+def report_test(rows, metric, args=None):
     """Evaluate the baseline and the best hand-off on the held-out test split."""
     _, _, best_exp, base_exp = state_from_rows(rows)
     if base_exp is None:
         print("autoresearch: no baseline recorded yet; nothing to test")
         return 1
     vals = {r["experiment"]: r for r in rows}
-    print(f"{'':<16}{'val_mean_rank':>15}{'test_mean_rank':>16}")
+    key = f"test_{metric.name}"
+    print(f"{'':<16}{metric.column:>15}{key:>16}")
     rc = 0
     for name, exp in (("baseline", base_exp), (f"best (exp {best_exp})", best_exp)):
         run_dir = f"runs/{exp}"
@@ -1904,27 +2076,27 @@ def report_test(rows, args=None):
         if os.path.isdir(run_dir):
             p = spawn(launch_argv(args, f"test-{exp}", ["./run.sh", "--test", run_dir]), timeout=1800)
             m = parse_metrics(p.stdout)
-            test = fmt(m.get("test_mean_rank")) if "test_mean_rank" in m else f"failed (exit {p.returncode})"
-            if "test_mean_rank" in m:
-                record_test_score(vals[exp]["commit"], m["test_mean_rank"])
+            test = fmt(m[key]) if key in m else f"failed (exit {p.returncode})"
+            if key in m:
+                record_test_score(vals[exp]["commit"], m[key], metric)
         if not test[:1].isdigit():
             rc = 1
-        print(f"{name:<16}{fmt(num(vals[exp]['val_mean_rank'])):>15}{test:>16}")
+        print(f"{name:<16}{fmt(num(vals[exp][metric.column])):>15}{test:>16}")
         if exp == best_exp == base_exp:
             break
     return rc
 
 
-def record_test_score(commit, value, path=TEST_SCORES):
+def record_test_score(commit, value, metric, path=TEST_SCORES):
     """Append to test_scores.tsv, so that report --compare can show a run's best commit on test later."""
     new = not os.path.exists(path)
     with open(path, "a", encoding="utf-8") as f:
-        f.write(("commit\ttest_mean_rank\tfinished\n" if new else "") +
+        f.write((f"commit\ttest_{metric.name}\tfinished\n" if new else "") +
                 f"{commit}\t{value:.6g}\t{datetime.datetime.now().isoformat(timespec='seconds')}\n")
 
 
 def load_test_scores(path=TEST_SCORES):
-    """{commit: its latest test_mean_rank}."""
+    """{commit: its latest test score}."""
     if not os.path.exists(path):
         return {}
     cells = [line.split("\t") for line in read_text(path).split("\n")[1:]]
@@ -1941,46 +2113,47 @@ def best_so_far(rows):
     return out
 
 
-def compare_line(rows, scores):
+def compare_line(rows, scores, metric=None):
     """Pure. One run's figures for report --compare. A keep "survived" when its second-seed run alone also beat
     the best before it by the recorded threshold; keeps without a second run (--noise-runs 1) are not counted."""
+    metric = metric or project_metric()
     s = summarize(rows)
     _, best_commit, _, _ = state_from_rows(rows)
     checked = survived = 0
     for i, r in enumerate(rows):
-        runs = [num(x) for x in r.get("runs", "").split(",") if num(x) is not None]
+        runs = runs_of(r)
         before = next((num(p["best"]) for p in reversed(rows[:i]) if num(p["best"]) is not None), None)
         if r["status"] == "keep" and len(runs) >= 2 and before is not None and num(r["threshold"]) is not None:
             checked += 1
-            survived += before - runs[1] > num(r["threshold"])
+            survived += metric.gain(runs[1], before) > num(r["threshold"])
     return {"agent": next((r["agent"] for r in reversed(rows) if r.get("agent")), "llm"), "best": s["best"],
             "test": scores.get(best_commit), "experiments": s["experiments"], "keeps": s["keeps"],
             "per_hour": s["per_hour"], "survived": survived, "checked": checked}
 
 
-def run_results(name):
+def run_results(name, metric):
     """A run to compare: NAME.tsv is a results file; a tag is results.tsv while its branch is checked out, else
     results-TAG.tsv (where `mv results.tsv results-TAG.tsv` puts a finished run before the next one starts)."""
     path = name if name.endswith(".tsv") else RESULTS if name == current_tag() else f"results-{name}.tsv"
     if not os.path.exists(path):
         raise HarnessError(f"no results for {name!r}: {path} does not exist (after a run, keep its results with "
                            f"mv {RESULTS} results-TAG.tsv; or pass a results file ending in .tsv)")
-    rows = load_results(path)
+    rows = load_results(path, metric=metric)
     if summarize(rows) is None:
         raise HarnessError(f"{path} has no baseline yet: nothing to compare")
     return rows
 
 
-def write_compare(runs, scores, path="compare.png"):
+def write_compare(runs, scores, metric, path="compare.png"):
     """Running best against experiment number (left) and wall-clock hours (right), one colour per run; a star
-    marks the best commit's test_mean_rank where it has been evaluated."""
+    marks the best commit's test score where it has been evaluated."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), dpi=110, sharey=True)
     for i, (name, rows) in enumerate(runs):
-        pts, line = best_so_far(rows), compare_line(rows, scores)
+        pts, line = best_so_far(rows), compare_line(rows, scores, metric)
         label = f"{name} ({line['agent']}): best {line['best']:.4g}" + (
             f", test {line['test']:.4g}" if line["test"] is not None else "")
         for ax, x in ((axes[0], [p[0] for p in pts]), (axes[1], [p[1] for p in pts])):
@@ -1990,7 +2163,7 @@ def write_compare(runs, scores, path="compare.png"):
     axes[0].xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     axes[0].set_xlabel("experiment")
     axes[1].set_xlabel("wall-clock hours")
-    axes[0].set_ylabel("best val_mean_rank so far (lower is better)")
+    axes[0].set_ylabel(f"best {metric.column} so far ({metric.better} is better)")
     for ax in axes:
         ax.grid(alpha=0.3)
     axes[0].legend(loc="best", fontsize=8, framealpha=0.8)
@@ -2001,14 +2174,14 @@ def write_compare(runs, scores, path="compare.png"):
     print(f"wrote {path}")
 
 
-def compare(names):
-    runs = [(n, run_results(n)) for n in names]
+def compare(names, metric):
+    runs = [(n, run_results(n, metric)) for n in names]
     scores = load_test_scores()
-    write_compare(runs, scores)
+    write_compare(runs, scores, metric)
     print(f"{'run':<16}{'agent':<8}{'experiments':>12}{'best val':>10}{'its test':>10}{'keeps':>7}{'exp/hour':>10}"
           f"  keeps confirmed by a 2nd seed")
     for name, rows in runs:
-        c = compare_line(rows, scores)
+        c = compare_line(rows, scores, metric)
         print(f"{name[:15]:<16}{c['agent']:<8}{c['experiments']:>12}{c['best']:>10.4g}{fmt(c['test']) or '-':>10}"
               f"{c['keeps']:>7}{c['per_hour']:>10.1f}  " + (f"{c['survived']}/{c['checked']}" if c["checked"] else "-"))
     return 0
@@ -2017,17 +2190,18 @@ def compare(names):
 def report(args):
     """`report`: progress.png and the summary of this run (--test: also baseline and best on test);
     `report --compare`: compare.png and a table for several runs."""
+    metric = project_metric()
     if args.compare:
-        return compare(args.compare)
-    rows = load_results()
+        return compare(args.compare, metric)
+    rows = load_results(metric=metric)
     if not rows:
         raise HarnessError(f"no {RESULTS} here yet: run python autoresearch.py first")
-    write_report(rows)
-    summary(rows)
-    return report_test(rows) if args.test else 0
+    write_report(rows, metric=metric)
+    summary(rows, metric)
+    return report_test(rows, metric) if args.test else 0
 
 
-def make_tuner(args):
+def make_tuner(args, metric):
     """The tuner of --agent optuna|random over the search space of the run's baseline commit (a resumed run
     keeps its space). The active preset is the one train.py picks: cuda iff torch sees a GPU."""
     base = next((r["commit"] for r in load_results() if r["status"] == "baseline"), None) if args.resume else None
@@ -2036,7 +2210,7 @@ def make_tuner(args):
     else:
         train_src, program = read_text(TRAIN), read_text(PROGRAM)
     import torch
-    return Tuner(args.agent, train_src, program, torch.cuda.is_available(), args.tuner_seed)
+    return Tuner(args.agent, train_src, program, torch.cuda.is_available(), args.tuner_seed, metric)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2127,7 +2301,7 @@ def main(argv=None):
         startup_checks(args, client)
         if on_slurm(args):
             slurm_startup(args)
-        loop = Loop(args, client, make_tuner(args) if args.agent != "llm" else None)
+        loop = Loop(args, client, make_tuner(args, project_metric()) if args.agent != "llm" else None)
         loop.main()
         return 0
     except HarnessError as e:

@@ -40,6 +40,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+# The project's metric, declared once: autoresearch.py reads these two literals with ast (INTERFACE.md §A).
+METRIC = "mean_rank"
+DIRECTION = "minimize"
 ROOT = Path(__file__).resolve().parent
 SPLIT_FILES = {  # the Ukiyo-eVG release layout, relative to the --ukiyoe-vg directory
     "train": "Ukiyo-eVG/refined/ukiyoe_vg_train_pgt_odvg.jsonl",

@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 import types
 
 import pytest
@@ -13,6 +14,41 @@ from conftest import assert_plot_marks
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import autoresearch as ar  # noqa: E402
+
+
+# ---------------------------------------------------------------- the metric, declared once by the project
+
+ACC = ar.Metric("accuracy", "maximize")   # a fork's metric: higher is better
+MR = ar.Metric("mean_rank", "minimize")   # this project's
+
+
+def test_project_metric_is_read_from_prepare_data(tmp_path):
+    assert ar.project_metric(ROOT) == ("mean_rank", "minimize") == ar.Metric("mean_rank", "minimize")
+    (tmp_path / "prepare_data.py").write_text('"""METRIC = "fake" in a docstring is not a declaration"""\n'
+                                              'import torch\nMETRIC = "accuracy"\nDIRECTION = "maximize"\n')
+    name, direction = m = ar.project_metric(str(tmp_path))      # read with ast: torch is never imported
+    assert (name, direction, m.column, m.better) == ("accuracy", "maximize", "val_accuracy", "higher")
+    assert m.columns[:6] == ["experiment", "commit", "val_accuracy", "delta", "status", "description"]
+    for bad, found in (('METRIC = "Accuracy"\nDIRECTION = "maximize"\n', "METRIC 'Accuracy'"),
+                       ('METRIC = "accuracy"\nDIRECTION = "up"\n', "DIRECTION 'up'"),
+                       ('NAME = "acc"\nMETRIC = NAME\nDIRECTION = "maximize"\n', "METRIC not a string literal"),
+                       ('METRIC = "accuracy"\n', "DIRECTION missing"),
+                       ('if True:\n    METRIC = "accuracy"\nDIRECTION = "maximize"\n', "METRIC missing")):
+        (tmp_path / "prepare_data.py").write_text(bad)
+        with pytest.raises(ar.HarnessError) as e:
+            ar.project_metric(str(tmp_path))
+        assert found in str(e.value) and 'METRIC = "accuracy"' in str(e.value), str(e.value)
+        assert 'DIRECTION = "maximize"   # or "minimize"' in str(e.value)
+    (tmp_path / "prepare_data.py").unlink()
+    with pytest.raises(ar.HarnessError, match="prepare_data.py is missing"):
+        ar.project_metric(str(tmp_path))
+
+
+def test_no_metric_is_written_into_the_harness():
+    with open(os.path.join(ROOT, "autoresearch.py")) as f:
+        src = f.read()
+    for literal in ("mean_rank", "median_rank", "lower is better", "higher is better"):
+        assert literal not in src, literal
 
 
 # ---------------------------------------------------------------- tool-call parsing
@@ -91,11 +127,29 @@ def test_metric_line_must_match_exactly():
 def test_classify_run():
     assert ar.classify_run(0, GOOD, ar.parse_metrics(GOOD)) == ("ok", "")
     assert ar.classify_run(124, "x\nrun.sh: TIMEOUT after 305s\n", {})[0] == "timeout"
-    assert ar.classify_run(1, "x\nrun.sh: TIMEOUT after 305s", {})[0] == "timeout"
+    # the exit code alone decides (INTERFACE.md §B); run.sh's last own line is only the reason, and text that reads
+    # like another verdict (the candidate writes part of the output) changes nothing
+    assert ar.classify_run(1, "x\nrun.sh: TIMEOUT after 305s", {}) == ("crash", "run.sh exit 1: run.sh: TIMEOUT after "
+                                                                             "305s")
+    assert ar.classify_run(0, GOOD + "run.sh: OUT OF MEMORY\n", ar.parse_metrics(GOOD)) == ("ok", "")
+    refused = "train| run.sh: forged\nrun.sh: evaluation refused the hand-off: batch dependence\n"
+    assert ar.classify_run(3, refused, {}) == ("crash", "run.sh exit 3: run.sh: evaluation refused the hand-off: batch "
+                                                        "dependence")
+    for rc, sig in ((130, "INT"), (143, "TERM")):
+        out = f"train| step 9\nrun.sh: INTERRUPTED by SIG{sig}; training/evaluation stopped and cleaned up\n"
+        assert ar.classify_run(rc, out, {}) == ("interrupted", out.split("\n")[1])
+    assert ar.classify_run(0, "no metric\n", {}) == ("crash", "no trusted metric")
     assert ar.classify_run(137, "run.sh: OUT OF MEMORY (16g)\n", {}) == ("crash", "out of memory")
     status, reason = ar.classify_run(1, "train| Traceback\ntrain| RuntimeError: boom\n", {})
     assert status == "crash" and "boom" in reason
     assert ar.classify_run(0, "no metric\n", {})[0] == "crash"     # exit 0 without a metric is not ok
+
+
+def test_classify_run_reads_the_declared_metric():
+    out = "--- trusted evaluation ---\nval_accuracy: 0.75\nval_mean_rank: 3\n"
+    assert ar.classify_run(0, out, ar.parse_metrics(out), metric=ACC) == ("ok", "")
+    rank_only = "--- trusted evaluation ---\nval_mean_rank: 3\n"
+    assert ar.classify_run(0, rank_only, ar.parse_metrics(rank_only), metric=ACC)[0] == "crash"
 
 
 def test_last_loss():
@@ -182,6 +236,16 @@ def test_decide_confirm():
         ar.decide([], 100.0, 1.0)
 
 
+def test_decide_maximize():
+    # higher is better: the same rule with the improvement mean - best; delta stays mean - best
+    status, delta, thr, _ = ar.decide([0.85], 0.80, 0.01, z=2, floor=0.01, metric=ACC)
+    assert (status, delta, thr) == ("keep", pytest.approx(0.05), pytest.approx(0.02))
+    assert ar.decide([0.75], 0.80, 0.01, metric=ACC)[0] == "discard"                   # worse
+    assert ar.decide([0.81], 0.80, 0.01, metric=ACC)[0] == "discard"                   # inside the noise
+    assert ar.decide([0.85], 0.80, 0.01, confirm=True, metric=ACC)[0] == "confirm"
+    assert ar.decide([0.85, 0.79], 0.80, 0.01, confirm=True, metric=ACC)[0] == "discard"
+
+
 def test_pooled_sigma():
     assert ar.pooled_sigma([]) is None
     assert ar.pooled_sigma([[5.0]]) is None
@@ -252,6 +316,18 @@ def test_system_prompt_has_program_and_rules():
     assert ar.TOOLS[1]["function"]["parameters"]["required"] == ["path", "old_text", "new_text"]
 
 
+def test_prompts_name_the_declared_metric():
+    program = "# fork\n## Research question\nWhich changes raise {metric}? ({better} is better)\n"
+    system = ar.build_system_prompt(program, ACC)
+    assert "Which changes raise val_accuracy? (higher is better)" in system
+    assert "only if val_accuracy (higher is better) improves" in system and "{" + "metric}" not in system
+    rows = [{"experiment": "1", "status": "keep", "val_accuracy": 0.8125, "delta": 0.0625, "description": "wider"}]
+    msg = ar.build_user_message("x", "", rows, "val_accuracy 0.8125", "p", metric=ACC)
+    assert "Recent results (higher val_accuracy is better):\nexp  status       val_accuracy   delta" in msg
+    assert "1    keep         0.8125         0.0625    wider" in msg
+    assert "(lower val_mean_rank is better)" in ar.build_user_message("x", "", [], "b", "p")   # this project's
+
+
 def test_commit_message_and_trailers():
     msg = ar.commit_message(3, "raise lr\tto 4e-4\nbecause", "Phase 1: Hyperparameters", "keep", 41.5, -2.25,
                             {"Runs": "41.5,42"})
@@ -290,6 +366,30 @@ def test_results_round_trip(tmp_path):
         ar.load_results(path)
 
 
+def test_one_row_builder_typed_rows_exact_in_results_tsv(tmp_path):
+    """Every outcome makes its row in one place; best and sigma keep full precision, and results.tsv gives back the
+    very same typed rows (it is read only on --resume)."""
+    base = ar.Outcome(0, "baseline", description="baseline", commit="c0", values=[48.123456789, 47.98765432],
+                      delta=0.0, reason="2 seed(s)", started=100.0, round=0)
+    row0 = ar.make_row(base, [], MR, 130.0)
+    assert row0["best"] == (48.123456789 + 47.98765432) / 2 and row0["sigma"] == ar.pooled_sigma([base.values])
+    assert (row0["val_mean_rank"], row0["runs"], row0["best_commit"], row0["wall_seconds"], row0["agent"]) == (
+        48.123456789, (48.123456789, 47.98765432), "c0", 30.0, "llm")
+    disc = ar.Outcome(1, "discard", commit="c1", base="c0", values=[47.9], delta=47.9 - row0["best"],
+                      threshold=0.2, model_seconds=1.5, prompt_tokens=1234, round=1, agent="random")
+    row1 = ar.make_row(disc, [row0], MR, 200.0)
+    assert (row1["best"], row1["sigma"], row1["best_commit"], row1["wall_seconds"]) == (row0["best"], row0["sigma"],
+                                                                                         "c0", None)
+    crash = ar.Outcome(2, "crash", commit="c2", base="c0", reason="run.sh exit 1: boom", round=2, worker=3)
+    row2 = ar.make_row(crash, [row0, row1], MR, 300.0)
+    assert (row2["val_mean_rank"], row2["runs"], row2["best"], row2["worker"]) == (None, (), row0["best"], 3)
+    path = str(tmp_path / "results.tsv")
+    for r in (row0, row1, row2):
+        ar.append_row(r, path, MR)
+    assert [ar.typed_row(r, MR) for r in ar.load_results(path, metric=MR)] == [row0, row1, row2]
+    assert "\t48.123456789\t" in open(path).read() and "\t48.06\t" not in open(path).read()
+
+
 def test_summarize():
     rows = [{"experiment": "0", "status": "baseline", "val_mean_rank": "100", "best": "100", "best_commit": "a",
              "wall_seconds": "600", "run_seconds": "600", "model_seconds": "0"},
@@ -324,6 +424,24 @@ def test_report_png(tmp_path):
     assert_plot_marks(out, rows, tmp_path)
 
 
+def test_report_png_names_the_metric_and_marks_failures_at_the_worse_end(monkeypatch):
+    """The y axis names the metric and its direction; a crash has no value, so its x sits at the worst value drawn:
+    the top when lower is better, the bottom when higher is."""
+    import matplotlib.figure
+    drawn = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, path: drawn.append(fig))
+    for metric, values, label in ((MR, (50.0, 40.0, 45.0), "val_mean_rank (lower is better)"),
+                                  (ACC, (0.5, 0.7, 0.6), "val_accuracy (higher is better)")):
+        rows = [{"experiment": str(i), "status": st, metric.column: str(v), "best": str(values[0]), "description": "d",
+                 "wall_seconds": "1", "run_seconds": "1", "model_seconds": "0"}
+                for i, (st, v) in enumerate(zip(("baseline", "keep", "discard"), values))]
+        rows.append(dict(rows[-1], experiment="3", status="crash", **{metric.column: ""}))
+        ar.write_report(rows, "unused.png", quiet=True, metric=metric)
+        ax = drawn[-1].axes[0]
+        crash = next(c for c in ax.collections if c.get_label() == "crash / timeout / invalid")
+        assert ax.get_ylabel() == label and crash.get_offsets()[0][1] == values[0]
+
+
 # ---------------------------------------------------------------- resume reconciliation on real git
 
 def git(cwd, *args):
@@ -340,6 +458,7 @@ def repo(tmp_path, monkeypatch):
     (tmp_path / "train.py").write_text("LR = 1\n")
     (tmp_path / "scratchpad.md").write_text("notes\n")
     (tmp_path / "program.md").write_text(PROGRAM)
+    (tmp_path / "prepare_data.py").write_text('METRIC = "mean_rank"\nDIRECTION = "minimize"\n')
     (tmp_path / ".gitignore").write_text("results.tsv\nruns/\nlogs/\nprogress.png\n")
     git(tmp_path, "add", "-A")
     git(tmp_path, "commit", "-q", "-m", "init")
@@ -391,6 +510,93 @@ def test_resume_reverts_unrecorded_candidate_keeps_notes(repo):
     assert git(repo, "status", "--porcelain") == ""
     assert not (repo / "runs" / ".running").exists()
     assert loop.next_exp() == 2
+
+
+def test_resume_and_report_refuse_results_of_another_metric(repo):
+    (repo / "results.tsv").write_text("\t".join(ACC.columns) + "\n0\tabc\t0.5\t0\tbaseline\tbaseline\n")
+    head = git(repo, "rev-parse", "HEAD")
+    with pytest.raises(ar.HarnessError) as e:
+        ar.Loop(loop_args(), None).setup()
+    assert "results.tsv records val_accuracy, but this project's prepare_data.py declares METRIC = 'mean_rank' " \
+           "(val_mean_rank)" in str(e.value) and "mv results.tsv" in str(e.value)
+    assert git(repo, "rev-parse", "HEAD") == head and git(repo, "status", "--porcelain") == ""
+    for how in ({"compare": None}, {"compare": ["results.tsv"]}):
+        with pytest.raises(ar.HarnessError, match="records val_accuracy"):
+            ar.report(types.SimpleNamespace(test=False, **how))
+    assert (repo / "results.tsv").read_text().count("\n") == 2                 # left as it was
+
+
+def test_conclude_keeps_or_reverts_and_records_one_row(repo):
+    base = git(repo, "rev-parse", "HEAD")
+    ar.append_row(baseline_row(base))
+    loop = ar.Loop(loop_args(), None)
+    loop.setup()
+
+    def candidate(src, notes):
+        (repo / "train.py").write_text(src)
+        (repo / "scratchpad.md").write_text(notes)
+        git(repo, "commit", "-qam", ar.commit_message(len(loop.rows), src, "Phase 1: Hyperparameters", "candidate"))
+        return git(repo, "rev-parse", "HEAD")
+
+    # a discard goes back to where it started; the notes survive in a commit of their own
+    worse = candidate("LR = 2\n", "notes\n- lr 2: worse\n")
+    loop.conclude(loop.outcome(1, status="discard", description="lr 2", commit=worse, base=base, values=[53.0],
+                               delta=2.0, threshold=1.0, reason="not > threshold", started=time.time()))
+    assert (repo / "train.py").read_text() == "LR = 1\n" and "lr 2: worse" in (repo / "scratchpad.md").read_text()
+    assert git(repo, "log", "-1", "--format=%s") == "scratchpad: notes kept across a revert"
+    assert git(repo, "status", "--porcelain") == ""
+    # a keep amends its candidate into the keep commit, whose trailers carry the row's numbers exactly
+    notes_commit = git(repo, "rev-parse", "HEAD")
+    cand = candidate("LR = 3\n", "notes\n- lr 2: worse\n- lr 3: better\n")
+    o = loop.outcome(2, status="keep", description="lr 3", phase="Phase 1: Hyperparameters", commit=cand,
+                     base=notes_commit, values=[45.123456, 46.987654], delta=-4.9, threshold=2.5, reason="kept")
+    loop.conclude(o)
+    head = git(repo, "rev-parse", "HEAD")
+    tr = ar.parse_trailers(git(repo, "log", "-1", "--format=%B"))
+    assert o.commit == head != cand and (tr["Status"], tr["Runs"], tr["Threshold"]) == ("keep", "45.123456,46.987654",
+                                                                                         "2.5")
+    assert (repo / "train.py").read_text() == "LR = 3\n" and git(repo, "status", "--porcelain") == ""
+    rows = ar.load_results()
+    assert [(r["experiment"], r["status"], r["commit"], r["best_commit"], r["round"], r["worker"]) for r in rows] == [
+        ("0", "baseline", base, base, "", ""), ("1", "discard", worse, base, "1", "0"),
+        ("2", "keep", head, head, "2", "0")]
+    assert loop.best == (45.123456 + 46.987654) / 2 and loop.sigma() == ar.pooled_sigma([[50, 52],
+                                                                                         [45.123456, 46.987654]])
+    again = ar.Loop(loop_args(), None)          # --resume reads back the very numbers
+    again.setup()
+    assert again.best == loop.best and again.sigma() == loop.sigma() and again.rows == loop.rows
+    assert [r["round"] for r in again.rows] == [0, 1, 2]
+
+
+OLD_HEADER = ("experiment commit val_mean_rank delta status description runs best sigma threshold reason phase "
+              "best_commit val_median_rank model_seconds run_seconds wall_seconds prompt_tokens finished agent "
+              "train_wall_seconds").split()
+
+
+def test_resume_upgrades_a_results_tsv_written_before_rounds_and_workers(repo):
+    base = git(repo, "rev-parse", "HEAD")
+    old = [dict(baseline_row(base), experiment="0", val_median_rank="9", agent="llm", sigma="1.414"),
+           {"experiment": "1", "commit": "", "val_mean_rank": "", "delta": "", "status": "invalid",
+            "description": "(no valid run)", "best": "51", "reason": "no tool call", "best_commit": base,
+            "val_median_rank": "", "agent": "llm", "model_seconds": "12.5"}]
+    text = "\t".join(OLD_HEADER) + "\n" + "".join("\t".join(r.get(c, "") for c in OLD_HEADER) + "\n" for r in old)
+    (repo / "results.tsv").write_text(text)
+    loop = ar.Loop(loop_args(), None)
+    loop.setup()
+    header = (repo / "results.tsv").read_text().split("\n")[0].split("\t")
+    assert header == MR.columns + ["val_median_rank"]          # what it no longer writes stays, at the end
+    rows = ar.load_results()
+    for r, o in zip(rows, old):                                 # nothing recorded is lost or changed
+        assert {c: r[c] for c in OLD_HEADER} == {c: o.get(c, "") for c in OLD_HEADER}
+    assert [(r["round"], r["worker"]) for r in rows] == [("0", "0"), ("1", "0")]
+    assert loop.best == 51.0 and [r["round"] for r in loop.rows] == [0, 1]
+    loop.record(loop.outcome(2, status="invalid", base=base, reason="again"))
+    rows = ar.load_results()
+    assert (rows[2]["experiment"], rows[2]["reason"], rows[2]["round"], rows[2]["val_median_rank"]) == ("2", "again",
+                                                                                                      "2", "")
+    text = (repo / "results.tsv").read_text()
+    ar.Loop(loop_args(), None).setup()                          # once upgraded, left as it is
+    assert (repo / "results.tsv").read_text() == text
 
 
 # ---------------------------------------------------------------- context budget and flags

@@ -459,8 +459,7 @@ def test_harness_takes_tool_calls_from_either_tool_parser(tmp_path, monkeypatch,
     with FakeOllama([model], script) as fake:
         loop = ar.Loop(args, ar.make_client(fake.url, 30))
         messages = [{"role": "system", "content": loop.system}, {"role": "user", "content": "go"}]
-        stats = {"model_seconds": 0.0, "prompt_tokens": 0, "run_seconds": 0.0}
-        assert loop.converse(messages, stats, (repo / "train.py").read_text()) == ("run", "restore text")
+        assert loop.converse(messages, ar.Outcome(1), (repo / "train.py").read_text()) == ("run", "restore text")
         assert fake.remaining == 0
         sent = fake.chat_requests[-1]["messages"]
     native = {"qwen2.5-coder:7b": [False, True, True], "llama3.1:8b": [False, True, False]}[model]

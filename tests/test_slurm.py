@@ -4,7 +4,6 @@ slurmd on loopback, started as root), driven through autoresearch.py with the sc
 The loop's runs use the same sabotaged train.py as tests/test_loop.py (val_mean_rank == n_val until the text
 encoder is restored), so keep and discard are deterministic with a 2-second budget.
 """
-import math
 import os
 import signal
 import subprocess

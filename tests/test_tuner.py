@@ -184,6 +184,8 @@ def test_history_from_rows_failed_and_interrupted_trials():
     done, pending = ar.tuner_trials(rows, "random", space)      # a crash is a failed trial, whatever it printed
     assert done == [({"LR": 0.001}, 41.0), ({"LR": 0.002}, None), ({"LR": 0.003}, None), ({"LR": 0.005}, 30.0)]
     assert pending == [{"LR": 0.004}, {"LR": 0.006}]
+    mr = ar.Metric("mean_rank", "minimize")                    # the loop's own rows are typed: the same history
+    assert ar.tuner_trials([ar.typed_row(r, mr) for r in rows], "random", space, mr) == (done, pending)
     done, pending = ar.tuner_trials(rows + [row(9, "discard", 0.004, "45", "45")], "random", space)
     assert pending == [{"LR": 0.006}] and done[-1] == ({"LR": 0.004}, 45.0)
     with pytest.raises(ar.HarnessError, match="experiment 9 .* not a trial of this search space"):
@@ -205,6 +207,9 @@ def test_optuna_sees_every_result_and_asks_for_new_trials():
     assert len(s.study.trials) == 4 and s.study.trials[2].value == 35.0 and s.study.best_value == 35.0
     again = ar.OptunaSampler(space, seed=0).propose(done)              # a fresh sampler, as after --resume
     assert again != ar.OptunaSampler(space, seed=0).propose([])        # is not seeded like the run's start
+    up = ar.OptunaSampler(space, seed=0, metric=ar.Metric("accuracy", "maximize"))   # a fork's metric
+    up.propose(done)
+    assert up.study.direction == optuna.study.StudyDirection.MAXIMIZE and up.study.best_value == 40.0
 
 
 def test_optuna_missing_names_the_install_command(monkeypatch):
@@ -226,6 +231,10 @@ def test_compare_line_counts_keeps_confirmed_by_the_second_seed():
     assert (c["survived"], c["checked"], c["keeps"], c["experiments"]) == (1, 2, 3, 5)
     assert (c["best"], c["test"], c["agent"], c["per_hour"]) == (30.0, 31.5, "optuna", 5 / 3)
     assert ar.best_so_far(rows)[-1] == (5, 3.0, 30.0) and ar.best_so_far(rows)[1] == (1, 1.0, 44.0)
+    # higher is better: keep 1's second seed 53 beats 50 by 3 > 2; keep 2's, 55, beats 54 by only 1
+    up = [row(0, "baseline", "50", "49,51"), row(1, "keep", "54", "55,53", "2"), row(2, "keep", "57.5", "60,55", "2")]
+    c = ar.compare_line(up, {}, ar.Metric("accuracy", "maximize"))
+    assert (c["survived"], c["checked"], c["best"]) == (1, 2, 57.5)
 
 
 # ---------------------------------------------------------------- through the real loop
