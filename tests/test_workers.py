@@ -178,6 +178,17 @@ def note(text):
     return tool_call("edit_file", path="scratchpad.md", old_text="## Next ideas\n", new_text="## Next ideas\n" + text)
 
 
+def seed(repo, tag):
+    """A recorded baseline (as tests/test_loop.py's seed_baseline) whose start-up and export took 60 s: runs that share
+    2 busy cores stay within the allowance."""
+    git_id(repo, "checkout", "-q", "-b", f"autoresearch/{tag}")
+    head = git(repo, "rev-parse", "HEAD")
+    ar.append_row({"experiment": 0, "commit": head, "val_mean_rank": 48.0, "delta": 0.0, "status": "baseline",
+                   "description": "baseline", "runs": (48.0, 48.0), "best": 48.0, "sigma": 0.0, "best_commit": head,
+                   "phase": "Phase 1: Hyperparameters", "train_wall_seconds": 60.0, "round": 0, "worker": 0},
+                  str(repo / "results.tsv"), ar.Metric("mean_rank", "minimize"))
+
+
 def in_flight(repo, n):
     path = repo / "runs" / ".running"
     return lambda: path.exists() and len(path.read_text().split()) == n
@@ -191,12 +202,7 @@ def worktrees(repo):
 @pytest.mark.sandbox
 def test_two_workers_round_decision_notes_ctrl_c_kill_9_and_resume(tmp_path, data):  # noqa: F811
     repo = make_repo(tmp_path / "repo")
-    git_id(repo, "checkout", "-q", "-b", "autoresearch/w2")   # a recorded baseline (tests/test_loop.py: seed_baseline)
-    head = git(repo, "rev-parse", "HEAD")                    # whose start-up and export took 60 s: two runs that
-    ar.append_row({"experiment": 0, "commit": head, "val_mean_rank": 48.0, "delta": 0.0, "status": "baseline",
-                   "description": "baseline", "runs": (48.0, 48.0), "best": 48.0, "sigma": 0.0, "best_commit": head,
-                   "phase": "Phase 1: Hyperparameters", "train_wall_seconds": 60.0, "round": 0, "worker": 0},
-                  str(repo / "results.tsv"), ar.Metric("mean_rank", "minimize"))   # share 2 busy cores stay valid
+    seed(repo, "w2")
 
     def first_worker(req):    # a fresh conversation, no earlier proposal of this round
         return len(req["messages"]) == 2 and "Other workers of this round" not in req["messages"][1]["content"]
@@ -276,6 +282,33 @@ def test_two_workers_round_decision_notes_ctrl_c_kill_9_and_resume(tmp_path, dat
     assert (repo / "train.py").read_text() == kept and git(repo, "status", "--porcelain") == ""
     assert not (repo / ".worktrees").exists() and worktrees(repo) == 1
     assert (repo / "progress.png").stat().st_size > 10_000
+
+
+from test_slurm import TAG, cluster, job_state, slurm_env  # noqa: E402,F401
+
+
+def test_two_workers_as_slurm_jobs_cancelled_on_ctrl_c(cluster, tmp_path, data):  # noqa: F811
+    """--launcher slurm: each worker's run is its own job, started in its worktree; Ctrl-C cancels them all."""
+    repo = make_repo(tmp_path / "repo")
+    seed(repo, TAG)
+    hang = [tool_call("edit_file", path="train.py", old_text=BOOM, new_text=HANG),
+            tool_call("run_experiment", description="hang")]
+    with FakeOllama({"qwen2.5-coder:7b": 32768}, hang + hang) as fake:
+        p = subprocess.Popen([sys.executable, "autoresearch.py", "--launcher", "slurm", "--resume", "--workers", "2",
+                              "--noise-runs", "1"], cwd=repo, env=slurm_env(cluster, fake.url, data),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        wait_for(lambda: job_state(cluster, "1") == job_state(cluster, "2") == "RUNNING", 180, "both jobs to run")
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 130 and "Traceback" not in err, out + err
+    for label in ("1", "2"):
+        wait_for(lambda: job_state(cluster, label) != "COMPLETING", 60, f"job {label} to finish cancelling")
+        assert job_state(cluster, label) == "CANCELLED"
+    comp = [dict(kv.split("=", 1) for kv in line.split() if "=" in kv) for line in open(cluster.jobcomp)]
+    assert {j["WorkDir"] for j in comp if j["Name"] in (ar.job_name(TAG, "1"), ar.job_name(TAG, "2"))} == {
+        str(repo / ".worktrees" / "w0"), str(repo / ".worktrees" / "w1")}
+    assert [(r["experiment"], r["status"]) for r in rows(repo)[1:]] == [("1", "interrupted"), ("2", "interrupted")]
+    assert cluster.squeue() == "" and git(repo, "status", "--porcelain") == "" and not (repo / ".worktrees").exists()
 
 
 # ---------------------------------------------------------------- report: rounds, experiments per hour, slots
