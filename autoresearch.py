@@ -32,6 +32,12 @@ program.md's `## Search space` block, else derived from train.py's active preset
 train.py as an ordinary edit; commit, sandbox, keep rule, results.tsv (column `agent`) and branch are the same.
 `report --compare` draws several runs on the same axes (compare.png) with a table.
 
+Workers: --workers N (Loop.round) runs rounds of N experiments from the same best commit, each in its own git
+worktree (.worktrees/w<k>) and slot (a GPU, or a share of the cores), trained in threads while the model talks to the
+next worker; the round keeps at most one, judged with the z for the best of N (sidak_z, decide_round), and merges
+every worker's notes (merge_scratchpads). runs/.running lists every run.sh in flight, so a start after kill -9 stops
+them all. --workers 1 is the loop above, unchanged (Loop.experiment).
+
 The model acts only through the three tools: read_file and edit_file (Loop.tool_read, Loop.tool_edit), and
 run_experiment, which Loop.converse handles itself (it ends the turn). Every subprocess goes through `spawn`, an
 allowlist of fixed argument lists. Parsing, editing, deciding and prompt building are pure functions (tested in
