@@ -1,22 +1,27 @@
 #!/usr/bin/env bash
-# One experiment: train.py in a locked-down container, then the trusted evaluator in a second one.
+# One experiment: train.py in a locked-down container, then the trusted evaluator (evaluator.py) in a second one.
 #
 #   ./run.sh                 train + evaluate on val (the only thing the agent ever runs)
-#   ./run.sh --test RUN_DIR  evaluate an existing hand-off on the test split (the only time test data is mounted)
+#   ./run.sh --test RUN_DIR  evaluate an existing hand-off on the test split (the only time test data is read)
 #   ./run.sh --build         build the sandbox image now (image mode; needs the network once), then exit
 #
 # The code being run was written by a model, so nothing in it is trusted: no network, code and data read-only,
 # one writable hand-off directory, no capabilities, a non-root user, pids/memory limits and a hard wall clock.
 # Output: train.py's lines prefixed with "train| " (so it can never forge a metric), then
-# "--- trusted evaluation ---", the evaluator's `key: value` block, "train_wall_seconds: X" (the training
-# container's wall time, measured here: the harness refuses runs that overran the budget) and "total_seconds: X".
-# Exit codes: 0 ok, 1 train/eval failed, 124 timeout, 137 out of memory, 2 usage/setup error (also: podman could
-# not start a container), 130/143 interrupted by SIGINT/SIGTERM (the container is killed and removed first).
+# "--- trusted evaluation ---", the evaluator's `key: value` block (val_<METRIC> first), "train_wall_seconds: X" (the
+# training container's wall time, measured here: the harness refuses runs that overran the budget) and
+# "total_seconds: X".
+# Exit codes, the verdict the harness reads (the last line, "run.sh: ...", says why in words):
+#   0 complete run   1 train.py failed, or handed off no model   3 the evaluator refused the hand-off
+#   2 usage or set-up error (data, the project's declarations, podman could not start a container)
+#   124 time limit   137 out of memory   130/143 interrupted by SIGINT/SIGTERM (the container is removed first)
 #
-# The hand-off: train.py writes to a private tmpfs of AUTORESEARCH_HANDOFF_SIZE and at most 1000 files (RAM, counted
-# in AUTORESEARCH_MEMORY). Once the container is gone, run.sh copies only the expected regular files
-# (image_encoder.pt2, text_encoder.pt2, train_stats.json; never symlinks, FIFOs or devices) into the run directory,
-# which the sandbox never sees. Files are capped at that size too (ulimit fsize); core dumps are off.
+# The project (prepare_data.py) names the programs train.py exports (PROGRAMS) and the split's files the evaluator
+# reads (EVAL_FILES); evaluator.py reads those for run.sh. The hand-off: train.py writes to a private tmpfs of
+# AUTORESEARCH_HANDOFF_SIZE and at most 1000 files (RAM, counted in AUTORESEARCH_MEMORY). Once the container is gone,
+# run.sh copies only the regular files named in PROGRAMS and train_stats.json (never symlinks, FIFOs or devices)
+# into the run directory, which the sandbox never sees. Files are capped at that size too (ulimit fsize); core dumps
+# are off.
 #
 # Environment (defaults in brackets):
 #   AUTORESEARCH_TIME_BUDGET  training seconds, passed to train.py [300]
@@ -113,23 +118,22 @@ prefix_train() {
     done
 }
 
-# Final verdict lines go to stdout so that, in a merged log, they are really the last line.
-# What the evaluator reads on stdin: the split it scores, streamed rather than mounted (see the evaluation below).
-split_tar() { tar -C "$DATA" -cf - meta.json "$EVAL_SPLIT/images.npy" "$EVAL_SPLIT/tokens.npy"; }
+# The evaluation's output is kept, to quote the evaluator's reason in the verdict.
+keep_eval_log() { tee "$WORK/eval.log"; }
 seconds() { printf '%s: %d.%d\n' "$1" $(($2 / 1000)) $(($2 % 1000 / 100)); }
 finish() {
     [[ -n $TRAIN_MS ]] && seconds train_wall_seconds "$TRAIN_MS"   # trusted: the harness checks it against the budget
     seconds total_seconds $(( $(now_ms) - START_MS ))
 }
 
-# Environment train.py and the evaluator see, in every mode.
+# Environment train.py and the evaluator see, in every mode, one VAR=value a line.
 common_env() {
     local out=$1 data=$2 weights=$3
-    echo "PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1"
-    echo "AUTORESEARCH_OUT=$out AUTORESEARCH_DATA=$data AUTORESEARCH_TIME_BUDGET=$BUDGET"
+    printf '%s\n' PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 \
+        "AUTORESEARCH_OUT=$out" "AUTORESEARCH_DATA=$data" "AUTORESEARCH_TIME_BUDGET=$BUDGET"
     [[ -n ${AUTORESEARCH_SEED:-} ]] && echo "AUTORESEARCH_SEED=$AUTORESEARCH_SEED"
     [[ -n $THREADS ]] && echo "OMP_NUM_THREADS=$THREADS"
-    [[ -n $weights ]] && echo "AUTORESEARCH_WEIGHTS=$weights HF_HOME=$weights TORCH_HOME=$weights/torch"
+    [[ -n $weights ]] && printf '%s\n' "AUTORESEARCH_WEIGHTS=$weights" "HF_HOME=$weights" "TORCH_HOME=$weights/torch"
     return 0
 }
 
@@ -139,10 +143,11 @@ common_env() {
 ROOTLESS=0; [[ $(id -u) != 0 ]] && ROOTLESS=1
 # Rootless podman keeps its own user and mount namespace: the hand-off tmpfs is mounted, read and removed in there.
 in_ns() { if [[ $ROOTLESS == 1 ]]; then podman unshare "$@"; else "$@"; fi; }
+SANDBOX=${AUTORESEARCH_SANDBOX:-}
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/autoresearch-run-$$.XXXXXX")"
 HANDOFF="$WORK/out"
 CURRENT=""   # name of the running container, for the signal handler
-CHILD=""     # AUTORESEARCH_SANDBOX=none: the `timeout` that runs train.py (it leads train.py's process group)
+CHILD=""     # AUTORESEARCH_SANDBOX=none: the `timeout` that runs a step (it leads the step's process group)
 MOUNTED=0    # the hand-off tmpfs is mounted
 TRAIN_MS=""  # wall time of the training container (of train.py without a sandbox)
 unmount_handoff() { [[ $MOUNTED == 1 ]] || return 0; MOUNTED=0; in_ns umount "$HANDOFF" || in_ns umount -l "$HANDOFF"; }
@@ -165,9 +170,74 @@ trap 'on_signal INT' INT
 trap 'on_signal TERM' TERM
 
 # ---------------------------------------------------------------------------------------------------------------
-# No sandbox: for development only. Same output format and time limit, but train.py can see and do anything
+# stage LIMIT FILTER ARGS...: one step (training or evaluation) under a hard wall clock, its output (stdout and
+# stderr merged) through FILTER; ARGS are podman run's, or without a sandbox the command itself. Sets RC, WALL_MS,
+# TIMED_OUT and OOM; exits 2 if podman could not start the container at all.
+stage() {
+    local limit=$1 filter=$2 t0 state; shift 2
+    RC=0 OOM=false
+    t0=$(now_ms)
+    if [[ $SANDBOX == none ]]; then
+        # timeout kills the step's whole process group at the limit (children that start a session escape it). That
+        # group is not run.sh's, so timeout runs in the background and a signal to run.sh reaches it through cleanup;
+        # a FIFO rather than a pipe, so that CHILD is timeout's pid.
+        mkfifo "$WORK/out"
+        $filter <"$WORK/out" & local drain=$!
+        timeout -k 5 "$limit" "$@" <&0 >"$WORK/out" 2>&1 & CHILD=$!
+        wait "$CHILD" || RC=$?
+        WALL_MS=$(( $(now_ms) - t0 )) CHILD=""
+        wait "$drain"
+        rm "$WORK/out"
+    else
+        # conmon's --timeout kills the container even if this script itself is killed with SIGKILL; afterwards
+        # `podman rm -f` kills whatever is left (e.g. when the podman client died). In the background so a
+        # SIGINT/SIGTERM to run.sh runs the trap at once instead of after the container ends.
+        CURRENT="autoresearch-$$-$RANDOM$RANDOM"
+        ( podman run --name "$CURRENT" --timeout "$limit" "$@" 2>&1 | $filter; exit "${PIPESTATUS[0]}" ) <&0 &
+        wait $! || RC=$?
+        WALL_MS=$(( $(now_ms) - t0 ))
+        state="$(podman inspect --format '{{.State.OOMKilled}} {{.State.Status}} {{.State.ExitCode}}' "$CURRENT" \
+                 2>/dev/null || echo "false none")"
+        OOM=${state%% *}
+        podman rm -f -t 0 "$CURRENT" >/dev/null 2>&1 || true
+        CURRENT=""
+        # 125-127: podman or the runtime failed before the command ran (no container, or one that never exited with
+        # that code itself), a set-up problem rather than the step's failure.
+        [[ $RC =~ ^12[5-7]$ && ${state#* } != "exited $RC" ]] &&
+            die "podman could not start the container (podman exit $RC, its error is above): check the podman set-up
+  (podman info; AUTORESEARCH_PODMAN_ARGS) and, in host mode, that $PY exists"
+    fi
+    # Killed (non-zero) at or after the limit: that is the timeout, whatever code the kill produced (conmon's
+    # --timeout gives 255 here, `timeout` 124 or 137; 137 would otherwise look like an OOM kill).
+    TIMED_OUT=0
+    [[ $RC != 0 ]] && (( WALL_MS >= limit * 1000 - 500 )) && TIMED_OUT=1
+    return 0
+}
+
+# verdict STEP LIMIT: after a step that failed, the run's last line and exit code (see the top); on stdout, so that
+# in a merged log it really is the last line. The evaluator's own codes: 1 it refused the hand-off, 2 the project or
+# the data is broken, 124 it ran out of time.
+verdict() {
+    local step=$1 limit=$2 why
+    if [[ $TIMED_OUT == 1 || ($step == evaluation && $RC == 124) ]]; then
+        echo "run.sh: TIMEOUT $step exceeded its limit of $limit"; exit 124
+    elif [[ $OOM == true || $RC == 137 ]]; then
+        echo "run.sh: OUT OF MEMORY $step was killed at the memory limit AUTORESEARCH_MEMORY=$MEMORY"; exit 137
+    elif [[ $step == training ]]; then
+        echo "run.sh: FAILED train.py exited with code $RC"; exit 1
+    fi
+    why=$(grep -as '^evaluator.py: error: ' "$WORK/eval.log" | tail -n 1 | cut -c 22-521 | tr -cd '[:print:]') || true
+    why=${why:-evaluator.py exited with code $RC}
+    [[ $RC == 2 ]] && die "the evaluator could not run: $why"
+    echo "run.sh: REFUSED by the evaluator: $why"; exit 3
+}
+
+# ---------------------------------------------------------------------------------------------------------------
+# The two set-ups: each defines TRAIN and EVAL, the steps' arguments for `stage`.
+
+# No sandbox: for development only. Same output format and time limits, but train.py can see and do anything
 # the user can.
-if [[ ${AUTORESEARCH_SANDBOX:-} == none ]]; then
+setup_none() {
     [[ $BUILD_ONLY == 1 ]] && { echo "run.sh: AUTORESEARCH_SANDBOX=none: no image to build"; exit 0; }
     {
         echo "################################################################################"
@@ -176,243 +246,200 @@ if [[ ${AUTORESEARCH_SANDBOX:-} == none ]]; then
         echo "################################################################################"
     } >&2
     PY="${PYTHON:-python3}"
-    # shellcheck disable=SC2046
-    export $(common_env "$RUN_DIR" "$DATA" "$WEIGHTS")
-    rc=0
-    if [[ $TEST_SPLIT == 0 ]]; then
-        rm -f "$RUN_DIR"/*.pt2 "$RUN_DIR"/train_stats.json
-        # timeout kills train.py's whole process group at the limit (children that start a session escape it). That
-        # group is not run.sh's, so timeout runs in the background: a signal to run.sh reaches it through cleanup.
-        mkfifo "$WORK/train.out"
-        prefix_train <"$WORK/train.out" & drain=$!
-        t0=$(now_ms)
-        timeout -k 5 "$TRAIN_LIMIT" "$PY" train.py >"$WORK/train.out" 2>&1 & CHILD=$!
-        wait "$CHILD" || rc=$?
-        CHILD="" TRAIN_MS=$(( $(now_ms) - t0 ))
-        wait "$drain"
-        if [[ $rc == 124 || $rc == 137 ]]; then
-            echo "run.sh: TIMEOUT training exceeded ${TRAIN_LIMIT}s (AUTORESEARCH_TIME_BUDGET=$BUDGET + grace $GRACE)"; exit 124
-        elif [[ $rc != 0 ]]; then
-            echo "run.sh: FAILED train.py exited with code $rc"; exit 1
-        fi
-    fi
-    echo "--- trusted evaluation ---"
-    TORCH_FORCE_WEIGHTS_ONLY_LOAD=1 AUTORESEARCH_EVAL_TIMEOUT=$EVAL_TIMEOUT timeout -k 5 "$EVAL_TIMEOUT" \
-        "$PY" prepare_data.py --evaluate "$RUN_DIR" --split "$EVAL_SPLIT" --data - \
-        < <(split_tar) || rc=$?
-    [[ $rc == 124 ]] && { echo "run.sh: TIMEOUT evaluation exceeded ${EVAL_TIMEOUT}s (AUTORESEARCH_EVAL_TIMEOUT)"; exit 124; }
-    [[ $rc != 0 ]] && { echo "run.sh: FAILED evaluation exited with code $rc"; exit 1; }
-    finish; exit 0
-fi
-
-command -v podman >/dev/null || die "podman is not installed. Install it (Debian/Ubuntu: sudo apt-get install podman;
-  Fedora: sudo dnf install podman; see https://podman.io/docs/installation), or, for development only,
-  run with AUTORESEARCH_SANDBOX=none"
-cd "$WORK"
-
-# ---------------------------------------------------------------------------------------------------------------
-# Podman set-up.
-#  root (this machine): crun fails under hybrid cgroups, so use runc; podman's default ulimits exceed what the
-#    host allows and are refused, so pass explicit ones. Memory/pids limits work through cgroups as root.
-#  rootless (a workstation): the default runtime is fine and the user's own ulimits are inherited.
-#    --userns=keep-id makes the container user the invoking user (it owns the hand-off tmpfs).
-#    Memory and pids limits need cgroups v2 with delegation (the default on current Fedora/Ubuntu); on
-#    cgroups v1 rootless podman ignores them, so we warn.
-BUILD_SETUP=()
-if [[ -n ${AUTORESEARCH_PODMAN_ARGS:-} ]]; then
-    read -r -a SETUP <<<"$AUTORESEARCH_PODMAN_ARGS"
-elif [[ $ROOTLESS == 0 ]]; then
-    SETUP=(--runtime runc --ulimit "nofile=$(ulimit -Hn):$(ulimit -Hn)" --ulimit nproc=4096:4096)
-    BUILD_SETUP=(--runtime runc)
-else
-    SETUP=(--userns=keep-id)
-    [[ -f /sys/fs/cgroup/cgroup.controllers ]] ||
-        echo "run.sh: WARNING: rootless podman on cgroups v1 cannot enforce --memory/--pids-limit" >&2
-fi
-
-# GPU: only with the driver AND an NVIDIA CDI spec (nvidia-ctk cdi generate --output=/etc/cdi/nvidia.yaml).
-GPU=()
-if command -v nvidia-smi >/dev/null && compgen -G "/etc/cdi/nvidia*.yaml" >/dev/null ||
-        compgen -G "/var/run/cdi/nvidia*.yaml" >/dev/null && command -v nvidia-smi >/dev/null; then
-    # In a SLURM job, only the GPUs it was granted (podman's containers run outside the job's cgroup).
-    IFS=, read -r -a ids <<<"${SLURM_STEP_GPUS:-${SLURM_JOB_GPUS:-${AUTORESEARCH_GPUS:-all}}}"
-    for id in "${ids[@]}"; do GPU+=(--device "nvidia.com/gpu=$id"); done
-fi
-
-# Paths inside the container (the same in every mode).
-C_CODE=/workspace C_DATA=/data C_OUT=/out C_WEIGHTS=/weights
-
-# A run.sh killed with SIGKILL can't clean up: its container is killed by conmon at the time limit but stays
-# listed, and its work dir may still hold the hand-off tmpfs (RAM). Remove those whose run.sh (the pid in the
-# name) is gone; live ones belong to parallel runs.
-for c in $(podman ps -a --filter label=autoresearch=1 --format '{{.Names}}' 2>/dev/null); do
-    pid=${c#autoresearch-}; pid=${pid%%-*}
-    [[ $pid =~ ^[0-9]+$ ]] && ! kill -0 "$pid" 2>/dev/null && podman rm -f -t 0 "$c" >/dev/null 2>&1 || true
-done
-for d in "${TMPDIR:-/tmp}"/autoresearch-run-*.*; do
-    pid=${d##*/autoresearch-run-}; pid=${pid%%.*}
-    [[ -d $d && $pid =~ ^[0-9]+$ ]] && ! kill -0 "$pid" 2>/dev/null || continue
-    in_ns umount "$d/out" 2>/dev/null || true
-    rm -rf --one-file-system "$d" || true
-done
-
-# Image or host root filesystem. ROOTFS goes LAST among the options: with --rootfs the path takes the image's place.
-MODE_ARGS=()
-if [[ ${AUTORESEARCH_IMAGE:-} == host ]]; then
-    # Host mode: the host's / as a copy-on-write overlay, read-only on top, run as "nobody". What the user
-    # "nobody" could read on the host is readable in here, except what we mask: homes (secrets, the Python
-    # tree is bound back), scratch dirs, mounts, the repository and the data cache (val/test!).
-    # LIMITATION: only these exact paths are masked. Any OTHER copy of the data readable by "nobody" (e.g. a
-    # dataset or a Ukiyo-eVG download under /opt, /var or /data, a second data dir, an old run
-    # dir) is readable from inside the sandbox, val/test included. Keep held-out data only under the masked
-    # paths (/root, /home, /mnt, /media, /srv, the repo, AUTORESEARCH_DATA, the run dir, the weights dir) or not
-    # world-readable; the image built from the Containerfile (AUTORESEARCH_IMAGE unset) has no such gap.
-    # The interpreter and its trees (base install, and the virtualenv or conda env) are bound back read-only at the
-    # same paths, and the python3 on PATH runs as is: its realpath would be the base install without the venv.
-    read -r PY PYTREES < <(python3 -c 'import sys; print(sys.executable, *{sys.base_prefix, sys.prefix})') ||
-        die "host mode needs python3 (with torch) on the host"
-    read -r -a PYTREES <<<"$PYTREES"
-    SB_USER=65534:65534
-    SKEL="$WORK/mask"
-    mkdir -m 755 "$SKEL"
-    # Runc gives a tmpfs the mode of the directory it covers (/root is 0700, so the bound-back Python would be
-    # unreachable for "nobody"); an empty 0755 host directory bound over the path masks it without that problem.
-    # Plain --tmpfs would copy the directory's content in (tmpcopyup): notmpcopyup is essential.
-    MODE_ARGS+=(--tmpfs /tmp:rw,notmpcopyup --tmpfs /var/tmp:rw,notmpcopyup --tmpfs /run:rw,notmpcopyup)
-    i=0
-    for m in /root /home /mnt /media /srv "$REPO" "$DATA" "$RUN_DIR" ${WEIGHTS:+"$WEIGHTS"}; do
-        [[ -d $m ]] || continue
-        mkdir -p "$SKEL/$i"
-        MODE_ARGS+=(-v "$SKEL/$i:$m")   # rw for runc (root) so it can create nested mount points; 0755 root-owned
-        i=$((i + 1))
-    done
-    for t in "${PYTREES[@]}"; do MODE_ARGS+=(-v "$t:$t:ro"); done
-    ROOTFS=(--rootfs /:O)
-else
-    PY=python
-    SB_USER=1000:1000   # the Containerfile's user
-    MODE_ARGS+=(--tmpfs /tmp:rw,notmpcopyup)
-    if [[ -n ${AUTORESEARCH_IMAGE:-} ]]; then
-        IMAGE="$AUTORESEARCH_IMAGE"
-    else
-        # Rebuilt only when Containerfile or requirements.txt change: the tag is a hash of both.
-        hash="$(cat "$REPO/Containerfile" "$REPO/requirements.txt" | sha256sum | cut -c1-12)"
-        IMAGE="localhost/autoresearch:$hash"
-        if ! podman image exists "$IMAGE"; then
-            echo "run.sh: building $IMAGE from Containerfile (once; needs network access to pull the base image)" >&2
-            ctx="$(mktemp -d)"; cp "$REPO/Containerfile" "$REPO/requirements.txt" "$ctx/"
-            # Only these two files form the build context, so data/, runs/ and weights/ never enter the image.
-            if ! podman build "${BUILD_SETUP[@]}" -t "$IMAGE" -f "$ctx/Containerfile" "$ctx" >&2; then
-                rm -rf "$ctx"
-                die "could not build the image from Containerfile (no registry access?). On a machine without a
-  registry run the sandbox on the host's own root filesystem instead: AUTORESEARCH_IMAGE=host ./run.sh"
-            fi
-            rm -rf "$ctx"
-        fi
-    fi
-    ROOTFS=("$IMAGE")
-fi
-if [[ $BUILD_ONLY == 1 ]]; then
-    echo "run.sh: sandbox image ready: ${ROOTFS[*]}"
-    exit 0
-fi
-[[ $ROOTLESS == 1 ]] && SB_USER=""   # keep-id already runs as the invoking user
-
-# Everything both containers share: the isolation and the limits.
-BASE=(
-    "${SETUP[@]}"
-    --network=none
-    --cap-drop=all --security-opt no-new-privileges
-    ${SB_USER:+--user "$SB_USER"}
-    --read-only --read-only-tmpfs=false
-    --memory "$MEMORY" --memory-swap "$MEMORY"
-    --pids-limit "$PIDS" --shm-size "$SHM_SIZE"
-    ${CPUS:+--cpus "$CPUS"}
-    --ulimit core=0:0 --ulimit "fsize=$HANDOFF_BYTES:$HANDOFF_BYTES"
-    --log-driver none   # podman's own copy of the output would be a second, unbounded file on the host
-    "${GPU[@]}"
-    --label autoresearch=1
-    --workdir "$C_CODE"
-)
-ENV=(-e HOME=/tmp); for kv in $(common_env "$C_OUT" "$C_DATA" "${WEIGHTS:+$C_WEIGHTS}"); do ENV+=(-e "$kv"); done
-[[ -n $WEIGHTS ]] && BASE+=(-v "$WEIGHTS:$C_WEIGHTS:ro")
-
-# Runs one container with a hard wall clock. conmon's --timeout kills it even if this script itself is killed
-# with SIGKILL; afterwards `podman rm -f` kills whatever is left (e.g. when the podman client died).
-# Sets RC, OOM, TIMED_OUT and WALL_MS; exits 2 if podman could not start the container at all.
-run_container() {
-    local limit=$1 filter=$2; shift 2
-    CURRENT="autoresearch-$$-$RANDOM$RANDOM"
-    RC=0
-    local t0; t0=$(now_ms)
-    # In the background so a SIGINT/SIGTERM to run.sh runs the trap at once instead of after the container ends.
-    ( podman run --name "$CURRENT" --timeout "$limit" "$@" 2>&1 | $filter; exit "${PIPESTATUS[0]}" ) <&0 &
-    wait $! || RC=$?
-    # Killed (non-zero) at or after the limit: that is the timeout, whatever code the kill produced
-    # (conmon's --timeout gives 255 here; 137 would otherwise look like an OOM kill).
-    WALL_MS=$(( $(now_ms) - t0 ))
-    TIMED_OUT=0
-    [[ $RC != 0 ]] && (( WALL_MS >= limit * 1000 - 500 )) && TIMED_OUT=1
-    local state
-    state="$(podman inspect --format '{{.State.OOMKilled}} {{.State.Status}} {{.State.ExitCode}}' "$CURRENT" 2>/dev/null ||
-             echo "false none")"
-    OOM=${state%% *}
-    podman rm -f -t 0 "$CURRENT" >/dev/null 2>&1 || true
-    CURRENT=""
-    # 125-127: podman or the runtime failed before the command ran (no container, or one that never exited with
-    # that code itself), a set-up problem rather than train.py's failure.
-    [[ $RC =~ ^12[5-7]$ && ${state#* } != "exited $RC" ]] &&
-        die "podman could not start the container (podman exit $RC, its error is above): check the podman set-up
-  (podman info; AUTORESEARCH_PODMAN_ARGS) and, in host mode, that $PY exists"
-    return 0
+    local envs
+    mapfile -t envs < <(common_env "$RUN_DIR" "$DATA" "$WEIGHTS")
+    TRAIN=(env "${envs[@]}" "$PY" train.py)
+    EVAL=(env "${envs[@]}" TORCH_FORCE_WEIGHTS_ONLY_LOAD=1 AUTORESEARCH_EVAL_TIMEOUT="$EVAL_TIMEOUT"
+          "$PY" evaluator.py --evaluate "$RUN_DIR" --split "$EVAL_SPLIT" --data -)
 }
 
+# The sandbox: podman, from the private working directory.
+setup_sandbox() {
+    command -v podman >/dev/null || die "podman is not installed. Install it (Debian/Ubuntu: sudo apt-get install podman;
+  Fedora: sudo dnf install podman; see https://podman.io/docs/installation), or, for development only,
+  run with AUTORESEARCH_SANDBOX=none"
+    cd "$WORK"
+
+    # Podman set-up.
+    #  root (this machine): crun fails under hybrid cgroups, so use runc; podman's default ulimits exceed what the
+    #    host allows and are refused, so pass explicit ones. Memory/pids limits work through cgroups as root.
+    #  rootless (a workstation): the default runtime is fine and the user's own ulimits are inherited.
+    #    --userns=keep-id makes the container user the invoking user (it owns the hand-off tmpfs).
+    #    Memory and pids limits need cgroups v2 with delegation (the default on current Fedora/Ubuntu); on
+    #    cgroups v1 rootless podman ignores them, so we warn.
+    BUILD_SETUP=()
+    if [[ -n ${AUTORESEARCH_PODMAN_ARGS:-} ]]; then
+        read -r -a SETUP <<<"$AUTORESEARCH_PODMAN_ARGS"
+    elif [[ $ROOTLESS == 0 ]]; then
+        SETUP=(--runtime runc --ulimit "nofile=$(ulimit -Hn):$(ulimit -Hn)" --ulimit nproc=4096:4096)
+        BUILD_SETUP=(--runtime runc)
+    else
+        SETUP=(--userns=keep-id)
+        [[ -f /sys/fs/cgroup/cgroup.controllers ]] ||
+            echo "run.sh: WARNING: rootless podman on cgroups v1 cannot enforce --memory/--pids-limit" >&2
+    fi
+
+    # GPU: only with the driver AND an NVIDIA CDI spec (nvidia-ctk cdi generate --output=/etc/cdi/nvidia.yaml).
+    GPU=()
+    if command -v nvidia-smi >/dev/null && compgen -G "/etc/cdi/nvidia*.yaml" >/dev/null ||
+            compgen -G "/var/run/cdi/nvidia*.yaml" >/dev/null && command -v nvidia-smi >/dev/null; then
+        # In a SLURM job, only the GPUs it was granted (podman's containers run outside the job's cgroup).
+        IFS=, read -r -a ids <<<"${SLURM_STEP_GPUS:-${SLURM_JOB_GPUS:-${AUTORESEARCH_GPUS:-all}}}"
+        for id in "${ids[@]}"; do GPU+=(--device "nvidia.com/gpu=$id"); done
+    fi
+
+    # Paths inside the container (the same in every mode).
+    C_CODE=/workspace C_DATA=/data C_OUT=/out C_WEIGHTS=/weights
+
+    # A run.sh killed with SIGKILL can't clean up: its container is killed by conmon at the time limit but stays
+    # listed, and its work dir may still hold the hand-off tmpfs (RAM). Remove those whose run.sh (the pid in the
+    # name) is gone; live ones belong to parallel runs.
+    for c in $(podman ps -a --filter label=autoresearch=1 --format '{{.Names}}' 2>/dev/null); do
+        pid=${c#autoresearch-}; pid=${pid%%-*}
+        [[ $pid =~ ^[0-9]+$ ]] && ! kill -0 "$pid" 2>/dev/null && podman rm -f -t 0 "$c" >/dev/null 2>&1 || true
+    done
+    for d in "${TMPDIR:-/tmp}"/autoresearch-run-*.*; do
+        pid=${d##*/autoresearch-run-}; pid=${pid%%.*}
+        [[ -d $d && $pid =~ ^[0-9]+$ ]] && ! kill -0 "$pid" 2>/dev/null || continue
+        in_ns umount "$d/out" 2>/dev/null || true
+        rm -rf --one-file-system "$d" || true
+    done
+
+    # Image or host root filesystem. ROOTFS goes LAST among the options: with --rootfs the path takes the image's place.
+    MODE_ARGS=()
+    if [[ ${AUTORESEARCH_IMAGE:-} == host ]]; then
+        # Host mode: the host's / as a copy-on-write overlay, read-only on top, run as "nobody". What the user
+        # "nobody" could read on the host is readable in here, except what we mask: homes (secrets, the Python
+        # tree is bound back), scratch dirs, mounts, the repository and the data cache (val/test!).
+        # LIMITATION: only these exact paths are masked. Any OTHER copy of the data readable by "nobody" (e.g. a
+        # dataset or a Ukiyo-eVG download under /opt, /var or /data, a second data dir, an old run
+        # dir) is readable from inside the sandbox, val/test included. Keep held-out data only under the masked
+        # paths (/root, /home, /mnt, /media, /srv, the repo, AUTORESEARCH_DATA, the run dir, the weights dir) or not
+        # world-readable; the image built from the Containerfile (AUTORESEARCH_IMAGE unset) has no such gap.
+        # The interpreter and its trees (base install, and the virtualenv or conda env) are bound back read-only at the
+        # same paths, and the python3 on PATH runs as is: its realpath would be the base install without the venv.
+        read -r PY PYTREES < <(python3 -c 'import sys; print(sys.executable, *{sys.base_prefix, sys.prefix})') ||
+            die "host mode needs python3 (with torch) on the host"
+        read -r -a PYTREES <<<"$PYTREES"
+        SB_USER=65534:65534
+        SKEL="$WORK/mask"
+        mkdir -m 755 "$SKEL"
+        # Runc gives a tmpfs the mode of the directory it covers (/root is 0700, so the bound-back Python would be
+        # unreachable for "nobody"); an empty 0755 host directory bound over the path masks it without that problem.
+        # Plain --tmpfs would copy the directory's content in (tmpcopyup): notmpcopyup is essential.
+        MODE_ARGS+=(--tmpfs /tmp:rw,notmpcopyup --tmpfs /var/tmp:rw,notmpcopyup --tmpfs /run:rw,notmpcopyup)
+        i=0
+        for m in /root /home /mnt /media /srv "$REPO" "$DATA" "$RUN_DIR" ${WEIGHTS:+"$WEIGHTS"}; do
+            [[ -d $m ]] || continue
+            mkdir -p "$SKEL/$i"
+            MODE_ARGS+=(-v "$SKEL/$i:$m")   # rw for runc (root) so it can create nested mount points; 0755 root-owned
+            i=$((i + 1))
+        done
+        for t in "${PYTREES[@]}"; do MODE_ARGS+=(-v "$t:$t:ro"); done
+        ROOTFS=(--rootfs /:O)
+    else
+        PY=python
+        SB_USER=1000:1000   # the Containerfile's user
+        MODE_ARGS+=(--tmpfs /tmp:rw,notmpcopyup)
+        if [[ -n ${AUTORESEARCH_IMAGE:-} ]]; then
+            IMAGE="$AUTORESEARCH_IMAGE"
+        else
+            # Rebuilt only when Containerfile or requirements.txt change: the tag is a hash of both.
+            hash="$(cat "$REPO/Containerfile" "$REPO/requirements.txt" | sha256sum | cut -c1-12)"
+            IMAGE="localhost/autoresearch:$hash"
+            if ! podman image exists "$IMAGE"; then
+                echo "run.sh: building $IMAGE from Containerfile (once; needs network access to pull the base image)" >&2
+                ctx="$(mktemp -d)"; cp "$REPO/Containerfile" "$REPO/requirements.txt" "$ctx/"
+                # Only these two files form the build context, so data/, runs/ and weights/ never enter the image.
+                if ! podman build "${BUILD_SETUP[@]}" -t "$IMAGE" -f "$ctx/Containerfile" "$ctx" >&2; then
+                    rm -rf "$ctx"
+                    die "could not build the image from Containerfile (no registry access?). On a machine without a
+  registry run the sandbox on the host's own root filesystem instead: AUTORESEARCH_IMAGE=host ./run.sh"
+                fi
+                rm -rf "$ctx"
+            fi
+        fi
+        ROOTFS=("$IMAGE")
+    fi
+    if [[ $BUILD_ONLY == 1 ]]; then
+        echo "run.sh: sandbox image ready: ${ROOTFS[*]}"
+        exit 0
+    fi
+    [[ $ROOTLESS == 1 ]] && SB_USER=""   # keep-id already runs as the invoking user
+
+    # Everything both containers share: the isolation and the limits.
+    BASE=(
+        "${SETUP[@]}"
+        --network=none
+        --cap-drop=all --security-opt no-new-privileges
+        ${SB_USER:+--user "$SB_USER"}
+        --read-only --read-only-tmpfs=false
+        --memory "$MEMORY" --memory-swap "$MEMORY"
+        --pids-limit "$PIDS" --shm-size "$SHM_SIZE"
+        ${CPUS:+--cpus "$CPUS"}
+        --ulimit core=0:0 --ulimit "fsize=$HANDOFF_BYTES:$HANDOFF_BYTES"
+        --log-driver none   # podman's own copy of the output would be a second, unbounded file on the host
+        "${GPU[@]}"
+        --label autoresearch=1
+        --workdir "$C_CODE"
+    )
+    local kv env=(-e HOME=/tmp)
+    while read -r kv; do env+=(-e "$kv"); done < <(common_env "$C_OUT" "$C_DATA" "${WEIGHTS:+$C_WEIGHTS}")
+    [[ -n $WEIGHTS ]] && BASE+=(-v "$WEIGHTS:$C_WEIGHTS:ro")
+    # Training sees train.py, meta.json and the train split, and writes to the hand-off tmpfs only.
+    TRAIN=("${BASE[@]}" "${env[@]}" -v "$REPO/train.py:$C_CODE/train.py:ro" -v "$DATA/meta.json:$C_DATA/meta.json:ro"
+           -v "$DATA/train:$C_DATA/train:ro" -v "$HANDOFF:$C_OUT:rw" "${MODE_ARGS[@]}" "${ROOTFS[@]}" "$PY" train.py)
+    # The evaluation sees the engine, the project and the copied hand-off, which can't hold anything executable.
+    # The split is streamed in on stdin rather than mounted: no file in the container holds it, so only the trusted
+    # evaluator has it, never the child process that runs the graphs.
+    EVAL=(-i "${BASE[@]}" "${env[@]}" -e TORCH_FORCE_WEIGHTS_ONLY_LOAD=1 -e AUTORESEARCH_EVAL_TIMEOUT="$EVAL_TIMEOUT"
+          -v "$REPO/evaluator.py:$C_CODE/evaluator.py:ro" -v "$REPO/prepare_data.py:$C_CODE/prepare_data.py:ro"
+          -v "$RUN_DIR:$C_OUT:ro,noexec,nosuid,nodev" "${MODE_ARGS[@]}" "${ROOTFS[@]}"
+          "$PY" evaluator.py --evaluate "$C_OUT" --split "$EVAL_SPLIT" --data -)
+}
+
+if [[ $SANDBOX == none ]]; then setup_none; else setup_sandbox; fi
+
+# The project's declarations, read by the engine without importing prepare_data.py: the programs train.py hands
+# off, and the split's files the evaluator reads.
+names=$(python3 "$REPO/evaluator.py" --names "$EVAL_SPLIT") ||
+    die "cannot read the project's declarations in prepare_data.py (the engine's error is above)"
+{ read -r -a PROGRAMS; read -r -a SPLIT_FILES; } <<<"$names"
+
+# ---------------------------------------------------------------------------------------------------------------
 if [[ $TEST_SPLIT == 0 ]]; then
     # Remove only what a previous run left that we know, so a stale model can't be evaluated as this run's.
-    rm -f "$RUN_DIR"/*.pt2 "$RUN_DIR"/train_stats.json
-    # The sandbox never sees the run dir: it writes to a tmpfs owned by the sandbox user, with a size and a file
-    # limit, so neither the host's disk nor its inodes can fill up.
-    mkdir "$HANDOFF"
-    in_ns mount -t tmpfs -o "size=$HANDOFF_BYTES,nr_inodes=$HANDOFF_FILES,mode=0700,noexec,nosuid,nodev${SB_USER:+,uid=${SB_USER%:*},gid=${SB_USER#*:}}" \
-        autoresearch-handoff "$HANDOFF" || die "could not mount the hand-off tmpfs on $HANDOFF"
-    MOUNTED=1
-    TRAIN_MOUNTS=(-v "$REPO/train.py:$C_CODE/train.py:ro" -v "$DATA/meta.json:$C_DATA/meta.json:ro"
-                  -v "$DATA/train:$C_DATA/train:ro" -v "$HANDOFF:$C_OUT:rw")
-    [[ -f $DATA/vocab.txt ]] && TRAIN_MOUNTS+=(-v "$DATA/vocab.txt:$C_DATA/vocab.txt:ro")
-    run_container "$TRAIN_LIMIT" prefix_train "${BASE[@]}" "${ENV[@]}" "${TRAIN_MOUNTS[@]}" "${MODE_ARGS[@]}" \
-        "${ROOTFS[@]}" "$PY" train.py
-    TRAIN_MS=$WALL_MS
-    # The container and every process in it are gone: nothing writes to the hand-off any more. Copy out only the
-    # expected names that are regular files (find -type f never follows a symlink; FIFOs and devices are not
-    # files), as new files of the user's with default permissions.
-    [[ $RC == 0 ]] && in_ns find "$HANDOFF" -maxdepth 1 -type f \( -name image_encoder.pt2 -o -name text_encoder.pt2 \
-        -o -name train_stats.json \) -exec cp --no-preserve=all -t "$RUN_DIR" -- {} +
-    unmount_handoff
-    if [[ $TIMED_OUT == 1 ]]; then
-        echo "run.sh: TIMEOUT training killed after ${TRAIN_LIMIT}s (AUTORESEARCH_TIME_BUDGET=$BUDGET + grace $GRACE)"
-        exit 124
-    elif [[ $OOM == true || $RC == 137 ]]; then
-        echo "run.sh: OUT OF MEMORY training was killed at the memory limit AUTORESEARCH_MEMORY=$MEMORY"
-        exit 137
-    elif [[ $RC != 0 ]]; then
-        echo "run.sh: FAILED train.py exited with code $RC"
-        exit 1
+    for f in "${PROGRAMS[@]}" train_stats.json; do rm -f "$RUN_DIR/$f"; done
+    if [[ $SANDBOX != none ]]; then
+        # The sandbox never sees the run dir: it writes to a tmpfs owned by the sandbox user, with a size and a file
+        # limit, so neither the host's disk nor its inodes can fill up.
+        mkdir "$HANDOFF"
+        in_ns mount -t tmpfs -o "size=$HANDOFF_BYTES,nr_inodes=$HANDOFF_FILES,mode=0700,noexec,nosuid,nodev${SB_USER:+,uid=${SB_USER%:*},gid=${SB_USER#*:}}" \
+            autoresearch-handoff "$HANDOFF" || die "could not mount the hand-off tmpfs on $HANDOFF"
+        MOUNTED=1
     fi
+    stage "$TRAIN_LIMIT" prefix_train "${TRAIN[@]}" </dev/null
+    TRAIN_MS=$WALL_MS
+    if [[ $MOUNTED == 1 && $RC == 0 ]]; then
+        # The container and every process in it are gone: nothing writes to the hand-off any more. Copy out only the
+        # expected names that are regular files (find -type f never follows a symlink; FIFOs and devices are not
+        # files), as new files of the user's with default permissions.
+        wanted=()
+        for f in "${PROGRAMS[@]}" train_stats.json; do wanted+=(-o -name "$f"); done
+        in_ns find "$HANDOFF" -maxdepth 1 -type f \( "${wanted[@]:1}" \) \
+            -exec cp --no-preserve=all -t "$RUN_DIR" -- {} +
+    fi
+    unmount_handoff
+    [[ $RC == 0 ]] || verdict training "${TRAIN_LIMIT}s (AUTORESEARCH_TIME_BUDGET=$BUDGET + grace $GRACE)"
+    for f in "${PROGRAMS[@]}"; do
+        [[ -f $RUN_DIR/$f && ! -L $RUN_DIR/$f ]] || { echo "run.sh: FAILED train.py handed off no $f (a regular" \
+            "file in \$AUTORESEARCH_OUT, written with torch.export.save: prepare_data.py's PROGRAMS)"; exit 1; }
+    done
 fi
 
+for f in "${SPLIT_FILES[@]}"; do [[ -f $DATA/$f ]] || die "no $f in $DATA. Run: python prepare_data.py"; done
 echo "--- trusted evaluation ---"
-# The split is streamed in on stdin rather than mounted: no file in the container holds it, so only the trusted
-# evaluator has it, never the child process that runs the graphs. The hand-off can't hold anything executable.
-EVAL_MOUNTS=(-v "$REPO/prepare_data.py:$C_CODE/prepare_data.py:ro" -v "$RUN_DIR:$C_OUT:ro,noexec,nosuid,nodev")
-run_container "$EVAL_TIMEOUT" cat -i "${BASE[@]}" "${ENV[@]}" -e TORCH_FORCE_WEIGHTS_ONLY_LOAD=1 \
-    -e AUTORESEARCH_EVAL_TIMEOUT="$EVAL_TIMEOUT" "${EVAL_MOUNTS[@]}" "${MODE_ARGS[@]}" "${ROOTFS[@]}" \
-    "$PY" prepare_data.py --evaluate "$C_OUT" --split "$EVAL_SPLIT" --data - \
-    < <(split_tar)
-if [[ $TIMED_OUT == 1 ]]; then
-    echo "run.sh: TIMEOUT evaluation killed after ${EVAL_TIMEOUT}s (AUTORESEARCH_EVAL_TIMEOUT)"; exit 124
-elif [[ $OOM == true || $RC == 137 ]]; then
-    echo "run.sh: OUT OF MEMORY evaluation was killed at the memory limit AUTORESEARCH_MEMORY=$MEMORY"; exit 137
-elif [[ $RC != 0 ]]; then
-    echo "run.sh: FAILED evaluation exited with code $RC"; exit 1
-fi
+split_tar() { tar -C "$DATA" -cf - "${SPLIT_FILES[@]}"; }
+stage "$EVAL_TIMEOUT" keep_eval_log "${EVAL[@]}" < <(split_tar)
+[[ $RC == 0 ]] || verdict evaluation "${EVAL_TIMEOUT}s (AUTORESEARCH_EVAL_TIMEOUT)"
 finish

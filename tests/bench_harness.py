@@ -28,7 +28,8 @@ sys.path.insert(0, ROOT)
 import autoresearch as ar  # noqa: E402
 from fake_ollama import FakeOllama, estimate_tokens, tool_call  # noqa: E402
 
-FILES = ["autoresearch.py", "train.py", "run.sh", "prepare_data.py", "program.md", "scratchpad.md", ".gitignore"]
+FILES = ["autoresearch.py", "train.py", "run.sh", "evaluator.py", "prepare_data.py", "program.md", "scratchpad.md",
+         ".gitignore"]
 
 
 def edit_weight_decay(i):

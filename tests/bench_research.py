@@ -38,7 +38,8 @@ sys.path.insert(0, ROOT)
 import autoresearch as ar  # noqa: E402
 from fake_ollama import FakeOllama, tool_call  # noqa: E402
 
-FILES = ["autoresearch.py", "train.py", "run.sh", "prepare_data.py", "program.md", "scratchpad.md", ".gitignore"]
+FILES = ["autoresearch.py", "train.py", "run.sh", "evaluator.py", "prepare_data.py", "program.md", "scratchpad.md",
+         ".gitignore"]
 SEED_EXPR = 'int(os.environ.get("AUTORESEARCH_SEED", 0))'
 BUDGET_EXPR = 'float(os.environ.get("AUTORESEARCH_TIME_BUDGET", 300))'
 PHI = statistics.NormalDist().cdf

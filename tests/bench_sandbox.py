@@ -24,7 +24,7 @@ def main(n=5):
                         "--n-val", "16", "--n-test", "16"], check=True, capture_output=True)
         repo = tmp / "repo"
         repo.mkdir()
-        for f in ("run.sh", "prepare_data.py"):
+        for f in ("run.sh", "evaluator.py", "prepare_data.py"):
             shutil.copy2(ROOT / f, repo / f)
         (repo / "train.py").write_text(EXPORT_MODEL)
         times = {"host": [], "none": []}

@@ -41,7 +41,8 @@ def rootless_sandbox_problem():
     make it work. It really tries: run.sh with a train.py that prints a line, on an empty data cache."""
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        shutil.copy2(ROOT / "run.sh", tmp / "run.sh")
+        for f in ("run.sh", "evaluator.py", "prepare_data.py"):
+            shutil.copy2(ROOT / f, tmp / f)
         (tmp / "train.py").write_text("print('sandbox-probe-ok')\nraise SystemExit(3)\n")
         for d in ("data/train", "data/val"):
             (tmp / d).mkdir(parents=True)

@@ -127,7 +127,7 @@ def test_metric_line_must_match_exactly():
 def test_classify_run():
     assert ar.classify_run(0, GOOD, ar.parse_metrics(GOOD)) == ("ok", "")
     assert ar.classify_run(124, "x\nrun.sh: TIMEOUT after 305s\n", {})[0] == "timeout"
-    # the exit code alone decides (INTERFACE.md §B); run.sh's last own line is only the reason, and text that reads
+    # the exit code alone decides (README: run.sh exit codes); run.sh's last own line is only the reason, and text that reads
     # like another verdict (the candidate writes part of the output) changes nothing
     assert ar.classify_run(1, "x\nrun.sh: TIMEOUT after 305s", {}) == ("crash", "run.sh exit 1: run.sh: TIMEOUT after "
                                                                              "305s")

@@ -1,9 +1,11 @@
-"""The trusted evaluator on its own (no podman): the split on stdin, the archive it rebuilds for torch, each archive
-and hand-off check, the child process's limits, and the secret orders. The hostile train.py files that reach these
-checks through ./run.sh are in test_integrity.py."""
+"""The trusted evaluator (evaluator.py, the engine) on its own, no podman: the split on stdin, the archive it rebuilds
+for torch, each archive and hand-off check, the child process's limits, the secret orders, and the contract with the
+project (prepare_data.py's declarations and score()). The hostile train.py files that reach these checks through
+./run.sh are in test_integrity.py."""
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -16,7 +18,7 @@ import pytest
 from conftest import ROOT, TINY_TRAINER
 
 sys.path.insert(0, str(ROOT))
-import prepare_data as pd  # noqa: E402
+import evaluator as ev  # noqa: E402
 
 
 def trainer(run_dir, data, code="img, txt = Img(), Txt()\n"):
@@ -51,8 +53,8 @@ def split_tar(data, split="val", extra=(), links=()):
     return buf.getvalue()
 
 
-def evaluate(run, data, *args, stdin=None, evaluator=ROOT / "prepare_data.py", **env):
-    """prepare_data.py --evaluate: the split from `data` (a directory), or from stdin when stdin is given."""
+def evaluate(run, data, *args, stdin=None, evaluator=ROOT / "evaluator.py", **env):
+    """evaluator.py --evaluate: the split from `data` (a directory), or from stdin when stdin is given."""
     p = subprocess.run([sys.executable, str(evaluator), "--evaluate", str(run), "--data",
                         "-" if stdin is not None else str(data), *args], input=stdin or b"", capture_output=True,
                        env={**os.environ, **env}, timeout=300)
@@ -81,6 +83,15 @@ def test_the_split_can_come_from_a_directory_or_from_stdin_alike(honest, tiny_da
     assert t.returncode == 0 and t.values["test_n"] == "40" and "val_mean_rank" not in t.out, t.err
 
 
+def test_the_trusted_parent_never_imports_torch(honest, tiny_data):
+    # it reads, checks and scores; only the child process, which runs the graphs, has torch
+    code = ("import sys, evaluator; rc = evaluator.main(['--evaluate', sys.argv[1], '--data', sys.argv[2]]); "
+            "assert rc == 0 and 'torch' not in sys.modules, rc")
+    p = subprocess.run([sys.executable, "-c", code, str(honest), str(tiny_data)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0 and "val_mean_rank: " in p.stdout, p.stderr
+
+
 @pytest.mark.parametrize("stream, message", [
     ({"extra": [("val/heatmaps.npy", b"x")]}, "unexpected entry 'val/heatmaps.npy' in the data on stdin"),
     ({"extra": [("meta.json", b"{}")]}, "unexpected entry 'meta.json' in the data on stdin"),
@@ -88,14 +99,14 @@ def test_the_split_can_come_from_a_directory_or_from_stdin_alike(honest, tiny_da
 ], ids=["extra", "twice", "symlink"])
 def test_only_the_expected_plain_files_are_read_from_stdin(honest, tiny_data, stream, message):
     p = evaluate(honest, tiny_data, stdin=split_tar(tiny_data, **stream))
-    assert p.returncode == 1 and message in p.err and "mean_rank" not in p.out, p.err
+    assert p.returncode == 2 and message in p.err and "mean_rank" not in p.out, p.err
 
 
 def test_a_missing_file_in_the_stream_is_an_error(honest, tiny_data):
     p = evaluate(honest, tiny_data, "--split", "test", stdin=split_tar(tiny_data))   # holds val, not test
-    assert p.returncode == 1 and "unexpected entry 'val/images.npy'" in p.err, p.err
+    assert p.returncode == 2 and "unexpected entry 'val/images.npy'" in p.err, p.err
     p = evaluate(honest, tiny_data, stdin=b"")
-    assert p.returncode == 1 and "cannot read the data on stdin as a tar stream" in p.err, p.err
+    assert p.returncode == 2 and "cannot read the data on stdin as a tar stream" in p.err, p.err
 
 
 # ----------------------------------------------------------------------------------------------- the archive
@@ -143,7 +154,7 @@ def first_node(m):
 def test_torch_gets_a_rebuilt_archive_of_checked_entries_only(honest):
     import torch
     raw = (honest / "image_encoder.pt2").read_bytes()
-    rebuilt = pd.check_archive(raw)
+    rebuilt = ev.check_archive(raw)
     got = dict(entries(io.BytesIO(rebuilt)))
     assert all(n.startswith("archive/") for n in got) and "archive/.data/serialization_id" not in got
     assert got["archive/data/sample_inputs/model.pt"] == b""   # nothing torch would unpickle
@@ -218,33 +229,33 @@ def test_archive_checks(honest, attack, message):
         name = next(n for n, _ in items if n.endswith(cfg)).encode()
         i = raw.index(name)
         raw = raw[:i] + name.replace(b"weights_config", b"weights_confiG") + raw[i + len(name):]
-    with pytest.raises(pd.UserError, match=None) as e:
-        pd.check_archive(raw)
+    with pytest.raises(ev.Refused, match=None) as e:
+        ev.check_archive(raw)
     assert message in str(e.value)
-    pd.check_archive(archive(entries(honest / "image_encoder.pt2")))   # control: the untouched entries pass
+    ev.check_archive(archive(entries(honest / "image_encoder.pt2")))   # control: the untouched entries pass
 
 
 # ----------------------------------------------------------------------------------------------- the hand-off
 
 def test_hand_off_files_are_plain_files_of_bounded_size(tmp_path):
-    assert pd.read_handoff(tmp_path, "train_stats.json") is None
+    assert ev.read_handoff(tmp_path, "train_stats.json") is None
     (tmp_path / "train_stats.json").write_text("{}")
-    assert pd.read_handoff(tmp_path, "train_stats.json") == b"{}"
+    assert ev.read_handoff(tmp_path, "train_stats.json") == b"{}"
     (tmp_path / "train_stats.json").unlink()
     os.mkfifo(tmp_path / "train_stats.json")   # opening it for reading would block
-    with pytest.raises(pd.UserError, match="train_stats.json in the run directory is not a regular file"):
-        pd.read_handoff(tmp_path, "train_stats.json")
+    with pytest.raises(ev.Refused, match="train_stats.json in the run directory is not a regular file"):
+        ev.read_handoff(tmp_path, "train_stats.json")
     (tmp_path / "image_encoder.pt2").mkdir()
-    with pytest.raises(pd.UserError, match="image_encoder.pt2 in the run directory is not a regular file"):
-        pd.read_handoff(tmp_path, "image_encoder.pt2")
+    with pytest.raises(ev.Refused, match="image_encoder.pt2 in the run directory is not a regular file"):
+        ev.read_handoff(tmp_path, "image_encoder.pt2")
     (tmp_path / "text_encoder.pt2").symlink_to("/dev/zero")
-    with pytest.raises(pd.UserError, match=r"cannot open text_encoder.pt2 in the run directory \(Too many levels"):
-        pd.read_handoff(tmp_path, "text_encoder.pt2")
+    with pytest.raises(ev.Refused, match=r"cannot open text_encoder.pt2 in the run directory \(Too many levels"):
+        ev.read_handoff(tmp_path, "text_encoder.pt2")
     (tmp_path / "train_stats.json").unlink()
     with open(tmp_path / "train_stats.json", "wb") as f:
-        f.truncate(pd.HANDOFF_CAPS["train_stats.json"] + 1)   # sparse: costs nothing
-    with pytest.raises(pd.UserError, match="train_stats.json is 65537 bytes, more than the 65536 allowed"):
-        pd.read_handoff(tmp_path, "train_stats.json")
+        f.truncate(ev.MAX_STATS_BYTES + 1)   # sparse: costs nothing
+    with pytest.raises(ev.Refused, match="train_stats.json is 65537 bytes, more than the 65536 allowed"):
+        ev.read_handoff(tmp_path, "train_stats.json")
 
 
 # ----------------------------------------------------------------------------------------------- the child
@@ -263,15 +274,16 @@ img, txt = PosImg(), PosTxt()
 def test_batch_position_cheat_is_refused_and_defeated_by_the_secret_orders(tiny_data, tmp_path):
     run = trainer(tmp_path / "run", tiny_data, POSITION)
     p = evaluate(run, tiny_data)
-    assert p.returncode == 1 and "image_encoder.pt2 gives a different embedding for the same input in another " \
+    assert p.returncode == 1 and "image_encoder.pt2 gives a different output for the same input in another " \
                                  "batch" in p.err and "mean_rank" not in p.out, p.err
     # Without the batch check the cheat runs: sharing the image and caption orders it would score 1.0; with
     # independent secret orders only the fixed points of a random permutation match: mean rank ~ n - 1.
-    weak = tmp_path / "weak" / "prepare_data.py"
+    weak = tmp_path / "weak" / "evaluator.py"
     weak.parent.mkdir()
-    check = "            _check_batch_independence(encoders, which, inputs[which], emb[which], batch, rng)\n"
-    assert check in (ROOT / "prepare_data.py").read_text()
-    weak.write_text((ROOT / "prepare_data.py").read_text().replace(check, ""))
+    shutil.copy2(ROOT / "prepare_data.py", weak.parent)
+    check = "        _check_batch_independence(self.child, which, arrays, out, batch, self.rng)\n"
+    assert check in (ROOT / "evaluator.py").read_text()
+    weak.write_text((ROOT / "evaluator.py").read_text().replace(check, ""))
     p = evaluate(run, tiny_data, evaluator=weak)
     assert p.returncode == 0 and float(p.values["val_mean_rank"]) > 50.5, p.err   # chance is 50.5
 
@@ -295,7 +307,7 @@ img, txt = Counting(), Txt()
 '''
 WIDE = f'''
 class W(Img):
-    def forward(s, images): return super().forward(images).repeat(1, {pd.MAX_DIM // 8 + 1})
+    def forward(s, images): return super().forward(images).repeat(1, {ev.MAX_DIM // 8 + 1})
 img, txt = W(), Txt()
 '''
 SLOW = '''
@@ -310,12 +322,92 @@ img, txt = Slow(), Txt()
 
 
 @pytest.mark.parametrize("code, env, message", [
-    (BATCH_MEAN, {}, "image_encoder.pt2 gives a different embedding for the same input in another batch"),
+    (BATCH_MEAN, {}, "image_encoder.pt2 gives a different output for the same input in another batch"),
     (STATEFUL, {}, "image_encoder.pt2 failed on the evaluation data: the graph changed its own weights, buffers"),
-    (WIDE, {}, f"image_encoder.pt2 failed on the evaluation data: it returned (50, {pd.MAX_DIM + 8})"),
+    (WIDE, {}, f"image_encoder.pt2 failed on the evaluation data: it returned (50, {ev.MAX_DIM + 8})"),
     (SLOW, {"AUTORESEARCH_EVAL_TIMEOUT": "10"}, "took too long (AUTORESEARCH_EVAL_TIMEOUT)"),
 ], ids=["batch_mean", "stateful", "wide", "slow"])
 def test_the_child_is_held_to_stateless_per_row_bounded_output_and_a_time_limit(tiny_data, tmp_path, code, env, message):
     run = trainer(tmp_path / "run", tiny_data, code)
     p = evaluate(run, tiny_data, **env)
-    assert p.returncode == 1 and message in p.err and "mean_rank" not in p.out, p.err
+    assert p.returncode == (124 if code == SLOW else 1) and message in p.err and "mean_rank" not in p.out, p.err
+
+
+# ----------------------------------------------------------------------------------------------- the project
+
+TEMPLATE = (ROOT / "prepare_data.py").read_text()
+
+
+def declarations(tmp_path, old, new):
+    path = tmp_path / "prepare_data.py"
+    assert old in TEMPLATE
+    path.write_text(TEMPLATE.replace(old, new, 1))
+    return path
+
+
+@pytest.mark.parametrize("old, new, message", [
+    ('METRIC = "mean_rank"\n', "", "has no valid literal for it: write METRIC once, as a literal on its own line"),
+    ('METRIC = "mean_rank"\n', 'METRIC = "Mean rank"\n', 'METRIC = "accuracy"  (lowercase'),
+    ('METRIC = "mean_rank"\n', 'METRIC = "mean_rank"\nMETRIC = "r1"\n', "declares it more than once: write METRIC"),
+    ('DIRECTION = "minimize"\n', 'DIRECTION = "lower"\n', 'DIRECTION = "maximize"  (or "minimize")'),
+    ('PROGRAMS = ["image_encoder.pt2", ', 'PROGRAMS = ["../x.pt2", ', "PROGRAMS = ["),
+    ('EVAL_FILES = ["images.npy", ', 'EVAL_FILES = [f"{1}.npy", ', "EVAL_FILES = ["),   # not a literal
+], ids=["missing", "name", "twice", "direction", "path", "computed"])
+def test_the_project_declares_what_is_scored_in_literals(tmp_path, old, new, message):
+    with pytest.raises(ev.SetupError) as e:
+        ev.project_constants(declarations(tmp_path, old, new))
+    assert message in str(e.value)
+    assert ev.project_constants(ROOT / "prepare_data.py") == {   # control: the template's
+        "METRIC": "mean_rank", "DIRECTION": "minimize", "PROGRAMS": ["image_encoder.pt2", "text_encoder.pt2"],
+        "EVAL_FILES": ["images.npy", "tokens.npy"]}
+
+
+def test_run_sh_gets_the_hand_off_and_split_names_from_the_engine():
+    p = subprocess.run([sys.executable, str(ROOT / "evaluator.py"), "--names", "test"], capture_output=True, text=True)
+    assert p.returncode == 0 and p.stdout == "image_encoder.pt2 text_encoder.pt2\n" \
+                                             "meta.json test/images.npy test/tokens.npy\n", p.stderr
+
+
+def project(tmp_path, score_body):
+    """An engine copy next to the template's prepare_data.py, whose score() is wrapped by `score_body`."""
+    d = tmp_path / "project"
+    d.mkdir()
+    shutil.copy2(ROOT / "evaluator.py", d)
+    (d / "prepare_data.py").write_text(TEMPLATE + "\n_score = score\n\n\ndef score(encode, split):\n" + score_body)
+    return d / "evaluator.py"
+
+
+@pytest.mark.parametrize("result, error, message", [
+    ({"r1": 1.0}, ev.SetupError, "score() must return a dict {name: number} that holds METRIC 'mean_rank'"),
+    ({"mean_rank": "best"}, ev.SetupError, "score() must return a dict {name: number}"),
+    ({"mean_rank": True}, ev.SetupError, "score() must return a dict {name: number}"),
+    ({"mean_rank": 1.0, "Bad key": 2}, ev.SetupError, "score() must return a dict {name: number}"),
+    ({"mean_rank": float("nan")}, ev.Refused, "score() gave non-finite values for ['mean_rank']"),
+])
+def test_what_score_must_return(result, error, message):
+    with pytest.raises(error) as e:
+        ev.trusted_lines(result, "mean_rank", "val")
+    assert message in str(e.value)
+    # control: METRIC first, whatever the order score() returns; integers as integers
+    assert ev.trusted_lines({"n": 3, "r1": np.float32(0.5), "mean_rank": np.float64(2.25)}, "mean_rank", "test") == \
+        ["test_mean_rank: 2.25", "test_n: 3", "test_r1: 0.5"]
+
+
+@pytest.mark.parametrize("body, rc, message", [
+    ("    return {'r1': 1.0}\n", 2, "score() must return a dict {name: number} that holds METRIC 'mean_rank'"),
+    ("    encode('model.pt2', split['tokens'])\n", 2, "score() ran 'model.pt2', which is not in PROGRAMS"),
+    ("    encode('text_encoder.pt2', split['tokens'].astype(object))\n", 2, "score() must give text_encoder.pt2 numeric"),
+    ("    raise KeyError('labels')\n", 1, "score() in prepare_data.py failed (KeyError: 'labels')"),
+], ids=["no_metric", "unknown_program", "object_array", "raises"])
+def test_what_score_may_ask_and_how_it_fails(honest, tiny_data, tmp_path, body, rc, message):
+    p = evaluate(honest, tiny_data, evaluator=project(tmp_path, body))
+    assert p.returncode == rc and message in p.err and "val_" not in p.out, p.err
+
+
+def test_a_refusal_sticks_even_when_score_catches_it(tiny_data, tmp_path):
+    run = trainer(tmp_path / "run", tiny_data, BATCH_MEAN)
+    body = ("    try:\n        return _score(encode, split)\n    except Exception:\n        pass\n"
+            "    return {'mean_rank': 1.0}\n")
+    p = evaluate(run, tiny_data, evaluator=project(tmp_path, body))
+    assert p.returncode == 1 and "gives a different output for the same input in another batch" in p.err, p.err
+    assert "val_mean_rank" not in p.out

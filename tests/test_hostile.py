@@ -347,8 +347,8 @@ print("PROBE planted: symlink and fifo", flush=True)
 ''')
     p = run(repo, data)
     assert probes(p)["planted"] == "symlink and fifo"
-    assert p.returncode == 1 and p.lines[-1] == "run.sh: FAILED evaluation exited with code 1", p.stdout + p.stderr
-    assert "text_encoder.pt2" in p.stdout + p.stderr                                # it says which file is missing
+    assert p.returncode == 1 and p.lines[-1].startswith("run.sh: FAILED train.py handed off no text_encoder.pt2 "), \
+        p.stdout + p.stderr                                                         # it says which file is missing
     assert p.seconds < 50                                                           # no wait for the eval timeout
     assert sorted(f.name for f in (repo / "runs" / "last").iterdir()) == ["image_encoder.pt2"]
 
@@ -372,7 +372,7 @@ os.abort()
     assert p.returncode == 1 and p.lines[-1] in ("run.sh: FAILED train.py exited with code 134",
                                                  "run.sh: FAILED train.py exited with code 139"), p.stdout
     left = [f for f in repo.rglob("*") if f.is_file()]
-    assert sorted(f.name for f in left) == ["prepare_data.py", "run.sh", "train.py"], left
+    assert sorted(f.name for f in left) == ["evaluator.py", "prepare_data.py", "run.sh", "train.py"], left
 
 
 # ------------------------------------------------------------------------------- §3 an OOM kill leaves no trace
@@ -382,7 +382,8 @@ def test_out_of_memory_leaves_the_repository_clean(tmp_path, data):
     p = run(repo, data, AUTORESEARCH_MEMORY="256m")
     assert probes(p)["hog"] == "start"
     assert p.returncode == 137 and p.lines[-1].startswith("run.sh: OUT OF MEMORY")
-    assert sorted(f.name for f in repo.iterdir()) == ["prepare_data.py", "run.sh", "runs", "train.py"]  # no `oom`
+    assert sorted(f.name for f in repo.iterdir()) == ["evaluator.py", "prepare_data.py", "run.sh", "runs",
+                                                     "train.py"]   # no `oom`
 
 
 # ------------------------------------------------------------------------------- §5 host mode from a virtualenv
@@ -446,7 +447,8 @@ while True:
 
 # ------------------------------------------------------------------------------- the loop: OOM, then a set-up error
 
-LOOP_FILES = ["autoresearch.py", "train.py", "run.sh", "prepare_data.py", "program.md", "scratchpad.md", ".gitignore"]
+LOOP_FILES = ["autoresearch.py", "train.py", "run.sh", "evaluator.py", "prepare_data.py", "program.md", "scratchpad.md",
+              ".gitignore"]
 ANCHOR = "    torch.manual_seed(SEED)\n"
 
 

@@ -410,7 +410,7 @@ def run_sh(repo, data, *args, **env):
 
 def make_repo(path, train_src):
     path.mkdir(parents=True)
-    for f in ("run.sh", "prepare_data.py"):
+    for f in ("run.sh", "evaluator.py", "prepare_data.py"):
         shutil.copy2(ROOT / f, path / f)
     (path / "train.py").write_text(train_src)
     return path
@@ -450,7 +450,7 @@ def reference(tmp_path_factory, data):
     out = tmp_path_factory.mktemp("reference")
     env = dict(os.environ, AUTORESEARCH_OUT=str(out), AUTORESEARCH_DATA=str(data))
     subprocess.run([sys.executable, "-c", HONEST + HONEST_MAIN], env=env, check=True, capture_output=True)
-    p = subprocess.run([sys.executable, str(ROOT / "prepare_data.py"), "--evaluate", str(out), "--data", str(data)],
+    p = subprocess.run([sys.executable, str(ROOT / "evaluator.py"), "--evaluate", str(out), "--data", str(data)],
                        check=True, capture_output=True, text=True)
     m = ar.parse_metrics(ar.EVAL_MARKER + "\n" + p.stdout)
     assert m["val_n"] == N_VAL and 1 <= m["val_mean_rank"] <= N_VAL, p.stdout
@@ -483,7 +483,7 @@ def runs(tmp_path_factory, data, reference):
         "regen": src(REGEN, GENERATOR=repr((ROOT / "prepare_data.py").read_text()), N_VAL=str(N_VAL)),
     }
     repos = {name: make_repo(base / name, s) for name, s in jobs.items()}
-    evaluator = repos["escape"] / "prepare_data.py"
+    evaluator = repos["escape"] / "evaluator.py"
     for old, new in WEAKENED:
         assert old in evaluator.read_text(), f"the escape test no longer weakens the evaluator: {old!r} is gone"
         evaluator.write_text(evaluator.read_text().replace(old, new))
@@ -529,13 +529,13 @@ def test_metric_files_in_the_hand_off_are_ignored(runs):
     assert m["val_n"] == N_VAL                        # not the val_n: 1 from train_stats.json or metrics.json
     assert m["num_steps"] == 3 and m["training_seconds"] == 0.5   # train_stats.json was read: only its numbers
     assert "final_loss" not in m and "x" not in m
-    assert not any(l.startswith("val_mean_rank") and l != f"val_mean_rank: {m['val_mean_rank']:.2f}"
-                   for l in unprefixed(r)), unprefixed(r)
+    assert [l for l in unprefixed(r) if l.startswith("val_mean_rank")] == \
+        [f"val_mean_rank: {m['val_mean_rank']:.6g}"], unprefixed(r)   # the evaluator's line, and only it
 
 
 def test_training_cannot_see_validation_or_test_data(runs):
     probes = dict(re.findall(r"^train\| PROBE (\w+): (.*)$", runs["forger"].full, re.M))
-    assert probes["data"] == "['meta.json', 'train', 'vocab.txt']", probes
+    assert probes["data"] == "['meta.json', 'train']", probes
     for name in ("val", "test", "host_val", "host_test"):
         assert probes[name].startswith("blocked"), (name, probes[name])
     assert probes["tty"].startswith("blocked")
@@ -544,16 +544,20 @@ def test_training_cannot_see_validation_or_test_data(runs):
 # ------------------------------------------------------------------------------------------------ 4 refusals
 
 def refused(r, reason):
-    """The evaluator refused the run, for `reason` (its one error line), and no payload ran."""
+    """The evaluator refused the run, for `reason` (its one error line, which run.sh's verdict quotes: exit 3), and
+    no payload ran."""
     assert not payload_ran(r), f"the payload ran in the evaluation: {r}"
-    assert r.rc == 1 and r.status == "crash" and r.value is None and "val_mean_rank" not in r.metrics, r
-    assert r.lines[-2] == "run.sh: FAILED evaluation exited with code 1", r
-    errors = [l for l in unprefixed(r) if l.startswith("prepare_data.py: error: ")]
+    assert r.rc == 3 and r.status == "crash" and r.value is None and "val_mean_rank" not in r.metrics, r
+    errors = [l for l in unprefixed(r) if l.startswith("evaluator.py: error: ")]
     assert len(errors) == 1 and reason in errors[0], r
+    assert r.lines[-2] == "run.sh: REFUSED by the evaluator: " + errors[0].removeprefix("evaluator.py: error: "), r
 
 
 def test_skipping_the_model_is_a_crash_and_a_stale_model_is_not_used(runs):
-    refused(runs["no_model"], "missing model file /out/image_encoder.pt2")
+    r = runs["no_model"]   # its run directory holds a good model from an earlier run
+    assert r.rc == 1 and r.status == "crash" and r.value is None and "val_mean_rank" not in r.metrics, r
+    assert r.lines[-2].startswith("run.sh: FAILED train.py handed off no image_encoder.pt2 "), r
+    assert ar.EVAL_MARKER not in r.lines, r
 
 
 def test_pickles_instead_of_models_are_refused_unread(runs):
@@ -638,13 +642,13 @@ def test_a_graph_cannot_read_files_during_evaluation(runs):
 def test_batch_position_cheat_is_refused(runs):
     # With shared image and caption orders it would score 1.0; the orders are independent and secret, and an
     # output that depends on its place in the batch is refused outright.
-    refused(runs["position"], "image_encoder.pt2 gives a different embedding for the same input in another batch")
+    refused(runs["position"], "image_encoder.pt2 gives a different output for the same input in another batch")
 
 
 def test_batch_dependent_embeddings_are_refused(runs):
     r = runs["batch_mean"]
     assert "train| exported batch-centred encoders" in r.lines, r
-    refused(r, "image_encoder.pt2 gives a different embedding for the same input in another batch")
+    refused(r, "image_encoder.pt2 gives a different output for the same input in another batch")
 
 
 def test_state_carried_between_batches_is_refused(runs):
@@ -691,7 +695,8 @@ def git(cwd, *args):
 def harness_forgery(repo, data):
     """autoresearch.py, driven by the scripted Ollama server, makes train.py print a forged 0.001."""
     repo.mkdir(parents=True)
-    for f in ("autoresearch.py", "run.sh", "prepare_data.py", "program.md", "scratchpad.md", ".gitignore"):
+    for f in ("autoresearch.py", "run.sh", "evaluator.py", "prepare_data.py", "program.md", "scratchpad.md",
+              ".gitignore"):
         shutil.copy2(ROOT / f, repo / f)
     (repo / "train.py").write_text(HONEST + HONEST_MAIN)
     git(repo, "init", "-q", "-b", "main")

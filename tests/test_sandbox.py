@@ -1,8 +1,8 @@
 """The sandbox, tested with real podman in host mode: hostile train.py files must be contained, reported,
 and leave the host as it was.
 
-Each test copies run.sh and prepare_data.py into a temporary repository, writes its own train.py and runs
-./run.sh against a tiny real dataset made by prepare_data.py.
+Each test copies run.sh, evaluator.py and prepare_data.py into a temporary repository, writes its own train.py and
+runs ./run.sh against a tiny real dataset made by prepare_data.py.
 """
 import os
 import re
@@ -48,7 +48,7 @@ def data(tmp_path_factory):
 def make_repo(tmp_path, train_src):
     repo = tmp_path / "repo"
     repo.mkdir()
-    for f in ("run.sh", "prepare_data.py"):
+    for f in ("run.sh", "evaluator.py", "prepare_data.py"):
         shutil.copy2(ROOT / f, repo / f)
     (repo / "train.py").write_text(train_src)
     return repo
@@ -197,7 +197,7 @@ def test_code_data_and_host_are_read_only(probe):
     for name in ("write_repo_copy", "write_repo_host", "write_new_code", "write_data", "write_etc"):
         assert probe.probes[name].startswith("blocked"), (name, probe.probes[name])
     assert probe.train_unchanged
-    assert probe.repo_files == ["prepare_data.py", "run.sh", "runs", "train.py"]
+    assert probe.repo_files == ["evaluator.py", "prepare_data.py", "run.sh", "runs", "train.py"]
     assert not Path("/etc/autoresearch-evil").exists()
     # the container's /tmp is its own: writing there works but never reaches the host
     assert probe.probes["write_tmp"].startswith("ALLOWED")
@@ -208,7 +208,7 @@ def test_secrets_and_held_out_data_are_invisible(probe):
     for name in ("secret", "shadow", "host_val", "val", "test"):
         assert probe.probes[name].startswith("blocked"), (name, probe.probes[name])
     assert probe.probes["host_data"] in ("ALLOWED []", ) or probe.probes["host_data"].startswith("blocked")
-    assert probe.probes["data_listing"] == "['meta.json', 'train', 'vocab.txt']"
+    assert probe.probes["data_listing"] == "['meta.json', 'train']"
     assert probe.probes["uid"] == "65534"   # non-root inside the sandbox
 
 
@@ -275,9 +275,10 @@ while True:
 
 
 def test_evaluation_has_its_own_time_limit(tmp_path, data):
-    # A model whose graph is slow to evaluate is stopped by AUTORESEARCH_EVAL_TIMEOUT.
+    # An evaluation that never ends (here the project's score()) is stopped by AUTORESEARCH_EVAL_TIMEOUT.
     repo = make_repo(tmp_path, EXPORT_MODEL)
-    (repo / "prepare_data.py").write_text("import time\nwhile True: time.sleep(1)\n")
+    with open(repo / "prepare_data.py", "a") as f:
+        f.write("\n\ndef score(encode, split):\n    import time\n    while True:\n        time.sleep(1)\n")
     p = run(repo, data, AUTORESEARCH_EVAL_TIMEOUT="3")
     assert p.returncode == 124, p.stdout + p.stderr
     assert p.lines[-1].startswith("run.sh: TIMEOUT evaluation")
@@ -326,15 +327,16 @@ def test_crashing_train_py_fails_without_evaluation(tmp_path, data):
     assert p.lines[-1] == "run.sh: FAILED train.py exited with code 1"
 
 
-def test_missing_model_fails_in_evaluation(tmp_path, data):
+def test_missing_model_is_a_failure_of_train_py(tmp_path, data):
     repo = make_repo(tmp_path, "print('did nothing')\n")
     run_dir = repo / "runs" / "last"
     run_dir.mkdir(parents=True)
     (run_dir / "image_encoder.pt2").write_text("stale model from an earlier run")
     (run_dir / "notes.txt").write_text("keep me")
     p = run(repo, data)
-    assert p.returncode == 1 and p.lines[-1] == "run.sh: FAILED evaluation exited with code 1"
-    assert "missing model file" in p.stdout + p.stderr
+    assert p.returncode == 1 and p.lines[-1].startswith("run.sh: FAILED train.py handed off no image_encoder.pt2 "), \
+        p.stdout + p.stderr
+    assert "--- trusted evaluation ---" not in p.lines
     # stale hand-off files are removed before training, other files are left alone
     assert sorted(f.name for f in run_dir.iterdir()) == ["notes.txt"]
 
@@ -378,6 +380,22 @@ def test_missing_data_is_a_setup_error(tmp_path):
     repo = make_repo(tmp_path, EXPORT_MODEL)
     p = run(repo, tmp_path / "nodata")
     assert p.returncode == 2 and "prepare_data.py" in p.stderr
+
+
+def test_a_broken_project_is_a_setup_error_not_a_crash_of_train_py(tmp_path, data):
+    repo = make_repo(tmp_path, EXPORT_MODEL)
+    project = (repo / "prepare_data.py").read_text()
+    # a declaration the engine cannot read: refused before training starts
+    (repo / "prepare_data.py").write_text(project.replace("PROGRAMS = [", 'PROGRAMS = ["two words.pt2", '))
+    p = run(repo, data)
+    assert p.returncode == 2 and "write PROGRAMS once, as a literal" in p.stderr and "train| " not in p.stdout, \
+        p.stdout + p.stderr
+    # a score() that breaks its contract: the evaluator's reason, and exit 2 (the loop stops instead of blaming the model)
+    (repo / "prepare_data.py").write_text(project + "\n\ndef score(encode, split):\n    return {'r1': 1.0}\n")
+    p = run(repo, data)
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "run.sh: the evaluator could not run: score() must return a dict {name: number} that holds METRIC " \
+           "'mean_rank'" in p.stderr
 
 
 def test_image_mode_build_failure_suggests_host_mode(tmp_path, data):

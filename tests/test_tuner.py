@@ -38,7 +38,8 @@ HEATMAP_HEADS: int 3 5
 LEARNING_RATE: log 1e-4 4e-3
 ```
 """
-FILES = ["autoresearch.py", "train.py", "run.sh", "prepare_data.py", "program.md", "scratchpad.md", ".gitignore"]
+FILES = ["autoresearch.py", "train.py", "run.sh", "evaluator.py", "prepare_data.py", "program.md", "scratchpad.md",
+         ".gitignore"]
 
 
 def names(space):

@@ -1,0 +1,735 @@
+"""The trusted evaluation engine of autoresearch: it scores what train.py handed off. A fork keeps this file as is.
+
+    python evaluator.py --evaluate RUN_DIR [--split val|test] [--data DIR|-]   score a hand-off (run.sh runs this in
+                                                                              the evaluation container)
+    python evaluator.py --names val|test    the files train.py hands off, then the split's files (for run.sh)
+
+The project, prepare_data.py next to this file, says what to score and how (README: Fork it). It declares four
+literals, read here without importing it, and one function:
+
+    METRIC = "mean_rank"                                 printed first as val_mean_rank (test_... for --split test)
+    DIRECTION = "minimize"                               or "maximize"; the harness keeps what improves it
+    PROGRAMS = ["image_encoder.pt2", "text_encoder.pt2"] the torch.export archives train.py must hand off
+    EVAL_FILES = ["images.npy", "tokens.npy"]            the arrays of DATA/<split>/ that score() reads
+    def score(encode, split): ... return {"mean_rank": ..., ...}
+
+score() gets split = {"meta": meta.json, "images": array, ...} and encode(program, *inputs) -> float32 [rows, D],
+which runs one of PROGRAMS on all rows of the inputs. Everything between the two is this engine's: the hand-off is
+refused unless it holds plain files of bounded size and archives of plain tensors and side-effect-free aten graphs
+only; the graphs run in an isolated child process, in secret random orders and batches, each row's output must not
+depend on the rest of its batch, and only finite float32 arrays of the expected shape come back.
+
+Two processes. The trusted parent never imports torch and never runs anything from the hand-off: it reads the split,
+checks every byte of the archives and rebuilds them in memory, and runs score(). The graphs run in a child process
+(encoder_child, `python -I`) that gets only the rebuilt archives and the inputs and hands back only float32 arrays;
+it never sees the answers, nor the parent's memory or file descriptors (the parent is not dumpable), nor the real
+stdout (its own is /dev/null). Exit codes: 0 scored, 1 the hand-off was refused, 2 the project or the data is
+broken (not the candidate's fault), 124 the evaluation ran out of time (AUTORESEARCH_EVAL_TIMEOUT).
+"""
+import argparse
+import ast
+import importlib.util
+import io
+import itertools
+import json
+import math
+import numbers
+import os
+import re
+import secrets
+import select
+import stat
+import struct
+import subprocess
+import sys
+import tarfile
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent
+PROJECT = ROOT / "prepare_data.py"
+STATS = "train_stats.json"  # optional, informational: the numbers below are echoed in the trusted block
+STAT_KEYS = ["training_seconds", "num_steps", "peak_memory_mb", "num_params_m"]
+MAX_PROGRAM_BYTES, MAX_STATS_BYTES = 2 << 30, 1 << 16
+MAX_DIM = 16384            # output size cap: what the child may send back per row
+BATCH = 256                # rows per call of a program (at most half the rows, so another composition exists)
+BATCH_TOLERANCE = 0.005    # batch independence: allowed drift, as a fraction of the distance between two rows
+NAME = re.compile(r"[a-z][a-z0-9_]*")                  # metric names: the keys of the trusted block
+FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # hand-off and split files: plain, no spaces, no globs
+
+
+class Refused(Exception):
+    """The hand-off is refused (exit 1): the candidate's fault."""
+
+
+class SetupError(Exception):
+    """The project (prepare_data.py) or the data is broken (exit 2): not the candidate's fault."""
+
+
+# ----------------------------------------------------------------------------------------------- the project
+
+DECLARATIONS = {  # name: (is it valid, what to write)
+    "METRIC": (lambda v: isinstance(v, str) and NAME.fullmatch(v), 'METRIC = "accuracy"  (lowercase, [a-z0-9_])'),
+    "DIRECTION": (lambda v: v in ("minimize", "maximize"), 'DIRECTION = "maximize"  (or "minimize")'),
+    "PROGRAMS": (lambda v: _names(v, ".pt2") and STATS not in v, 'PROGRAMS = ["model.pt2"]  (what train.py exports)'),
+    "EVAL_FILES": (lambda v: _names(v, ".npy") and "meta.npy" not in v,
+                   'EVAL_FILES = ["images.npy", "labels.npy"]  (arrays in DATA/<split>/)'),
+}
+
+
+def _names(v, suffix):
+    return isinstance(v, list) and 1 <= len(v) <= 16 and len(set(v)) == len(v) and all(
+        isinstance(n, str) and FILE_NAME.fullmatch(n) and n.endswith(suffix) for n in v)
+
+
+def project_constants(path=PROJECT):
+    """The project's declarations: literal top-level assignments in prepare_data.py, read without importing it
+    (the harness reads METRIC and DIRECTION the same way)."""
+    try:
+        tree = ast.parse(Path(path).read_text(), str(path))
+    except (OSError, SyntaxError, ValueError) as e:
+        raise SetupError(f"cannot read the project's {path} ({type(e).__name__}: {e})")
+    found = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            try:
+                value = ast.literal_eval(node.value)
+            except (ValueError, TypeError, SyntaxError, RecursionError):   # not a literal
+                value = None
+            found.setdefault(node.targets[0].id, []).append(value)
+    out = {}
+    for name, (valid, example) in DECLARATIONS.items():
+        values = found.get(name, [])
+        if len(values) != 1 or not valid(values[0]):
+            how = "declares it more than once" if len(values) > 1 else "has no valid literal for it"
+            raise SetupError(f"{Path(path).name} {how}: write {name} once, as a literal on its own line: {example}")
+        out[name] = values[0]
+    return out
+
+
+def load_score(path=PROJECT):
+    """The project's score function, its module imported by path (in the container: /workspace/prepare_data.py)."""
+    spec = importlib.util.spec_from_file_location("prepare_data", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:
+        raise SetupError(f"cannot import the project's {Path(path).name} ({type(e).__name__}: {e})")
+    if not callable(getattr(module, "score", None)):
+        raise SetupError(f"{Path(path).name} must define score(encode, split) -> {{metric: number}} (README: Fork it)")
+    return module.score
+
+
+def read_split(data, split, files):
+    """{"meta": meta.json, stem: array} for meta.json and the split's `files`: from a data directory, or with data "-"
+    from a tar stream on stdin that holds exactly those (how run.sh passes them, so that no file in the evaluation
+    container holds the split and only this process, not the one running the graphs, ever has it)."""
+    names = ["meta.json"] + [f"{split}/{f}" for f in files]
+    got = {}
+    if str(data) == "-":
+        try:
+            with tarfile.open(fileobj=sys.stdin.buffer, mode="r|") as tar:
+                for m in tar:
+                    if not m.isreg() or m.name not in names or m.name in got:
+                        raise SetupError(f"unexpected entry {m.name[:80]!r} in the data on stdin (expected {names})")
+                    got[m.name] = tar.extractfile(m).read()
+        except tarfile.TarError as e:
+            raise SetupError(f"cannot read the data on stdin as a tar stream ({e})")
+    else:
+        got = {n: (Path(data) / n).read_bytes() for n in names if (Path(data) / n).is_file()}
+    if len(got) != len(names):
+        raise SetupError(f"no prepared {split} split in {data} (expected {names}); run python prepare_data.py first")
+    try:
+        out = {"meta": json.loads(got["meta.json"])}
+        for f in files:
+            out[f.removesuffix(".npy")] = np.load(io.BytesIO(got[f"{split}/{f}"]), allow_pickle=False)
+    except ValueError as e:
+        raise SetupError(f"cannot read the {split} split ({e})")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- the archives
+# What torch.export.save writes for one plain nn.Module, and nothing else: torch.export.load() would unpickle
+# (weights_only=False) weights or constants marked "use_pickle", custom/opaque objects, old-format files and
+# sample inputs, so none of those ever reach it.
+ARCHIVE_ENTRIES = re.compile(r"(archive_format|archive_version|byteorder|\.data/version|\.data/serialization_id"
+                             r"|models/model\.json|data/sample_inputs/model\.pt"
+                             r"|data/weights/model_weights_config\.json|data/weights/weight_\d+"
+                             r"|data/constants/model_constants_config\.json|data/constants/tensor_\d+)")
+ARCHIVE_HEADER = {"archive_format": rb"pt2", "archive_version": rb"\d+", "byteorder": rb"little|big",
+                  ".data/version": rb"\d+\n?"}
+FQN = re.compile(r"\w[\w.]*")  # weight and graph names (nn.Sequential's start with a digit); they end up in
+                                # generated Python code, so never a quote, bracket or operator
+# Graph ops: aten only (plus the plumbing export emits), no I/O, no string arguments but these harmless ones.
+DENIED_ATEN = {"_print", "from_file"}
+STR_ARGS = {"approximate", "rounding_mode", "equation", "reduce", "side", "mode", "padding", "padding_mode",
+            "interpolation_mode", "norm", "ord", "indexing", "assert_msg", "msg"}
+OTHER_OPS = {"_operator." + n for n in ("getitem", "add", "sub", "mul", "floordiv", "truediv", "mod", "pow", "neg",
+                                        "eq", "ne", "lt", "le", "gt", "ge", "and_", "or_", "not_")}
+OTHER_OPS |= {"torch.sym_max", "torch.sym_min", "torch.sym_not", "torch.sym_float", "torch.sym_int", "torch._assert",
+              "torch.ops.higher_order.wrap_with_set_grad_enabled", "torch.ops.higher_order.wrap_with_autocast"}
+# Custom objects, operators as values and namedtuple types: torch looks each up by name.
+BY_NAME = {"as_custom_obj", "as_operator", "custom_obj_values", "treespec_namedtuple_fields"}
+# A plain program reads parameters, buffers and constants and returns outputs: no effect tokens, no mutated
+# state carried from one batch to the next, no custom objects.
+INPUT_SPECS = {"user_input", "parameter", "buffer", "tensor_constant", "constant_input"}
+OUTPUT_SPECS = {"user_output"}
+# Symbolic shapes are parsed with sympy.sympify (an eval) and guards become Python code: plain arithmetic only.
+SYMPY_NAMES = {"Symbol", "Integer", "Rational", "Float", "True", "False", "positive", "integer", "real",
+               "nonnegative", "finite", "Max", "Min", "Mul", "Add", "Pow", "Mod", "Abs", "floor", "ceiling", "Eq",
+               "Ne", "Lt", "Le", "Gt", "Ge", "And", "Or", "Not", "oo", "FloorDiv", "CleanDiv", "CeilDiv",
+               "ModularIndexing", "PythonMod", "CeilToInt", "FloorToInt", "TruncToInt", "RoundToInt", "ToFloat",
+               "IntTrueDiv", "FloatTrueDiv", "PowByNatural", "FloatPow", "Where"}
+SYMBOL = r"[a-z]+\d+"
+GUARD_TERM = re.compile(r"L\['[A-Za-z_]\w*'\](\.(size|stride)\(\)\[\d+\])?")
+
+
+def _check_op(name, inputs=()):
+    """Raises Refused unless name is an allowed graph op ('torch.ops.aten.<op>.<overload>' or OTHER_OPS) whose
+    only string arguments are harmless ones."""
+    m = re.fullmatch(r"torch\.ops\.aten\.(\w+)\.(\w+)", name)
+    if name not in OTHER_OPS and (not m or m.group(1) in DENIED_ATEN):
+        raise Refused(f"the graph calls {name[:80]!r}: only side-effect-free aten ops are allowed")
+    for a in inputs:
+        arg = a.get("arg") if isinstance(a, dict) else None
+        if isinstance(arg, dict) and {"as_string", "as_strings"} & set(arg) and a.get("name") not in STR_ARGS:
+            raise Refused(f"the graph calls {name} with a string argument {str(a.get('name'))[:40]!r}, "
+                            "which is not allowed")
+
+
+def _check_expr(s):
+    if not re.fullmatch(r"[\w\s+\-*/%(),.<>=!']*", s) or "__" in s:
+        raise Refused(f"unexpected symbolic expression {s[:80]!r}")
+    rest = re.sub(rf"'{SYMBOL}'", "", s)  # quoted symbol names are the only strings allowed
+    names = re.findall(r"[A-Za-z_]\w*", rest)
+    if "'" in rest or any(n not in SYMPY_NAMES and not re.fullmatch(SYMBOL, n) for n in names):
+        raise Refused(f"unexpected symbolic expression {s[:80]!r}")
+
+
+def _check_guard(s):
+    rest = GUARD_TERM.sub("0", s)
+    if not re.fullmatch(r"[\w\s+\-*/%()<>=!]*", rest) or any(
+            n not in ("and", "or", "not") for n in re.findall(r"[A-Za-z_]\w*", rest)):
+        raise Refused(f"unexpected guard {s[:80]!r}")
+
+
+def _check_spec(s):
+    """A pytree spec as torch.export.save writes it for an encoder: tensors in tuples, lists and dicts with plain
+    keys. torch imports any other type, and enum values in a dict's keys, by name (a ctypes library loader, say)."""
+    def node(t):
+        ok = isinstance(t, dict) and set(t) == {"type", "context", "children_spec"} and isinstance(
+            t["children_spec"], list)
+        typ, ctx, kids = (t["type"], t["context"], t["children_spec"]) if ok else (None, None, None)
+        if not ok:
+            pass
+        elif typ is None:
+            ok = ctx is None and not kids
+        elif typ in ("builtins.tuple", "builtins.list"):
+            ok = ctx == "null"
+        elif typ == "builtins.dict":
+            keys = _strict_json(ctx) if isinstance(ctx, str) else None
+            ok = isinstance(keys, list) and len(keys) == len(kids) and all(
+                isinstance(k, str) and FQN.fullmatch(k) for k in keys)
+        else:
+            ok = False
+        if not ok:
+            raise Refused(f"unexpected input/output structure {json.dumps(t)[:100]}: only tensors in tuples, "
+                            "lists and dicts with plain string keys are allowed")
+        for k in kids:
+            node(k)
+
+    spec = _strict_json(s) if isinstance(s, str) else None
+    if not (isinstance(spec, list) and len(spec) == 2 and spec[0] == 1):
+        raise Refused(f"unexpected pytree spec {str(s)[:80]!r}")
+    node(spec[1])
+
+
+def _check_program(o, key=""):
+    """Walks the serialized program: node targets, symbolic expressions, guards, specs and names must all be plain.
+    Node metadata (stack traces, module paths) is dropped: it only informs, and torch imports or compiles some of
+    it."""
+    if isinstance(o, dict):
+        if "target" in o and "inputs" in o:  # a graph node, at any depth (subgraphs included)
+            _check_op(str(o["target"]), o["inputs"] if isinstance(o["inputs"], list) else [])
+        for k, v in o.items():
+            if not FQN.fullmatch(k):
+                raise Refused(f"unexpected name {k[:60]!r} in the graph")
+            if k == "metadata":
+                o[k] = {}
+            elif k in BY_NAME and v:
+                raise Refused(f"the graph uses {k}: only tensors and plain values are allowed")
+            elif k in ("input_specs", "output_specs") and not all(
+                    isinstance(spec, dict) and set(spec) <= (INPUT_SPECS if k == "input_specs" else OUTPUT_SPECS)
+                    for spec in v):
+                raise Refused(f"the graph has {k} of kinds {sorted({s for d in v for s in d})}: only plain inputs, "
+                                "parameters, buffers and constants in, outputs out (no state carried between calls)")
+            elif k == "expr_str":
+                _check_expr(str(v))
+            elif k == "guards_code":
+                for g in v:
+                    _check_guard(str(g))
+            elif k in ("in_spec", "out_spec"):
+                _check_spec(v)
+            else:
+                _check_program(v, k)
+    elif isinstance(o, list):
+        for v in o:
+            _check_program(v, key)
+    elif isinstance(o, str):
+        ok = FQN.fullmatch(o) or o == "" or (key == "as_string" and re.fullmatch(r"[\w ,.\->]*", o)) or (
+            key == "torch_version" and re.fullmatch(r"[\w.+]*", o))
+        if not ok:
+            raise Refused(f"unexpected string {o[:60]!r} in the graph ({key})")
+
+
+def _strict_json(b):
+    """JSON with unique keys, so that what we check is what torch reads (its parser keeps the last duplicate)."""
+    def unique(pairs):
+        if len({k for k, _ in pairs}) != len(pairs):
+            raise Refused(f"duplicate keys in {[k for k, _ in pairs][:8]} in the archive's JSON")
+        return dict(pairs)
+    return json.loads(b, object_pairs_hook=unique)
+
+
+def check_archive(raw):
+    """The archive torch will load, rebuilt in memory from the checked entries of `raw` (what train.py wrote),
+    else Refused. Only what torch.export.save writes for a plain nn.Module: plain, unique entry names, raw
+    tensors only (nothing torch would unpickle), unique-key JSON, safe graph ops and plain specs. torch never
+    reads `raw` itself, so where two zip readers disagree (NUL bytes in names, duplicate names, a local header
+    that differs from the central directory) only the checked reading counts."""
+    try:
+        z = zipfile.ZipFile(io.BytesIO(raw))
+        infos = z.infolist()
+        root = infos[0].orig_filename.split("/", 1)[0] + "/" if infos else ""
+        entries = {}
+        for info in infos:
+            name = info.orig_filename  # zipfile's .filename stops at a NUL byte; torch reads the whole name
+            if not (name.isascii() and name.isprintable()):
+                raise Refused(f"entry name {name[:80]!r} has a non-printable character")
+            rel = name[len(root):]
+            if rel in entries:
+                raise Refused(f"duplicate entry {name[:80]!r}")
+            if not name.startswith(root) or not ARCHIVE_ENTRIES.fullmatch(rel):
+                raise Refused(f"unexpected entry {name[:80]!r}: only what torch.export.save writes is allowed")
+            if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 1:
+                raise Refused(f"entry {name[:80]!r} is compressed or encrypted; torch.export.save stores entries")
+            entries[rel] = z.read(info)  # checks the local header's name against the central directory's
+        if entries.get("archive_format") != b"pt2" or "models/model.json" not in entries:
+            raise Refused("not a torch.export archive (save it with torch.export.save)")
+        out = {}
+        for name, pattern in ARCHIVE_HEADER.items():
+            if not re.fullmatch(pattern, entries[name]):
+                raise Refused(f"unexpected {name} {entries[name][:20]!r}")
+            out[name] = entries[name]
+        for cfg, folder, prefix in (("data/weights/model_weights_config.json", "data/weights/", "weight_"),
+                                    ("data/constants/model_constants_config.json", "data/constants/", "tensor_")):
+            config = _strict_json(entries[cfg])
+            if set(config) != {"config"}:
+                raise Refused(f"unexpected keys {sorted(config)[:5]} in {cfg}")
+            for fqn, pm in config["config"].items():
+                if pm.get("use_pickle") is not False or not pm.get("tensor_meta") or not FQN.fullmatch(fqn) \
+                        or not re.fullmatch(prefix + r"\d+", str(pm.get("path_name"))):
+                    raise Refused(f"{fqn[:60]!r} is not a plain tensor (pickled or custom objects are refused)")
+                _check_program(pm)
+                out[folder + pm["path_name"]] = entries[folder + pm["path_name"]]
+            out[cfg] = json.dumps(config).encode()
+        program = _strict_json(entries["models/model.json"])
+        _check_program(program)
+        out["models/model.json"] = json.dumps(program).encode()
+        out["data/sample_inputs/model.pt"] = b""  # read as "no sample inputs": nothing for torch to unpickle
+    except (zipfile.BadZipFile, KeyError, ValueError, TypeError, AttributeError, RecursionError) as e:
+        raise Refused(f"not a torch.export archive ({type(e).__name__}: {str(e)[:200]})")
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as w:
+        for name, data in out.items():
+            w.writestr("archive/" + name, data)
+    return buf.getvalue()
+
+
+# ----------------------------------------------------------------------------------------------- the hand-off
+
+def read_handoff(run_dir, name):
+    """The bytes of one hand-off file, None if it is missing. Only a regular file of at most its cap: never a
+    symlink (no-follow), never a FIFO (non-blocking open) or a device."""
+    cap = MAX_STATS_BYTES if name == STATS else MAX_PROGRAM_BYTES
+    try:
+        fd = os.open(Path(run_dir) / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise Refused(f"cannot open {name} in the run directory ({os.strerror(e.errno)}); "
+                      "the hand-off may hold regular files only")
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise Refused(f"{name} in the run directory is not a regular file; the hand-off may hold regular "
+                          "files only")
+        if st.st_size > cap:
+            raise Refused(f"{name} is {st.st_size} bytes, more than the {cap} allowed")
+        with open(fd, "rb", closefd=False) as f:
+            data = f.read(cap + 1)
+    finally:
+        os.close(fd)
+    if len(data) > cap:
+        raise Refused(f"{name} is more than the {cap} bytes allowed")
+    return data
+
+
+def read_train_stats(data, notes):
+    """The informational numbers of train_stats.json, keeping only real finite numbers (never echo strings)."""
+    try:
+        stats = json.loads(data)
+    except (TypeError, ValueError):
+        notes.append(f"note: no readable {STATS} in the run directory")
+        return {}
+    out = {}
+    for k in STAT_KEYS:
+        v = stats.get(k) if isinstance(stats, dict) else None
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            out[k] = v
+        else:
+            notes.append(f"note: {STATS} has no valid number for {k}")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- the child
+def _not_dumpable():
+    """Other processes of our uid (the encoder child) can then neither read our memory nor open our file
+    descriptors through /proc, nor ptrace us; there is no Yama on every kernel to stop them otherwise."""
+    if sys.platform == "linux":
+        import ctypes
+        if ctypes.CDLL(None, use_errno=True).prctl(4, 0, 0, 0, 0) != 0:  # PR_SET_DUMPABLE, 0
+            raise Refused(f"prctl(PR_SET_DUMPABLE) failed: {os.strerror(ctypes.get_errno())}")
+
+
+def _one_line(s, limit=300):
+    """Text from the child, safe to print: printable ASCII on one bounded line."""
+    return " ".join(re.sub(r"[^\x20-\x7e]", " ", s).split())[:limit]
+
+
+# Frames on the pipes between parent and child: 8-byte little-endian length, then the body.
+def _read_exact(fd, n, deadline=None):
+    buf = bytearray()
+    while len(buf) < n:
+        if deadline is not None and not select.select([fd], [], [], max(0, deadline - time.monotonic()))[0]:
+            raise TimeoutError
+        chunk = os.read(fd, min(n - len(buf), 1 << 20))
+        if not chunk:
+            raise EOFError
+        buf += chunk
+    return bytes(buf)
+
+
+def _write_all(fd, data, deadline=None):
+    view = memoryview(data)
+    while view:
+        if deadline is not None and not select.select([], [fd], [], max(0, deadline - time.monotonic()))[1]:
+            raise TimeoutError
+        view = view[os.write(fd, view):]
+
+
+def _send(fd, body, deadline=None):
+    _write_all(fd, struct.pack("<Q", len(body)) + body, deadline)
+
+
+def _recv(fd, cap=None, deadline=None):
+    n = struct.unpack("<Q", _read_exact(fd, 8, deadline))[0]
+    if cap is not None and n > cap:
+        raise Refused(f"the encoder process sent {n} bytes where at most {cap} fit")
+    return _read_exact(fd, n, deadline)
+
+
+CHILD_ENV = ("PATH", "HOME", "LD_LIBRARY_PATH", "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS")
+
+
+class Child:
+    """The parent's end of the child that runs the graphs: one time limit over everything, and nothing taken from
+    it but bounded, shape-checked float32 arrays (and, on failure, one sanitized line)."""
+
+    def __init__(self, deadline, programs):
+        self.deadline, self.programs = deadline, programs
+        r, w = os.pipe()
+        env = {k: os.environ[k] for k in CHILD_ENV if k in os.environ}
+        env.update(TORCH_FORCE_WEIGHTS_ONLY_LOAD="1", OMP_WAIT_POLICY="PASSIVE")
+        code = ("import sys; sys.path.insert(0, sys.argv[1]); import evaluator; "
+                "evaluator.encoder_child(int(sys.argv[2]), sys.argv[3:])")
+        self.proc = subprocess.Popen([sys.executable, "-I", "-c", code, str(ROOT), str(w), *programs],
+                                     stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     env=env, pass_fds=(w,))
+        os.close(w)
+        self.to_child, self.from_child = self.proc.stdin.fileno(), r
+        os.set_blocking(self.to_child, False)
+        os.set_blocking(r, False)
+
+    def talk(self, requests, tag, cap):
+        """Sends the request frames, returns the body of the reply, which must carry `tag` and fit in cap bytes.
+        TimeoutError once the evaluation's time is up."""
+        try:
+            for body in requests:
+                _send(self.to_child, body, self.deadline)
+            reply = _recv(self.from_child, 1 + max(cap, 4096), self.deadline)  # room for an error line
+        except (EOFError, BrokenPipeError):
+            self.proc.kill()
+            rc = self.proc.wait()
+            raise Refused(f"the encoder process died ({f'signal {-rc}' if rc < 0 else f'exit code {rc}'})")
+        if reply[:1] == b"E":
+            raise Refused(_one_line(reply[1:].decode("ascii", "replace")))
+        if reply[:1] != tag:
+            raise Refused("the encoder process sent a malformed reply")
+        return reply[1:]
+
+    def run(self, which, arrays):
+        """Outputs [rows, D] of program `which` on one batch."""
+        buf = io.BytesIO()
+        for a in arrays:
+            np.save(buf, a, allow_pickle=False)
+        rows = len(arrays[0])
+        body = self.talk([bytes([which, len(arrays)]) + buf.getvalue()], b"A", 8 + rows * MAX_DIM * 4)
+        n, dim = struct.unpack("<II", body[:8]) if len(body) >= 8 else (-1, 0)
+        if n != rows or not 1 <= dim <= MAX_DIM or len(body) != 8 + n * dim * 4:
+            raise Refused(f"{self.programs[which]} returned shape ({n}, {dim}) for {rows} inputs; expected "
+                          f"[{rows}, D] with D <= {MAX_DIM}")
+        return np.frombuffer(body, "<f4", offset=8).reshape(n, dim)
+
+    def close(self):
+        self.proc.kill()
+        self.proc.wait()
+        self.proc.stdin.close()
+        os.close(self.from_child)
+
+
+def encoder_child(reply_fd, programs):
+    """The child: loads the archives sent on stdin, then answers each batch with the program's outputs on reply_fd.
+    It runs the untrusted graphs, so what it sends is checked by the parent, never believed. Inputs reach a program
+    as tensors of the dtype and shape the project gave them."""
+    import torch
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    models, fell_back, stage = [], [], programs[0]
+    try:
+        for stage in programs:
+            ep = torch.export.load(io.BytesIO(_recv(0)))
+            check_graphs(ep)
+            dev = device
+            if device != "cpu":
+                try:
+                    from torch.export.passes import move_to_device_pass
+                    ep = move_to_device_pass(ep, device)
+                except Exception:
+                    dev = "cpu"
+            module = ep.module()
+            # Everything the graph could write to and read back in its next call: weights, buffers, constants.
+            state = [t for t in itertools.chain(module.parameters(), module.buffers(), (
+                v for m in module.modules() for v in vars(m).values())) if isinstance(t, torch.Tensor)]
+            models.append((module, dev, state, [t.clone() for t in state]))
+            fell_back.append(dev != device)
+        _send(reply_fd, b"R" + bytes(fell_back))
+        while True:
+            try:
+                request = _recv(0)
+            except EOFError:
+                return
+            which, f = request[0], io.BytesIO(request[2:])
+            model, dev, state, pristine = models[which]
+            stage = programs[which]
+            with torch.no_grad():
+                out = model(*[torch.from_numpy(np.load(f, allow_pickle=False)).to(dev) for _ in range(request[1])])
+            if not all(torch.equal(a, b) for a, b in zip(state, pristine)):
+                raise Refused("the graph changed its own weights, buffers or constants; nothing may carry over "
+                              "from one batch to the next")
+            if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[1] > MAX_DIM:
+                shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                raise Refused(f"it returned {shape}, expected a tensor [batch, D] with D <= {MAX_DIM}")
+            out = out.detach().float().cpu().contiguous().numpy().astype("<f4", copy=False)
+            _send(reply_fd, b"A" + struct.pack("<II", *out.shape) + out.tobytes())
+    except Exception as e:
+        what = f"cannot load {stage}" if len(models) < len(programs) else f"{stage} failed on the evaluation data"
+        why = f": {e}" if isinstance(e, Refused) else f" ({type(e).__name__}: {e})"
+        _send(reply_fd, b"E" + (what + why).encode("ascii", "replace"))
+
+
+def _op_name(target):
+    """'torch.ops.aten.add.Tensor' style name of a graph node target (an OpOverload, a HOP or a function)."""
+    import torch
+    if isinstance(target, torch._ops.OpOverload):
+        return f"torch.ops.{target.namespace}.{target._overloadpacket.__name__}.{target._overloadname}"
+    if isinstance(target, torch._ops.HigherOrderOperator):
+        return f"torch.ops.higher_order.{target.name()}"
+    if callable(target) and getattr(target, "__module__", None) in ("_operator", "operator"):
+        return f"_operator.{target.__name__}"
+    if callable(target) and getattr(torch, getattr(target, "__name__", ""), None) is target:
+        return f"torch.{target.__name__}"
+    return repr(target)
+
+
+def check_graphs(ep):
+    """After loading, the graph as torch sees it (all submodules) must still use allowed ops only."""
+    for gm in ep.graph_module.modules():
+        graph = getattr(gm, "graph", None)
+        for node in graph.nodes if graph is not None else ():
+            if node.op in ("call_function", "call_method", "call_module"):
+                if node.op != "call_function":
+                    raise Refused(f"the graph has a {node.op} node; only functional aten graphs are allowed")
+                _check_op(_op_name(node.target))
+
+
+# ----------------------------------------------------------------------------------------------- scoring
+
+def _run_all(child, which, arrays, order, batch):
+    """Outputs for all rows, in row order, sent to the child in `order`, `batch` rows at a time."""
+    parts = [child.run(which, [a[idx] for a in arrays]) for idx in np.split(order, range(batch, len(order), batch))]
+    sizes = sorted({p.shape[1] for p in parts})
+    if len(sizes) != 1:
+        raise Refused(f"{child.programs[which]} returned outputs of different sizes {sizes}")
+    out = np.empty((len(order), sizes[0]), dtype=np.float32)
+    out[order] = np.concatenate(parts)
+    if not np.isfinite(out).all():
+        raise Refused(f"{child.programs[which]} returned non-finite outputs")
+    return out
+
+
+def _check_batch_independence(child, which, arrays, out, batch, rng):
+    """Each row's output must depend on that row alone. For each batch size of the first pass, a random subset is
+    run again as one batch of that size, next to different rows at different positions; a graph that uses the rest
+    of its batch (subtracting the batch mean, say) adapts to the evaluation data and is refused."""
+    n = len(out)
+    spread = np.median(np.linalg.norm(out - out[rng.permutation(n)], axis=1))
+    allowed = max(BATCH_TOLERANCE * spread, 1e-6)
+    for size in sorted({min(batch, n - s) for s in range(0, n, batch)}):
+        idx = rng.choice(n, size, replace=False)
+        again = child.run(which, [a[idx] for a in arrays])
+        drift = np.median(np.linalg.norm(again - out[idx], axis=1))
+        if not drift <= allowed:  # also refuses NaN
+            raise Refused(f"{child.programs[which]} gives a different output for the same input in another batch "
+                          f"(median change {drift:.3g}, allowed {allowed:.3g}): each row's output must depend on "
+                          "that row alone, not on the rest of the batch")
+
+
+class Encode:
+    """What score() gets as `encode`: encode(program, *inputs) -> float32 [rows, D], the program's outputs on all
+    rows of the inputs (numeric arrays, rows first), row i for row i. The rows go to the child in a fresh secret
+    order, in batches of at most half of them, so the graphs never see which row goes with which answer; then
+    _check_batch_independence. The first refusal sticks: a score() that catches it is refused all the same."""
+
+    def __init__(self, child):
+        self.child, self.error = child, None
+        self.rng = np.random.default_rng(secrets.randbits(64))
+
+    def __call__(self, program, *inputs):
+        if self.error is None:
+            try:
+                return self._run(program, [np.asarray(a) for a in inputs])
+            except (Refused, SetupError, TimeoutError) as e:
+                self.error = e
+        raise self.error
+
+    def _run(self, program, arrays):
+        if program not in self.child.programs:
+            raise SetupError(f"score() ran {program!r}, which is not in PROGRAMS {self.child.programs}")
+        n = len(arrays[0]) if arrays and arrays[0].ndim else 0
+        if not n or any(a.ndim == 0 or len(a) != n or a.dtype.kind not in "biuf" for a in arrays):
+            raise SetupError(f"score() must give {program} numeric arrays with the same number of rows (at least 1), "
+                             f"got {[(a.shape, a.dtype.str) for a in arrays]}")
+        which = self.child.programs.index(program)
+        batch = max(1, min(BATCH, -(-n // 2)))
+        out = _run_all(self.child, which, arrays, self.rng.permutation(n), batch)
+        _check_batch_independence(self.child, which, arrays, out, batch, self.rng)
+        return out
+
+
+def trusted_lines(result, metric, split):
+    """score()'s result as the block's first lines: <split>_<METRIC> first, then the others in their order."""
+    if not (isinstance(result, dict) and metric in result and all(
+            isinstance(k, str) and NAME.fullmatch(k) and isinstance(v, numbers.Real) and not isinstance(v, bool)
+            for k, v in result.items())):
+        raise SetupError(f"score() must return a dict {{name: number}} that holds METRIC {metric!r}, names in "
+                         f"[a-z0-9_]; it returned {str(result)[:120]}")
+    bad = sorted(k for k, v in result.items() if not math.isfinite(v))
+    if bad:
+        raise Refused(f"score() gave non-finite values for {bad}")
+    return [f"{split}_{k}: " + (f"{int(result[k])}" if isinstance(result[k], numbers.Integral) else
+                                f"{float(result[k]):.6g}") for k in [metric, *(k for k in result if k != metric)]]
+
+
+def evaluate(run_dir, data, split="val"):
+    """Prints the trusted block on stdout, all at the end and in whole lines: the project's metrics (METRIC first),
+    notes, the training stats and eval_seconds."""
+    t0 = time.monotonic()
+    deadline = t0 + 0.9 * float(os.environ.get("AUTORESEARCH_EVAL_TIMEOUT") or 600)  # our message before the kill
+    project = project_constants()
+    programs = project["PROGRAMS"]
+    _not_dumpable()
+    child = Child(deadline, programs)  # starts now: it imports torch while we read and check
+    try:
+        archives = []
+        for name in programs:
+            raw = read_handoff(run_dir, name)
+            if raw is None:
+                raise Refused(f"missing model file {Path(run_dir) / name} (train.py must export it with "
+                              "torch.export.save)")
+            try:
+                archives.append(check_archive(raw))
+            except Refused as e:
+                raise Refused(f"cannot load {Path(run_dir) / name}: {e}")
+        notes = []
+        stats = read_train_stats(read_handoff(run_dir, STATS), notes)
+        inputs = read_split(data, split, project["EVAL_FILES"])
+        score = load_score()
+        fell_back = child.talk(archives, b"R", len(programs))[:len(programs)]
+        notes += [f"note: could not move {name} to the GPU; evaluated on the CPU"
+                  for name, f in zip(programs, fell_back) if f]
+        encode = Encode(child)
+        try:
+            result = score(encode, inputs)
+        except (Refused, SetupError, TimeoutError):
+            raise
+        except Exception as e:
+            raise encode.error or Refused(f"score() in prepare_data.py failed ({type(e).__name__}: {e})")
+        if encode.error:
+            raise encode.error
+    finally:
+        child.close()
+    lines = trusted_lines(result, project["METRIC"], split) + notes
+    lines += [f"{k}: {v:.1f}" if isinstance(v, float) else f"{k}: {v}" for k, v in stats.items()]
+    lines.append(f"eval_seconds: {time.monotonic() - t0:.1f}")
+    print("\n".join(lines), flush=True)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--evaluate", type=Path, metavar="RUN_DIR", help="score the hand-off in RUN_DIR")
+    what.add_argument("--names", choices=["val", "test"],
+                      help="print PROGRAMS, then meta.json and the split's EVAL_FILES, one line each (for run.sh)")
+    p.add_argument("--split", choices=["val", "test"], default="val")
+    p.add_argument("--data", default=None, help="the data directory (default: $AUTORESEARCH_DATA, else ./data); '-': "
+                                                "meta.json and the split's files as a tar stream on stdin (run.sh)")
+    args = p.parse_args(argv)
+    try:
+        if args.names:
+            c = project_constants()
+            print(" ".join(c["PROGRAMS"]))
+            print(" ".join(["meta.json"] + [f"{args.names}/{f}" for f in c["EVAL_FILES"]]))
+        else:
+            evaluate(args.evaluate, args.data or os.environ.get("AUTORESEARCH_DATA") or ROOT / "data", args.split)
+        return 0
+    except Refused as e:
+        print(f"evaluator.py: error: {_one_line(str(e), 1000)}", file=sys.stderr)
+        return 1
+    except SetupError as e:
+        print(f"evaluator.py: error: {_one_line(str(e), 1000)}", file=sys.stderr)
+        return 2
+    except TimeoutError:
+        print("evaluator.py: error: evaluating the exported model took too long (AUTORESEARCH_EVAL_TIMEOUT)",
+              file=sys.stderr)
+        return 124
+    except KeyboardInterrupt:
+        print("evaluator.py: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
