@@ -32,6 +32,12 @@ program.md's `## Search space` block, else derived from train.py's active preset
 train.py as an ordinary edit; commit, sandbox, keep rule, results.tsv (column `agent`) and branch are the same.
 `report --compare` draws several runs on the same axes (compare.png) with a table.
 
+Workers: --workers N (Loop.round) runs rounds of N experiments from the same best commit, each in its own git
+worktree (.worktrees/w<k>) and slot (a GPU, or a share of the cores), trained in threads while the model talks to the
+next worker; the round keeps at most one, judged with the z for the best of N (sidak_z, decide_round), and merges
+every worker's notes (merge_scratchpads). runs/.running lists every run.sh in flight, so a start after kill -9 stops
+them all. --workers 1 is the loop above, unchanged (Loop.experiment).
+
 The model acts only through the three tools: read_file and edit_file (Loop.tool_read, Loop.tool_edit), and
 run_experiment, which Loop.converse handles itself (it ends the turn). Every subprocess goes through `spawn`, an
 allowlist of fixed argument lists. Parsing, editing, deciding and prompt building are pure functions (tested in
@@ -53,8 +59,10 @@ import select
 import shlex
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -64,7 +72,8 @@ from typing import NamedTuple
 DEFAULT_MODEL = "qwen2.5-coder:7b"
 DEFAULT_HOST = "http://127.0.0.1:11434"
 RESULTS = "results.tsv"
-RUNNING = "runs/.running"         # pid of the run.sh in flight (its process group id)
+RUNNING = "runs/.running"         # pids of the run.sh in flight (their process group ids), one per line
+WORKTREES = ".worktrees"          # --workers N: worker k's git worktree is .worktrees/w<k>
 PROGRAM = "program.md"
 SCRATCHPAD = "scratchpad.md"
 TRAIN = "train.py"
@@ -75,7 +84,7 @@ TEXT_COLUMNS = {"commit", "status", "description", "reason", "phase", "best_comm
 INT_COLUMNS = {"experiment", "prompt_tokens", "round", "worker"}
 READABLE = {TRAIN, PROGRAM, SCRATCHPAD, RESULTS}       # + the last run's log, added at run time
 EDITABLE = {TRAIN, SCRATCHPAD}
-OUR_OUTPUTS = ("results.tsv", "progress.png", "logs/", "runs/",  # never make the tree "dirty"
+OUR_OUTPUTS = ("results.tsv", "progress.png", "logs/", "runs/", ".worktrees/",  # never make the tree "dirty"
                "results-", "compare.png", "test_scores.tsv")          # (results-TAG.tsv: archived runs)
 TEST_SCORES = "test_scores.tsv"   # test_<METRIC> of each commit evaluated on the test split
 SCRATCHPAD_MAX_CHARS = 4000       # the agent must condense its notes beyond this
@@ -161,7 +170,7 @@ def _declared_metric(path, text):
 # ----------------------------------------------------------------------------------------------
 # The allowlist: one function through which every subprocess goes.
 
-GIT_SUBCOMMANDS = {"rev-parse", "status", "add", "commit", "reset", "checkout", "log", "config", "show"}
+GIT_SUBCOMMANDS = {"rev-parse", "status", "add", "commit", "reset", "checkout", "log", "config", "show", "worktree"}
 
 
 def check_argv(argv):
@@ -205,8 +214,8 @@ def spawn(argv, *, wait=True, **kw):
     return subprocess.Popen(list(argv), shell=False, **kw)
 
 
-def git(*args, check=True):
-    p = spawn(["git", *args])
+def git(*args, check=True, cwd=None):
+    p = spawn(["git", *args], cwd=cwd)
     if check and p.returncode != 0:
         raise HarnessError(f"git {' '.join(args[:2])} failed: {(p.stderr or p.stdout).strip()}")
     return p.stdout.strip()
@@ -1039,7 +1048,7 @@ _live = {"on": False}
 
 
 def live(line):
-    if sys.stderr.isatty():
+    if sys.stderr.isatty() and threading.current_thread() is threading.main_thread():   # not the workers' runs
         cols = shutil.get_terminal_size((100, 20)).columns
         sys.stderr.write("\r\033[K" + line[:cols - 1])
         sys.stderr.flush()
@@ -1072,8 +1081,8 @@ def data_dir():
     return os.environ.get("AUTORESEARCH_DATA") or "data"
 
 
-def dirty_files():
-    p = spawn(["git", "status", "--porcelain", "--untracked-files=all"])   # not git(): it strips the 1st column
+def dirty_files(cwd="."):
+    p = spawn(["git", "status", "--porcelain", "--untracked-files=all"], cwd=cwd)   # not git(): it strips column 1
     if p.returncode != 0:
         raise HarnessError(f"git status failed: {p.stderr.strip()}")
     files = [line[3:].strip().strip('"') for line in p.stdout.split("\n") if line.strip()]
@@ -1221,19 +1230,130 @@ def _alive(pid):
         return False
 
 
+_running = {}                     # label -> pid of each run.sh in flight, mirrored in RUNNING
+_running_lock = threading.Lock()  # workers' runs start and end in their own threads
+
+
+def track_run(label, pid):
+    """Note a run in flight (pid) or its end (None) in RUNNING, so that a later start can stop what a harness
+    killed with -9 left running. Written whole and renamed into place: a kill never leaves half a line."""
+    with _running_lock:
+        if pid is None:
+            _running.pop(label, None)
+        else:
+            _running[label] = pid
+        if _running:
+            write_text(RUNNING + ".tmp", "\n".join(str(p) for p in _running.values()))
+            os.replace(RUNNING + ".tmp", RUNNING)
+        elif os.path.exists(RUNNING):
+            os.remove(RUNNING)
+
+
 def stop_orphan():
-    """A run.sh left behind by a harness that was killed with -9 would race the next run: stop it."""
+    """run.sh processes left behind by a harness that was killed with -9 would race the next runs: stop them."""
     try:
-        pid = int(read_text(RUNNING).strip())
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            alive = b"run.sh" in f.read()
+        pids = [int(x) for x in read_text(RUNNING).split()]
     except (OSError, ValueError):
-        alive = False
-    if alive:
-        say(f"autoresearch: stopping the run.sh (pid {pid}) left by a killed harness")
-        stop_group(pid, 30)
+        pids = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                alive = b"run.sh" in f.read()
+        except OSError:
+            alive = False
+        if alive:
+            say(f"autoresearch: stopping the run.sh (pid {pid}) left by a killed harness")
+            stop_group(pid, 30)
     if os.path.exists(RUNNING):
         os.remove(RUNNING)
+
+
+# ----------------------------------------------------------------------------------------------
+# Workers (--workers N): a round starts N candidates from the same best commit, each in its own git worktree
+# (.worktrees/w<k>) and slot (a GPU, or a share of the cores); at its end at most one is kept.
+
+def sidak_z(z, n):
+    """Pure. The z each of n candidates must pass so that the best of n seed-only candidates passes no more often
+    than one candidate passes z (Šidák): alpha = 1 - Phi(z), alpha_n = 1 - (1 - alpha)^(1/n),
+    z_n = Phi^-1(1 - alpha_n)."""
+    if n == 1:
+        return z   # exactly, not through two roundings
+    nd = statistics.NormalDist()
+    alpha_n = -math.expm1(math.log1p(-nd.cdf(-z)) / n)   # 1 - (1 - alpha)^(1/n) without cancellation
+    return -nd.inv_cdf(alpha_n)
+
+
+def decide_round(best, sigma, values, z, floor=0.01, confirm=False, metric=None):
+    """Pure. The end of a round: each candidate ({experiment: its value}) is decided against the round's starting
+    best with the round's z (sidak_z); the best that passes goes on (keep, or confirm), every other that passes is
+    discarded as beaten. Returns (winner or None, {experiment: (status, delta, threshold, why)})."""
+    metric = metric or project_metric()
+    out = {e: decide([v], best, sigma, z, floor, confirm, metric) for e, v in values.items()}
+    passing = [e for e, d in out.items() if d[0] != "discard"]
+    winner = max(passing, key=lambda e: (metric.gain(values[e], best), -e), default=None)   # ties: the earlier one
+    for e in passing:
+        if e != winner:
+            _, delta, thr, why = out[e]
+            out[e] = ("discard", delta, thr, f"beaten in round by experiment {winner} ({why})")
+    return winner, out
+
+
+def merge_scratchpads(base, finals):
+    """Pure. The round's scratchpad: base (the notes at the round's start) and, under a heading per experiment, the
+    lines each worker added or rewrote ({experiment: its final scratchpad}). A worker that deleted or condensed base
+    lines deletes them for nobody; a note already present (in base or from an earlier worker) is not repeated."""
+    out = base.rstrip("\n").split("\n") if base.strip() else []
+    seen = {line.strip() for line in out if line.strip()}
+    old = base.split("\n")
+    for exp, text in finals.items():
+        new = text.split("\n")
+        added = [line for tag, _, _, j1, j2 in difflib.SequenceMatcher(None, old, new, autojunk=False).get_opcodes()
+                 if tag in ("insert", "replace") for line in new[j1:j2]]
+        added = [line for line in added if line.strip() and line.strip() not in seen]
+        if added:
+            out += [""] * bool(out) + [f"## Notes of experiment {exp}", *added]
+            seen.update(line.strip() for line in added)
+    return "\n".join(out) + "\n"
+
+
+def worker_slots(n, gpus, gpu_count, cpu_count):
+    """Pure. The environment of each of n workers' runs: with GPUs (AUTORESEARCH_GPUS's ids, or "all"/unset: the
+    gpu_count detected) one GPU each; without, an even share of the cpu_count cores each (run.sh: podman --cpus
+    and as many threads)."""
+    if gpu_count:
+        ids = [str(i) for i in range(gpu_count)] if gpus in (None, "", "all") else \
+            [g.strip() for g in gpus.split(",") if g.strip()]
+        if len(ids) < n:
+            raise HarnessError(f"--workers {n} needs a GPU per worker, but there are {len(ids)} "
+                               f"(AUTORESEARCH_GPUS={gpus or 'all'}): pass --workers {len(ids)} or fewer")
+        return [{"AUTORESEARCH_GPUS": i} for i in ids[:n]]
+    return [{"AUTORESEARCH_CPUS": f"{cpu_count / n:.3g}"} for _ in range(n)]
+
+
+def gpu_count():
+    """GPUs the NVIDIA driver sees (none without it): read from /proc, no subprocess."""
+    d = "/proc/driver/nvidia/gpus"
+    return len(os.listdir(d)) if os.path.isdir(d) else 0
+
+
+def worktree(k, commit):
+    """Worker k's worktree (.worktrees/w<k>), checked out clean at commit (detached: the branch stays the main
+    checkout's). Reused across rounds; a stale folder (e.g. left by a kill -9) is replaced."""
+    path = os.path.join(WORKTREES, f"w{k}")
+    if os.path.isdir(path) and os.path.exists(os.path.join(path, ".git")):
+        git("reset", "-q", "--hard", commit, cwd=path)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+        git("worktree", "prune")
+        git("worktree", "add", "-q", "--detach", path, commit)
+    return path
+
+
+def sweep_worktrees():
+    """Remove every worker worktree (at start-up, on --resume and when the loop ends, normally or not): a round
+    always starts from fresh ones, so whatever is left is an orphan. git forgets those whose folder is gone."""
+    shutil.rmtree(WORKTREES, ignore_errors=True)
+    git("worktree", "prune")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1282,12 +1402,12 @@ def run_limit(budget, grace):
     return budget + grace + int(os.environ.get("AUTORESEARCH_EVAL_TIMEOUT") or EVAL_TIMEOUT) + HARNESS_SLACK
 
 
-def launch_argv(args, label, command, grace=RUN_GRACE):
-    """The command line of one run: `command` here, or as a SLURM job allowed the budget plus the allowance."""
+def launch_argv(args, label, command, grace=RUN_GRACE, cwd="."):
+    """The command line of one run in cwd: `command` there, or as a SLURM job allowed the budget plus the allowance."""
     if not on_slurm(args):
         return list(command)
     minutes = math.ceil(run_limit(args.time_budget, grace) / 60)
-    return srun_argv(slurm_site_args(), job_name(args.tag, label), minutes, os.getcwd(), command)
+    return srun_argv(slurm_site_args(), job_name(args.tag, label), minutes, os.path.abspath(cwd), command)
 
 
 def slurm_jobs(*options):
@@ -1391,31 +1511,37 @@ def slurm_startup(args):
                            f"compute nodes, at the same paths (README: SLURM)")
 
 
-def run_sandbox(args, label, run_dir, seed, phase_short, allowance=None, metric=None):
+def run_sandbox(args, label, run_dir, seed, phase_short, allowance=None, metric=None, cwd=".", slot=None,
+                cancel=None):
     """./run.sh in its own process group with a hard wall-clock limit; output streams to logs/<label>.log.
-    With an allowance (candidates), a run over the budget + allowance is invalid and run.sh kills it soon after."""
+    With an allowance (candidates), a run over the budget + allowance is invalid and run.sh kills it soon after.
+    A worker's run: ./run.sh of its worktree (cwd) in its slot (env), stopped as interrupted once cancel is set;
+    logs/ and runs/ stay in this checkout."""
     os.makedirs("logs", exist_ok=True)
     os.makedirs(os.path.dirname(RUNNING), exist_ok=True)
     log_path = f"logs/{label}.log"
     grace = int(os.environ.get("AUTORESEARCH_GRACE") or
                 (RUN_GRACE if allowance is None else math.ceil(allowance) + GRACE_MARGIN))
     env = dict(os.environ, AUTORESEARCH_TIME_BUDGET=str(args.time_budget), AUTORESEARCH_GRACE=str(grace),
-               AUTORESEARCH_RUN_DIR=os.path.abspath(run_dir), AUTORESEARCH_SEED=str(seed))
+               AUTORESEARCH_RUN_DIR=os.path.abspath(run_dir), AUTORESEARCH_SEED=str(seed), **(slot or {}))
+    if cwd != ".":   # run.sh finds the data and the weights relative to itself
+        env.update(AUTORESEARCH_DATA=os.path.abspath(data_dir()),
+                   AUTORESEARCH_WEIGHTS=os.path.abspath(os.environ.get("AUTORESEARCH_WEIGHTS") or "weights"))
     # under SLURM the job's --time bounds the run, and time spent queueing is not the run's
     limit = math.inf if on_slurm(args) else run_limit(args.time_budget, grace)
     t0 = time.time()
-    tail, buf, loss, killed, logged = b"", b"", "-", False, 0
+    tail, buf, loss, stopped, logged = b"", b"", "-", None, 0
     with open(log_path, "wb", buffering=0) as log:   # unbuffered: users (and tests) tail -f it
-        p = spawn(launch_argv(args, label, ["./run.sh"], grace), wait=False, env=env, stdout=subprocess.PIPE,
-                  stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-        write_text(RUNNING, str(p.pid))   # lets a later start stop this run if we get kill -9'd
+        p = spawn(launch_argv(args, label, ["./run.sh"], grace, cwd), wait=False, env=env, stdout=subprocess.PIPE,
+                  stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, cwd=cwd)
+        track_run(label, p.pid)   # lets a later start stop this run if we get kill -9'd
         try:
             fd = p.stdout.fileno()
             while True:
                 elapsed = time.time() - t0
-                if elapsed > limit:
+                if elapsed > limit or cancel is not None and cancel.is_set():
                     stop_run(args, label, p)
-                    killed = True
+                    stopped = "timeout" if elapsed > limit else "interrupted"
                     break
                 r, _, _ = select.select([fd], [], [], 0.5)
                 if r:
@@ -1440,14 +1566,14 @@ def run_sandbox(args, label, run_dir, seed, phase_short, allowance=None, metric=
             raise
         finally:
             p.stdout.close()
-            if os.path.exists(RUNNING):
-                os.remove(RUNNING)
+            track_run(label, None)
     live_clear()
     out = tail.decode("utf-8", "replace")
     metrics = parse_metrics(out)
     metric = metric or project_metric()
-    if killed:
-        status, reason = "timeout", f"harness wall-clock limit {limit}s exceeded"
+    if stopped:
+        status, reason = stopped, (f"harness wall-clock limit {limit}s exceeded" if stopped == "timeout" else
+                                   "stopped: its round was interrupted")
     else:
         status, reason = run_verdict(args, label, p.returncode, out, metrics, allowance, metric)
         if status == "setup":
@@ -1458,9 +1584,26 @@ def run_sandbox(args, label, run_dir, seed, phase_short, allowance=None, metric=
                "\n".join(lines[-LOG_TAIL_LINES:]))
 
 
+@dataclass
+class Worker:
+    """One worker of a round: its slot, its worktree, its experiment and conversation, and its run in a thread."""
+    index: int
+    path: str
+    slot: dict
+    o: Outcome
+    messages: list = field(default_factory=list)
+    fixes: int = 0
+    run: Run = None
+    error: BaseException = None
+    thread: threading.Thread = None
+    concluded: bool = False
+
+
 class Loop:
-    def __init__(self, args, client, tuner=None):
+    def __init__(self, args, client, tuner=None, slots=None):
         self.args, self.client, self.tuner = args, client, tuner   # tuner: --agent optuna|random
+        self.slots = slots                   # --workers N: each worker's run environment (worker_slots)
+        self.root = "."                      # where the tools read and edit train.py and scratchpad.md
         self.agent = tuner.agent if tuner else "llm"
         self.branch = f"autoresearch/{args.tag}"
         self.metric = project_metric()
@@ -1531,6 +1674,7 @@ class Loop:
             if load_results():
                 raise HarnessError(f"{RESULTS} holds results of an earlier run: pass --resume --tag TAG, "
                                    f"or move it away (mv {RESULTS} results-old.tsv)")
+            sweep_worktrees()
             git("checkout", "-q", "-b", self.branch)
             return
         if not exists:
@@ -1557,11 +1701,36 @@ class Loop:
                 elif tr.get("Status") == "candidate":
                     o.base, o.reason = target, "killed during the run; recovered on resume"
                     self.record(o)
+        notes = self.recover_workers(target)
         git("reset", "-q", "--hard", target or "HEAD")   # drop half-done edits; the notes are restored below
         if scratch is not None:
             self.save_notes(scratch, "notes recovered on resume")
+        if notes:
+            self.save_notes(merge_scratchpads(read_scratchpad() or "", notes), "notes of workers recovered on resume")
+        sweep_worktrees()
         self.cleanup_runs()    # hand-offs of runs that were cut short
         say(f"autoresearch: resuming {self.branch} with {len(self.rows)} recorded experiments")
+
+    def recover_workers(self, base):
+        """--resume after a kill -9 in a round: each worker's candidate commit (in its worktree) that has no row is
+        recorded interrupted. Returns every worker's notes ({experiment, or the worker where it made no candidate:
+        its scratchpad}); sweep_worktrees removes the worktrees afterwards."""
+        notes = {}
+        for d in sorted(os.listdir(WORKTREES)) if os.path.isdir(WORKTREES) else []:
+            path = os.path.join(WORKTREES, d)
+            head = git("rev-parse", "HEAD", cwd=path, check=False) if os.path.exists(os.path.join(path, ".git")) else ""
+            tr = parse_trailers(git("log", "-1", "--format=%B", head, cwd=path)) if head else {}
+            exp = tr.get("Experiment", "")
+            cand = exp.isdigit() and tr.get("Status") == "candidate"
+            if cand and int(exp) not in {r["experiment"] for r in self.rows}:
+                o = self.outcome(int(exp), commit=head, description=tr.get("Hypothesis", ""), phase=tr.get("Phase", ""),
+                                 base=base, round=int(tr.get("Round", 0)), worker=int(tr.get("Worker", 0)),
+                                 reason="killed during the run; recovered on resume")
+                self.record(o)
+            if os.path.exists(os.path.join(path, SCRATCHPAD)):
+                notes[exp if cand else f"? (worker {d[1:]}, stopped before its run)"] = read_text(
+                    os.path.join(path, SCRATCHPAD))
+        return notes
 
     def save_notes(self, scratch, why):
         """scratchpad.md survives reverts: write it back and commit it on its own."""
@@ -1672,11 +1841,14 @@ class Loop:
     def tool_read(self, path):
         allowed = READABLE | ({self.last_log} if self.last_log else set())
         rel, err = check_path(".", path, allowed)
+        if not err and rel in EDITABLE:
+            _, err = check_path(self.root, rel, EDITABLE)
         if err:
             return f"ERROR: {err}"
-        if not os.path.exists(rel):
+        full = os.path.join(self.root, rel) if rel in EDITABLE else rel
+        if not os.path.exists(full):
             return f"ERROR: {rel} does not exist yet"
-        text = read_text(rel)
+        text = read_text(full)
         if rel == PROGRAM:   # as in the system prompt
             text = fill_metric(text, self.metric)
         if rel.startswith("logs/"):
@@ -1684,16 +1856,16 @@ class Loop:
         return text[-READ_MAX_CHARS:]
 
     def tool_edit(self, path, old, new):
-        rel, err = check_path(".", path, EDITABLE)
+        rel, err = check_path(self.root, path, EDITABLE)
         if err:
             return f"ERROR: {err}"
-        text, err = apply_edit(read_text(rel), old, new)
+        text, err = apply_edit(read_text(os.path.join(self.root, rel)), old, new)
         if err:
             return f"ERROR: {err}"
         if rel == SCRATCHPAD and len(text) > SCRATCHPAD_MAX_CHARS:
             return (f"ERROR: scratchpad.md would grow to {len(text)} chars (limit {SCRATCHPAD_MAX_CHARS}): "
                     f"condense older entries (replace them by a short summary) instead of adding")
-        write_text(rel, text)
+        write_text(os.path.join(self.root, rel), text)
         note = ""
         if rel == TRAIN:
             try:
@@ -1704,13 +1876,13 @@ class Loop:
 
     def prerun_check(self, base_src):
         try:
-            src = read_text(TRAIN)
+            src = read_text(os.path.join(self.root, TRAIN))
             ast.parse(src)
         except SyntaxError as e:
             return f"train.py does not parse: {e.msg} (line {e.lineno}); fix it with edit_file"
         if src == base_src:
             return "train.py is identical to the version already run; change it with edit_file first"
-        other = [f for f in dirty_files() if f not in EDITABLE]
+        other = [f for f in dirty_files(self.root) if f not in EDITABLE]
         if other:
             return f"only train.py and scratchpad.md may change, but also changed: {', '.join(other)}"
         return None
@@ -1718,8 +1890,8 @@ class Loop:
     def tune(self, o):
         """A tuner agent's turn: its next trial written into train.py, then run like the model's edit."""
         t0 = time.time()
-        text, desc = self.tuner.next_edit(self.rows, read_text(TRAIN))
-        write_text(TRAIN, text)
+        text, desc = self.tuner.next_edit(self.rows, read_text(os.path.join(self.root, TRAIN)))
+        write_text(os.path.join(self.root, TRAIN), text)
         o.model_seconds += time.time() - t0
         return "run", desc
 
@@ -1758,7 +1930,7 @@ class Loop:
         short = phase.split(":")[0]
         base_src = read_text(TRAIN)   # identical to HEAD: the tree is clean here
         best, sigma = self.best, self.sigma()
-        run, pending_keep = None, False
+        run = None
         say(f"autoresearch: experiment {o.experiment} ({phase}); best {fmt(best)}")
         try:
             messages = [{"role": "system", "content": self.system},
@@ -1792,31 +1964,155 @@ class Loop:
                 o.values, o.train_wall_seconds = [run.value], run.metrics.get("train_wall_seconds")
                 o.status, o.delta, o.threshold, o.reason = decide(o.values, best, sigma, a.z, a.floor, a.confirm,
                                                                   self.metric)
-                # A keep is decided on this run; the second seed only refines best and sigma. Commit the keep before
-                # that run, so that Ctrl-C or kill -9 during it keeps the gain (on one run) instead of losing it.
-                pending_keep = o.status == "keep" and a.noise_runs >= 2
-                if pending_keep:
-                    self.commit_keep(o)
-                if o.status == "confirm" or pending_keep:
-                    # confirm: a second seed must agree; keep: repeat to re-estimate sigma and de-bias best
-                    rep = self.run(f"{o.experiment}-s2", 2, short, self.allowance())
-                    o.run_seconds += rep.seconds
-                    if rep.status == "ok":
-                        o.values.append(rep.value)
-                        if o.status == "confirm":
-                            o.status, o.delta, o.threshold, o.reason = decide(o.values, best, sigma, a.z, a.floor,
-                                                                              a.confirm, self.metric)
-                    elif o.status == "confirm":
-                        o.status, o.reason = "discard", o.reason + f", confirm run failed ({rep.status})"
+                self.second_seed(o, best, sigma, a.z, short)
         except (KeyboardInterrupt, HarnessError) as e:
             signal.signal(signal.SIGINT, signal.SIG_IGN)    # a second Ctrl-C must not break the clean-up
-            if pending_keep:
-                o.reason += ", second seed interrupted"
-            else:
+            if o.status != "keep":   # a keep in its second seed's run stays a keep (second_seed)
                 o.status, o.reason = "interrupted", str(e) or "Ctrl-C / SIGTERM"
             self.conclude(o)
             raise
         self.conclude(o)
+
+    def second_seed(self, o, best, sigma, z, short):
+        """The candidate at HEAD, decided on its first run. A keep is decided there: the second seed only refines
+        best and sigma (repeated to re-estimate sigma and de-bias best), so the keep is committed before that run,
+        and Ctrl-C or kill -9 during it keeps the gain (on one run) instead of losing it. A confirm needs a second
+        seed that agrees."""
+        a = self.args
+        pending_keep = o.status == "keep" and a.noise_runs >= 2
+        if pending_keep:
+            self.commit_keep(o)
+        elif o.status != "confirm":
+            return
+        try:
+            rep = self.run(f"{o.experiment}-s2", 2, short, self.allowance())
+        except (KeyboardInterrupt, HarnessError):
+            if pending_keep:
+                o.reason += ", second seed interrupted"
+            raise
+        o.run_seconds += rep.seconds
+        if rep.status == "ok":
+            o.values.append(rep.value)
+            if o.status == "confirm":
+                o.status, o.delta, o.threshold, o.reason = decide(o.values, best, sigma, z, a.floor, a.confirm,
+                                                                  self.metric)
+        elif o.status == "confirm":
+            o.status, o.reason = "discard", o.reason + f", confirm run failed ({rep.status})"
+
+    # --- rounds (--workers N) ------------------------------------------------------------------------
+    def round(self, n):
+        """n candidates from the same best commit: worker k proposes in its own worktree (a fresh conversation that
+        lists what the round's earlier workers proposed) and trains in its own slot, in a thread, while the model
+        already talks to worker k+1. At the end, decide_round against the round's starting best with the z for the
+        best of n (sidak_z): at most one is kept (second seed as in experiment()), the others that pass are
+        discarded as beaten, and every worker's notes reach scratchpad.md (merge_scratchpads)."""
+        a, phase = self.args, self.phase()
+        short, base, base_src, start_notes = phase.split(":")[0], git("rev-parse", "HEAD"), read_text(TRAIN), \
+            read_scratchpad() or ""
+        best, sigma, z = self.best, self.sigma(), sidak_z(a.z, n)
+        rnd, first = max(r["round"] for r in self.rows) + 1, self.next_exp()
+        cancel, workers, settling = threading.Event(), [], None
+        say(f"autoresearch: round {rnd}: experiments {first}-{first + n - 1} ({phase}); best {fmt(best)}; "
+            f"z {z:.3g} for the best of {n}")
+        try:
+            for k in range(n):
+                w = Worker(k, worktree(k, base), self.slots[k], self.outcome(
+                    first + k, round=rnd, worker=k, phase=phase, base=base, started=time.time()))
+                workers.append(w)
+                others = [x.o.description for x in workers if x.o.description]
+                w.messages = [{"role": "system", "content": self.system},
+                              {"role": "user", "content": self.user_message(base_src, best, sigma, phase, others, z)}]
+                self.propose(w, base_src, cancel)
+            queue = [w for w in workers if w.thread]
+            while queue:   # in worker order, so that the model's fix conversations come in a fixed order
+                w = queue.pop(0)
+                w.thread.join()
+                if w.error:
+                    raise w.error
+                self.last_log = w.run.log
+                if w.run.status == "crash" and w.fixes < a.fix_attempts:
+                    w.fixes += 1
+                    say(f"autoresearch: experiment {w.o.experiment} crashed ({w.run.reason}); fix attempt "
+                        f"{w.fixes}/{a.fix_attempts}")
+                    w.messages.append({"role": "user", "content":
+                                       f"The run crashed ({w.run.reason}). Last lines of {w.run.log}:\n```\n"
+                                       f"{w.run.tail[-3000:]}\n```\nFix the bug in train.py with edit_file (keep the "
+                                       f"idea), then call run_experiment again."})
+                    self.propose(w, read_text(os.path.join(w.path, TRAIN)), cancel)
+                    queue += [w] if w.thread else []
+            ok = {w.o.experiment: w.run.value for w in workers if w.run and w.run.status == "ok"}
+            winner, verdicts = decide_round(best, sigma, ok, z, a.floor, a.confirm, self.metric)
+            for w in workers:
+                o, run = w.o, w.run
+                if run and run.status != "ok":
+                    o.status, o.reason = run.status, run.reason
+                elif run:
+                    o.values, o.train_wall_seconds = [run.value], run.metrics.get("train_wall_seconds")
+                    o.status, o.delta, o.threshold, o.reason = verdicts[o.experiment]
+            notes = self.round_notes(start_notes, workers)
+            for w in workers:
+                if w.o.experiment != winner:
+                    self.conclude(w.o)   # this checkout is still on the round's base: only the row
+                    w.concluded = True
+            if winner is not None:
+                w = workers[winner - first]
+                git("reset", "-q", "--hard", w.o.commit)   # the winner's candidate at HEAD, as in experiment(); a
+                settling = w                               # kill -9 from here on: recover_workers has the notes
+                self.second_seed(w.o, best, sigma, z, short)
+                self.conclude(w.o)
+                w.concluded = True
+            self.save_notes(notes, f"notes of round {rnd}")
+        except (KeyboardInterrupt, HarnessError) as e:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)    # a second Ctrl-C must not break the clean-up
+            cancel.set()                                    # every run in flight stops, recorded interrupted
+            for w in workers:
+                if w.thread:
+                    w.thread.join()
+            notes = self.round_notes(start_notes, workers)
+            for w in workers:
+                if not w.concluded:
+                    if w is not settling or w.o.status != "keep":   # a keep in its second seed stays a keep
+                        w.o.status, w.o.reason = "interrupted", str(e) or "Ctrl-C / SIGTERM"
+                    self.conclude(w.o)
+            self.save_notes(notes, f"notes of round {rnd}")
+            raise
+
+    def propose(self, w, base_src, cancel):
+        """Worker w's turn with the model (the tools act on its worktree); a run_experiment commits its candidate
+        there and starts its run in a thread."""
+        self.root = w.path
+        try:
+            verdict, info = self.tune(w.o) if self.tuner else self.converse(w.messages, w.o, base_src)
+        finally:
+            self.root = "."
+        if verdict != "run":
+            if w.run is None:
+                w.o.status, w.o.description, w.o.reason = "invalid", "(no valid run)", info
+            w.thread = None
+            return
+        w.o.description = info
+        git("reset", "-q", "--soft", w.o.base, cwd=w.path)   # one candidate commit on top of best, even after fixes
+        git("add", TRAIN, SCRATCHPAD, cwd=w.path)
+        git("commit", "-q", "--no-verify", "--allow-empty", "-m", commit_message(
+            w.o.experiment, w.o.description, w.o.phase, "candidate", extra={"Round": w.o.round, "Worker": w.o.worker},
+            metric=self.metric), cwd=w.path)
+        w.o.commit = git("rev-parse", "HEAD", cwd=w.path)
+        label, allowance = str(w.o.experiment), self.allowance()
+
+        def train():
+            try:
+                w.run = run_sandbox(self.args, label, f"runs/{label}", 1, w.o.phase.split(":")[0], allowance,
+                                    self.metric, w.path, w.slot, cancel)
+                w.o.run_seconds += w.run.seconds
+            except BaseException as e:  # noqa: BLE001 -- handed to the main thread, which raises it
+                w.error = e
+        w.thread = threading.Thread(target=train, name=f"worker-{w.index}", daemon=True)
+        w.thread.start()
+
+    def round_notes(self, notes, workers):
+        """The round's scratchpad: its notes at the start, and every worker's new notes under its experiment."""
+        return merge_scratchpads(notes, {w.o.experiment: read_text(os.path.join(w.path, SCRATCHPAD))
+                                         for w in workers if os.path.exists(os.path.join(w.path, SCRATCHPAD))})
 
     def commit_keep(self, o):
         """Amend the candidate into the keep commit; its trailers let --resume record a keep whose row never got
@@ -1826,15 +2122,19 @@ class Loop:
                                                                           o.values[0], o.delta, trailers, self.metric))
         o.commit = git("rev-parse", "HEAD")
 
-    def user_message(self, train_src, best, sigma, phase):
+    def user_message(self, train_src, best, sigma, phase, others=(), z=None):
+        """The experiment's one user message; in a round: what its earlier workers proposed, and its z."""
         scratch = read_scratchpad() or ""
+        also = "".join(f"\n- {d}" for d in others)
+        also = also and ("\n\nOther workers of this round are already trying these changes, each on the same train.py; "
+                         "make a different one:" + also)
         rows = [r for r in self.rows if r["status"] != "interrupted"]
         best_line = f"{self.metric.column} {fmt(best)} (noise sigma {fmt(sigma) or 'unknown'}; a change must beat it " \
-                    f"by more than max({self.args.z}*sigma, {self.args.floor:.0%}))"
+                    f"by more than max({self.args.z if z is None else round(z, 3)}*sigma, {self.args.floor:.0%}))"
         budget = self.args.num_ctx * (1 - TOKEN_RESERVE)
         for max_rows, scratch_chars in ((15, SCRATCHPAD_MAX_CHARS), (8, 3000), (4, 1500), (2, 600)):
             msg = build_user_message(train_src, scratch, rows, best_line, phase, self.last_log, max_rows,
-                                     scratch_chars, self.metric)
+                                     scratch_chars, self.metric) + also
             if (len(msg) + len(self.system)) / self.chars_per_token + 300 <= budget:
                 break
         return msg
@@ -1846,12 +2146,17 @@ class Loop:
                 self.baseline()
                 write_report(self.rows, quiet=True, metric=self.metric)
             while not self.args.max_experiments or self.done() < self.args.max_experiments:
-                self.experiment()
+                left = self.args.max_experiments - self.done() if self.args.max_experiments else self.args.workers
+                n = min(self.args.workers, left)
+                self.round(n) if n > 1 else self.experiment()
                 write_report(self.rows, quiet=True, metric=self.metric)
         except KeyboardInterrupt:
             if self.rows:
                 write_report(self.rows, quiet=True, metric=self.metric)
             raise
+        finally:
+            if self.args.workers > 1:
+                sweep_worktrees()
         write_report(self.rows, metric=self.metric)
         summary(self.rows, self.metric)
         report_test(self.rows, self.metric, self.args)
@@ -1860,16 +2165,41 @@ class Loop:
 # ----------------------------------------------------------------------------------------------
 # Report: progress.png, terminal summary, held-out test.
 
+def round_of(row):
+    """A row's round; rows of a harness before rounds were each their own."""
+    rnd = num(row.get("round"))
+    return int(rnd) if rnd is not None else f"exp {row['experiment']}"
+
+
+def wall_seconds(rows):
+    """Pure. Wall-clock seconds the rows took: per round, from the first start to the last end of its experiments (a
+    round's workers overlap), summed over the rounds; a row without its end time counts on its own."""
+    spans, alone = {}, 0.0
+    for r in rows:
+        took = num(r["wall_seconds"]) or 0.0
+        if not r.get("finished"):
+            alone += took
+            continue
+        end = datetime.datetime.fromisoformat(r["finished"]).timestamp()
+        lo, hi = spans.get(round_of(r), (end - took, end))
+        spans[round_of(r)] = (min(lo, end - took), max(hi, end))
+    return alone + sum(hi - lo for lo, hi in spans.values())
+
+
 def summarize(rows):
-    """Pure. Figures for the terminal summary."""
+    """Pure. Figures for the terminal summary; slots: each worker's training seconds over the wall seconds."""
     base = next((r for r in rows if r["status"] == "baseline"), None)
     if not base:
         return None
     best, _, best_exp, _ = state_from_rows(rows)
     model_rows = [r for r in rows if r["status"] not in ("baseline", "interrupted")]
     keeps = sum(r["status"] == "keep" for r in model_rows)
-    wall = sum(num(r["wall_seconds"]) or 0 for r in rows)
+    wall = wall_seconds(rows)
     train = sum(num(r["run_seconds"]) or 0 for r in rows)
+    slots = {}
+    for r in rows:
+        k = int(num(r.get("worker")) or 0)
+        slots[k] = slots.get(k, 0.0) + (num(r["run_seconds"]) or 0)
     model = sum(num(r["model_seconds"]) or 0 for r in rows)
     b = num(base["best"])
     return {"baseline": b, "best": best, "best_exp": best_exp,
@@ -1877,7 +2207,8 @@ def summarize(rows):
             "keep_rate": keeps / len(model_rows) if model_rows else 0.0,
             "per_hour": len(model_rows) / (wall / 3600) if wall else 0.0,
             "train_share": train / wall if wall else 0.0, "model_share": model / wall if wall else 0.0,
-            "crashes": sum(r["status"] in ("crash", "timeout") for r in model_rows)}
+            "crashes": sum(r["status"] in ("crash", "timeout") for r in model_rows),
+            "slots": {k: v / wall if wall else 0.0 for k, v in slots.items()}}
 
 
 def summary(rows, metric):
@@ -1889,6 +2220,9 @@ def summary(rows, metric):
           f"(exp {s['best_exp']}), {s['delta_pct']:+.1f}%")
     print(f"{s['experiments']} experiments, {s['keeps']} kept ({s['keep_rate']:.0%}), {s['crashes']} crashed/"
           f"timed out, {s['per_hour']:.1f} experiments/hour")
+    if len(s["slots"]) > 1:   # workers overlap: the shares below add up to more than the wall time
+        print("slot utilization (training seconds / wall seconds): " +
+              ", ".join(f"worker {k} {v:.0%}" for k, v in sorted(s["slots"].items())))
     print(f"wall time: {s['train_share']:.0%} training+evaluation, {s['model_share']:.0%} waiting for the model, "
           f"{max(0.0, 1 - s['train_share'] - s['model_share']):.0%} harness")
 
@@ -1903,6 +2237,14 @@ def write_report(rows, path="progress.png", quiet=False, metric=None):
     metric = metric or project_metric()
     pts = [(int(r["experiment"]), num(r[metric.column]), r) for r in rows]
     fig, ax = plt.subplots(figsize=(11, 5.5), dpi=110)
+    rounds = {}
+    for x, _, r in pts:
+        rounds.setdefault(round_of(r), []).append(x)
+    if any(len(xs) > 1 for xs in rounds.values()):   # --workers: every other round shaded
+        spans = sorted((min(xs), max(xs)) for xs in rounds.values())
+        for i, (lo, hi) in enumerate(spans[1::2]):
+            ax.axvspan(lo - 0.5, hi + 0.5, color="#1f77b4", alpha=0.07, lw=0, label=None if i else "a round (shaded "
+                       "every other)", zorder=0)
     dis = [(x, y) for x, y, r in pts if y is not None and r["status"] == "discard"]
     if dis:
         ax.scatter(*zip(*dis), c="#b0b0b0", s=22, label="discarded", zorder=2)
@@ -2134,6 +2476,8 @@ def parse_args(argv):
                         "over the search space (program.md's ## Search space, else train.py's constants); "
                         "default: llm, with --resume the run's own agent")
     p.add_argument("--tuner-seed", type=int, default=0, help="seed of the optuna and random agents")
+    p.add_argument("--workers", type=int, default=1, help="experiments per round, each in its own git worktree and "
+                   "slot (a GPU of $AUTORESEARCH_GPUS, or a share of the cores); at most one kept per round")
     p.add_argument("--launcher", choices=("local", "slurm"), default="local", help="where runs execute: here, or "
                    "each as a SLURM job (srun; site options in $AUTORESEARCH_SLURM_ARGS; needs a shared filesystem)")
     sub = p.add_subparsers(dest="command", title="subcommand")
@@ -2143,8 +2487,8 @@ def parse_args(argv):
     how.add_argument("--compare", nargs="+", metavar="TAG", help="compare.png and a table for these runs: a tag "
                      "means results.tsv while its branch is checked out, else results-TAG.tsv; or a .tsv path")
     args = p.parse_args(argv)
-    if args.num_ctx < 2048 or args.noise_runs < 1 or args.time_budget < 1:
-        p.error("--num-ctx >= 2048, --noise-runs >= 1 and --time-budget >= 1 are required")
+    if args.num_ctx < 2048 or args.noise_runs < 1 or args.time_budget < 1 or args.workers < 1:
+        p.error("--num-ctx >= 2048, --noise-runs >= 1, --time-budget >= 1 and --workers >= 1 are required")
     return args
 
 
@@ -2188,7 +2532,12 @@ def main(argv=None):
         startup_checks(args, client)
         if on_slurm(args):
             slurm_startup(args)
-        loop = Loop(args, client, make_tuner(args, project_metric()) if args.agent != "llm" else None)
+        if args.workers > 1 and args.agent != "llm":
+            raise HarnessError(f"--agent {args.agent} proposes one trial at a time: run it with --workers 1")
+        # under SLURM each job gets its own GPU (--gres) on whichever node runs it
+        slots = [{}] * args.workers if on_slurm(args) or args.workers == 1 else \
+            worker_slots(args.workers, os.environ.get("AUTORESEARCH_GPUS"), gpu_count(), os.cpu_count())
+        loop = Loop(args, client, make_tuner(args, project_metric()) if args.agent != "llm" else None, slots)
         loop.main()
         return 0
     except HarnessError as e:

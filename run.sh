@@ -36,6 +36,8 @@
 #                             (the GPU preset exports ~350 MB at fp32)
 #   AUTORESEARCH_SEED         passed to train.py [unset]
 #   AUTORESEARCH_GPUS         comma-separated GPU ids or "all", used when an NVIDIA CDI spec exists [all]
+#   AUTORESEARCH_CPUS         cores for each container (podman --cpus, e.g. 1.5) and its threads (OMP_NUM_THREADS,
+#                             the whole part, at least 1); autoresearch --workers N splits the cores so [all]
 #   AUTORESEARCH_IMAGE        unset: image built from Containerfile; "host": the host's / as a throw-away overlay;
 #                             anything else: that image, used as is
 #   AUTORESEARCH_SANDBOX      "none": run without podman (development only, loud warning)
@@ -77,6 +79,12 @@ PIDS="${AUTORESEARCH_PIDS:-1024}"
 SHM_SIZE="${AUTORESEARCH_SHM_SIZE:-2g}"
 HANDOFF_SIZE="${AUTORESEARCH_HANDOFF_SIZE:-2g}"
 HANDOFF_FILES=1000
+CPUS="${AUTORESEARCH_CPUS:-}" THREADS=""
+if [[ -n $CPUS ]]; then
+    [[ $CPUS =~ ^[0-9]*\.?[0-9]+$ && $CPUS =~ [1-9] ]] ||
+        die "AUTORESEARCH_CPUS must be a positive number of cores like 2 or 0.5, got '$CPUS'"
+    THREADS=$(( 10#0${CPUS%.*} )); (( THREADS >= 1 )) || THREADS=1
+fi
 for n in BUDGET GRACE EVAL_TIMEOUT PIDS; do
     [[ ${!n} =~ ^[0-9]+$ ]] || die "$n must be a whole number of seconds/processes, got '${!n}'"
 done
@@ -124,6 +132,7 @@ common_env() {
     printf '%s\n' PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 \
         "AUTORESEARCH_OUT=$out" "AUTORESEARCH_DATA=$data" "AUTORESEARCH_TIME_BUDGET=$BUDGET"
     [[ -n ${AUTORESEARCH_SEED:-} ]] && echo "AUTORESEARCH_SEED=$AUTORESEARCH_SEED"
+    [[ -n $THREADS ]] && echo "OMP_NUM_THREADS=$THREADS"
     [[ -n $weights ]] && printf '%s\n' "AUTORESEARCH_WEIGHTS=$weights" "HF_HOME=$weights" "TORCH_HOME=$weights/torch"
     return 0
 }
@@ -367,6 +376,7 @@ setup_sandbox() {
         --read-only --read-only-tmpfs=false
         --memory "$MEMORY" --memory-swap "$MEMORY"
         --pids-limit "$PIDS" --shm-size "$SHM_SIZE"
+        ${CPUS:+--cpus "$CPUS"}
         --ulimit core=0:0 --ulimit "fsize=$HANDOFF_BYTES:$HANDOFF_BYTES"
         --log-driver none   # podman's own copy of the output would be a second, unbounded file on the host
         "${GPU[@]}"
