@@ -328,8 +328,12 @@ setup_sandbox() {
         # unreachable for "nobody"); an empty 0755 host directory bound over the path masks it without that problem.
         # Plain --tmpfs would copy the directory's content in (tmpcopyup): notmpcopyup is essential.
         MODE_ARGS+=(--tmpfs /tmp:rw,notmpcopyup --tmpfs /var/tmp:rw,notmpcopyup --tmpfs /run:rw,notmpcopyup)
+        # A worker's git worktree (--workers N) lies inside the main checkout, whose runs/ hold the other workers'
+        # hand-offs: mask the main checkout as well.
+        MAIN="$(git -C "$REPO" rev-parse --path-format=absolute --git-common-dir 2>/dev/null)" || MAIN=""
+        MAIN="${MAIN%/.git}"; [[ $MAIN == "$REPO" || $MAIN == */.git* ]] && MAIN=""
         i=0
-        for m in /root /home /mnt /media /srv "$REPO" "$DATA" "$RUN_DIR" ${WEIGHTS:+"$WEIGHTS"}; do
+        for m in /root /home /mnt /media /srv ${MAIN:+"$MAIN"} "$REPO" "$DATA" "$RUN_DIR" ${WEIGHTS:+"$WEIGHTS"}; do
             [[ -d $m ]] || continue
             mkdir -p "$SKEL/$i"
             MODE_ARGS+=(-v "$SKEL/$i:$m")   # rw for runc (root) so it can create nested mount points; 0755 root-owned

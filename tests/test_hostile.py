@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -501,3 +502,35 @@ def test_loop_survives_out_of_memory_and_stops_on_a_setup_error(tmp_path):
     assert "could not run the sandbox" in p.stderr and "no data cache" in p.stderr, p.stderr
     assert float(rows[0]["train_wall_seconds"]) > 2
     assert not (repo / "oom").exists() and git(repo, "status", "--porcelain") == ""
+
+
+@pytest.fixture
+def visible_dir():
+    """A world-readable folder outside every path host mode masks anyway (/tmp is a tmpfs in there)."""
+    path = Path(tempfile.mkdtemp(prefix="autoresearch-test-", dir="/opt"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_a_workers_train_py_cannot_read_the_main_checkout(visible_dir, data):
+    """--workers N runs ./run.sh in a git worktree inside the main checkout, whose runs/ hold the other workers'
+    hand-offs (a candidate could hand one off as its own): host mode masks the main checkout too."""
+    main = make_repo(visible_dir, "")
+    (main / "runs" / "7").mkdir(parents=True)
+    (main / "runs" / "7" / "image_encoder.pt2").write_text("another worker's model")
+    for args in (["init", "-q"], ["add", "-A"], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x"],
+                 ["worktree", "add", "-q", "--detach", ".worktrees/w0"]):
+        subprocess.run(["git", *args], cwd=main, check=True, capture_output=True)
+    worktree = main / ".worktrees" / "w0"
+    (worktree / "train.py").write_text(f'''import os
+print("PROBE main:", sorted(os.listdir({str(main)!r})), flush=True)
+try:
+    print("PROBE other:", open({str(main / "runs" / "7" / "image_encoder.pt2")!r}).read(), flush=True)
+except OSError as e:
+    print("PROBE other: refused", type(e).__name__, flush=True)
+''')
+    p = run(worktree, data)
+    # only the mount point of the worktree's own mask is left of the main checkout
+    assert probes(p) == {"main": "['.worktrees']", "other": "refused FileNotFoundError"}, p.stdout + p.stderr
+    assert p.returncode == 1   # and it handed off nothing
