@@ -2267,7 +2267,7 @@ def write_report(rows, path="progress.png", quiet=False, metric=None):
         xs = [s[0] for s in steps] + [max(x for x, _, _ in pts)]
         bs = [s[1] for s in steps] + [steps[-1][1]]
         band = [2 * s[2] for s in steps] + [2 * steps[-1][2]]
-        ax.step(xs, bs, where="post", c="#2ca02c", lw=1.5, label="running best")
+        ax.step(xs, bs, where="post", c="#1b6e1b", lw=1.5, label="running best")   # darker than the kept dots on it
         ax.fill_between(xs, [b - w for b, w in zip(bs, band)], [b + w for b, w in zip(bs, band)], step="post",
                         color="#2ca02c", alpha=0.12, label="noise band (±2σ)")
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
