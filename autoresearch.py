@@ -7,7 +7,9 @@
 Each experiment: the model reads train.py + scratchpad.md + recent results, makes ONE change through
 three tools (read_file, edit_file, run_experiment), the harness trains it in the sandbox (./run.sh),
 reads the metric from the trusted evaluation block, and keeps the commit only if the improvement is
-larger than the measured run-to-run noise. Otherwise git goes back to the best commit. However it ends (kept,
+larger than the measured run-to-run noise. Otherwise git goes back to the best commit. A candidate's run starts
+with the conversation (./run.sh --wait, start_run): its containers load torch while the model works, and it trains
+the train.py committed at run_experiment (run_sandbox says go). However it ends (kept,
 discarded, crashed, interrupted, ...), an experiment is one Outcome, which Loop.conclude turns into that git step
 and one results row (make_row).
 
@@ -18,7 +20,7 @@ seed) is the full run.sh output; runs/<exp>/ is the model hand-off, kept only fo
 (for `report --test`); progress.png is redrawn after every experiment.
 
 The metric is the project's: prepare_data.py declares METRIC (its evaluation prints val_<METRIC>) and DIRECTION
-(minimize or maximize) as two literal lines, read here with ast (project_metric); nothing else names it.
+(minimize or maximize) as two literal lines, read with ast by the engine (project_metric); nothing else names it.
 
 Keep rule (noise-aware): the baseline runs --noise-runs times with seeds 1..K; sigma is the pooled standard
 deviation of all repeated runs (baseline + each keep, which is re-run once with seed 2). A candidate (seed 1)
@@ -134,9 +136,10 @@ class Metric(NamedTuple):
 
 
 def project_metric(root="."):
-    """The (name, direction) that <root>/prepare_data.py declares as two literal top-level lines, METRIC = "..." and
-    DIRECTION = "minimize" | "maximize". Read with ast, never imported: no torch in the harness, nothing of train.py.
-    Pure functions that take `metric=None` use this one, the project in the current directory."""
+    """The (name, direction) that <root>/prepare_data.py declares as literal top-level lines, METRIC = "..." and
+    DIRECTION = "minimize" | "maximize", read by the engine (evaluator.project_constants) with ast, never imported: no
+    torch in the harness, nothing of train.py. Pure functions that take `metric=None` use this one, the project in the
+    current directory."""
     path = os.path.join(root, "prepare_data.py")
     try:
         return _declared_metric(path, read_text(path))
@@ -146,25 +149,12 @@ def project_metric(root="."):
 
 @functools.lru_cache(maxsize=8)   # parsing takes ~15 ms; pure functions given no metric ask for it on every call
 def _declared_metric(path, text):
-    found = {}
+    import evaluator   # the engine, beside this file; only a project needs it
     try:
-        for s in ast.parse(text).body:
-            if (isinstance(s, ast.Assign) and len(s.targets) == 1 and isinstance(s.targets[0], ast.Name)
-                    and s.targets[0].id in ("METRIC", "DIRECTION")):
-                v = s.value
-                found[s.targets[0].id] = v.value if isinstance(v, ast.Constant) and isinstance(v.value, str) else v
-    except SyntaxError as e:
-        raise HarnessError(f"{path} does not parse ({e.msg}, line {e.lineno})") from None
-    name, direction = found.get("METRIC"), found.get("DIRECTION")
-    named = isinstance(name, str) and re.fullmatch(r"[a-z][a-z0-9_]*", name)
-    if not named or direction not in ("minimize", "maximize"):
-        def seen(v):
-            return "missing" if v is None else repr(v) if isinstance(v, str) else "not a string literal"
-        raise HarnessError(f"{path} must declare the project's metric on two top-level lines of plain string "
-                           f"literals, for example\n    METRIC = \"accuracy\"      # the evaluation prints "
-                           f"val_accuracy: lowercase letters, digits, _\n    DIRECTION = \"maximize\"   # or "
-                           f"\"minimize\"\n(found METRIC {seen(name)}, DIRECTION {seen(direction)})")
-    return Metric(name, direction)
+        c = evaluator.project_constants(path, ("METRIC", "DIRECTION"), text)
+    except evaluator.SetupError as e:
+        raise HarnessError(str(e)) from None
+    return Metric(c["METRIC"], c["DIRECTION"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1511,31 +1501,60 @@ def slurm_startup(args):
                            f"compute nodes, at the same paths (README: SLURM)")
 
 
-def run_sandbox(args, label, run_dir, seed, phase_short, allowance=None, metric=None, cwd=".", slot=None,
-                cancel=None):
-    """./run.sh in its own process group with a hard wall-clock limit; output streams to logs/<label>.log.
-    With an allowance (candidates), a run over the budget + allowance is invalid and run.sh kills it soon after.
-    A worker's run: ./run.sh of its worktree (cwd) in its slot (env), stopped as interrupted once cancel is set;
-    logs/ and runs/ stay in this checkout."""
-    os.makedirs("logs", exist_ok=True)
+def run_grace(allowance):
+    """run.sh's AUTORESEARCH_GRACE: the user's, else a candidate's allowance plus a margin, else run.sh's default."""
+    return int(os.environ.get("AUTORESEARCH_GRACE") or
+               (RUN_GRACE if allowance is None else math.ceil(allowance) + GRACE_MARGIN))
+
+
+def start_run(args, label, run_dir, seed, allowance=None, cwd=".", slot=None, wait=False):
+    """./run.sh in its own process group, its output on a pipe. A worker's run: ./run.sh of its worktree (cwd) in its
+    slot (env). wait=True (`./run.sh --wait`; Loop.prestart): its containers start now and load torch while the
+    model still writes train.py; run_sandbox(started=) says go once train.py is committed, cancel_run drops it."""
     os.makedirs(os.path.dirname(RUNNING), exist_ok=True)
-    log_path = f"logs/{label}.log"
-    grace = int(os.environ.get("AUTORESEARCH_GRACE") or
-                (RUN_GRACE if allowance is None else math.ceil(allowance) + GRACE_MARGIN))
+    grace = run_grace(allowance)
     env = dict(os.environ, AUTORESEARCH_TIME_BUDGET=str(args.time_budget), AUTORESEARCH_GRACE=str(grace),
                AUTORESEARCH_RUN_DIR=os.path.abspath(run_dir), AUTORESEARCH_SEED=str(seed), **(slot or {}))
     if cwd != ".":   # run.sh finds the data and the weights relative to itself
         env.update(AUTORESEARCH_DATA=os.path.abspath(data_dir()),
                    AUTORESEARCH_WEIGHTS=os.path.abspath(os.environ.get("AUTORESEARCH_WEIGHTS") or "weights"))
+    p = spawn(launch_argv(args, label, ["./run.sh", "--wait"] if wait else ["./run.sh"], grace, cwd), wait=False,
+              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+              stdin=subprocess.PIPE if wait else subprocess.DEVNULL, start_new_session=True, cwd=cwd)
+    track_run(label, p.pid)   # lets a later start stop this run if we get kill -9'd
+    return p
+
+
+def cancel_run(label, p):
+    """Drop a run started with wait=True that never got its go."""
+    if p is not None:
+        stop_group(p.pid)
+        p.wait()
+        for f in (p.stdin, p.stdout):
+            f.close()
+        track_run(label, None)
+
+
+def run_sandbox(args, label, run_dir, seed, phase_short, allowance=None, metric=None, cwd=".", slot=None,
+                cancel=None, started=None):
+    """One run (start_run, or the one `started` waiting for its go) with a hard wall-clock limit; output streams to
+    logs/<label>.log. With an allowance (candidates), a run over the budget + allowance is invalid and run.sh kills it
+    soon after. A worker's run is stopped as interrupted once cancel is set; logs/ and runs/ stay in this checkout."""
+    os.makedirs("logs", exist_ok=True)
+    log_path = f"logs/{label}.log"
     # under SLURM the job's --time bounds the run, and time spent queueing is not the run's
-    limit = math.inf if on_slurm(args) else run_limit(args.time_budget, grace)
-    t0 = time.time()
+    limit = math.inf if on_slurm(args) else run_limit(args.time_budget, run_grace(allowance))
     tail, buf, loss, stopped, logged = b"", b"", "-", None, 0
     with open(log_path, "wb", buffering=0) as log:   # unbuffered: users (and tests) tail -f it
-        p = spawn(launch_argv(args, label, ["./run.sh"], grace, cwd), wait=False, env=env, stdout=subprocess.PIPE,
-                  stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, cwd=cwd)
-        track_run(label, p.pid)   # lets a later start stop this run if we get kill -9'd
+        p = started or start_run(args, label, run_dir, seed, allowance, cwd, slot)
+        t0 = time.time()
         try:
+            if started:
+                try:
+                    p.stdin.write(b"go\n")
+                    p.stdin.close()
+                except BrokenPipeError:
+                    pass   # run.sh is gone: its own last line says why
             fd = p.stdout.fileno()
             while True:
                 elapsed = time.time() - t0
@@ -1594,6 +1613,7 @@ class Worker:
     messages: list = field(default_factory=list)
     fixes: int = 0
     run: Run = None
+    started: subprocess.Popen = None   # its run, waiting for its go while the model writes (start_run)
     error: BaseException = None
     thread: threading.Thread = None
     concluded: bool = False
@@ -1685,11 +1705,14 @@ class Loop:
         git("checkout", "-q", "-f", self.branch)
         head = git("rev-parse", "HEAD")
         _, target, _, _ = state_from_rows(self.rows)
+        round_start = None   # the notes a recovered round started from
         if target and head != target:
             tr = parse_trailers(git("log", "-1", "--format=%B", head))
             exp = tr.get("Experiment", "")
             if exp.isdigit() and int(exp) not in {r["experiment"] for r in self.rows}:
-                o = self.outcome(int(exp), commit=head, description=tr.get("Hypothesis", ""), phase=tr.get("Phase", ""))
+                where = {k.lower(): int(tr[k]) for k in ("Round", "Worker") if tr.get(k, "").isdigit()}
+                o = self.outcome(int(exp), commit=head, description=tr.get("Hypothesis", ""), phase=tr.get("Phase", ""),
+                                 **where)
                 if tr.get("Status") == "keep":
                     # killed after the keep commit, before its row (in the second seed's run, or just after it): the
                     # commit carries the result, decided on its first run
@@ -1697,6 +1720,7 @@ class Loop:
                         num(tr.get("Threshold"))
                     o.status, o.reason = "keep", f"recovered from the keep commit on resume ({len(o.values)} run(s))"
                     self.record(o)
+                    round_start = git("show", f"{target}:{SCRATCHPAD}", check=False)
                     target = head
                 elif tr.get("Status") == "candidate":
                     o.base, o.reason = target, "killed during the run; recovered on resume"
@@ -1705,8 +1729,9 @@ class Loop:
         git("reset", "-q", "--hard", target or "HEAD")   # drop half-done edits; the notes are restored below
         if scratch is not None:
             self.save_notes(scratch, "notes recovered on resume")
-        if notes:
-            self.save_notes(merge_scratchpads(read_scratchpad() or "", notes), "notes of workers recovered on resume")
+        if notes:   # onto the notes the round started from: a recovered winner's own are in its keep commit
+            base = read_scratchpad() if round_start is None else round_start
+            self.save_notes(merge_scratchpads(base or "", notes), "notes of workers recovered on resume")
         sweep_worktrees()
         self.cleanup_runs()    # hand-offs of runs that were cut short
         say(f"autoresearch: resuming {self.branch} with {len(self.rows)} recorded experiments")
@@ -1895,8 +1920,15 @@ class Loop:
         o.model_seconds += time.time() - t0
         return "run", desc
 
-    def run(self, label, seed, phase_short, allowance=None):
-        run = run_sandbox(self.args, label, f"runs/{label}", seed, phase_short, allowance, self.metric)
+    def prestart(self, label, cwd=".", slot=None):
+        """A candidate's run, started when its conversation opens (start_run(wait=True)); not under SLURM, where a
+        job would hold its node while the model thinks."""
+        if not on_slurm(self.args):
+            return start_run(self.args, label, f"runs/{label}", 1, self.allowance(), cwd, slot, wait=True)
+
+    def run(self, label, seed, phase_short, allowance=None, started=None):
+        run = run_sandbox(self.args, label, f"runs/{label}", seed, phase_short, allowance, self.metric,
+                          started=started)
         self.last_log = run.log
         return run
 
@@ -1932,6 +1964,8 @@ class Loop:
         best, sigma = self.best, self.sigma()
         run = None
         say(f"autoresearch: experiment {o.experiment} ({phase}); best {fmt(best)}")
+        label = str(o.experiment)
+        started = self.prestart(label)
         try:
             messages = [{"role": "system", "content": self.system},
                         {"role": "user", "content": self.user_message(base_src, best, sigma, phase)}]
@@ -1944,7 +1978,8 @@ class Loop:
                 git("commit", "-q", "--no-verify", "--allow-empty", "-m",
                     commit_message(o.experiment, o.description, phase, "candidate"))
                 o.commit = git("rev-parse", "HEAD")
-                run = self.run(str(o.experiment), 1, short, self.allowance())
+                run = self.run(label, 1, short, self.allowance(), started)
+                started = None
                 o.run_seconds += run.seconds
                 if run.status != "crash" or fixes >= a.fix_attempts:
                     break
@@ -1971,6 +2006,8 @@ class Loop:
                 o.status, o.reason = "interrupted", str(e) or "Ctrl-C / SIGTERM"
             self.conclude(o)
             raise
+        finally:
+            cancel_run(label, started)   # no run_experiment: its run never got its go
         self.conclude(o)
 
     def second_seed(self, o, best, sigma, z, short):
@@ -2019,6 +2056,8 @@ class Loop:
                 w = Worker(k, worktree(k, base), self.slots[k], self.outcome(
                     first + k, round=rnd, worker=k, phase=phase, base=base, started=time.time()))
                 workers.append(w)
+                label = str(w.o.experiment)
+                w.started = self.prestart(label, w.path, w.slot)
                 others = [x.o.description for x in workers if x.o.description]
                 w.messages = [{"role": "system", "content": self.system},
                               {"role": "user", "content": self.user_message(base_src, best, sigma, phase, others, z)}]
@@ -2070,6 +2109,7 @@ class Loop:
                     w.thread.join()
             notes = self.round_notes(start_notes, workers)
             for w in workers:
+                cancel_run(str(w.o.experiment), w.started)
                 if not w.concluded:
                     if w is not settling or w.o.status != "keep":   # a keep in its second seed stays a keep
                         w.o.status, w.o.reason = "interrupted", str(e) or "Ctrl-C / SIGTERM"
@@ -2088,7 +2128,8 @@ class Loop:
         if verdict != "run":
             if w.run is None:
                 w.o.status, w.o.description, w.o.reason = "invalid", "(no valid run)", info
-            w.thread = None
+            cancel_run(str(w.o.experiment), w.started)
+            w.thread, w.started = None, None
             return
         w.o.description = info
         git("reset", "-q", "--soft", w.o.base, cwd=w.path)   # one candidate commit on top of best, even after fixes
@@ -2097,12 +2138,12 @@ class Loop:
             w.o.experiment, w.o.description, w.o.phase, "candidate", extra={"Round": w.o.round, "Worker": w.o.worker},
             metric=self.metric), cwd=w.path)
         w.o.commit = git("rev-parse", "HEAD", cwd=w.path)
-        label, allowance = str(w.o.experiment), self.allowance()
+        label, allowance, started, w.started = str(w.o.experiment), self.allowance(), w.started, None
 
         def train():
             try:
                 w.run = run_sandbox(self.args, label, f"runs/{label}", 1, w.o.phase.split(":")[0], allowance,
-                                    self.metric, w.path, w.slot, cancel)
+                                    self.metric, w.path, w.slot, cancel, started)
                 w.o.run_seconds += w.run.seconds
             except BaseException as e:  # noqa: BLE001 -- handed to the main thread, which raises it
                 w.error = e
@@ -2117,7 +2158,8 @@ class Loop:
     def commit_keep(self, o):
         """Amend the candidate into the keep commit; its trailers let --resume record a keep whose row never got
         written."""
-        trailers = {"Runs": cell(o.values), "Best": cell(sum(o.values) / len(o.values)), "Threshold": cell(o.threshold)}
+        trailers = {"Runs": cell(o.values), "Best": cell(sum(o.values) / len(o.values)), "Threshold": cell(o.threshold),
+                    "Round": o.round, "Worker": o.worker}
         git("commit", "-q", "--no-verify", "--amend", "-m", commit_message(o.experiment, o.description, o.phase, "keep",
                                                                           o.values[0], o.delta, trailers, self.metric))
         o.commit = git("rev-parse", "HEAD")

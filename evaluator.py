@@ -28,6 +28,7 @@ broken (not the candidate's fault), 124 the evaluation ran out of time (AUTORESE
 """
 import argparse
 import ast
+import contextlib
 import importlib.util
 import io
 import itertools
@@ -85,11 +86,11 @@ def _names(v, suffix):
         isinstance(n, str) and FILE_NAME.fullmatch(n) and n.endswith(suffix) for n in v)
 
 
-def project_constants(path=PROJECT):
-    """The project's declarations: literal top-level assignments in prepare_data.py, read without importing it
-    (the harness reads METRIC and DIRECTION the same way)."""
+def project_constants(path=PROJECT, names=tuple(DECLARATIONS), text=None):
+    """The project's declarations `names`: literal top-level assignments in prepare_data.py (`text`, if given, is its
+    content), read without importing it. The harness reads METRIC and DIRECTION here too (project_metric)."""
     try:
-        tree = ast.parse(Path(path).read_text(), str(path))
+        tree = ast.parse(Path(path).read_text() if text is None else text, str(path))
     except (OSError, SyntaxError, ValueError) as e:
         raise SetupError(f"cannot read the project's {path} ({type(e).__name__}: {e})")
     found = {}
@@ -101,11 +102,15 @@ def project_constants(path=PROJECT):
                 value = None
             found.setdefault(node.targets[0].id, []).append(value)
     out = {}
-    for name, (valid, example) in DECLARATIONS.items():
+    for name in names:
+        valid, example = DECLARATIONS[name]
         values = found.get(name, [])
         if len(values) != 1 or not valid(values[0]):
             how = "declares it more than once" if len(values) > 1 else "has no valid literal for it"
-            raise SetupError(f"{Path(path).name} {how}: write {name} once, as a literal on its own line: {example}")
+            seen = ("none" if not values else "an expression, not a literal" if values[0] is None else
+                    repr(values[0])[:80])
+            raise SetupError(f"{Path(path).name} {how}: write {name} once, as a literal on its own line: {example}"
+                             f" (found {seen})")
         out[name] = values[0]
     return out
 
@@ -450,8 +455,8 @@ class Child:
     """The parent's end of the child that runs the graphs: one time limit over everything, and nothing taken from
     it but bounded, shape-checked float32 arrays (and, on failure, one sanitized line)."""
 
-    def __init__(self, deadline, programs):
-        self.deadline, self.programs = deadline, programs
+    def __init__(self, programs):
+        self.deadline, self.programs = None, programs
         r, w = os.pipe()
         env = {k: os.environ[k] for k in CHILD_ENV if k in os.environ}
         env.update(TORCH_FORCE_WEIGHTS_ONLY_LOAD="1", OMP_WAIT_POLICY="PASSIVE")
@@ -507,6 +512,8 @@ def encoder_child(reply_fd, programs):
     It runs the untrusted graphs, so what it sends is checked by the parent, never believed. Inputs reach a program
     as tensors of the dtype and shape the project gave them."""
     import torch
+    with contextlib.suppress(ImportError):
+        import torch._export.serde.serialize  # noqa: F401 -- what the first load imports (1 s), imported while we wait
     device = "cuda" if torch.cuda.is_available() else "cpu"
     models, fell_back, stage = [], [], programs[0]
     try:
@@ -657,13 +664,17 @@ def trusted_lines(result, metric, split):
 def evaluate(run_dir, data, split="val"):
     """Prints the trusted block on stdout, all at the end and in whole lines: the project's metrics (METRIC first),
     notes, the training stats and eval_seconds."""
-    t0 = time.monotonic()
-    deadline = t0 + 0.9 * float(os.environ.get("AUTORESEARCH_EVAL_TIMEOUT") or 600)  # our message before the kill
     project = project_constants()
     programs = project["PROGRAMS"]
     _not_dumpable()
-    child = Child(deadline, programs)  # starts now: it imports torch while we read and check
+    child = Child(programs)  # starts now: it imports torch while we wait for the split and check the archives
     try:
+        score = load_score()
+        # run.sh starts this container while train.py still trains and sends the split once the hand-off is copied
+        # out: the time limit and eval_seconds count from then
+        inputs = read_split(data, split, project["EVAL_FILES"])
+        t0 = time.monotonic()
+        child.deadline = t0 + 0.9 * float(os.environ.get("AUTORESEARCH_EVAL_TIMEOUT") or 600)  # our message first
         archives = []
         for name in programs:
             raw = read_handoff(run_dir, name)
@@ -676,8 +687,6 @@ def evaluate(run_dir, data, split="val"):
                 raise Refused(f"cannot load {Path(run_dir) / name}: {e}")
         notes = []
         stats = read_train_stats(read_handoff(run_dir, STATS), notes)
-        inputs = read_split(data, split, project["EVAL_FILES"])
-        score = load_score()
         fell_back = child.talk(archives, b"R", len(programs))[:len(programs)]
         notes += [f"note: could not move {name} to the GPU; evaluated on the CPU"
                   for name, f in zip(programs, fell_back) if f]

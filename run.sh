@@ -2,6 +2,8 @@
 # One experiment: train.py in a locked-down container, then the trusted evaluator (evaluator.py) in a second one.
 #
 #   ./run.sh                 train + evaluate on val (the only thing the agent ever runs)
+#   ./run.sh --wait          the same, but start the containers now, print "run.sh: ready" and read train.py only
+#                            after a line "go" on stdin (the harness starts a run so while the model writes train.py)
 #   ./run.sh --test RUN_DIR  evaluate an existing hand-off on the test split (the only time test data is read)
 #   ./run.sh --build         build the sandbox image now (image mode; needs the network once), then exit
 #
@@ -14,7 +16,8 @@
 # Exit codes, the verdict the harness reads (the last line, "run.sh: ...", says why in words):
 #   0 complete run   1 train.py failed, or handed off no model   3 the evaluator refused the hand-off
 #   2 usage or set-up error (data, the project's declarations, podman could not start a container)
-#   124 time limit   137 out of memory   130/143 interrupted by SIGINT/SIGTERM (the container is removed first)
+#   124 time limit   137 out of memory   130/143 interrupted by SIGINT/SIGTERM (the containers are removed first)
+#   130 also: --wait got no go
 #
 # The project (prepare_data.py) names the programs train.py exports (PROGRAMS) and the split's files the evaluator
 # reads (EVAL_FILES); evaluator.py reads those for run.sh. The hand-off: train.py writes to a private tmpfs of
@@ -53,18 +56,20 @@ cd "$REPO"
 now_ms() { local t=${EPOCHREALTIME:-$(date +%s.%N)}; t=${t/,/.}; echo $(( ${t%.*} * 1000 + 10#$(cut -c1-3 <<<"${t#*.}000") )); }
 START_MS=$(now_ms)
 
-die() { echo "run.sh: $*" >&2; exit 2; }
+die() { ! declare -F stop_all >/dev/null || stop_all; echo "run.sh: $*" >&2; exit 2; }
 
-TEST_SPLIT=0 BUILD_ONLY=0
+TEST_SPLIT=0 BUILD_ONLY=0 WAIT=0
 if [[ ${1:-} == --build && $# -eq 1 ]]; then
     BUILD_ONLY=1   # build the sandbox image ahead of the first experiment (it needs the network once)
     RUN_DIR=""
-elif [[ $# -gt 0 ]]; then
-    [[ $1 == --test && $# -eq 2 ]] || die "usage: ./run.sh  |  ./run.sh --test RUN_DIR  |  ./run.sh --build"
+elif [[ $# -gt 0 && $1 != --wait ]]; then
+    [[ $1 == --test && $# -eq 2 ]] || die "usage: ./run.sh [--wait]  |  ./run.sh --test RUN_DIR  |  ./run.sh --build"
     TEST_SPLIT=1
     [[ -d $2 ]] || die "no such run directory: $2"
     RUN_DIR="$(cd "$2" && pwd -P)"
 else
+    [[ $# == 0 || ($1 == --wait && $# == 1) ]] || die "usage: ./run.sh [--wait]  |  ./run.sh --test RUN_DIR  |  ./run.sh --build"
+    WAIT=$#
     [[ -n ${AUTORESEARCH_RUN_DIR:-} ]] || mkdir -p runs/last
     RUN_DIR="${AUTORESEARCH_RUN_DIR:-runs/last}"
     mkdir -p "$RUN_DIR"
@@ -146,20 +151,23 @@ in_ns() { if [[ $ROOTLESS == 1 ]]; then podman unshare "$@"; else "$@"; fi; }
 SANDBOX=${AUTORESEARCH_SANDBOX:-}
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/autoresearch-run-$$.XXXXXX")"
 HANDOFF="$WORK/out"
-CURRENT=""   # name of the running container, for the signal handler
-CHILD=""     # AUTORESEARCH_SANDBOX=none: the `timeout` that runs a step (it leads the step's process group)
+mkdir "$WORK/code"   # train.py, once it gets its go
 MOUNTED=0    # the hand-off tmpfs is mounted
 TRAIN_MS=""  # wall time of the training container (of train.py without a sandbox)
+declare -A PID NAME WATCHDOG   # per step (train, eval): its background job, its container, its watchdog's session
 unmount_handoff() { [[ $MOUNTED == 1 ]] || return 0; MOUNTED=0; in_ns umount "$HANDOFF" || in_ns umount -l "$HANDOFF"; }
 cleanup() {
-    [[ -n $CHILD ]] && kill -TERM "$CHILD" 2>/dev/null || true   # timeout passes it on, SIGKILL 5 s later
-    CHILD=""
-    [[ -n $CURRENT ]] && podman rm -f -t 0 "$CURRENT" >/dev/null 2>&1 || true
+    local s
+    [[ $BASHPID == "$$" ]] || return 0   # a subshell that kept run.sh's traps (a process substitution does)
+    trap '' INT TERM   # a second signal must not cut the clean-up short (the harness's SIGKILL comes 20 s later)
+    for s in "${!PID[@]}"; do stop_step "$s"; done
+    for s in "${!WATCHDOG[@]}"; do kill -- "-${WATCHDOG[$s]}" 2>/dev/null || true; done
     unmount_handoff || true
     rm -rf --one-file-system "$WORK" || true   # never into a hand-off that failed to unmount
 }
 trap cleanup EXIT
 on_signal() {
+    [[ $BASHPID == "$$" ]] || exit 1
     trap - INT TERM
     cleanup
     wait 2>/dev/null || true   # let the output pipeline drain so the verdict below is the last line
@@ -170,47 +178,97 @@ trap 'on_signal INT' INT
 trap 'on_signal TERM' TERM
 
 # ---------------------------------------------------------------------------------------------------------------
-# stage LIMIT FILTER ARGS...: one step (training or evaluation) under a hard wall clock, its output (stdout and
-# stderr merged) through FILTER; ARGS are podman run's, or without a sandbox the command itself. Sets RC, WALL_MS,
-# TIMED_OUT and OOM; exits 2 if podman could not start the container at all.
-stage() {
-    local limit=$1 filter=$2 t0 state; shift 2
+# The two steps, training and evaluation, start together, each held at a gate: its input (train.py, the split)
+# reaches it only at its go. Meanwhile the training container's Python imports what train.py imports and the
+# evaluation's loads torch, while the model still writes train.py (--wait) or while train.py trains: about 7 s of
+# every run. A step's time limit counts from its go: a watchdog in a session of its own stops it then, even if
+# run.sh is killed with SIGKILL meanwhile; conmon's --timeout (`timeout` without a sandbox) is only the backstop.
+WAIT_MAX=0; [[ $WAIT == 1 ]] && WAIT_MAX=3600   # --wait: how long run.sh waits for its go
+gate() {   # gate STEP CMD...: CMD's output once run.sh has said go to STEP; nothing if run.sh or WORK is gone first
+    while [[ ! -e $WORK/$1.go ]]; do [[ -d $WORK ]] && kill -0 $$ 2>/dev/null || exit 0; sleep 0.1; done
+    "${@:2}"
+}   # (its stderr is /dev/null: it must never hold the harness's pipe open)
+
+# launch STEP BACKSTOP FILTER FEED ARGS...: starts one step in the background, its output (stdout and stderr
+# merged) through FILTER and FEED's output on its stdin once gated through; ARGS are podman run's, or without a
+# sandbox the command itself; the pid of `timeout` goes to WORK/STEP.pid (a signal to run.sh's group may have
+# killed this subshell by the time stop_step needs it).
+launch() {
+    local step=$1 backstop=$2 filter=$3 feed=$4; shift 4
+    if [[ $SANDBOX == none ]]; then
+        # timeout leads a process group of its own with the step in it; stop_step signals it, it passes it on
+        ( sh -c 'echo $$ >"$0"; exec "$@"' "$WORK/$step.pid" timeout -k 5 "$backstop" "$@" 2>&1 | $filter
+          exit "${PIPESTATUS[0]}" ) < <(gate "$step" "$feed" 2>/dev/null) \
+            2>/dev/null &   # (bash's own "Terminated" for a stopped step: the verdict says it)
+    else
+        NAME[$step]="autoresearch-$$-$RANDOM$RANDOM"
+        ( podman run -i --name "${NAME[$step]}" --timeout "$backstop" "$@" 2>&1 | $filter
+          exit "${PIPESTATUS[0]}" ) < <(gate "$step" "$feed" 2>/dev/null) &
+    fi
+    PID[$step]=$!
+}
+
+# The command that stops a step at once: its container, or its `timeout` (SIGKILL to the group 5 s later).
+stop_argv() {
+    if [[ $SANDBOX == none ]]; then echo pkill -TERM -F "$WORK/$1.pid" -x timeout
+    else echo podman rm -f -t 0 "${NAME[$1]}"; fi
+}
+stop_step() {
+    if [[ $SANDBOX == none ]]; then
+        $(stop_argv "$1") >/dev/null 2>&1 || true
+        # until `timeout` is gone, having killed the step's group (SIGKILL 5 s after a SIGTERM ignored)
+        while pkill -0 -F "$WORK/$1.pid" -x timeout 2>/dev/null; do sleep 0.1; done
+    else
+        # the client first (its command line names the container): a container it is still creating would escape
+        # `podman rm`, and be left behind
+        pkill -KILL -f -- "--name ${NAME[$1]} " 2>/dev/null || true
+        while pgrep -f -- "--name ${NAME[$1]} " >/dev/null; do sleep 0.1; done
+        remove_container "${NAME[$1]}"
+    fi
+}
+# until it is gone: while a container dies (by itself, or killed by a first `podman rm`), podman's own clean-up of it
+# can make `podman rm` fail or return early
+remove_container() {
+    local i
+    for i in {1..20}; do
+        podman rm -f -i -t 0 "$1" >/dev/null 2>&1
+        podman container exists "$1" || return 0
+        sleep 0.5
+    done
+}
+# Before run.sh's last line: the other step stopped and its output drained, so that nothing follows that line.
+stop_all() {
+    local s
+    for s in "${!PID[@]}"; do stop_step "$s"; wait "${PID[$s]}" 2>/dev/null || true; unset "PID[$s]"; done
+}
+
+# go STEP LIMIT: opens the step's gate and waits for it to end, LIMIT seconds at most. Sets RC, WALL_MS, TIMED_OUT
+# and OOM; exits 2 if podman could not start the container at all.
+go() {
+    local step=$1 limit=$2 t0 state
     RC=0 OOM=false
     t0=$(now_ms)
-    if [[ $SANDBOX == none ]]; then
-        # timeout kills the step's whole process group at the limit (children that start a session escape it). That
-        # group is not run.sh's, so timeout runs in the background and a signal to run.sh reaches it through cleanup;
-        # a FIFO rather than a pipe, so that CHILD is timeout's pid.
-        mkfifo "$WORK/out"
-        $filter <"$WORK/out" & local drain=$!
-        timeout -k 5 "$limit" "$@" <&0 >"$WORK/out" 2>&1 & CHILD=$!
-        wait "$CHILD" || RC=$?
-        WALL_MS=$(( $(now_ms) - t0 )) CHILD=""
-        wait "$drain"
-        rm "$WORK/out"
-    else
-        # conmon's --timeout kills the container even if this script itself is killed with SIGKILL; afterwards
-        # `podman rm -f` kills whatever is left (e.g. when the podman client died). In the background so a
-        # SIGINT/SIGTERM to run.sh runs the trap at once instead of after the container ends.
-        CURRENT="autoresearch-$$-$RANDOM$RANDOM"
-        ( podman run --name "$CURRENT" --timeout "$limit" "$@" 2>&1 | $filter; exit "${PIPESTATUS[0]}" ) <&0 &
-        wait $! || RC=$?
-        WALL_MS=$(( $(now_ms) - t0 ))
-        state="$(podman inspect --format '{{.State.OOMKilled}} {{.State.Status}} {{.State.ExitCode}}' "$CURRENT" \
-                 2>/dev/null || echo "false none")"
-        OOM=${state%% *}
-        podman rm -f -t 0 "$CURRENT" >/dev/null 2>&1 || true
-        CURRENT=""
-        # 125-127: podman or the runtime failed before the command ran (no container, or one that never exited with
-        # that code itself), a set-up problem rather than the step's failure.
-        [[ $RC =~ ^12[5-7]$ && ${state#* } != "exited $RC" ]] &&
-            die "podman could not start the container (podman exit $RC, its error is above): check the podman set-up
-  (podman info; AUTORESEARCH_PODMAN_ARGS) and, in host mode, that $PY exists"
-    fi
-    # Killed (non-zero) at or after the limit: that is the timeout, whatever code the kill produced (conmon's
-    # --timeout gives 255 here, `timeout` 124 or 137; 137 would otherwise look like an OOM kill).
+    : >"$WORK/$step.go"
+    setsid bash -c 'sleep "$1"; shift; "$@"' watchdog "$limit" $(stop_argv "$step") </dev/null >/dev/null 2>&1 &
+    WATCHDOG[$step]=$!   # setsid: its own session and process group, with the same id
+    wait "${PID[$step]}" || RC=$?
+    WALL_MS=$(( $(now_ms) - t0 ))
+    kill -- "-${WATCHDOG[$step]}" 2>/dev/null || true
+    unset "WATCHDOG[$step]" "PID[$step]"
+    # Killed (non-zero) at or after the limit: that is the timeout, whatever code the kill produced (podman rm -f
+    # gives 137 or 255 here, `timeout` 124 or 137; 137 would otherwise look like an OOM kill).
     TIMED_OUT=0
     [[ $RC != 0 ]] && (( WALL_MS >= limit * 1000 - 500 )) && TIMED_OUT=1
+    [[ $SANDBOX == none ]] && return 0
+    state="$(podman inspect --format '{{.State.OOMKilled}} {{.State.Status}} {{.State.ExitCode}}' "${NAME[$step]}" \
+             2>/dev/null || echo "false none")"
+    OOM=${state%% *}
+    remove_container "${NAME[$step]}"
+    # 125-127: podman or the runtime failed before the command ran (no container, or one that never exited with
+    # that code itself), a set-up problem rather than the step's failure.
+    [[ $TIMED_OUT == 0 && $RC =~ ^12[5-7]$ && ${state#* } != "exited $RC" ]] &&
+        die "podman could not start the container (podman exit $RC, its error is above): check the podman set-up
+  (podman info; AUTORESEARCH_PODMAN_ARGS) and, in host mode, that $PY exists"
     return 0
 }
 
@@ -219,6 +277,7 @@ stage() {
 # the data is broken, 124 it ran out of time.
 verdict() {
     local step=$1 limit=$2 why
+    stop_all
     if [[ $TIMED_OUT == 1 || ($step == evaluation && $RC == 124) ]]; then
         echo "run.sh: TIMEOUT $step exceeded its limit of $limit"; exit 124
     elif [[ $OOM == true || $RC == 137 ]]; then
@@ -233,7 +292,41 @@ verdict() {
 }
 
 # ---------------------------------------------------------------------------------------------------------------
-# The two set-ups: each defines TRAIN and EVAL, the steps' arguments for `stage`.
+# The training step's entry point. Before its go it imports what train.py imports (PRELOAD: the modules that
+# `--imports` lists from the train.py at hand, best effort); at its go, run.sh copies train.py to PATH (read-only in
+# the container) and says go on stdin, and it runs PATH as `python PATH` would. On the way out gc.freeze() spares
+# Python a last collection over the ~2500 modules torch and export load: 1-2 s of every run.
+LAUNCHER='
+import ast, gc, importlib, os, runpy, sys
+if sys.argv[1] == "--imports":
+    names = []
+    for node in ast.walk(ast.parse(open(sys.argv[2], "rb").read())):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names += [node.module + ":" + a.name for a in node.names]
+    print(*dict.fromkeys(names[:200]))
+    sys.exit()
+path = sys.argv[1]
+for name in sys.argv[2:]:
+    module, _, attr = name.partition(":")
+    try:
+        getattr(importlib.import_module(module), attr, None)
+    except Exception:
+        pass
+if sys.stdin.read() != "go\n":
+    sys.exit(1)   # run.sh stopped before its go, and says so
+os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+sys.argv, sys.path[0] = [path], os.path.dirname(path)
+try:
+    runpy.run_path(path, run_name="__main__")
+finally:
+    gc.freeze()
+'
+read -r -a PRELOAD < <(python3 -c "$LAUNCHER" --imports "$REPO/train.py" 2>/dev/null) || PRELOAD=()
+
+# ---------------------------------------------------------------------------------------------------------------
+# The two set-ups: each defines TRAIN and EVAL, the steps' arguments for `launch`.
 
 # No sandbox: for development only. Same output format and time limits, but train.py can see and do anything
 # the user can.
@@ -248,7 +341,7 @@ setup_none() {
     PY="${PYTHON:-python3}"
     local envs
     mapfile -t envs < <(common_env "$RUN_DIR" "$DATA" "$WEIGHTS")
-    TRAIN=(env "${envs[@]}" "$PY" train.py)
+    TRAIN=(env "${envs[@]}" "$PY" -c "$LAUNCHER" "$WORK/code/train.py" "${PRELOAD[@]}")
     EVAL=(env "${envs[@]}" TORCH_FORCE_WEIGHTS_ONLY_LOAD=1 AUTORESEARCH_EVAL_TIMEOUT="$EVAL_TIMEOUT"
           "$PY" evaluator.py --evaluate "$RUN_DIR" --split "$EVAL_SPLIT" --data -)
 }
@@ -291,9 +384,9 @@ setup_sandbox() {
     # Paths inside the container (the same in every mode).
     C_CODE=/workspace C_DATA=/data C_OUT=/out C_WEIGHTS=/weights
 
-    # A run.sh killed with SIGKILL can't clean up: its container is killed by conmon at the time limit but stays
-    # listed, and its work dir may still hold the hand-off tmpfs (RAM). Remove those whose run.sh (the pid in the
-    # name) is gone; live ones belong to parallel runs.
+    # A run.sh killed with SIGKILL can't clean up: its containers are removed by their watchdogs at the time limit
+    # (a waiting one only by conmon's backstop) or stay listed, and its work dir may still hold the hand-off tmpfs.
+    # Remove those whose run.sh (the pid in the name) is gone; live ones belong to parallel runs.
     for c in $(podman ps -a --filter label=autoresearch=1 --format '{{.Names}}' 2>/dev/null); do
         pid=${c#autoresearch-}; pid=${pid%%-*}
         [[ $pid =~ ^[0-9]+$ ]] && ! kill -0 "$pid" 2>/dev/null && podman rm -f -t 0 "$c" >/dev/null 2>&1 || true
@@ -390,13 +483,15 @@ setup_sandbox() {
     local kv env=(-e HOME=/tmp)
     while read -r kv; do env+=(-e "$kv"); done < <(common_env "$C_OUT" "$C_DATA" "${WEIGHTS:+$C_WEIGHTS}")
     [[ -n $WEIGHTS ]] && BASE+=(-v "$WEIGHTS:$C_WEIGHTS:ro")
-    # Training sees train.py, meta.json and the train split, and writes to the hand-off tmpfs only.
-    TRAIN=("${BASE[@]}" "${env[@]}" -v "$REPO/train.py:$C_CODE/train.py:ro" -v "$DATA/meta.json:$C_DATA/meta.json:ro"
-           -v "$DATA/train:$C_DATA/train:ro" -v "$HANDOFF:$C_OUT:rw" "${MODE_ARGS[@]}" "${ROOTFS[@]}" "$PY" train.py)
+    # Training sees train.py (copied into WORK/code at its go), meta.json and the train split, and writes to the
+    # hand-off tmpfs only.
+    TRAIN=("${BASE[@]}" "${env[@]}" -v "$WORK/code:$C_CODE:ro" -v "$DATA/meta.json:$C_DATA/meta.json:ro"
+           -v "$DATA/train:$C_DATA/train:ro" -v "$HANDOFF:$C_OUT:rw" "${MODE_ARGS[@]}" "${ROOTFS[@]}"
+           "$PY" -c "$LAUNCHER" "$C_CODE/train.py" "${PRELOAD[@]}")
     # The evaluation sees the engine, the project and the copied hand-off, which can't hold anything executable.
     # The split is streamed in on stdin rather than mounted: no file in the container holds it, so only the trusted
     # evaluator has it, never the child process that runs the graphs.
-    EVAL=(-i "${BASE[@]}" "${env[@]}" -e TORCH_FORCE_WEIGHTS_ONLY_LOAD=1 -e AUTORESEARCH_EVAL_TIMEOUT="$EVAL_TIMEOUT"
+    EVAL=("${BASE[@]}" "${env[@]}" -e TORCH_FORCE_WEIGHTS_ONLY_LOAD=1 -e AUTORESEARCH_EVAL_TIMEOUT="$EVAL_TIMEOUT"
           -v "$REPO/evaluator.py:$C_CODE/evaluator.py:ro" -v "$REPO/prepare_data.py:$C_CODE/prepare_data.py:ro"
           -v "$RUN_DIR:$C_OUT:ro,noexec,nosuid,nodev" "${MODE_ARGS[@]}" "${ROOTFS[@]}"
           "$PY" evaluator.py --evaluate "$C_OUT" --split "$EVAL_SPLIT" --data -)
@@ -411,6 +506,17 @@ names=$(python3 "$REPO/evaluator.py" --names "$EVAL_SPLIT") ||
 { read -r -a PROGRAMS; read -r -a SPLIT_FILES; } <<<"$names"
 
 # ---------------------------------------------------------------------------------------------------------------
+# The data, checked again at go: with --wait the run may have waited a long time for it.
+check_data() {
+    local f train=(); [[ $TEST_SPLIT == 0 ]] && train=(train)
+    for f in "${SPLIT_FILES[@]}" "${train[@]}"; do
+        [[ -e $DATA/$f ]] || die "no data cache in '$DATA' (no $f there). Run: python prepare_data.py"
+    done
+}
+check_data
+split_tar() { tar -C "$DATA" -cf - "${SPLIT_FILES[@]}"; }
+# train.py is read at its go: with --wait the harness commits it just before.
+feed_train() { cp "$REPO/train.py" "$WORK/code/train.py" && echo go; }
 if [[ $TEST_SPLIT == 0 ]]; then
     # Remove only what a previous run left that we know, so a stale model can't be evaluated as this run's.
     for f in "${PROGRAMS[@]}" train_stats.json; do rm -f "$RUN_DIR/$f"; done
@@ -422,7 +528,18 @@ if [[ $TEST_SPLIT == 0 ]]; then
             autoresearch-handoff "$HANDOFF" || die "could not mount the hand-off tmpfs on $HANDOFF"
         MOUNTED=1
     fi
-    stage "$TRAIN_LIMIT" prefix_train "${TRAIN[@]}" </dev/null
+    launch train $((WAIT_MAX + TRAIN_LIMIT)) prefix_train feed_train "${TRAIN[@]}"
+fi
+launch eval $((WAIT_MAX + TRAIN_LIMIT + EVAL_TIMEOUT)) keep_eval_log split_tar "${EVAL[@]}"
+if [[ $WAIT_MAX != 0 ]]; then
+    echo "run.sh: ready"
+    read -r -t "$WAIT_MAX" line && [[ $line == go ]] || { stop_all
+        echo "run.sh: CANCELLED: no 'go' on stdin within ${WAIT_MAX}s"; exit 130; }
+    START_MS=$(now_ms)   # the run starts now: total_seconds leaves the wait out
+    check_data
+fi
+if [[ $TEST_SPLIT == 0 ]]; then
+    go train "$TRAIN_LIMIT"
     TRAIN_MS=$WALL_MS
     if [[ $MOUNTED == 1 && $RC == 0 ]]; then
         # The container and every process in it are gone: nothing writes to the hand-off any more. Copy out only the
@@ -436,14 +553,12 @@ if [[ $TEST_SPLIT == 0 ]]; then
     unmount_handoff
     [[ $RC == 0 ]] || verdict training "${TRAIN_LIMIT}s (AUTORESEARCH_TIME_BUDGET=$BUDGET + grace $GRACE)"
     for f in "${PROGRAMS[@]}"; do
-        [[ -f $RUN_DIR/$f && ! -L $RUN_DIR/$f ]] || { echo "run.sh: FAILED train.py handed off no $f (a regular" \
-            "file in \$AUTORESEARCH_OUT, written with torch.export.save: prepare_data.py's PROGRAMS)"; exit 1; }
+        [[ -f $RUN_DIR/$f && ! -L $RUN_DIR/$f ]] || { stop_all; echo "run.sh: FAILED train.py handed off no $f (a" \
+            "regular file in \$AUTORESEARCH_OUT, written with torch.export.save: prepare_data.py's PROGRAMS)"; exit 1; }
     done
 fi
 
-for f in "${SPLIT_FILES[@]}"; do [[ -f $DATA/$f ]] || die "no $f in $DATA. Run: python prepare_data.py"; done
 echo "--- trusted evaluation ---"
-split_tar() { tar -C "$DATA" -cf - "${SPLIT_FILES[@]}"; }
-stage "$EVAL_TIMEOUT" keep_eval_log "${EVAL[@]}" < <(split_tar)
+go eval "$EVAL_TIMEOUT"
 [[ $RC == 0 ]] || verdict evaluation "${EVAL_TIMEOUT}s (AUTORESEARCH_EVAL_TIMEOUT)"
 finish

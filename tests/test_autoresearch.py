@@ -29,16 +29,19 @@ def test_project_metric_is_read_from_prepare_data(tmp_path):
     name, direction = m = ar.project_metric(str(tmp_path))      # read with ast: torch is never imported
     assert (name, direction, m.column, m.better) == ("accuracy", "maximize", "val_accuracy", "higher")
     assert m.columns[:6] == ["experiment", "commit", "val_accuracy", "delta", "status", "description"]
-    for bad, found in (('METRIC = "Accuracy"\nDIRECTION = "maximize"\n', "METRIC 'Accuracy'"),
-                       ('METRIC = "accuracy"\nDIRECTION = "up"\n', "DIRECTION 'up'"),
-                       ('NAME = "acc"\nMETRIC = NAME\nDIRECTION = "maximize"\n', "METRIC not a string literal"),
-                       ('METRIC = "accuracy"\n', "DIRECTION missing"),
-                       ('if True:\n    METRIC = "accuracy"\nDIRECTION = "maximize"\n', "METRIC missing")):
+    for bad, example, found in (
+            ('METRIC = "Accuracy"\nDIRECTION = "maximize"\n', 'METRIC = "accuracy"', "found 'Accuracy'"),
+            ('METRIC = "accuracy"\nDIRECTION = "up"\n', 'DIRECTION = "maximize"  (or "minimize")', "found 'up'"),
+            ('NAME = "acc"\nMETRIC = NAME\nDIRECTION = "maximize"\n', 'METRIC = "accuracy"',
+             "found an expression, not a literal"),
+            ('METRIC = "accuracy"\n', 'DIRECTION = "maximize"', "found none"),
+            ('if True:\n    METRIC = "accuracy"\nDIRECTION = "maximize"\n', 'METRIC = "accuracy"', "found none"),
+            ('METRIC = "accuracy"\nMETRIC = "r1"\nDIRECTION = "maximize"\n', 'METRIC = "accuracy"',
+             "declares it more than once")):
         (tmp_path / "prepare_data.py").write_text(bad)
         with pytest.raises(ar.HarnessError) as e:
             ar.project_metric(str(tmp_path))
-        assert found in str(e.value) and 'METRIC = "accuracy"' in str(e.value), str(e.value)
-        assert 'DIRECTION = "maximize"   # or "minimize"' in str(e.value)
+        assert found in str(e.value) and example in str(e.value), str(e.value)
     (tmp_path / "prepare_data.py").unlink()
     with pytest.raises(ar.HarnessError, match="prepare_data.py is missing"):
         ar.project_metric(str(tmp_path))

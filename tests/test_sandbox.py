@@ -319,6 +319,36 @@ while True:
     assert host_processes_with(marker) == []
 
 
+def test_wait_starts_early_and_runs_the_train_py_of_its_go_timed_from_there(tmp_path, data):
+    """./run.sh --wait, as the loop starts a candidate's run while the model still writes it: both containers are up
+    before go, the train.py that runs is the one committed at go, and the time limit counts from go."""
+    repo = make_repo(tmp_path, "raise SystemExit('the train.py from before go ran')\n")
+    env = dict(os.environ, AUTORESEARCH_IMAGE="host", AUTORESEARCH_DATA=str(data), AUTORESEARCH_TIME_BUDGET="1",
+               AUTORESEARCH_GRACE="14", AUTORESEARCH_EVAL_TIMEOUT="60", AUTORESEARCH_MEMORY="2g")
+    p = subprocess.Popen(["./run.sh", "--wait"], cwd=repo, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    assert p.stdout.readline() == "run.sh: ready\n"
+    time.sleep(16)   # longer than the training limit (budget 1 + grace 14)
+    assert len(containers_of(p.pid)) == 2
+    (repo / "train.py").write_text("print('the edit')\n" + EXPORT_MODEL)
+    out, err = p.communicate("go\n", timeout=120)
+    assert p.returncode == 0, out + err
+    lines = out.splitlines()
+    assert "train| the edit" in lines and "val_n: 16" in lines
+    wall = float(next(line for line in lines if line.startswith("train_wall_seconds: ")).split()[1])
+    total = float(lines[-1].removeprefix("total_seconds: "))
+    assert wall < 15 and total < 16, (wall, total)   # neither counts the wait
+    assert containers_of(p.pid) == []
+
+    # no go: the run is cancelled and leaves nothing behind
+    p = subprocess.Popen(["./run.sh", "--wait"], cwd=repo, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    assert p.stdout.readline() == "run.sh: ready\n"
+    out, err = p.communicate("", timeout=60)
+    assert p.returncode == 130 and out.splitlines()[-1].startswith("run.sh: CANCELLED"), out + err
+    assert "train| " not in out and containers_of(p.pid) == []
+
+
 def test_crashing_train_py_fails_without_evaluation(tmp_path, data):
     repo = make_repo(tmp_path, "raise SystemExit('boom')\n")
     p = run(repo, data)

@@ -189,9 +189,19 @@ def seed(repo, tag):
                   str(repo / "results.tsv"), ar.Metric("mean_rank", "minimize"))
 
 
-def in_flight(repo, n):
+def training(repo, *exps):
+    """The runs of these experiments got their go (run_sandbox opens the log then) and both containers of each run in
+    flight are up."""
     path = repo / "runs" / ".running"
-    return lambda: path.exists() and len(path.read_text().split()) == n
+
+    def check():
+        if not (all((repo / "logs" / f"{e}.log").exists() for e in exps) and path.exists()):
+            return False
+        pids = path.read_text().split()
+        up = subprocess.run(["podman", "ps", "--filter", "label=autoresearch=1", "--filter", "status=running",
+                             "--format", "{{.Names}}"], capture_output=True, text=True).stdout.split()
+        return len(pids) >= len(exps) and all(sum(n.startswith(f"autoresearch-{p}-") for n in up) == 2 for p in pids)
+    return check
 
 
 def worktrees(repo):
@@ -208,7 +218,7 @@ def test_two_workers_round_decision_notes_ctrl_c_kill_9_and_resume(tmp_path, dat
         return len(req["messages"]) == 2 and "Other workers of this round" not in req["messages"][1]["content"]
 
     def second_worker(req):   # ... lists worker 0's proposal, and asks while worker 0 trains (the overlap)
-        wait_for(in_flight(repo, 1), 30, "worker 0's run")
+        wait_for(training(repo, 1), 30, "worker 0's run")
         return len(req["messages"]) == 2 and req["messages"][1]["content"].endswith(
             "make a different one:\n- restore text embeddings")
 
@@ -246,7 +256,7 @@ def test_two_workers_round_decision_notes_ctrl_c_kill_9_and_resume(tmp_path, dat
         fake.add(*hang, *hang)
         p = subprocess.Popen([sys.executable, "autoresearch.py", *args], cwd=repo, env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
-        wait_for(in_flight(repo, 2), 120, "both workers' runs")
+        wait_for(training(repo, 3, 4), 120, "both workers' runs")
         pids = [int(x) for x in (repo / "runs" / ".running").read_text().split()]
         t0 = time.time()
         p.send_signal(signal.SIGINT)
@@ -263,7 +273,7 @@ def test_two_workers_round_decision_notes_ctrl_c_kill_9_and_resume(tmp_path, dat
         fake.add(*hang, *hang)
         p = subprocess.Popen([sys.executable, "autoresearch.py", *args], cwd=repo, env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
-        wait_for(in_flight(repo, 2), 120, "both workers' runs")
+        wait_for(training(repo, 5, 6), 120, "both workers' runs")
         orphans = [int(x) for x in (repo / "runs" / ".running").read_text().split()]
         p.kill()
         p.communicate(timeout=30)
@@ -282,6 +292,45 @@ def test_two_workers_round_decision_notes_ctrl_c_kill_9_and_resume(tmp_path, dat
     assert (repo / "train.py").read_text() == kept and git(repo, "status", "--porcelain") == ""
     assert not (repo / ".worktrees").exists() and worktrees(repo) == 1
     assert (repo / "progress.png").stat().st_size > 10_000
+
+
+@pytest.mark.sandbox
+def test_kill_9_in_the_winners_second_seed_keeps_it_on_resume(tmp_path, data):  # noqa: F811
+    """kill -9 while a round's winner runs its second seed: --resume records the keep from its keep commit (round and
+    worker included), the beaten candidate stays recorded, both workers' notes reach the pad, nothing is left."""
+    repo = make_repo(tmp_path / "repo")
+    seed(repo, "w9")
+    hang2 = "    if SEED == 2:\n        time.sleep(120)\n" + BOOM   # only the second seed hangs
+    round1 = [tool_call("edit_file", path="train.py", old_text=TXT_BAD, new_text=TXT_OK), note(NOTE_A),
+              tool_call("run_experiment", description="restore text embeddings"),
+              tool_calls(("edit_file", {"path": "train.py", "old_text": TXT_BAD, "new_text": TXT_OK}),
+                         ("edit_file", {"path": "train.py", "old_text": IMG_BAD, "new_text": IMG_OK}),
+                         ("edit_file", {"path": "train.py", "old_text": BOOM, "new_text": hang2})),
+              note(NOTE_B), tool_call("run_experiment", description="restore both encoders")]
+    args = ["--resume", "--workers", "2", "--noise-runs", "2", "--max-experiments", "2"]
+    with FakeOllama({"qwen2.5-coder:7b": 32768}, round1) as fake:
+        env = env_for(fake.url, data)
+        p = subprocess.Popen([sys.executable, "autoresearch.py", *args], cwd=repo, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+        wait_for(training(repo, "2-s2"), 300, "the winner's second seed")
+        orphan = int((repo / "runs" / ".running").read_text().split()[0])
+        p.kill()
+        p.communicate(timeout=30)
+        assert alive(orphan) and fake.remaining == 0
+        p = harness(repo, env, *args)   # both are recorded then: nothing more to run
+        assert p.returncode == 0, p.stdout + p.stderr
+    assert not alive(orphan) and containers_of(orphan) == []
+    rs = rows(repo)
+    assert [(r["experiment"], r["status"], r["round"], r["worker"]) for r in rs[1:]] == [
+        ("1", "discard", "1", "0"), ("2", "keep", "1", "1")], [(r["status"], r["reason"]) for r in rs]
+    assert rs[1]["reason"].startswith("beaten in round by experiment 2 (")
+    assert rs[2]["reason"].startswith("recovered from the keep commit on resume (1 run(s))")
+    assert subprocess.run(["git", "merge-base", "--is-ancestor", rs[2]["commit"], "HEAD"], cwd=repo).returncode == 0
+    pad = (repo / "scratchpad.md").read_text()
+    assert "## Notes of experiment 1\n" + NOTE_A in pad and "## Notes of experiment 2\n" + NOTE_B in pad
+    kept = (repo / "train.py").read_text()
+    assert TXT_OK in kept and IMG_OK in kept and git(repo, "status", "--porcelain") == ""
+    assert not (repo / ".worktrees").exists() and worktrees(repo) == 1
 
 
 from test_slurm import TAG, cluster, job_state, slurm_env  # noqa: E402,F401
