@@ -192,18 +192,19 @@ gate() {   # gate STEP CMD...: CMD's output once run.sh has said go to STEP; not
 # launch STEP BACKSTOP FILTER FEED ARGS...: starts one step in the background, its output (stdout and stderr
 # merged) through FILTER and FEED's output on its stdin once gated through; ARGS are podman run's, or without a
 # sandbox the command itself; the pid of `timeout` goes to WORK/STEP.pid (a signal to run.sh's group may have
-# killed this subshell by the time stop_step needs it).
+# killed this subshell by the time stop_step needs it). The subshell's own stderr carries only bash's "Killed" for a
+# step that was stopped, which the verdict says better.
 launch() {
     local step=$1 backstop=$2 filter=$3 feed=$4; shift 4
     if [[ $SANDBOX == none ]]; then
         # timeout leads a process group of its own with the step in it; stop_step signals it, it passes it on
         ( sh -c 'echo $$ >"$0"; exec "$@"' "$WORK/$step.pid" timeout -k 5 "$backstop" "$@" 2>&1 | $filter
           exit "${PIPESTATUS[0]}" ) < <(gate "$step" "$feed" 2>/dev/null) \
-            2>/dev/null &   # (bash's own "Terminated" for a stopped step: the verdict says it)
+            2>/dev/null &
     else
         NAME[$step]="autoresearch-$$-$RANDOM$RANDOM"
         ( podman run -i --name "${NAME[$step]}" --timeout "$backstop" "$@" 2>&1 | $filter
-          exit "${PIPESTATUS[0]}" ) < <(gate "$step" "$feed" 2>/dev/null) &
+          exit "${PIPESTATUS[0]}" ) < <(gate "$step" "$feed" 2>/dev/null) 2>/dev/null &
     fi
     PID[$step]=$!
 }
@@ -231,7 +232,7 @@ stop_step() {
 remove_container() {
     local i
     for i in {1..20}; do
-        podman rm -f -i -t 0 "$1" >/dev/null 2>&1
+        podman rm -f -i -t 0 "$1" >/dev/null 2>&1 || true
         podman container exists "$1" || return 0
         sleep 0.5
     done

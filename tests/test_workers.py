@@ -1,5 +1,6 @@
 """--workers N: the round's pure parts (the N-corrected threshold, the round decision, the merged scratchpad, the
 slots) and its real plumbing (worktrees on real git, the record of runs in flight with real processes)."""
+import contextlib
 import os
 import signal
 import statistics
@@ -158,7 +159,8 @@ def test_every_run_in_flight_is_recorded_and_stopped_after_a_kill(repo):
         assert not (repo / ar.RUNNING).exists()       # the last run's end removes the record
     finally:
         for p in procs:
-            p.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)   # the shell and its `sleep`
             p.wait()
 
 
