@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from evaluator import project_constants  # noqa: E402
 
 # Tests that start containers through run.sh: every test of these modules, and those marked `sandbox` elsewhere.
 # As root they always run (a podman failure fails them); as a normal user they run where rootless podman can start
@@ -47,6 +49,8 @@ def rootless_sandbox_problem():
         for d in ("data/train", "data/val"):
             (tmp / d).mkdir(parents=True)
         (tmp / "data" / "meta.json").write_text("{}")
+        for f in project_constants(ROOT / "prepare_data.py")["EVAL_FILES"]:   # run.sh checks they exist up front
+            (tmp / "data" / "val" / f).write_bytes(b"")
         env = dict(os.environ, AUTORESEARCH_IMAGE="host", AUTORESEARCH_DATA=str(tmp / "data"),
                    AUTORESEARCH_TIME_BUDGET="1", AUTORESEARCH_GRACE="120")
         env.pop("AUTORESEARCH_SANDBOX", None)
