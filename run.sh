@@ -294,9 +294,10 @@ verdict() {
 
 # ---------------------------------------------------------------------------------------------------------------
 # The training step's entry point. Before its go it imports what train.py imports (PRELOAD: the modules that
-# `--imports` lists from the train.py at hand, best effort); at its go, run.sh copies train.py to PATH (read-only in
-# the container) and says go on stdin, and it runs PATH as `python PATH` would. On the way out gc.freeze() spares
-# Python a last collection over the ~2500 modules torch and export load: 1-2 s of every run.
+# `--imports` lists from the train.py at hand; best effort, at most 200 names read in at most 10 s); at its go, run.sh
+# copies train.py to PATH (read-only in the container) and says go on stdin, and it runs PATH as `python PATH` would.
+# On the way out gc.freeze() spares Python a last collection over the ~2500 modules torch and export load: 1-2 s of
+# every run.
 LAUNCHER='
 import ast, gc, importlib, os, runpy, sys
 if sys.argv[1] == "--imports":
@@ -306,7 +307,7 @@ if sys.argv[1] == "--imports":
             names += [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
             names += [node.module + ":" + a.name for a in node.names]
-    print(*dict.fromkeys(names[:200]))
+    print(*list(dict.fromkeys(names))[:200])
     sys.exit()
 path = sys.argv[1]
 for name in sys.argv[2:]:
@@ -324,7 +325,7 @@ try:
 finally:
     gc.freeze()
 '
-read -r -a PRELOAD < <(python3 -c "$LAUNCHER" --imports "$REPO/train.py" 2>/dev/null) || PRELOAD=()
+read -r -a PRELOAD < <(timeout 10 python3 -c "$LAUNCHER" --imports "$REPO/train.py" 2>/dev/null) || PRELOAD=()
 
 # ---------------------------------------------------------------------------------------------------------------
 # The two set-ups: each defines TRAIN and EVAL, the steps' arguments for `launch`.

@@ -421,6 +421,26 @@ def test_train_py_exiting_125_is_its_own_failure(tmp_path, data):
     assert p.returncode == 1 and p.lines[-1] == "run.sh: FAILED train.py exited with code 125"
 
 
+# run.sh reads train.py's imports on the host (with ast) to import them before the go: its hostile shapes must
+# neither stop, slow nor steer the run, which gets the verdict train.py earns.
+@pytest.mark.parametrize("shape", ["many imports", "unparseable"])
+def test_train_py_imports_read_on_the_host_do_not_change_its_verdict(tmp_path, data, shape):
+    if shape == "many imports":   # 10^5 imports and a module nowhere to be found
+        head = "import os\n" * 100_000 + "try:\n    import no_such_module_x, os as __import__\nexcept ImportError:" \
+               "\n    pass\nfrom os import path as _p, sep as _s\n"
+    else:                         # too deeply nested for Python's parser, on the host and in the container alike
+        head = "x = " + "-" * 200_000 + "1\n"
+    repo = make_repo(tmp_path, head + "print('PROBE started: yes', flush=True)\n" + EXPORT_MODEL)
+    p = run(repo, data)
+    if shape == "many imports":
+        assert probes(p)["started"] == "yes"
+        assert p.returncode == 0 and "val_mean_rank" in ar.parse_metrics(p.stdout), p.stdout[-3000:] + p.stderr
+    else:
+        assert "started" not in probes(p)
+        assert p.returncode == 1 and p.lines[-1] == "run.sh: FAILED train.py exited with code 1", p.stdout[-3000:]
+    assert p.seconds < 60, p.seconds
+
+
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_without_sandbox_is_reported_and_stops_train_py(tmp_path, data, sig, code):
     marker = "autoresearch-nosb-" + secrets.token_hex(6)
