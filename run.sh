@@ -100,9 +100,7 @@ TRAIN_LIMIT=$((BUDGET + GRACE))
 DATA="${AUTORESEARCH_DATA:-data}"
 EVAL_SPLIT=val; [[ $TEST_SPLIT == 1 ]] && EVAL_SPLIT=test
 if [[ $BUILD_ONLY == 0 ]]; then
-    [[ -f $DATA/meta.json && -d $DATA/train ]] || die "no data cache in '$DATA' (expected meta.json and train/). Run: python prepare_data.py"
-    [[ -d $DATA/$EVAL_SPLIT ]] || die "no $EVAL_SPLIT split in $DATA. Run: python prepare_data.py"
-    DATA="$(cd "$DATA" && pwd -P)"
+    DATA="$(cd "$DATA" 2>/dev/null && pwd -P)" || die "no data cache at '$DATA'. Run: python prepare_data.py"
 fi
 WEIGHTS="${AUTORESEARCH_WEIGHTS:-weights}"
 [[ -d $WEIGHTS ]] && WEIGHTS="$(cd "$WEIGHTS" && pwd -P)" || WEIGHTS=""
@@ -510,8 +508,8 @@ names=$(python3 "$REPO/evaluator.py" --names "$EVAL_SPLIT") ||
 # ---------------------------------------------------------------------------------------------------------------
 # The data, checked again at go: with --wait the run may have waited a long time for it.
 check_data() {
-    local f train=(); [[ $TEST_SPLIT == 0 ]] && train=(train)
-    for f in "${SPLIT_FILES[@]}" "${train[@]}"; do
+    local f train=(); [[ $TEST_SPLIT == 0 ]] && train=(meta.json train)
+    for f in "${train[@]}" "${SPLIT_FILES[@]}"; do
         [[ -e $DATA/$f ]] || die "no data cache in '$DATA' (no $f there). Run: python prepare_data.py"
     done
 }

@@ -406,10 +406,17 @@ def test_refuses_without_podman(tmp_path, data):
     assert "podman is not installed" in p.stderr and "AUTORESEARCH_SANDBOX=none" in p.stderr
 
 
-def test_missing_data_is_a_setup_error(tmp_path):
-    repo = make_repo(tmp_path, EXPORT_MODEL)
-    p = run(repo, tmp_path / "nodata")
-    assert p.returncode == 2 and "prepare_data.py" in p.stderr
+@pytest.mark.parametrize("missing", [None, "meta.json", "train", "val/tokens.npy"])
+def test_missing_data_is_a_setup_error(tmp_path, data, missing):
+    repo = make_repo(tmp_path, "print('PROBE started: yes', flush=True)\n" + EXPORT_MODEL)
+    cache = tmp_path / "nodata"
+    if missing:   # a cache with one of the files training or the evaluation needs removed
+        shutil.copytree(data, cache)
+        (shutil.rmtree if (cache / missing).is_dir() else os.remove)(cache / missing)
+    p = run(repo, cache)
+    assert p.returncode == 2 and "Run: python prepare_data.py" in p.stderr, p.stdout + p.stderr
+    assert (f"(no {missing} there)" if missing else "no data cache at") in p.stderr, p.stderr
+    assert "PROBE started" not in p.stdout
 
 
 def test_a_broken_project_is_a_setup_error_not_a_crash_of_train_py(tmp_path, data):
