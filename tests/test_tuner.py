@@ -9,6 +9,7 @@ rank ties, val_mean_rank == N_VAL; 1: image->text ranks average (n+1)/2, val_mea
 its parameters.
 """
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -64,6 +65,14 @@ def test_space_of_the_template_follows_the_active_preset():
                         "LOG_EVERY_S", "PAD_ID", "ROOT"):
             assert skipped not in space
         assert len(space) == 13
+
+
+def test_the_readmes_search_space_block_is_what_the_parser_reads():
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    block = re.search(r"```\n(## Search space\n.*?)```", readme, re.S).group(1)
+    space = {p.name: (p.kind, p.low, p.high) for p in ar.search_space(TRAIN, block, False)}
+    assert space == {"LEARNING_RATE": ("log", 1e-4, 4e-3), "BATCH_SIZE": ("int", 32, 256),
+                     "WARMUP_FRAC": ("float", 0, 0.5)}
 
 
 def test_space_rules():
