@@ -2498,7 +2498,7 @@ def parse_args(argv):
     p.add_argument("--num-ctx", type=int, default=16384, help="context size sent on every Ollama request")
     p.add_argument("--time-budget", type=int, default=int(os.environ.get("AUTORESEARCH_TIME_BUDGET") or 300),
                    help="training seconds per experiment, from $AUTORESEARCH_TIME_BUDGET if exported")
-    p.add_argument("--noise-runs", type=int, default=3, help="baseline runs with different seeds to estimate "
+    p.add_argument("--noise-runs", type=int, default=5, help="baseline runs with different seeds to estimate "
                    "sigma; with >= 2, each keep is repeated once with another seed to re-estimate sigma")
     p.add_argument("--z", type=float, default=2.0, help="keep only if improvement > max(z*sigma, floor)")
     p.add_argument("--floor", type=float, default=0.01, help="minimum improvement, as a fraction of the best")

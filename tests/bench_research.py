@@ -1,7 +1,7 @@
 """Benchmark (issue 10 §3): how much can a keep be trusted?
 
     python tests/bench_research.py --calibration calib.json    # the full benchmark: default data and budget
-    python tests/bench_research.py --calibration calib.json --confirm   # the loop again with other rule flags
+    python tests/bench_research.py --calibration calib.json --noise-runs 3   # the loop again with other rule flags
     python tests/bench_research.py --budget 3 --n-train 300 --n-val 100 --n-test 100 --gains expert-off \\
         --nulls 1 --calib-seeds 3 --noise-runs 2     # a smoke run (minutes; its figures mean nothing)
 
@@ -16,15 +16,15 @@
              steps, same schedule shape): every keep is a false keep;
      gains:  the candidates of step 1.
 3. Report: detection rate of the real gains, false-keep rates on nulls and losses, whether the final best beats
-   the baseline on the test split; and the power of the keep rule at one run per experiment, as it is (candidate
-   against the mean of the K-run baseline) and with common random numbers (candidate and best on the same seed,
-   the rule applied to the paired difference), from the calibration's runs.
+   the baseline on the test split; how far apart two runs of the same code on the same seed land (the calibration's
+   baseline and the loop's); and the power of the keep rule at one run per experiment (power_table).
 """
 import argparse
 import ast
 import json
 import math
 import os
+import random
 import shutil
 import statistics
 import subprocess
@@ -42,7 +42,6 @@ FILES = ["autoresearch.py", "train.py", "run.sh", "evaluator.py", "prepare_data.
          ".gitignore"]
 SEED_EXPR = 'int(os.environ.get("AUTORESEARCH_SEED", 0))'
 BUDGET_EXPR = 'float(os.environ.get("AUTORESEARCH_TIME_BUDGET", 300))'
-PHI = statistics.NormalDist().cdf
 
 
 def module_value(src, name, text):
@@ -92,11 +91,12 @@ def run_once(repo, env, seed, tag):
     if p.returncode != 0 or "val_mean_rank" not in m:
         sys.exit(f"run.sh failed ({tag}, seed {seed}):\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}")
     shutil.rmtree(os.path.join(repo, "runs", tag), ignore_errors=True)
-    return m["val_mean_rank"]
+    return m["val_mean_rank"], m.get("num_steps")
 
 
 def calibrate(repo, env, variants, seeds):
-    """{name: [val_mean_rank of seeds 1..S]}; each variant is a function of the template's train.py."""
+    """{name: [val_mean_rank of seeds 1..S]}; each variant is a function of the template's train.py. The steps each
+    run made are printed: far fewer than its neighbours' means the machine was busy with something else."""
     path = os.path.join(repo, "train.py")
     template = open(path).read()
     values = {}
@@ -104,8 +104,9 @@ def calibrate(repo, env, variants, seeds):
         for name, edit in variants.items():
             with open(path, "w") as f:
                 f.write(edit(template))
-            values[name] = [run_once(repo, env, s, name) for s in range(1, seeds + 1)]
-            print(f"calibration {name:<18} " + " ".join(f"{v:.2f}" for v in values[name]), flush=True)
+            runs = [run_once(repo, env, s, name) for s in range(1, seeds + 1)]
+            values[name] = [v for v, _ in runs]
+            print(f"calibration {name:<18} " + " ".join(f"{v:.2f} ({n or 0:.0f} steps)" for v, n in runs), flush=True)
     finally:
         with open(path, "w") as f:
             f.write(template)
@@ -124,30 +125,48 @@ def scripted_agent(repo, plan):
     return script
 
 
+def p_keep(gain, sd, sigma_of, z, floor, trials=20000, seed=0):
+    """Monte Carlo P(keep) of a candidate whose true gain is `gain`, its measured gain off by N(0, sd), judged with
+    threshold max(z * s, floor), s an estimate of the noise drawn as the loop makes it (sigma_of(rng))."""
+    rng = random.Random(seed)
+    return sum(rng.gauss(gain, sd) > max(z * sigma_of(rng), floor) for _ in range(trials)) / trials
+
+
+def sd_estimate(sd, groups, size):
+    """sigma_of for p_keep: the pooled sd of `groups` groups of `size` runs each of true sd `sd`."""
+    def draw(rng):
+        ss = 0.0
+        for _ in range(groups):
+            g = [rng.gauss(0, sd) for _ in range(size)]
+            ss += sum((x - sum(g) / size) ** 2 for x in g)
+        return math.sqrt(ss / (groups * (size - 1)))
+    return draw
+
+
 def power_table(values, gains, real, a):
-    """Pure. Power of the keep rule at one candidate run per experiment, as it is and with common random numbers."""
+    """P(keep) at one candidate run per experiment (equal compute), with the noise estimated as the loop estimates it
+    (sigma from the K-run baseline: its own sampling error counts), for: the rule as it is (candidate against the mean
+    of the K runs), other K and z, and common random numbers (candidate and best on the same seed, the rule applied to
+    their difference, its sigma pooled from two experiments run twice). The true sigmas come from the calibration."""
     base = values["baseline"]
     sigma, best = statistics.stdev(base), statistics.mean(base)
     floor = a.floor * best
-    # the rule today: candidate (seed 1) against the mean of the K-run baseline; sd of that difference
-    sd_now, thr_now = sigma * math.sqrt(1 + 1 / a.noise_runs), max(a.z * sigma, floor)
-    # common random numbers: candidate and best on the same seed; sd of the paired difference, pooled over gains
-    diffs = {n: [c - b for c, b in zip(values[n], base)] for n in gains}
-    sd_pair = ar.pooled_sigma(diffs.values())
-    thr_pair = max(a.z * sd_pair, floor)
-    sd_null = statistics.stdev([c - b for c, b in zip(values["null"], base)])
-    print(f"\nsigma of one run {sigma:.3g} ({sigma / best:.1%} of {best:.4g}); sd of a difference: unpaired "
-          f"{sd_now:.3g}, paired on the same seed {sd_pair:.3g} (gains), {sd_null:.3g} (the seed-only null)")
-    print(f"{'edit':<14}{'mean gain':>10}{'real?':>7}{'P(keep) now':>13}{'with CRN':>10}")
-    for n in gains:
-        delta = best - statistics.mean(values[n])
-        print(f"{n:<14}{delta:>10.3g}{'yes' if n in real else 'no':>7}"
-              f"{PHI((delta - thr_now) / sd_now):>13.0%}{PHI((delta - thr_pair) / sd_pair):>10.0%}")
-    for pct in (0.05, 0.10, 0.20):
-        print(f"a gain of {pct:.0%} of the metric: P(keep) now {PHI((pct * best - thr_now) / sd_now):.0%}, with CRN "
-              f"{PHI((pct * best - thr_pair) / sd_pair):.0%}")
-    print(f"false keeps of a seed-only null: now {PHI(-thr_now / sd_now):.0%}, with CRN {PHI(-thr_pair / sd_null):.0%} "
-          f"(a change of the random stream is not paired: CRN needs sigma from such changes, not from the seeds)")
+    sd_pair = ar.pooled_sigma([[c - b for c, b in zip(values[n], base)] for n in gains])   # edit vs best, same seed
+    print(f"\nsigma of one run {sigma:.3g} ({sigma / best:.1%} of {best:.4g}); sd of a paired difference (an edit and "
+          f"the baseline on the same seed) {sd_pair:.3g}, against {sigma * math.sqrt(2):.3g} for two independent runs")
+
+    def as_it_is(k, z):   # the candidate against the mean of k runs: off by sigma * sqrt(1 + 1/k)
+        return lambda g, psd: p_keep(g, sigma * math.sqrt(1 + 1 / k), sd_estimate(sigma, 1, k), z, floor)
+    kz = dict.fromkeys(((a.noise_runs, a.z), (3, a.z), (5, a.z), (a.noise_runs, 1.5), (a.noise_runs, 2.5)))
+    rules = [(f"K {k}, z {z}", as_it_is(k, z)) for k, z in kz]
+    rules.append((f"paired, z {a.z}", lambda g, psd: p_keep(g, psd, sd_estimate(sd_pair, 2, 2), a.z, floor)))
+    # a paired difference is off by sd_pair; a seed-only null's by sigma * sqrt(2): a new random stream never pairs
+    rows = [("seed-only null", 0.0, sigma * math.sqrt(2))] + \
+        [(f"{n}{' (real)' if n in real else ''}", best - statistics.mean(values[n]), sd_pair) for n in gains] + \
+        [(f"gain of {p:.0%}", p * best, sd_pair) for p in (0.05, 0.1, 0.2)]
+    print(f"{'P(keep)':<22}{'true gain':>10}" + "".join(f"{name:>14}" for name, _ in rules))
+    for label, g, psd in rows:
+        print(f"{label:<22}{g:>10.3g}" + "".join(f"{rule(g, psd):>14.0%}" for _, rule in rules))
 
 
 def main():
@@ -159,7 +178,7 @@ def main():
     ap.add_argument("--calib-seeds", type=int, default=3, help="seeds per variant in the calibration (>= 3)")
     ap.add_argument("--gains", nargs="+", default=["expert-off", "lr-x2", "batch-half"])
     ap.add_argument("--nulls", type=int, default=4)
-    ap.add_argument("--noise-runs", type=int, default=3)
+    ap.add_argument("--noise-runs", type=int, default=5)
     ap.add_argument("--z", type=float, default=2.0)
     ap.add_argument("--floor", type=float, default=0.01)
     ap.add_argument("--confirm", action="store_true")
@@ -212,8 +231,8 @@ def main():
                  "--z", str(a.z), "--floor", str(a.floor), "--fix-attempts", "0"] + (["--confirm"] if a.confirm else [])
         with FakeOllama({"qwen2.5-coder:7b": 32768}, scripted_agent(repo, [(f"{kind}: {n}", e) for kind, n, e in plan])
                         ) as fake:
-            p = subprocess.run([sys.executable, "autoresearch.py", *flags], cwd=repo, env=dict(env, OLLAMA_HOST=fake.url),
-                               capture_output=True, text=True)
+            p = subprocess.run([sys.executable, "autoresearch.py", *flags], cwd=repo,
+                               env=dict(env, OLLAMA_HOST=fake.url), capture_output=True, text=True)
             if p.returncode != 0 or fake.remaining:
                 sys.exit(f"the loop failed (exit {p.returncode}, {fake.remaining} scripted replies left):\n"
                          f"{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
@@ -239,6 +258,10 @@ def main():
             print(f"final best val {best:.4g} vs baseline {float(rows[0]['best']):.4g}; on test {t_test} vs {b_test}: "
                   f"{'beats' if t_test is not None and b_test is not None and t_test < b_test else 'does NOT beat'} "
                   f"the baseline")
+        same = [x - y for x, y in zip(ar.runs_of(rows[0]), base)]
+        spread = f" (sd {statistics.stdev(same):.3g}; of two independent runs: {statistics.stdev(base) * 2 ** 0.5:.3g})"
+        print(f"the same code on the same seeds, the loop's baseline minus the calibration's: "
+              f"{' '.join(f'{d:+.3g}' for d in same)}{spread * (len(same) > 1)}")
         power_table(values, gains, real, a)
         if a.keep:
             print(f"\nkept {tmp}")

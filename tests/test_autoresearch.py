@@ -656,7 +656,7 @@ def test_time_budget_flag_and_env(monkeypatch):
     monkeypatch.delenv("OLLAMA_HOST", raising=False)
     a = ar.parse_args([])
     assert (a.time_budget, a.num_ctx, a.model, a.host, a.noise_runs) == (300, 16384, "qwen2.5-coder:7b",
-                                                                         "http://127.0.0.1:11434", 3)
+                                                                         "http://127.0.0.1:11434", 5)
     monkeypatch.setenv("AUTORESEARCH_TIME_BUDGET", "42")
     monkeypatch.setenv("OLLAMA_HOST", "http://10.0.0.2:11434")
     a = ar.parse_args([])
