@@ -508,9 +508,10 @@ names=$(python3 "$REPO/evaluator.py" --names "$EVAL_SPLIT") ||
 # ---------------------------------------------------------------------------------------------------------------
 # The data, checked again at go: with --wait the run may have waited a long time for it.
 check_data() {
-    local f train=(); [[ $TEST_SPLIT == 0 ]] && train=(meta.json train)
-    for f in "${train[@]}" "${SPLIT_FILES[@]}"; do
-        [[ -e $DATA/$f ]] || die "no data cache in '$DATA' (no $f there). Run: python prepare_data.py"
+    local f train=(); [[ $TEST_SPLIT == 0 ]] && train=(meta.json train/)
+    for f in "${train[@]}" "${SPLIT_FILES[@]}"; do   # files, and the train/ directory
+        [[ $f == */ && -d $DATA/$f || $f != */ && -f $DATA/$f ]] ||
+            die "no data cache in '$DATA' (no ${f%/} there). Run: python prepare_data.py"
     done
 }
 check_data

@@ -406,13 +406,16 @@ def test_refuses_without_podman(tmp_path, data):
     assert "podman is not installed" in p.stderr and "AUTORESEARCH_SANDBOX=none" in p.stderr
 
 
-@pytest.mark.parametrize("missing", [None, "meta.json", "train", "val/tokens.npy"])
-def test_missing_data_is_a_setup_error(tmp_path, data, missing):
+@pytest.mark.parametrize("missing, kind", [(None, None), ("meta.json", None), ("train", None), ("val/tokens.npy", None),
+                                           ("meta.json", "dir"), ("train", "file")])
+def test_missing_data_is_a_setup_error(tmp_path, data, missing, kind):
     repo = make_repo(tmp_path, "print('PROBE started: yes', flush=True)\n" + EXPORT_MODEL)
     cache = tmp_path / "nodata"
-    if missing:   # a cache with one of the files training or the evaluation needs removed
+    if missing:   # a cache with one of the files training or the evaluation needs removed, or of the wrong kind
         shutil.copytree(data, cache)
         (shutil.rmtree if (cache / missing).is_dir() else os.remove)(cache / missing)
+        if kind:
+            (cache / missing).mkdir() if kind == "dir" else (cache / missing).write_text("")
     p = run(repo, cache)
     assert p.returncode == 2 and "Run: python prepare_data.py" in p.stderr, p.stdout + p.stderr
     assert (f"(no {missing} there)" if missing else "no data cache at") in p.stderr, p.stderr
