@@ -26,6 +26,7 @@ import torch.nn.functional as F
 # ----------------------------------------------------------------------------------------------- hyperparameters
 TIME_BUDGET = float(os.environ.get("AUTORESEARCH_TIME_BUDGET", 300))  # seconds of training; the harness sets it
 SEED = int(os.environ.get("AUTORESEARCH_SEED", 0))  # the harness varies it to measure noise
+MAX_STEPS = int(os.environ.get("AUTORESEARCH_MAX_STEPS", 0))  # tests only: stop after this many steps (0: budget only)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 WEIGHT_DECAY = 1e-4
@@ -266,7 +267,7 @@ def main():
     t0 = time.time()
     while True:
         elapsed = time.time() - t0
-        progress = elapsed / TIME_BUDGET
+        progress = max(elapsed / TIME_BUDGET, step / MAX_STEPS if MAX_STEPS else 0.0)
         if progress >= 1.0:
             break
         lr = lr_at(progress)

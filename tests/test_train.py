@@ -7,15 +7,18 @@ import pytest
 from conftest import ROOT, run_py
 
 RANDOM = (100 + 1) / 2  # random mean rank on the 100-example val split of tiny_data
+STEPS = 120             # about 30 s on 2 quiet cores
 
 
 @pytest.fixture(scope="module")
 def trained(tiny_data, tmp_path_factory):
-    # train.py as shipped except a smaller batch, so that a 30 s run on 2 shared cores takes enough steps to learn
+    # train.py as shipped except a smaller batch, for a fixed number of steps (AUTORESEARCH_MAX_STEPS; the schedule
+    # follows them), so that a busy machine trains exactly as much as a quiet one, only slower
     out = tmp_path_factory.mktemp("run")
     script = patched_copy(tmp_path_factory.mktemp("src"), BATCH_SIZE=32)
     r = run_py([script], env={"AUTORESEARCH_DATA": str(tiny_data), "AUTORESEARCH_OUT": str(out),
-                                         "AUTORESEARCH_TIME_BUDGET": "30", "AUTORESEARCH_SEED": "1"}, timeout=240)
+                              "AUTORESEARCH_TIME_BUDGET": "3600", "AUTORESEARCH_MAX_STEPS": str(STEPS),
+                              "AUTORESEARCH_SEED": "1"}, timeout=900)
     return r, out
 
 
@@ -23,10 +26,10 @@ def test_training_lowers_the_loss_and_exports(trained):
     r, out = trained
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     losses = [float(m) for m in re.findall(r"^step \d+ \| loss ([0-9.]+) \| lr", r.stdout, re.M)]
-    assert len(losses) >= 2, r.stdout
+    assert losses, r.stdout   # the first step is always logged; later ones every LOG_EVERY_S seconds
     stats = json.loads((out / "train_stats.json").read_text())
     assert set(stats) >= {"training_seconds", "num_steps", "peak_memory_mb", "num_params_m", "final_loss"}
-    assert stats["num_steps"] > 10 and 30 <= stats["training_seconds"] < 60
+    assert stats["num_steps"] == STEPS
     assert stats["final_loss"] < losses[0] - 0.1, (losses, stats)  # smoothed final vs first step
     assert (out / "image_encoder.pt2").is_file() and (out / "text_encoder.pt2").is_file()
     assert "val_" not in r.stdout  # train.py never prints metrics
@@ -39,7 +42,7 @@ def test_trained_model_beats_random_under_the_trusted_evaluator(trained, tiny_da
     assert e.returncode == 0, e.stderr
     vals = dict(line.split(": ", 1) for line in e.stdout.splitlines() if ": " in line)
     assert float(vals["val_mean_rank"]) < 0.75 * RANDOM, e.stdout
-    assert int(vals["num_steps"]) > 10
+    assert int(vals["num_steps"]) == STEPS
 
 
 def patched_copy(tmp_path, **constants):
