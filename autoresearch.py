@@ -49,6 +49,7 @@ import argparse
 import ast
 import datetime
 import difflib
+import fcntl
 import functools
 import hashlib
 import json
@@ -81,30 +82,43 @@ SCRATCHPAD = "scratchpad.md"
 TRAIN = "train.py"
 # results.tsv's columns after the contract's six (experiment commit val_<METRIC> delta status description)
 MORE_COLUMNS = ["runs", "best", "sigma", "threshold", "reason", "phase", "best_commit", "model_seconds", "run_seconds",
-                "wall_seconds", "prompt_tokens", "finished", "agent", "train_wall_seconds", "round", "worker"]
+                "wall_seconds", "prompt_tokens", "finished", "agent", "train_wall_seconds", "round", "worker",
+                "time_budget"]
 TEXT_COLUMNS = {"commit", "status", "description", "reason", "phase", "best_commit", "finished", "agent"}
-INT_COLUMNS = {"experiment", "prompt_tokens", "round", "worker"}
+INT_COLUMNS = {"experiment", "prompt_tokens", "round", "worker", "time_budget"}
+STATUSES = ("baseline", "keep", "discard", "crash", "timeout", "invalid", "interrupted")
 READABLE = {TRAIN, PROGRAM, SCRATCHPAD, RESULTS}       # + the last run's log, added at run time
 EDITABLE = {TRAIN, SCRATCHPAD}
+TMP = ".tmp"                      # write_text's file beside the one it replaces (a kill -9 may leave it)
 OUR_OUTPUTS = ("results.tsv", "progress.png", "logs/", "runs/", ".worktrees/",  # never make the tree "dirty"
-               "results-", "compare.png", "test_scores.tsv")          # (results-TAG.tsv: archived runs)
+               "results-", "compare.png", "test_scores")          # (results-TAG.tsv: archived runs)
 TEST_SCORES = "test_scores.tsv"   # test_<METRIC> of each commit evaluated on the test split
 SCRATCHPAD_MAX_CHARS = 4000       # the agent must condense its notes beyond this
 READ_MAX_CHARS = 20000
 LOG_MAX_BYTES = 64 << 20          # per experiment log; the metric block is parsed from the in-memory tail
 LOG_TAIL_LINES = 60
 TOOL_RESULT_MAX = 8000
-# The time budget is the harness's: run.sh times the training container itself (train_wall_seconds). A candidate may
-# run past the budget by OVERHEAD_FACTOR x the baseline's own overhead (its train_wall_seconds - budget: start-up,
-# data loading, export), at least OVERHEAD_FLOOR seconds (the jitter of a busy machine); beyond that it is invalid,
-# and GRACE_MARGIN seconds later run.sh kills it (AUTORESEARCH_GRACE, unless the user set it). The baseline is the
-# user's own train.py and nothing is measured yet: it gets run.sh's generous default grace.
-OVERHEAD_FACTOR = 2.0
-OVERHEAD_FLOOR = 30.0
+# The time budget is the harness's: run.sh times the training container itself (train_wall_seconds), from its go to
+# its exit. A candidate may run past the budget by a fixed allowance for start-up, data loading and export:
+# ALLOWANCE_SHARE of the budget, at least ALLOWANCE_MIN seconds. Nothing measured widens it (a baseline slowed by a busy
+# machine once bought candidates several times the budget); beyond it a run is invalid, and GRACE_MARGIN seconds later
+# run.sh kills it (AUTORESEARCH_GRACE, unless the user set it). The baseline is the user's own train.py: it gets
+# run.sh's generous default grace, and a warning where its own overhead would not fit the allowance.
+ALLOWANCE_SHARE = 0.10
+ALLOWANCE_MIN = 30.0
 GRACE_MARGIN = 10
+DEFAULT_BUDGET = 300               # training seconds per run (run.sh's default for AUTORESEARCH_TIME_BUDGET too)
 RUN_GRACE, EVAL_TIMEOUT = 120, 600  # run.sh's defaults for AUTORESEARCH_GRACE and AUTORESEARCH_EVAL_TIMEOUT
+MEMORY_RESERVE = 2 << 30          # host memory kept for the harness, Ollama and the system (or 10%, if more)
+MEMORY_WAITING = 512 << 20        # what an evaluation container holds while its run trains (torch loaded)
+MEMORY_MIN = 256 << 20            # less than this per run trains nothing
+SIZES = {"AUTORESEARCH_MEMORY": "16g", "AUTORESEARCH_HANDOFF_SIZE": "2g", "AUTORESEARCH_SHM_SIZE": "2g"}   # run.sh's
 HARNESS_SLACK = 120                 # the harness's own kill comes this long after run.sh's two limits
 TOKEN_RESERVE = 0.25              # share of num_ctx left for tool results and the answer
+CHARS_PER_TOKEN = 3.0             # for train.py's size limit: below what code tokenizes to (about 3.5)
+PROMPT_OTHER_CHARS = 3000          # the least the first prompt holds beside train.py and the system prompt: the tool
+                                   # schemas (about 1.1K), the framing, and user_message's tightest cut of the
+                                   # results (2) and the notes (600 characters)
 
 
 class HarnessError(Exception):
@@ -172,7 +186,7 @@ def check_argv(argv):
         if len(argv) < 2 or argv[1] not in GIT_SUBCOMMANDS:
             return f"git subcommand not allowed: {argv[1:2]}"
         return None
-    if prog in ("./run.sh", "podman"):
+    if prog == "./run.sh" or argv[:3] == ["podman", "image", "exists"] and len(argv) == 4:
         return None
     if prog in ("srun", "sbatch"):
         # options only (values joined by '='), then exactly ./run.sh [--test DIR] or the start-up probe
@@ -337,12 +351,10 @@ def last_loss(line):
     return m.group(1) if m else None
 
 
-def budget_allowance(rows, budget):
-    """Pure. Seconds a candidate's training container may run past the budget: OVERHEAD_FACTOR x the baseline's own
-    overhead (the slowest of its seeds), at least OVERHEAD_FLOOR (also when no baseline overhead is recorded)."""
-    base = next((r for r in rows if r["status"] == "baseline"), {})
-    wall = num(base.get("train_wall_seconds"))
-    return max(OVERHEAD_FACTOR * (wall - budget), OVERHEAD_FLOOR) if wall is not None else OVERHEAD_FLOOR
+def budget_allowance(budget):
+    """Pure. Seconds a candidate's training container may run past the budget: max(ALLOWANCE_SHARE x budget,
+    ALLOWANCE_MIN)."""
+    return max(ALLOWANCE_SHARE * budget, ALLOWANCE_MIN)
 
 
 def classify_run(returncode, output, metrics, budget=None, allowance=None, metric=None):
@@ -361,8 +373,8 @@ def classify_run(returncode, output, metrics, budget=None, allowance=None, metri
         if allowance is not None and (wall is None or wall > budget + allowance):
             took = "has no trusted train_wall_seconds" if wall is None else f"took {wall:.0f}s"
             return "invalid", (f"over the time budget: training {took}, more than the {budget}s budget + "
-                               f"{allowance:.0f}s allowed for start-up and export ({OVERHEAD_FACTOR:g}x the "
-                               f"baseline's, at least {OVERHEAD_FLOOR:g}s); TIME_BUDGET is fixed by the harness")
+                               f"{allowance:.0f}s allowed for start-up and export (max({ALLOWANCE_SHARE:.0%} of "
+                               f"the budget, {ALLOWANCE_MIN:g}s)); TIME_BUDGET is fixed by the harness")
         return "ok", ""
     if returncode == 2:
         return "setup", said[:500] or "run.sh exit 2"
@@ -373,6 +385,23 @@ def classify_run(returncode, output, metrics, budget=None, allowance=None, metri
     if returncode in (130, 143):
         return "interrupted", said[:200] or f"run.sh exit {returncode}"
     return "crash", f"run.sh exit {returncode}" + (f": {said[:200]}" if said else "")
+
+
+def parse_error(src):
+    """Pure. Why train.py's source does not parse as Python (a syntax error, a NUL byte), or None."""
+    try:
+        ast.parse(src)
+    except (SyntaxError, ValueError) as e:   # a NUL byte: either, by Python version
+        return f"train.py does not parse: {getattr(e, 'msg', e)}" + (f" (line {e.lineno})" if getattr(
+            e, "lineno", None) else "")
+    return None
+
+
+def train_limit(num_ctx, system_chars):
+    """Pure. The most characters train.py may have: the first prompt holds the system prompt (program.md and the
+    rules), the tool schemas, the notes, the recent results and all of train.py, within the share of the context left
+    after TOKEN_RESERVE, counted at a conservative CHARS_PER_TOKEN."""
+    return int(num_ctx * (1 - TOKEN_RESERVE) * CHARS_PER_TOKEN) - system_chars - PROMPT_OTHER_CHARS
 
 
 def apply_edit(text, old, new):
@@ -450,9 +479,30 @@ def phase_index(statuses, n_phases, every=10, plateau=5):
 
 
 def clean_text(s, limit=300):
-    """One line, no tabs: safe for a TSV cell and a commit subject."""
-    s = re.sub(r"\s+", " ", "" if s is None else str(s)).strip()
-    return s[:limit]
+    """One line, no tabs, encodable (a lone surrogate becomes '?'): safe for a TSV cell and a commit message."""
+    return encodable(re.sub(r"\s+", " ", "" if s is None else str(s)).strip())[:limit]
+
+
+def encodable(obj):
+    """Pure. obj with every string made encodable as UTF-8 (a lone surrogate becomes '?'), in dicts and lists."""
+    if isinstance(obj, str):
+        return obj.encode("utf-8", "replace").decode("utf-8")
+    if isinstance(obj, dict):
+        return {k: encodable(v) for k, v in obj.items()}
+    return [encodable(v) for v in obj] if isinstance(obj, list) else obj
+
+
+def unwritable(args):
+    """Pure. Why a tool call's string arguments cannot be written as UTF-8 (a lone surrogate from JSON such as
+    "\\ud800"), or None."""
+    for k, v in args.items():
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError as e:
+                return (f"{k} holds {v[e.start]!r} at character {e.start}, which cannot be written as UTF-8 (a lone "
+                        f"surrogate): send plain text")
+    return None
 
 
 def fmt(v):
@@ -565,6 +615,21 @@ class Outcome:
     agent: str = "llm"
     round: int = 0
     worker: int = 0
+    time_budget: int = None
+
+
+def decision_line(row, metric):
+    """Pure. How an experiment ended, as a sentence for the terminal: the baseline by the mean of its runs (the number
+    every later decision compares with), a keep by its new best, anything else by the best it leaves standing."""
+    col, runs, best = metric.column, runs_of(row), fmt(row["best"]) or "-"
+    mean = fmt(sum(runs) / len(runs)) if runs else "-"
+    head = f"experiment {row['experiment']}: "
+    if row["status"] == "baseline":
+        return head + f"baseline {col} {best} (the mean of {len(runs)} runs), noise sigma {fmt(row['sigma']) or '-'}"
+    if row["status"] == "keep":
+        return head + f"KEPT, {col} {mean} over {len(runs)} run(s): {row['reason']}. The new best is {best}"
+    what = f"{row['status']}, {col} {mean}" if runs else row["status"]
+    return head + f"{what}: {row['reason']}. The best stays {best}"
 
 
 def make_row(o, rows, metric, now):
@@ -580,7 +645,8 @@ def make_row(o, rows, metric, now):
             "model_seconds": o.model_seconds, "run_seconds": o.run_seconds,
             "wall_seconds": now - o.started if o.started else None, "prompt_tokens": o.prompt_tokens,
             "finished": datetime.datetime.fromtimestamp(now).isoformat(timespec="seconds"), "agent": o.agent,
-            "train_wall_seconds": o.train_wall_seconds, "round": o.round, "worker": o.worker}
+            "train_wall_seconds": o.train_wall_seconds, "round": o.round, "worker": o.worker,
+            "time_budget": o.time_budget}
 
 
 def typed_row(cells, metric):
@@ -616,42 +682,54 @@ def format_row(row, columns):
     return "\t".join(cell(row.get(c)) for c in columns) + "\n"
 
 
-def parse_results(text):
-    """Pure. (header, rows as dicts by column name): ([], []) for an empty file, None where the header is not the
-    contract's (experiment commit val_<METRIC> delta status description ...). A trailing line without newline (a torn
-    write) is not a recorded result."""
+def parse_results(text, path=RESULTS):
+    """Pure. (header, rows as dicts by column name) of a results file, ([], []) for an empty one. Anything but the
+    contract's header (experiment commit val_<METRIC> delta status description ...) and complete rows of it is one
+    HarnessError naming the line: a file that is not what the harness wrote is never read half-way."""
     if not text.strip():
         return [], []
     lines = text.split("\n")
     header = lines[0].split("\t")
     if len(header) < 6 or header[:2] != ["experiment", "commit"] or not header[2].startswith("val_") or \
             header[3:6] != ["delta", "status", "description"]:
-        return None
+        raise HarnessError(f"{path} line 1 is not the header of a results file (experiment, commit, val_<METRIC>, "
+                           f"delta, status, description, ...): move the file away (mv {path} results-old.tsv)")
     rows = []
-    for line in lines[1:-1]:   # last element is '' or a torn line
-        if line.strip():
-            cells = line.split("\t")
-            rows.append({h: (cells[i] if i < len(cells) else "") for i, h in enumerate(header)})
+    for i, line in enumerate(lines[1:], 2):
+        if not line.strip():
+            continue
+        cells = line.split("\t")
+        row = dict(zip(header, cells))
+        bad = ("it has no newline at its end (cut short by a crash?)" if i == len(lines) else
+               f"it has {len(cells)} cells, not {len(header)}" if len(cells) != len(header) else
+               next((f"{c} is {row[c][:20]!r}" for c in header if not _cell_ok(c, row[c])), None))
+        if bad:
+            raise HarnessError(f"{path} line {i} is not a row autoresearch wrote ({bad}): delete or repair that line, "
+                               f"then run again")
+        rows.append(row)
     return header, rows
 
 
-def load_results(path=RESULTS, repair=False, metric=None):
+def _cell_ok(column, v):
+    """Pure. Whether a results.tsv cell can be what the harness writes in that column."""
+    if column == "experiment":
+        return v.isdigit()
+    if column == "status":
+        return v in STATUSES
+    if column in TEXT_COLUMNS or not v:
+        return True
+    return all(num(x) is not None for x in v.split(",")) if column == "runs" else num(v) is not None
+
+
+def load_results(path=RESULTS, metric=None):
     """Rows of a results file as text by column name; given a metric, a file of another metric is refused."""
     if not os.path.exists(path):
         return []
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    parsed = parse_results(text)
-    if parsed is None:
-        raise HarnessError(f"{path} does not start with the expected header; move it away")
-    header, rows = parsed
+    header, rows = parse_results(read_text(path), path)
     if metric and header and header[2] != metric.column:
         raise HarnessError(f"{path} records {header[2]}, but this project's prepare_data.py declares METRIC = "
                            f"{metric.name!r} ({metric.column}): those are results of another metric. Move the file "
                            f"away (mv {path} results-old.tsv), or go back to the prepare_data.py it was written under")
-    if repair and text and not text.endswith("\n"):
-        with open(path, "r+", encoding="utf-8") as f:   # drop the torn last line before appending
-            f.truncate(len(text[:text.rfind("\n") + 1].encode("utf-8")))
     return rows
 
 
@@ -660,29 +738,20 @@ def upgrade_results(metric, path=RESULTS):
     worker as typed_row reads them. Columns no longer written (once, a project's second metric) stay, at the end."""
     if not os.path.exists(path):
         return
-    header, rows = parse_results(read_text(path))
+    header, rows = parse_results(read_text(path), path)
     if not header or header[:len(metric.columns)] == metric.columns:
         return
     columns = metric.columns + [h for h in header if h not in metric.columns]
     new = [{**r, **{k: typed_row(r, metric)[k] for k in ("round", "worker")}} for r in rows]
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.write("\t".join(columns) + "\n" + "".join(format_row(r, columns) for r in new))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
+    write_text(path, "\t".join(columns) + "\n" + "".join(format_row(r, columns) for r in new))
 
 
 def append_row(row, path=RESULTS, metric=None):
-    """Append one row; a new file starts with the project's header."""
-    columns = (metric or project_metric()).columns
-    new = not os.path.exists(path) or os.path.getsize(path) == 0
-    data = ("\t".join(columns) + "\n" if new else "") + format_row(row, columns)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, data.encode("utf-8"))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """Add one row under the file's header (the file rewritten whole, write_text); a new file starts with the
+    project's header."""
+    old = read_text(path) if os.path.exists(path) else ""
+    old = old or "\t".join((metric or project_metric()).columns) + "\n"
+    write_text(path, old + format_row(row, old.split("\n", 1)[0].split("\t")))
 
 
 def num(v):
@@ -702,6 +771,31 @@ def runs_of(row):
 def noise_groups(rows):
     """Groups of repeated runs (same commit, different seeds) recorded in the `runs` column."""
     return [g for g in (runs_of(r) for r in rows if r["status"] in ("baseline", "keep")) if len(g) >= 2]
+
+
+def pending_baseline(rows):
+    """Pure. The row of a baseline that stopped part-way (interrupted, round 0: its runs are the seeds that finished)
+    while no baseline is recorded, else None."""
+    if any(r["status"] == "baseline" for r in rows):
+        return None
+    return next((r for r in reversed(rows) if r["status"] == "interrupted" and r["round"] == 0), None)
+
+
+def baseline_failure(run, seed, values, wall, budget, grace):
+    """Pure. Why baseline seed `seed` failed, in words a user can act on. A timeout after seeds that finished well
+    within the limit is the machine's (busy), not train.py's."""
+    limit = f"its limit of budget {budget}s + grace {grace}s (AUTORESEARCH_GRACE)"
+    if run.status == "timeout" and values:
+        return (f"baseline seed {seed} ran out of time ({limit}), where seeds 1-{seed - 1} finished (the slowest "
+                f"training container took {wall:.0f}s): the machine was slower this time (busy?), not train.py over "
+                f"its budget. The {len(values)} finished seeds are recorded. Free the machine, or export "
+                f"AUTORESEARCH_GRACE={2 * grace} for more time.")
+    if run.status == "timeout":
+        return (f"baseline seed 1 ran out of time ({limit}): does train.py stop at TIME_BUDGET? If its start-up and "
+                f"export take that long, export AUTORESEARCH_GRACE={2 * grace}; on a busy machine, free it first.")
+    return (f"baseline seed {seed} failed ({run.status}: {run.reason}); see {run.log}"
+            + (f" (the {len(values)} finished seeds are recorded)" if values else "") +
+            f". Fix train.py or the sandbox, and commit the fix on this branch (a new commit runs every seed again).")
 
 
 def state_from_rows(rows):
@@ -829,10 +923,13 @@ def parse_search_space(program_text, consts, preset="active"):
     One constant per line, `NAME: log|float|int LOW HIGH`; blank lines, ``` fences, list dashes and backticks
     around a line are ignored; the next `#` heading ends the block. Bad input: one HarnessError naming the line."""
     lines = program_text.split("\n")
-    start = next((i for i, line in enumerate(lines) if re.fullmatch(r"##\s*search space\s*", line.strip(), re.I)),
-                 None)
-    if start is None:
+    starts = [i for i, line in enumerate(lines) if re.fullmatch(r"##\s*search space\s*", line.strip(), re.I)]
+    if len(starts) > 1:
+        raise HarnessError(f"{PROGRAM} has {len(starts)} ## Search space blocks (lines "
+                           f"{', '.join(str(i + 1) for i in starts)}): keep one")
+    if not starts:
         return None
+    start = starts[0]
     space = []
     for i in range(start + 1, len(lines)):
         raw = lines[i].strip()
@@ -1063,8 +1160,44 @@ def read_scratchpad():
 
 
 def write_text(path, text):
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
+    """The one way the harness writes a file: whole, or not at all. Encoded first (a lone surrogate raises here, before
+    anything is touched), written to PATH.tmp beside it, fsync'd and renamed over it, so that a crash or kill -9
+    leaves the old file or the new one, never half of either (nor an empty train.py)."""
+    data = text.encode("utf-8")
+    with open(path + TMP, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + TMP, path)
+
+
+def env_int(name, default, environ=os.environ):
+    """A whole number above 0 from the environment, `default` where unset or empty."""
+    v = environ.get(name, "").strip()
+    if v and not re.fullmatch(r"[1-9][0-9]*", v):
+        raise HarnessError(f"{name} must be a whole number above 0, got {v!r}")
+    return int(v) if v else default
+
+
+def env_size(name, default, environ=os.environ):
+    """Bytes of a size from the environment written as podman and run.sh take it (16g, 500m, 2G, 1048576)."""
+    v = environ.get(name, "").strip() or default
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([kmgt]?)", v.lower())
+    if not m or float(m.group(1)) <= 0:
+        raise HarnessError(f"{name} must be a size like 16g or 500m, got {v!r}")
+    return int(float(m.group(1)) * 1024 ** " kmgt".index(m.group(2) or " "))
+
+
+def check_environment(environ=os.environ):
+    """Every number the user may set for the loop and run.sh, checked before anything changes: one error naming the
+    variable as the user wrote it."""
+    for name in ("AUTORESEARCH_TIME_BUDGET", "AUTORESEARCH_GRACE", "AUTORESEARCH_EVAL_TIMEOUT", "AUTORESEARCH_PIDS"):
+        env_int(name, 1, environ)
+    for name, default in SIZES.items():
+        env_size(name, default, environ)
+    cpus = environ.get("AUTORESEARCH_CPUS", "").strip()
+    if cpus and (num(cpus) is None or num(cpus) <= 0):
+        raise HarnessError(f"AUTORESEARCH_CPUS must be a positive number of cores like 2 or 0.5, got {cpus!r}")
 
 
 def data_dir():
@@ -1076,7 +1209,7 @@ def dirty_files(cwd="."):
     if p.returncode != 0:
         raise HarnessError(f"git status failed: {p.stderr.strip()}")
     files = [line[3:].strip().strip('"') for line in p.stdout.split("\n") if line.strip()]
-    return [f for f in files if not f.startswith(OUR_OUTPUTS)]
+    return [f for f in files if not f.startswith(OUR_OUTPUTS) and not f.endswith(TMP)]
 
 
 def make_client(host, timeout):
@@ -1101,11 +1234,45 @@ def is_transient(e):
     return is_connection_error(e) or (getattr(e, "status_code", 0) or 0) >= 500
 
 
-def startup_checks(args, client):
-    """Every failure is one message that names the fix."""
-    if git("rev-parse", "--is-inside-work-tree", check=False) != "true":
+def lock_repo():
+    """One loop per repository: an exclusive flock on .git/autoresearch.lock (shared by the workers' worktrees), taken
+    before anything looks at runs, rows or the branch; a second instance stops with the holder's pid and changes
+    nothing. The lock goes with this process, however it ends (kill -9 included): run.sh does not inherit it."""
+    common = git("rev-parse", "--path-format=absolute", "--git-common-dir", check=False)
+    if not common or git("rev-parse", "--is-inside-work-tree", check=False) != "true":
         raise HarnessError("not inside a git repository: run autoresearch from the project's git checkout "
                            "(git init && git add -A && git commit -m init)")
+    fd = os.open(os.path.join(common, "autoresearch.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pid = os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
+        os.close(fd)
+        raise HarnessError(f"another autoresearch (pid {pid}) is running in this repository: wait for it to end, "
+                           f"or stop it (kill {pid}; it cleans up), then start again") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def sandbox_image():
+    """The image run.sh runs in image mode, None in host mode or without a sandbox: AUTORESEARCH_IMAGE, else the one
+    it builds from Containerfile and requirements.txt, tagged by their hash (as run.sh names it)."""
+    image = os.environ.get("AUTORESEARCH_IMAGE", "")
+    if image == "host" or os.environ.get("AUTORESEARCH_SANDBOX") == "none":
+        return None
+    if image:
+        return image
+    try:
+        with open("Containerfile", "rb") as a, open("requirements.txt", "rb") as b:
+            return "localhost/autoresearch:" + hashlib.sha256(a.read() + b.read()).hexdigest()[:12]
+    except FileNotFoundError as e:
+        raise HarnessError(f"{e.filename} is missing: run.sh builds the sandbox image from Containerfile and "
+                           f"requirements.txt (or export AUTORESEARCH_IMAGE=host)") from None
+
+
+def startup_checks(args, client):
+    """Every failure is one message that names the fix (lock_repo has checked that this is a git checkout)."""
     top = git("rev-parse", "--show-toplevel")
     if os.path.realpath(top) != os.path.realpath(os.getcwd()):
         raise HarnessError(f"run autoresearch from the repository root: cd {top}")
@@ -1166,9 +1333,16 @@ def check_model(args, client):
 def check_sandbox(args):
     if os.environ.get("AUTORESEARCH_SANDBOX") == "none":
         say("autoresearch: WARNING: AUTORESEARCH_SANDBOX=none, training runs unsandboxed on this machine")
-    elif not on_slurm(args) and not shutil.which("podman"):
+        return
+    if on_slurm(args):
+        return   # the compute nodes run podman (slurm_startup checks what a job sees)
+    if not shutil.which("podman"):
         raise HarnessError("the sandbox needs podman: install it (apt-get install podman), or set "
                            "AUTORESEARCH_SANDBOX=none to run unsandboxed (unsafe)")
+    image = sandbox_image()
+    if image and spawn(["podman", "image", "exists", image]).returncode != 0:
+        raise HarnessError(f"the sandbox image {image} does not exist: build it once with ./run.sh --build (it needs "
+                           f"the network), or, on a machine that cannot pull images, export AUTORESEARCH_IMAGE=host")
 
 
 def start_ollama(args, client):
@@ -1233,8 +1407,7 @@ def track_run(label, pid):
         else:
             _running[label] = pid
         if _running:
-            write_text(RUNNING + ".tmp", "\n".join(str(p) for p in _running.values()))
-            os.replace(RUNNING + ".tmp", RUNNING)
+            write_text(RUNNING, "\n".join(str(p) for p in _running.values()))
         elif os.path.exists(RUNNING):
             os.remove(RUNNING)
 
@@ -1320,6 +1493,35 @@ def worker_slots(n, gpus, gpu_count, cpu_count):
     return [{"AUTORESEARCH_CPUS": f"{cpu_count / n:.3g}"} for _ in range(n)]
 
 
+def run_memory(n, host_bytes, environ=os.environ):
+    """Pure. The memory limits of each of n runs at once ({AUTORESEARCH_MEMORY, AUTORESEARCH_HANDOFF_SIZE}), so that
+    n x (memory + hand-off + MEMORY_WAITING, the evaluation container that holds torch while its run trains) fits in
+    the host's memory less MEMORY_RESERVE (at least, or 10%) for the harness, Ollama and the system. Defaults shrink
+    to fit (the hand-off to a quarter of a run's share); values the user set are checked as they are."""
+    room = host_bytes - max(MEMORY_RESERVE, host_bytes // 10)
+    share = room // n - MEMORY_WAITING
+    mem, hand = (env_size(k, SIZES[k], environ) for k in ("AUTORESEARCH_MEMORY", "AUTORESEARCH_HANDOFF_SIZE"))
+    if mem + hand > share and not environ.get("AUTORESEARCH_HANDOFF_SIZE", "").strip():
+        hand = min(hand, max(share, 0) // 4)
+    if mem + hand > share and not environ.get("AUTORESEARCH_MEMORY", "").strip():
+        mem = share - hand
+    if mem + hand > share or mem < MEMORY_MIN:
+        gib = lambda b: f"{b / 2**30:.3g}g"   # noqa: E731
+        raise HarnessError(
+            f"{n} run(s) at once need {n} x (AUTORESEARCH_MEMORY {gib(mem)} + AUTORESEARCH_HANDOFF_SIZE {gib(hand)} + "
+            f"{gib(MEMORY_WAITING)} for the waiting evaluation), more than this host's {gib(host_bytes)} less "
+            f"{gib(host_bytes - room)} kept for the harness and Ollama: " + (
+                f"export AUTORESEARCH_MEMORY={gib(share - hand)} or less" if share - hand >= MEMORY_MIN else
+                "this host has too little memory") + (" or run fewer --workers" if n > 1 else ""))
+    return {"AUTORESEARCH_MEMORY": f"{mem >> 20}m", "AUTORESEARCH_HANDOFF_SIZE": f"{hand >> 20}m"}
+
+
+def host_memory():
+    """Bytes of memory of this machine (MemTotal)."""
+    with open("/proc/meminfo") as f:
+        return int(re.search(r"^MemTotal:\s+(\d+) kB", f.read(), re.M).group(1)) * 1024
+
+
 def gpu_count():
     """GPUs the NVIDIA driver sees (none without it): read from /proc, no subprocess."""
     d = "/proc/driver/nvidia/gpus"
@@ -1389,7 +1591,7 @@ def srun_argv(site, name, minutes, workdir, command):
 def run_limit(budget, grace):
     """Seconds after which a run is stopped from outside (by the harness, or SLURM's --time): run.sh's own two
     limits, training (budget + grace) and evaluation, plus slack."""
-    return budget + grace + int(os.environ.get("AUTORESEARCH_EVAL_TIMEOUT") or EVAL_TIMEOUT) + HARNESS_SLACK
+    return budget + grace + env_int("AUTORESEARCH_EVAL_TIMEOUT", EVAL_TIMEOUT) + HARNESS_SLACK
 
 
 def launch_argv(args, label, command, grace=RUN_GRACE, cwd="."):
@@ -1503,8 +1705,7 @@ def slurm_startup(args):
 
 def run_grace(allowance):
     """run.sh's AUTORESEARCH_GRACE: the user's, else a candidate's allowance plus a margin, else run.sh's default."""
-    return int(os.environ.get("AUTORESEARCH_GRACE") or
-               (RUN_GRACE if allowance is None else math.ceil(allowance) + GRACE_MARGIN))
+    return env_int("AUTORESEARCH_GRACE", RUN_GRACE if allowance is None else math.ceil(allowance) + GRACE_MARGIN)
 
 
 def start_run(args, label, run_dir, seed, allowance=None, cwd=".", slot=None, wait=False):
@@ -1545,9 +1746,12 @@ def run_sandbox(args, label, run_dir, seed, phase_short, allowance=None, metric=
     # under SLURM the job's --time bounds the run, and time spent queueing is not the run's
     limit = math.inf if on_slurm(args) else run_limit(args.time_budget, run_grace(allowance))
     tail, buf, loss, stopped, logged = b"", b"", "-", None, 0
+    plain = not sys.stdout.isatty()   # nohup, tee, a log file: a line at each start and end instead of the live line
     with open(log_path, "wb", buffering=0) as log:   # unbuffered: users (and tests) tail -f it
         p = started or start_run(args, label, run_dir, seed, allowance, cwd, slot)
         t0 = time.time()
+        if plain:
+            say(f"autoresearch: run {label} started (seed {seed}, {args.time_budget}s budget; log {log_path})")
         try:
             if started:
                 try:
@@ -1598,9 +1802,15 @@ def run_sandbox(args, label, run_dir, seed, phase_short, allowance=None, metric=
         if status == "setup":
             raise HarnessError(f"./run.sh could not run the sandbox: {reason} (full output: {log_path}). "
                                f"Fix the set-up, then continue with --resume.")
+    if status in ("crash", "timeout", "invalid"):
+        reason = f"{reason}; log: {log_path}"
     lines = [line for line in out.split("\n") if line.strip()]
-    return Run(status, reason, metrics, metrics.get(metric.column), time.time() - t0, log_path,
-               "\n".join(lines[-LOG_TAIL_LINES:]))
+    run = Run(status, reason, metrics, metrics.get(metric.column), time.time() - t0, log_path,
+              "\n".join(lines[-LOG_TAIL_LINES:]))
+    if plain:
+        say(f"autoresearch: run {label} ended after {run.seconds:.0f}s: {status}" +
+            (f", {metric.column} {fmt(run.value)}" if run.value is not None else f" ({reason})"))
+    return run
 
 
 @dataclass
@@ -1620,9 +1830,10 @@ class Worker:
 
 
 class Loop:
-    def __init__(self, args, client, tuner=None, slots=None):
+    def __init__(self, args, client, tuner=None, slots=None, alone=None):
         self.args, self.client, self.tuner = args, client, tuner   # tuner: --agent optuna|random
-        self.slots = slots                   # --workers N: each worker's run environment (worker_slots)
+        self.slots = slots                   # --workers N: each worker's run environment (worker_slots, run_memory)
+        self.alone = alone or {}             # the environment of a run alone on the machine (run_memory)
         self.root = "."                      # where the tools read and edit train.py and scratchpad.md
         self.agent = tuner.agent if tuner else "llm"
         self.branch = f"autoresearch/{args.tag}"
@@ -1630,6 +1841,13 @@ class Loop:
         self.program = read_text(PROGRAM)
         self.phases = parse_phases(self.program)
         self.system = build_system_prompt(self.program, self.metric)
+        self.train_limit = train_limit(args.num_ctx, len(self.system))
+        size = len(read_text(TRAIN))
+        if self.agent == "llm" and size > self.train_limit:
+            need = math.ceil((size + len(self.system) + PROMPT_OTHER_CHARS) / ((1 - TOKEN_RESERVE) * CHARS_PER_TOKEN))
+            raise HarnessError(f"{TRAIN} has {size} characters, more than fit in the model's context beside "
+                               f"{PROGRAM} and the rules at --num-ctx {args.num_ctx} (at most {max(0, self.train_limit)})"
+                               f": pass --num-ctx {need} or more (the model must support it), or shorten {TRAIN}")
         self.chars_per_token = 3.5           # calibrated from prompt_eval_count as replies come in
         self.last_log = None
         self.rows = []                       # typed (make_row); read from results.tsv only on --resume
@@ -1643,7 +1861,7 @@ class Loop:
         return pooled_sigma(noise_groups(self.rows))
 
     def allowance(self):
-        return budget_allowance(self.rows, self.args.time_budget)
+        return budget_allowance(self.args.time_budget)
 
     def phase(self):
         i = phase_index([r["status"] for r in self.rows], len(self.phases), self.args.phase_every,
@@ -1661,7 +1879,7 @@ class Loop:
         """A new experiment's Outcome, by this loop's agent. Every experiment is a round of its own (the baseline's
         is 0), on worker 0."""
         fields.setdefault("round", max((r["round"] for r in self.rows), default=0) + 1)
-        return Outcome(exp, agent=self.agent, **fields)
+        return Outcome(exp, agent=self.agent, time_budget=self.args.time_budget, **fields)
 
     def record(self, o):
         row = make_row(o, self.rows, self.metric, time.time())
@@ -1679,9 +1897,7 @@ class Loop:
         if o.status != "keep" and o.base:
             self.restore(o.base, scratch)
         self.cleanup_runs()
-        r, col = self.rows[-1], self.metric.column
-        say(f"autoresearch: experiment {o.experiment}: {o.status.upper()} {col} {fmt(r[col]) or '-'} ({o.reason}); "
-            f"best {fmt(r['best']) or '-'}, sigma {fmt(r['sigma']) or 'unknown'}")
+        say("autoresearch: " + decision_line(self.rows[-1], self.metric))
 
     # --- branch set-up and resume reconciliation ----------------------------------------------------
     def setup(self):
@@ -1699,7 +1915,7 @@ class Loop:
             return
         if not exists:
             raise HarnessError(f"nothing to resume: branch {self.branch} does not exist (check --tag)")
-        self.rows = [typed_row(r, self.metric) for r in load_results(repair=True, metric=self.metric)]
+        self.rows = [typed_row(r, self.metric) for r in load_results(metric=self.metric)]
         upgrade_results(self.metric)
         scratch = read_scratchpad()
         git("checkout", "-q", "-f", self.branch)
@@ -1770,8 +1986,10 @@ class Loop:
         self.save_notes(scratch, "notes kept across a revert")
 
     def cleanup_runs(self):
+        """Hand-offs are kept for the baseline and the best (report --test), and a baseline's that --resume continues."""
         _, _, best_exp, base_exp = state_from_rows(self.rows)
-        keep = {f"runs/{best_exp}", f"runs/{base_exp}"}
+        pending = pending_baseline(self.rows)
+        keep = {f"runs/{best_exp}", f"runs/{base_exp}", f"runs/{pending and pending['experiment']}"}
         if os.path.isdir("runs"):
             for d in os.listdir("runs"):
                 if f"runs/{d}" not in keep and re.fullmatch(r"\d+(-s\d+)?", d):
@@ -1829,7 +2047,7 @@ class Loop:
             entry = {"role": "assistant", "content": content}
             if native:
                 entry["tool_calls"] = native
-            messages.append(entry)
+            messages.append(encodable(entry))   # the reply goes back in the next request: no lone surrogate
             if not calls:
                 nudges += 1
                 if nudges > a.max_nudges:
@@ -1842,7 +2060,10 @@ class Loop:
                 calls_made += 1
                 if calls_made > a.max_tool_calls:
                     return "invalid", f"more than {a.max_tool_calls} tool calls"
-                if name == "run_experiment":
+                why = unwritable(targs)
+                if why:
+                    result = f"ERROR: {why}"
+                elif name == "run_experiment":
                     why = self.prerun_check(base_src)
                     if not why:
                         return "run", clean_text(targs.get("description") or "no description given")
@@ -1856,12 +2077,13 @@ class Loop:
         return "invalid", f"no run_experiment within {a.max_turns} turns"
 
     def tool(self, name, targs):
+        """read_file or edit_file. Whatever goes wrong in one is the model's error message, never the loop's end."""
         try:
             if name == "read_file":
                 return self.tool_read(targs.get("path"))
             return self.tool_edit(targs.get("path"), targs.get("old_text"), targs.get("new_text"))
-        except OSError as e:
-            return f"ERROR: {e}"
+        except Exception as e:  # noqa: BLE001
+            return f"ERROR: {type(e).__name__}: {clean_text(e, 300)}"
 
     def tool_read(self, path):
         allowed = READABLE | ({self.last_log} if self.last_log else set())
@@ -1887,24 +2109,21 @@ class Loop:
         text, err = apply_edit(read_text(os.path.join(self.root, rel)), old, new)
         if err:
             return f"ERROR: {err}"
-        if rel == SCRATCHPAD and len(text) > SCRATCHPAD_MAX_CHARS:
-            return (f"ERROR: scratchpad.md would grow to {len(text)} chars (limit {SCRATCHPAD_MAX_CHARS}): "
-                    f"condense older entries (replace them by a short summary) instead of adding")
+        limit = SCRATCHPAD_MAX_CHARS if rel == SCRATCHPAD else self.train_limit
+        if len(text) > limit:
+            fix = ("condense older entries (replace them by a short summary) instead of adding" if rel == SCRATCHPAD
+                   else "the whole file goes into every prompt beside program.md and the rules: make it shorter")
+            return f"ERROR: {rel} would grow to {len(text)} characters, more than its limit of {limit}: {fix}"
         write_text(os.path.join(self.root, rel), text)
-        note = ""
-        if rel == TRAIN:
-            try:
-                ast.parse(text)
-            except SyntaxError as e:
-                note = f" WARNING: train.py no longer parses: {e.msg} (line {e.lineno}); fix it before running."
+        why = parse_error(text) if rel == TRAIN else None
+        note = f" WARNING: {why}; fix it before running." if why else ""
         return f"OK: edited {rel} ({len(text.splitlines())} lines).{note}"
 
     def prerun_check(self, base_src):
-        try:
-            src = read_text(os.path.join(self.root, TRAIN))
-            ast.parse(src)
-        except SyntaxError as e:
-            return f"train.py does not parse: {e.msg} (line {e.lineno}); fix it with edit_file"
+        src = read_text(os.path.join(self.root, TRAIN))
+        why = parse_error(src)
+        if why:
+            return f"{why}; fix it with edit_file"
         if src == base_src:
             return "train.py is identical to the version already run; change it with edit_file first"
         other = [f for f in dirty_files(self.root) if f not in EDITABLE]
@@ -1924,36 +2143,54 @@ class Loop:
         """A candidate's run, started when its conversation opens (start_run(wait=True)); not under SLURM, where a
         job would hold its node while the model thinks."""
         if not on_slurm(self.args):
-            return start_run(self.args, label, f"runs/{label}", 1, self.allowance(), cwd, slot, wait=True)
+            return start_run(self.args, label, f"runs/{label}", 1, self.allowance(), cwd, slot or self.alone, wait=True)
 
     def run(self, label, seed, phase_short, allowance=None, started=None):
+        """One run alone on the machine (the baseline's, a candidate's, a second seed)."""
         run = run_sandbox(self.args, label, f"runs/{label}", seed, phase_short, allowance, self.metric,
-                          started=started)
+                          slot=self.alone, started=started)
         self.last_log = run.log
         return run
 
     # --- experiments ---------------------------------------------------------------------------------
     def baseline(self):
-        o = self.outcome(self.next_exp(), round=0, description="baseline", phase=self.phases[0],
-                         commit=git("rev-parse", "HEAD"), started=time.time())
-        say(f"autoresearch: experiment {o.experiment}: baseline ({self.args.noise_runs} run(s) to measure the noise)")
-        walls = []
+        """train.py as it is, --noise-runs times with seeds 1..K: the first best and the noise. However it stops (a failed
+        seed, Ctrl-C), the seeds that finished are recorded (an interrupted row of round 0), and --resume runs only
+        the missing ones, as long as the commit is the same."""
+        a, head = self.args, git("rev-parse", "HEAD")
+        o = self.outcome(self.next_exp(), round=0, description="baseline", phase=self.phases[0], commit=head,
+                         started=time.time())
+        prior = pending_baseline(self.rows)
+        if prior and prior["commit"] == head:
+            o.values, o.train_wall_seconds = list(prior["runs"]), prior["train_wall_seconds"]
+            if os.path.isdir(f"runs/{prior['experiment']}"):   # seed 1's hand-off, for report --test
+                os.replace(f"runs/{prior['experiment']}", f"runs/{o.experiment}")
+        say(f"autoresearch: experiment {o.experiment}: baseline ({a.noise_runs} runs to measure the noise" +
+            (f"; {len(o.values)} recorded by experiment {prior['experiment']})" if o.values else ")"))
         try:
-            for k in range(self.args.noise_runs):
+            for k in range(len(o.values), a.noise_runs):
                 run = self.run(str(o.experiment) if k == 0 else f"{o.experiment}-s{k + 1}", k + 1, "baseline")
                 o.run_seconds += run.seconds
                 if run.status != "ok":
-                    raise HarnessError(f"the baseline run failed ({run.status}: {run.reason}); see {run.log}. "
-                                       f"Fix train.py or the sandbox (commit the fix on branch {self.branch}), "
-                                       f"then rerun with --resume --tag {self.args.tag}.\n{run.tail[-2000:]}")
+                    raise HarnessError(baseline_failure(run, k + 1, o.values, o.train_wall_seconds, a.time_budget,
+                                                        run_grace(None)) + f" Then continue: python autoresearch.py "
+                                       f"--resume --tag {a.tag}\n{run.tail[-2000:]}")
                 o.values.append(run.value)
-                walls.append(run.metrics.get("train_wall_seconds", 0.0))
-        except KeyboardInterrupt:
-            o.reason = "Ctrl-C during the baseline"
+                o.train_wall_seconds = max(o.train_wall_seconds or 0.0, run.metrics.get("train_wall_seconds", 0.0))
+        except (KeyboardInterrupt, HarnessError) as e:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)    # a second Ctrl-C must not break the clean-up
+            o.reason = f"{len(o.values)} of {a.noise_runs} seeds, then " + (
+                str(e).split("\n")[0] if isinstance(e, HarnessError) else "Ctrl-C / SIGTERM")
             self.conclude(o)
             raise
-        o.status, o.delta, o.reason, o.train_wall_seconds = "baseline", 0.0, f"{len(o.values)} seed(s)", max(walls)
+        o.status, o.delta, o.reason = "baseline", 0.0, f"{len(o.values)} seeds"
         self.conclude(o)
+        over = o.train_wall_seconds - a.time_budget
+        if over > self.allowance():
+            say(f"autoresearch: WARNING: the baseline's training container ran {over:.0f}s past the {a.time_budget}s "
+                f"budget (start-up, data loading, export), more than the {self.allowance():.0f}s a candidate may "
+                f"(max({ALLOWANCE_SHARE:.0%} of the budget, {ALLOWANCE_MIN:g}s)): candidates like it will be recorded "
+                f"invalid. A busy machine, or a start-up to shorten; a longer --time-budget allows more")
 
     def experiment(self):
         a = self.args
@@ -2244,7 +2481,7 @@ def summarize(rows):
         slots[k] = slots.get(k, 0.0) + (num(r["run_seconds"]) or 0)
     model = sum(num(r["model_seconds"]) or 0 for r in rows)
     b = num(base["best"])
-    return {"baseline": b, "best": best, "best_exp": best_exp,
+    return {"baseline": b, "baseline_runs": len(runs_of(base)), "best": best, "best_exp": best_exp,
             "delta_pct": (best - b) / b * 100 if b else 0.0, "experiments": len(model_rows), "keeps": keeps,
             "keep_rate": keeps / len(model_rows) if model_rows else 0.0,
             "per_hour": len(model_rows) / (wall / 3600) if wall else 0.0,
@@ -2258,8 +2495,8 @@ def summary(rows, metric):
     if not s:
         print("autoresearch: no baseline recorded yet")
         return
-    print(f"{metric.column} ({metric.better} is better): baseline {s['baseline']:.4g} -> best {s['best']:.4g} "
-          f"(exp {s['best_exp']}), {s['delta_pct']:+.1f}%")
+    print(f"{metric.column} ({metric.better} is better): baseline {s['baseline']:.4g} (the mean of its "
+          f"{s['baseline_runs']} runs) -> best {s['best']:.4g} (exp {s['best_exp']}), {s['delta_pct']:+.1f}%")
     print(f"{s['experiments']} experiments, {s['keeps']} kept ({s['keep_rate']:.0%}), {s['crashes']} crashed/"
           f"timed out, {s['per_hour']:.1f} experiments/hour")
     if len(s["slots"]) > 1:   # workers overlap: the shares below add up to more than the wall time
@@ -2332,43 +2569,56 @@ def write_report(rows, path="progress.png", quiet=False, metric=None):
 
 
 def report_test(rows, metric, args=None):
-    """Evaluate the baseline and the best hand-off on the held-out test split."""
+    """Evaluate the baseline and the best hand-off on the held-out test split: once per commit (test_scores.tsv keeps
+    each score; a commit scored before is shown, not scored again), run.sh's own reason where it fails."""
     _, _, best_exp, base_exp = state_from_rows(rows)
     if base_exp is None:
         print("autoresearch: no baseline recorded yet; nothing to test")
         return 1
     vals = {r["experiment"]: r for r in rows}
     key = f"test_{metric.name}"
+    scores = load_test_scores(metric)
     print(f"{'':<16}{metric.column:>15}{key:>16}")
     rc = 0
     for name, exp in (("baseline", base_exp), (f"best (exp {best_exp})", best_exp)):
-        run_dir = f"runs/{exp}"
-        test = "missing hand-off"
-        if os.path.isdir(run_dir):
-            p = spawn(launch_argv(args, f"test-{exp}", ["./run.sh", "--test", run_dir]), timeout=1800)
-            m = parse_metrics(p.stdout)
-            test = fmt(m[key]) if key in m else f"failed (exit {p.returncode})"
-            if key in m:
-                record_test_score(vals[exp]["commit"], m[key], metric)
-        if not test[:1].isdigit():
+        commit, run_dir = vals[exp]["commit"], f"runs/{exp}"
+        test, why = scores.get(commit), ""
+        if test is None and not os.path.isdir(run_dir):
+            why = f"no hand-off in {run_dir}"
+        elif test is None:
+            p = spawn(launch_argv(args, f"test-{exp}", ["./run.sh", "--test", run_dir]), timeout=1800,
+                      stdin=subprocess.DEVNULL)
+            test = parse_metrics(p.stdout).get(key)
+            if test is None:
+                said = [line for line in (p.stdout + p.stderr).split("\n") if line.strip()]
+                own = [line[8:] for line in said if line.startswith("run.sh: ")]
+                why = f"run.sh exit {p.returncode}: {(own or said or ['no output'])[-1]}"
+            else:
+                record_test_score(commit, test, metric)
+        print(f"{name:<16}{fmt(num(vals[exp]['best'])):>15}{fmt(test) or 'failed':>16}")
+        if why:
+            print(f"  {name}: {why}")
             rc = 1
-        print(f"{name:<16}{fmt(num(vals[exp][metric.column])):>15}{test:>16}")
         if exp == best_exp == base_exp:
             break
     return rc
 
 
 def record_test_score(commit, value, metric, path=TEST_SCORES):
-    """Append to test_scores.tsv, so that report --compare can show a run's best commit on test later."""
-    new = not os.path.exists(path)
-    with open(path, "a", encoding="utf-8") as f:
-        f.write((f"commit\ttest_{metric.name}\tfinished\n" if new else "") +
-                f"{commit}\t{value:.6g}\t{datetime.datetime.now().isoformat(timespec='seconds')}\n")
+    """Add a commit's test score to test_scores.tsv (report --compare shows it later). A file of another metric is
+    set aside as test_scores-<its column>.tsv, and a new one started."""
+    header = f"commit\ttest_{metric.name}\tfinished\n"
+    old = read_text(path) if os.path.exists(path) else header
+    if not old.startswith(header):
+        column = old.split("\n", 1)[0].split("\t")[1:2] or ["old"]
+        os.replace(path, f"test_scores-{column[0]}.tsv")
+        old = header
+    write_text(path, old + f"{commit}\t{value!r}\t{datetime.datetime.now().isoformat(timespec='seconds')}\n")
 
 
-def load_test_scores(path=TEST_SCORES):
-    """{commit: its latest test score}."""
-    if not os.path.exists(path):
+def load_test_scores(metric, path=TEST_SCORES):
+    """{commit: its latest test score} of this metric."""
+    if not os.path.exists(path) or not read_text(path).startswith(f"commit\ttest_{metric.name}\t"):
         return {}
     cells = [line.split("\t") for line in read_text(path).split("\n")[1:]]
     return {c[0]: num(c[1]) for c in cells if len(c) >= 2 and num(c[1]) is not None}
@@ -2447,7 +2697,7 @@ def write_compare(runs, scores, metric, path="compare.png"):
 
 def compare(names, metric):
     runs = [(n, run_results(n, metric)) for n in names]
-    scores = load_test_scores()
+    scores = load_test_scores(metric)
     write_compare(runs, scores, metric)
     print(f"{'run':<16}{'agent':<8}{'experiments':>12}{'best val':>10}{'its test':>10}{'keeps':>7}{'exp/hour':>10}"
           f"  keeps confirmed by a 2nd seed")
@@ -2486,9 +2736,15 @@ def make_tuner(args, metric):
 
 # ----------------------------------------------------------------------------------------------
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        """A wrong flag is one line, as every other mistake (no usage block)."""
+        self.exit(2, f"{self.prog}: error: {message} (python autoresearch.py --help lists the flags)\n")
+
+
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="autoresearch.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(prog="autoresearch.py", description=__doc__.split("\n\n")[0],
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL, help="Ollama model (a 7B coder fits next to training on 24 GB)")
     p.add_argument("--host", default=os.environ.get("OLLAMA_HOST") or DEFAULT_HOST, help="Ollama server")
     p.add_argument("--tag", default=None, help="run on branch autoresearch/TAG; default: today's date, e.g. nov27 (with --resume: the current branch)")
@@ -2496,8 +2752,8 @@ def parse_args(argv):
                    "counted across resumes, interrupted ones excepted; 0 = until stopped")
     p.add_argument("--resume", action="store_true", help="continue from results.tsv and the branch")
     p.add_argument("--num-ctx", type=int, default=16384, help="context size sent on every Ollama request")
-    p.add_argument("--time-budget", type=int, default=int(os.environ.get("AUTORESEARCH_TIME_BUDGET") or 300),
-                   help="training seconds per experiment, from $AUTORESEARCH_TIME_BUDGET if exported")
+    p.add_argument("--time-budget", type=int, default=None, help="training seconds per experiment; default: "
+                   "$AUTORESEARCH_TIME_BUDGET if exported, else 300 (with --resume: the run's own)")
     p.add_argument("--noise-runs", type=int, default=5, help="baseline runs with different seeds to estimate "
                    "sigma; with >= 2, each keep is repeated once with another seed to re-estimate sigma")
     p.add_argument("--z", type=float, default=2.0, help="keep only if improvement > max(z*sigma, floor)")
@@ -2529,9 +2785,24 @@ def parse_args(argv):
     how.add_argument("--compare", nargs="+", metavar="TAG", help="compare.png and a table for these runs: a tag "
                      "means results.tsv while its branch is checked out, else results-TAG.tsv; or a .tsv path")
     args = p.parse_args(argv)
-    if args.num_ctx < 2048 or args.noise_runs < 1 or args.time_budget < 1 or args.workers < 1:
-        p.error("--num-ctx >= 2048, --noise-runs >= 1, --time-budget >= 1 and --workers >= 1 are required")
+    for flag, ok, need in (("--num-ctx", args.num_ctx >= 2048, "at least 2048"),
+                           ("--noise-runs", args.noise_runs >= 1, "at least 1"),
+                           ("--time-budget", args.time_budget is None or args.time_budget >= 1, "at least 1"),
+                           ("--workers", args.workers >= 1, "at least 1"),
+                           ("--max-experiments", args.max_experiments >= 0, "0 (no limit) or more")):
+        if not ok:
+            p.error(f"{flag} must be {need}, got {getattr(args, flag[2:].replace('-', '_'))}")
     return args
+
+
+def run_budget(asked, rows):
+    """Pure. The training budget: the one asked for (--time-budget, else $AUTORESEARCH_TIME_BUDGET), else a resumed
+    run's own, else DEFAULT_BUDGET. A resumed run asked for another budget is refused: its results would not compare."""
+    done = next((int(num(r["time_budget"])) for r in reversed(rows) if num(r.get("time_budget"))), None)
+    if asked and done and asked != done:
+        raise HarnessError(f"{RESULTS} was recorded with a {done}s time budget, not the {asked}s asked for (--time-budget "
+                           f"or AUTORESEARCH_TIME_BUDGET): resume with --time-budget {done}, or start a new --tag")
+    return asked or done or DEFAULT_BUDGET
 
 
 def current_tag():
@@ -2558,6 +2829,10 @@ def main(argv=None):
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         args = parse_args(argv)
+        if args.command == "report" and not args.test:
+            return report(args)   # reads only: beside a running loop too
+        check_environment()
+        lock_repo()               # held until this process ends
         if args.command == "report":
             return report(args)
         if args.tag is None:
@@ -2565,9 +2840,10 @@ def main(argv=None):
         if not re.fullmatch(r"[A-Za-z0-9._-]+", args.tag):
             raise HarnessError("--tag may only use letters, digits, '.', '_' and '-'")
         git_identity()
-        if args.agent is None:   # a resumed run keeps its agent
-            recorded = [r["agent"] for r in load_results() if r.get("agent")] if args.resume else []
-            args.agent = recorded[-1] if recorded else "llm"
+        recorded = load_results() if args.resume else []
+        if args.agent is None:   # a resumed run keeps its agent, and its budget
+            args.agent = next((r["agent"] for r in reversed(recorded) if r.get("agent")), "llm")
+        args.time_budget = run_budget(args.time_budget or env_int("AUTORESEARCH_TIME_BUDGET", None), recorded)
         if args.agent != "llm":
             args.fix_attempts = 0   # nobody to fix a crash: it is a failed trial
         client = make_client(args.host, args.request_timeout) if args.agent == "llm" else None
@@ -2577,9 +2853,14 @@ def main(argv=None):
         if args.workers > 1 and args.agent != "llm":
             raise HarnessError(f"--agent {args.agent} proposes one trial at a time: run it with --workers 1")
         # under SLURM each job gets its own GPU (--gres) on whichever node runs it
-        slots = [{}] * args.workers if on_slurm(args) or args.workers == 1 else \
-            worker_slots(args.workers, os.environ.get("AUTORESEARCH_GPUS"), gpu_count(), os.cpu_count())
-        loop = Loop(args, client, make_tuner(args, project_metric()) if args.agent != "llm" else None, slots)
+        alone, slots = {}, [{}] * args.workers
+        if not on_slurm(args):   # SLURM places each run with its own resources
+            alone = run_memory(1, host_memory())
+            if args.workers > 1:
+                mem = run_memory(args.workers, host_memory())
+                slots = [{**slot, **mem} for slot in worker_slots(args.workers, os.environ.get("AUTORESEARCH_GPUS"),
+                                                                  gpu_count(), os.cpu_count())]
+        loop = Loop(args, client, make_tuner(args, project_metric()) if args.agent != "llm" else None, slots, alone)
         loop.main()
         return 0
     except HarnessError as e:

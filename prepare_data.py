@@ -160,6 +160,7 @@ def write_synthetic_odvg(raw_dir, seed, counts, heldout_seed):
     (raw_dir / "images").mkdir(parents=True)
     seen = set()
     for split in ["train", "val", "test"]:
+        print(f"drawing {counts[split]} synthetic {split} scenes ...", flush=True)
         rng = train_rng if split == "train" else heldout_rng
         path = raw_dir / SPLIT_FILES[split]
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -393,6 +394,7 @@ def ingest_odvg(src, data_dir, image_size, source, seed=None, weights_dir=None):
     stage = Path(tempfile.mkdtemp(prefix=".staging-", dir=data_dir))
     try:
         for split in records:
+            print(f"caching the {split} split: {len(records[split])} images, heatmaps and captions ...", flush=True)
             (stage / split).mkdir()
             for name, value in build_split(records[split], images_dir, image_size, tokenizer, max_len).items():
                 if name.endswith(".npy"):

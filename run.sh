@@ -76,6 +76,16 @@ else
     RUN_DIR="$(cd "$RUN_DIR" && pwd -P)"
 fi
 
+# The numbers a user sets, each checked as the user named it (autoresearch.py checks the same before it starts).
+for n in AUTORESEARCH_TIME_BUDGET AUTORESEARCH_GRACE AUTORESEARCH_EVAL_TIMEOUT AUTORESEARCH_PIDS; do
+    [[ -z ${!n:-} || ${!n} =~ ^[1-9][0-9]*$ ]] || die "$n must be a whole number above 0, got '${!n}'"
+done
+for n in AUTORESEARCH_MEMORY AUTORESEARCH_SHM_SIZE AUTORESEARCH_HANDOFF_SIZE; do
+    [[ -z ${!n:-} || ${!n,,} =~ ^[0-9]+(\.[0-9]+)?[kmgt]?$ && ${!n} =~ [1-9] ]] ||
+        die "$n must be a size like 16g or 500m, got '${!n}'"
+done
+[[ -z ${AUTORESEARCH_CPUS:-} || ($AUTORESEARCH_CPUS =~ ^[0-9]*\.?[0-9]+$ && $AUTORESEARCH_CPUS =~ [1-9]) ]] ||
+    die "AUTORESEARCH_CPUS must be a positive number of cores like 2 or 0.5, got '$AUTORESEARCH_CPUS'"
 BUDGET="${AUTORESEARCH_TIME_BUDGET:-300}"
 GRACE="${AUTORESEARCH_GRACE:-120}"
 EVAL_TIMEOUT="${AUTORESEARCH_EVAL_TIMEOUT:-600}"
@@ -85,16 +95,8 @@ SHM_SIZE="${AUTORESEARCH_SHM_SIZE:-2g}"
 HANDOFF_SIZE="${AUTORESEARCH_HANDOFF_SIZE:-2g}"
 HANDOFF_FILES=1000
 CPUS="${AUTORESEARCH_CPUS:-}" THREADS=""
-if [[ -n $CPUS ]]; then
-    [[ $CPUS =~ ^[0-9]*\.?[0-9]+$ && $CPUS =~ [1-9] ]] ||
-        die "AUTORESEARCH_CPUS must be a positive number of cores like 2 or 0.5, got '$CPUS'"
-    THREADS=$(( 10#0${CPUS%.*} )); (( THREADS >= 1 )) || THREADS=1
-fi
-for n in BUDGET GRACE EVAL_TIMEOUT PIDS; do
-    [[ ${!n} =~ ^[0-9]+$ ]] || die "$n must be a whole number of seconds/processes, got '${!n}'"
-done
-HANDOFF_BYTES=$(numfmt --from=iec "${HANDOFF_SIZE^^}" 2>/dev/null) && [[ $HANDOFF_BYTES =~ ^[1-9][0-9]*$ ]] ||
-    die "AUTORESEARCH_HANDOFF_SIZE must be a size like 2g or 500m, got '$HANDOFF_SIZE'"
+[[ -n $CPUS ]] && { THREADS=$(( 10#0${CPUS%.*} )); (( THREADS >= 1 )) || THREADS=1; }
+HANDOFF_BYTES=$(numfmt --from=iec "${HANDOFF_SIZE^^}")
 TRAIN_LIMIT=$((BUDGET + GRACE))
 
 DATA="${AUTORESEARCH_DATA:-data}"
@@ -291,20 +293,25 @@ verdict() {
 }
 
 # ---------------------------------------------------------------------------------------------------------------
-# The training step's entry point. Before its go it imports what train.py imports (PRELOAD: the modules that
-# `--imports` lists from the train.py at hand; best effort, at most 200 names read in at most 10 s); at its go, run.sh
-# copies train.py to PATH (read-only in the container) and says go on stdin, and it runs PATH as `python PATH` would.
-# On the way out gc.freeze() spares Python a last collection over the ~2500 modules torch and export load: 1-2 s of
-# every run.
+# The training step's entry point. Before its go it imports the heavy, installed packages (PRELOAD below) that the
+# committed train.py imports (HEAD's, never a file the model is still writing; the working one outside git); at its
+# go, run.sh copies train.py to PATH (read-only in the container) and says go on stdin, and it runs PATH as
+# `python PATH` would. Only installed libraries on that list are preloaded, never a module of the candidate's
+# choosing (a dead `import venv.__main__` once ran a CLI and ended every later run), and whatever a preload raises,
+# SystemExit included, the run goes on without it. On the way out gc.freeze() spares Python a last collection over
+# the ~2500 modules torch and export load: 1-2 s of every run.
 LAUNCHER='
-import ast, gc, importlib, os, runpy, sys
+import ast, gc, importlib, os, re, runpy, sys
+PRELOAD = {"numpy", "torch", "torchvision", "timm", "transformers", "tokenizers", "einops", "scipy", "sklearn", "PIL"}
 if sys.argv[1] == "--imports":
     names = []
-    for node in ast.walk(ast.parse(open(sys.argv[2], "rb").read())):
+    for node in ast.walk(ast.parse(sys.stdin.buffer.read())):
         if isinstance(node, ast.Import):
             names += [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
             names += [node.module + ":" + a.name for a in node.names]
+    names = [n for n in names if re.fullmatch(r"[A-Za-z]\w*(\.[A-Za-z]\w*)*(:[A-Za-z]\w*)?", n)
+             and re.split(r"[.:]", n)[0] in PRELOAD]
     print(*list(dict.fromkeys(names))[:200])
     sys.exit()
 path = sys.argv[1]
@@ -312,7 +319,7 @@ for name in sys.argv[2:]:
     module, _, attr = name.partition(":")
     try:
         getattr(importlib.import_module(module), attr, None)
-    except Exception:
+    except BaseException:
         pass
 if sys.stdin.read() != "go\n":
     sys.exit(1)   # run.sh stopped before its go, and says so
@@ -323,7 +330,8 @@ try:
 finally:
     gc.freeze()
 '
-read -r -a PRELOAD < <(timeout 10 python3 -c "$LAUNCHER" --imports "$REPO/train.py" 2>/dev/null) || PRELOAD=()
+read -r -a PRELOAD < <( { git -C "$REPO" show HEAD:./train.py 2>/dev/null || cat "$REPO/train.py"; } |
+                        timeout 10 python3 -c "$LAUNCHER" --imports 2>/dev/null) || PRELOAD=()
 
 # ---------------------------------------------------------------------------------------------------------------
 # The two set-ups: each defines TRAIN and EVAL, the steps' arguments for `launch`.

@@ -250,7 +250,7 @@ def main():
               f"candidates kept {kept('gain')})")
         print(f"false keeps: nulls {kept('null')}, losses {kept('loss')}")
         best, best_commit, _, _ = ar.state_from_rows(rows)
-        scores = ar.load_test_scores(os.path.join(repo, ar.TEST_SCORES))
+        scores = ar.load_test_scores(ar.project_metric(repo), os.path.join(repo, ar.TEST_SCORES))
         b_test, t_test = scores.get(rows[0]["commit"]), scores.get(best_commit)
         if best_commit == rows[0]["commit"]:
             print(f"final best: the baseline (nothing kept); test_mean_rank {b_test}")

@@ -5,9 +5,8 @@ by side, then `report --compare`. Prints the table and writes compare.png (not c
     python tests/bench_tuners.py --out /tmp/smoke --budget 3 --experiments 1 --n-train 300   # a smoke run (minutes)
 
 Each agent runs in its own copy of the repository (the committed tree) with its own branch, from the same data and
-the same baseline train.py, at the same time: both see the same machine load. program.md gets SPACE as its
-`## Search space` (the derived space also varies EMBED_DIM, HEATMAP_HEADS and IMAGE_RES, whose random combinations
-mostly do not build).
+the same baseline train.py, at the same time: both see the same machine load. The tuners vary program.md's own
+`## Search space`.
 """
 import argparse
 import os
@@ -17,17 +16,6 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-SPACE = """
-## Search space
-LEARNING_RATE: log 2.5e-4 4e-3
-WEIGHT_DECAY: log 1e-5 1e-2
-WARMUP_FRAC: float 0.02 0.5
-BATCH_SIZE: int 32 256
-LOGIT_SCALE_INIT: log 3 60
-EXPERT_LOSS_WEIGHT: float 0 0.5
-MIXUP_ALPHA: float 0 1
-GRAD_CLIP: log 0.25 4
-"""
 IDENTITY = dict(GIT_AUTHOR_NAME="bench", GIT_AUTHOR_EMAIL="bench@localhost", GIT_COMMITTER_NAME="bench",
                 GIT_COMMITTER_EMAIL="bench@localhost")
 
@@ -50,9 +38,6 @@ def main():
     for agent in a.agents:
         repo = os.path.join(a.out, agent)
         subprocess.run(["git", "clone", "-q", ROOT, repo], check=True)
-        with open(os.path.join(repo, "program.md"), "a") as f:
-            f.write(SPACE)
-        subprocess.run(["git", "commit", "-qam", "bench: search space"], cwd=repo, check=True, env=env)
         log = open(os.path.join(a.out, f"{agent}.log"), "w")
         procs[agent] = subprocess.Popen(
             [sys.executable, "autoresearch.py", "--agent", agent, "--tag", agent, "--tuner-seed", str(a.seed),

@@ -198,10 +198,11 @@ def test_symlinked_directory_is_refused(tmp_path):
 def test_allowlist():
     assert ar.check_argv(["git", "status", "--porcelain"]) is None
     assert ar.check_argv(["./run.sh", "--test", "runs/0"]) is None
-    assert ar.check_argv(["podman", "ps"]) is None
+    assert ar.check_argv(["podman", "image", "exists", "localhost/autoresearch:abc"]) is None   # the start-up check
     assert ar.check_argv(["ollama", "serve"]) is None
     for bad in ["git status", ["git", "push"], ["git", "clean", "-fdx"], ["git"], ["bash", "-c", "x"],
-                ["ollama", "rm", "x"], ["python", "train.py"], [], ["git", 3], ("rm", "-rf", "/")]:
+                ["ollama", "rm", "x"], ["python", "train.py"], [], ["git", 3], ("rm", "-rf", "/"), ["podman", "ps"],
+                ["podman", "run", "x"], ["podman", "image", "exists", "a", "b"]]:
         assert ar.check_argv(bad), bad
     with pytest.raises(PermissionError):
         ar.spawn(["sh", "-c", "echo hi"])
@@ -356,17 +357,30 @@ def test_results_round_trip(tmp_path):
     assert rows[1]["description"] == "tab here newline"
     assert ar.state_from_rows(rows) == (45.5, "def", "1", "0")
     assert ar.noise_groups(rows) == [[50.0, 51.0], [45.0, 46.0]]
-    # a torn last line (kill -9 mid-write) is not a result, and is cut before the next append
-    with open(path, "a") as f:
-        f.write("2\tghi\t40\t-5")
-    assert len(ar.load_results(path)) == 2
-    ar.load_results(path, repair=True)
     ar.append_row({"experiment": 2, "status": "discard", "description": "d"}, path)
     assert [r["experiment"] for r in ar.load_results(path)] == ["0", "1", "2"]
-    with open(path, "w") as f:
-        f.write("not a header\n")
-    with pytest.raises(ar.HarnessError):
-        ar.load_results(path)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda t: "not a header\n" + t, "line 1 is not the header of a results file"),
+    (lambda t: t + "2\tghi\t40\t-5", "line 4 is not a row autoresearch wrote (it has no newline at its end"),
+    (lambda t: t.replace("\tkeep\t", "\tkeep\n", 1), f"line 3 is not a row autoresearch wrote (it has 5 cells, not {len(MR.columns)})"),
+    (lambda t: t + "garbage here\n", "line 4 is not a row autoresearch wrote (it has 1 cells"),
+    (lambda t: t.replace("\tkeep\t", "\tkept\t", 1), "line 3 is not a row autoresearch wrote (status is 'kept')"),
+    (lambda t: t.replace("45,46", "45,x", 1), "line 3 is not a row autoresearch wrote (runs is '45,x')"),
+    (lambda t: t.replace("\n1\t", "\none\t", 1), "line 3 is not a row autoresearch wrote (experiment is 'one')"),
+], ids=["header", "torn", "short", "garbage", "status", "runs", "experiment"])
+def test_a_damaged_results_tsv_is_refused_with_its_line_and_left_as_it_is(tmp_path, monkeypatch, damage, message):
+    path = tmp_path / "results.tsv"
+    for r in ({"experiment": 0, "commit": "abc", "val_mean_rank": 50.0, "status": "baseline", "runs": (50.0, 51.0)},
+              {"experiment": 1, "commit": "def", "val_mean_rank": 45.0, "status": "keep", "runs": (45.0, 46.0)}):
+        ar.append_row(r, str(path), MR)
+    path.write_text(damage(path.read_text()))
+    text = path.read_text()
+    with pytest.raises(ar.HarnessError, match=re.escape(message)) as e:
+        ar.load_results(str(path), MR)
+    assert "delete or repair that line" in str(e.value) or "move the file away" in str(e.value)
+    assert path.read_text() == text
 
 
 def test_one_row_builder_typed_rows_exact_in_results_tsv(tmp_path):
@@ -471,7 +485,8 @@ def repo(tmp_path, monkeypatch):
 
 
 def loop_args(**kw):
-    base = dict(tag="t", resume=True, phase_every=10, phase_plateau=5, z=2.0, floor=0.01, noise_runs=2)
+    base = dict(tag="t", resume=True, phase_every=10, phase_plateau=5, z=2.0, floor=0.01, noise_runs=2, num_ctx=16384,
+                time_budget=300)
     base.update(kw)
     return types.SimpleNamespace(**base)
 
@@ -516,7 +531,8 @@ def test_resume_reverts_unrecorded_candidate_keeps_notes(repo):
 
 
 def test_resume_and_report_refuse_results_of_another_metric(repo):
-    (repo / "results.tsv").write_text("\t".join(ACC.columns) + "\n0\tabc\t0.5\t0\tbaseline\tbaseline\n")
+    (repo / "results.tsv").write_text("\t".join(ACC.columns) + "\n" + "\t".join(
+        ["0", "abc", "0.5", "0", "baseline", "baseline"] + [""] * len(ar.MORE_COLUMNS)) + "\n")
     head = git(repo, "rev-parse", "HEAD")
     with pytest.raises(ar.HarnessError) as e:
         ar.Loop(loop_args(), None).setup()
@@ -651,19 +667,23 @@ def test_fit_context_elides_old_tool_results(repo):
     assert "elided" in msgs[3]["content"] and msgs[-1]["content"] == newest     # oldest cut first, newest intact
 
 
-def test_time_budget_flag_and_env(monkeypatch):
+def test_time_budget_flag_env_and_resume(monkeypatch):
     monkeypatch.delenv("AUTORESEARCH_TIME_BUDGET", raising=False)
     monkeypatch.delenv("OLLAMA_HOST", raising=False)
     a = ar.parse_args([])
-    assert (a.time_budget, a.num_ctx, a.model, a.host, a.noise_runs) == (300, 16384, "qwen2.5-coder:7b",
+    assert (a.time_budget, a.num_ctx, a.model, a.host, a.noise_runs) == (None, 16384, "qwen2.5-coder:7b",
                                                                          "http://127.0.0.1:11434", 5)
+    assert ar.run_budget(None, []) == 300                           # nothing asked, nothing recorded: the default
     monkeypatch.setenv("AUTORESEARCH_TIME_BUDGET", "42")
     monkeypatch.setenv("OLLAMA_HOST", "http://10.0.0.2:11434")
-    a = ar.parse_args([])
-    assert a.time_budget == 42 and a.host == "http://10.0.0.2:11434"
+    assert ar.env_int("AUTORESEARCH_TIME_BUDGET", None) == 42 and ar.parse_args([]).host == "http://10.0.0.2:11434"
     assert ar.parse_args(["--time-budget", "7"]).time_budget == 7
-    with pytest.raises(SystemExit):
-        ar.parse_args(["--num-ctx", "512"])
+    recorded = [{"time_budget": ""}, {"time_budget": "120"}]        # the first row: written before budgets were
+    assert ar.run_budget(None, recorded) == 120                     # a resumed run keeps its own
+    assert ar.run_budget(120, recorded) == 120
+    with pytest.raises(ar.HarnessError, match=r"recorded with a 120s time budget, not the 300s asked for .*"
+                                              r"resume with --time-budget 120"):
+        ar.run_budget(300, recorded)
 
 
 def test_tools_edit_and_read(repo):
@@ -671,7 +691,7 @@ def test_tools_edit_and_read(repo):
     assert loop.tool("edit_file", {"path": "train.py", "old_text": "LR = 1", "new_text": "LR = 2"}).startswith("OK")
     assert (repo / "train.py").read_text() == "LR = 2\n"
     r = loop.tool("edit_file", {"path": "train.py", "old_text": "LR = 2", "new_text": "LR = (2"})
-    assert "no longer parses" in r
+    assert "does not parse" in r and r.startswith("OK")
     assert "does not parse" in loop.prerun_check("LR = 1\n")
     (repo / "train.py").write_text("LR = 1\n")
     assert "identical" in loop.prerun_check("LR = 1\n")
@@ -691,3 +711,132 @@ def test_tools_edit_and_read(repo):
     out = loop.tool("read_file", {"path": "logs/1.log"})
     assert out.startswith("line 350") and out.endswith("line 499")            # the tail
     assert "must be strings" in loop.tool("edit_file", {"path": "train.py", "old_text": 3, "new_text": "x"})
+
+
+# ---------------------------------------------------------------- writing files, tool arguments, limits
+
+def test_write_text_leaves_the_old_file_or_the_new_one(tmp_path):
+    path = tmp_path / "train.py"
+    path.write_text("LR = 1\n")
+    inode = path.stat().st_ino
+    with pytest.raises(UnicodeEncodeError):
+        ar.write_text(str(path), "LR = 2  # \ud800\n")      # what once truncated train.py to 0 bytes
+    assert path.read_text() == "LR = 1\n" and os.listdir(tmp_path) == ["train.py"]
+    ar.write_text(str(path), "LR = 2\n")
+    assert path.read_text() == "LR = 2\n" and path.stat().st_ino != inode   # a new file renamed over the old one
+    assert os.listdir(tmp_path) == ["train.py"]
+
+
+def test_tool_arguments_that_cannot_be_written_are_named():
+    assert ar.unwritable({"path": "train.py", "old_text": "a", "new_text": "b"}) is None
+    why = ar.unwritable({"path": "train.py", "new_text": "ok \ud800"})
+    assert why.startswith("new_text holds '\\ud800' at character 3") and "UTF-8" in why
+    assert ar.encodable({"a": ["x\udfff", {"b": "\ud800"}], "n": 3}) == {"a": ["x?", {"b": "?"}], "n": 3}
+    assert ar.clean_text("exp \ud800\tdone\n") == "exp ? done"
+    assert ar.parse_error("A = 1\0\n").startswith("train.py does not parse") and ar.parse_error("A = 1\n") is None
+
+
+def test_train_py_size_limit(repo):
+    loop = ar.Loop(loop_args(), None)
+    assert loop.train_limit == ar.train_limit(16384, len(loop.system)) > 20000      # room for the template's 15K
+    assert ar.train_limit(32768, 5000) - ar.train_limit(16384, 5000) == int(16384 * 0.75 * ar.CHARS_PER_TOKEN)
+    big = "x = 1\n" * (loop.train_limit // 6 + 1)
+    r = loop.tool("edit_file", {"path": "train.py", "old_text": "LR = 1\n", "new_text": big})
+    assert r.startswith("ERROR: train.py would grow to") and f"limit of {loop.train_limit}" in r
+    assert (repo / "train.py").read_text() == "LR = 1\n"
+    (repo / "train.py").write_text(big)
+    with pytest.raises(ar.HarnessError, match=r"train.py has \d+ characters, more than fit .* --num-ctx 16384 .*"
+                                              r"pass --num-ctx (\d+) or more"):
+        ar.Loop(loop_args(), None)
+    need = int(re.search(r"--num-ctx (\d+) or more", str(pytest.raises(ar.HarnessError, ar.Loop, loop_args(),
+                                                                       None).value)).group(1))
+    ar.Loop(loop_args(num_ctx=need), None)                     # what the message asks for is enough
+
+
+def test_the_allowance_is_bounded_whatever_the_baseline(repo):
+    assert ar.budget_allowance(300) == 30.0 and ar.budget_allowance(20) == 30.0 and ar.budget_allowance(3600) == 360.0
+    loop = ar.Loop(loop_args(time_budget=20), None)
+    loop.rows = [{"status": "baseline", "train_wall_seconds": 119.0, "round": 0}]   # a baseline on a busy machine
+    assert loop.allowance() == 30.0          # it once allowed 2 x 99 s = 198 s: several times the budget
+    out = "--- trusted evaluation ---\nval_mean_rank: 3.5\ntrain_wall_seconds: {}\n"
+    for wall, status in ((50.0, "ok"), (50.2, "invalid"), (119.0, "invalid")):
+        assert ar.classify_run(0, out.format(wall), ar.parse_metrics(out.format(wall)), 20, loop.allowance(),
+                               MR)[0] == status
+
+
+GIB = 2 ** 30
+
+
+def test_workers_share_the_hosts_memory():
+    env = {}
+    one = ar.run_memory(1, 24 * GIB, env)
+    assert one == {"AUTORESEARCH_MEMORY": "16384m", "AUTORESEARCH_HANDOFF_SIZE": "2048m"}      # the defaults fit
+    four = ar.run_memory(4, 24 * GIB, env)
+    mem, hand = (int(four[k][:-1]) << 20 for k in ("AUTORESEARCH_MEMORY", "AUTORESEARCH_HANDOFF_SIZE"))
+    room = 24 * GIB - max(ar.MEMORY_RESERVE, 24 * GIB // 10)
+    assert 4 * (mem + hand + ar.MEMORY_WAITING) <= room and mem > 3 * GIB and hand <= 2 * GIB
+    with pytest.raises(ar.HarnessError, match=r"4 run\(s\) at once need 4 x \(AUTORESEARCH_MEMORY 16g .*export "
+                                              r"AUTORESEARCH_MEMORY=[\d.]+g or less or run fewer --workers"):
+        ar.run_memory(4, 24 * GIB, {"AUTORESEARCH_MEMORY": "16g"})          # the user's own value: checked
+    assert ar.run_memory(2, 24 * GIB, {"AUTORESEARCH_MEMORY": "8g"})["AUTORESEARCH_MEMORY"] == "8192m"
+    with pytest.raises(ar.HarnessError, match="AUTORESEARCH_MEMORY must be a size like 16g"):
+        ar.run_memory(1, 24 * GIB, {"AUTORESEARCH_MEMORY": "lots"})
+    with pytest.raises(ar.HarnessError, match="too little memory"):
+        ar.run_memory(8, 3 * GIB, env)
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("AUTORESEARCH_TIME_BUDGET", "abc", "AUTORESEARCH_TIME_BUDGET must be a whole number above 0, got 'abc'"),
+    ("AUTORESEARCH_GRACE", "0", "AUTORESEARCH_GRACE must be a whole number above 0, got '0'"),
+    ("AUTORESEARCH_EVAL_TIMEOUT", "-5", "AUTORESEARCH_EVAL_TIMEOUT must be a whole number above 0, got '-5'"),
+    ("AUTORESEARCH_PIDS", "1.5", "AUTORESEARCH_PIDS must be a whole number above 0, got '1.5'"),
+    ("AUTORESEARCH_SHM_SIZE", "2 gigs", "AUTORESEARCH_SHM_SIZE must be a size like 16g or 500m, got '2 gigs'"),
+    ("AUTORESEARCH_HANDOFF_SIZE", "0", "AUTORESEARCH_HANDOFF_SIZE must be a size like 16g or 500m, got '0'"),
+    ("AUTORESEARCH_CPUS", "none", "AUTORESEARCH_CPUS must be a positive number of cores like 2 or 0.5, got 'none'"),
+])
+def test_each_bad_number_in_the_environment_is_named(name, value, message):
+    ar.check_environment({})
+    ar.check_environment({name: ""})          # empty: the default
+    with pytest.raises(ar.HarnessError) as e:
+        ar.check_environment({name: value})
+    assert str(e.value) == message
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--workers", "0"], "--workers must be at least 1, got 0"),
+    (["--num-ctx", "512"], "--num-ctx must be at least 2048, got 512"),
+    (["--time-budget", "0"], "--time-budget must be at least 1, got 0"),
+    (["--max-experiments", "-1"], "--max-experiments must be 0 (no limit) or more, got -1"),
+])
+def test_each_failed_argument_condition_is_named_on_its_own(capsys, argv, message):
+    with pytest.raises(SystemExit) as e:
+        ar.parse_args(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err == f"autoresearch.py: error: {message} (python autoresearch.py --help lists " \
+                                        f"the flags)\n"
+
+
+def test_a_failed_baseline_says_why_and_what_is_kept():
+    run = types.SimpleNamespace(status="timeout", reason="run.sh: TIMEOUT", log="logs/0-s4.log")
+    slow = ar.baseline_failure(run, 4, [27.0, 26.0, 28.0], 312.0, 300, 120)
+    assert "seed 4 ran out of time (its limit of budget 300s + grace 120s (AUTORESEARCH_GRACE))" in slow
+    assert "the machine was slower this time (busy?), not train.py over its budget" in slow
+    assert "The 3 finished seeds are recorded" in slow and "AUTORESEARCH_GRACE=240" in slow
+    first = ar.baseline_failure(run, 1, [], None, 300, 120)
+    assert "does train.py stop at TIME_BUDGET?" in first and "AUTORESEARCH_GRACE=240" in first
+    crash = ar.baseline_failure(types.SimpleNamespace(status="crash", reason="run.sh exit 1", log="logs/0-s2.log"), 2,
+                                [27.0], 312.0, 300, 120)
+    assert "see logs/0-s2.log (the 1 finished seeds are recorded)" in crash and "commit the fix" in crash
+    rows = [{"status": "interrupted", "round": 0, "experiment": 0}, {"status": "interrupted", "round": 1}]
+    assert ar.pending_baseline(rows) is rows[0]
+    assert ar.pending_baseline(rows + [{"status": "baseline", "round": 0}]) is None
+
+
+def test_decision_lines_read_as_sentences():
+    base = {"experiment": 0, "status": "baseline", "runs": (27.0, 29.0), "best": 28.0, "sigma": 1.41, "reason": ""}
+    assert ar.decision_line(base, MR) == ("experiment 0: baseline val_mean_rank 28 (the mean of 2 runs), noise sigma "
+                                          "1.41")
+    disc = {"experiment": 3, "status": "discard", "runs": (30.0,), "best": 28.0, "reason": "worse"}
+    assert ar.decision_line(disc, MR) == "experiment 3: discard, val_mean_rank 30: worse. The best stays 28"
+    crash = {"experiment": 4, "status": "crash", "runs": (), "best": 28.0, "reason": "run.sh exit 1; log: logs/4.log"}
+    assert ar.decision_line(crash, MR) == "experiment 4: crash: run.sh exit 1; log: logs/4.log. The best stays 28"

@@ -95,7 +95,8 @@ def seed_baseline(repo, tag, value=N_VAL):
     head = git(repo, "rev-parse", "HEAD")
     ar.append_row({"experiment": 0, "commit": head, "val_mean_rank": value, "delta": 0, "status": "baseline",
                    "description": "baseline", "runs": f"{value},{value}", "best": value, "sigma": 0,
-                   "best_commit": head, "phase": "Phase 1: Hyperparameters"}, str(repo / "results.tsv"))
+                   "best_commit": head, "phase": "Phase 1: Hyperparameters", "time_budget": 2},
+                  str(repo / "results.tsv"))
     return head
 
 
@@ -565,6 +566,45 @@ def test_harness_cuts_a_flooding_log_and_kills_a_run_past_its_wall_clock(tmp_pat
     run = ar.run_sandbox(types.SimpleNamespace(time_budget=1), "8", "runs/8", 1, "p")
     took = time.time() - t0
     watch.join()
-    assert run.status == "timeout" and run.reason == "harness wall-clock limit 9s exceeded", run.reason
+    assert run.status == "timeout" and run.reason == f"harness wall-clock limit 9s exceeded; log: {run.log}", run.reason
     assert 9 <= took < 9 + 25 and "train| sleeping" in (repo / "logs" / "8.log").read_text()
     assert not alive(pids[0]) and containers_of(pids[0]) == [] and not os.path.exists("runs/.running")
+
+
+# ---------------------------------------------------------------- hostile tool arguments (no sandbox run)
+
+def test_no_tool_argument_crashes_the_loop_or_damages_a_file(tmp_path, data):
+    """A lone surrogate (JSON "\\ud800") cannot be written as UTF-8: in edit_file's new_text, as a native tool call
+    and as JSON in the content, and in run_experiment's description, each is a tool error to the model; train.py is
+    never truncated, the experiment is recorded and the loop goes on. So is an edit that would put a NUL byte in
+    train.py (it cannot parse) and one that would grow it past what fits in the context."""
+    repo = make_repo(tmp_path / "repo")
+    base = seed_baseline(repo, "tools")
+    src = (repo / "train.py").read_text()
+    line = "WEIGHT_DECAY = 1e-4\n"
+    refused = lambda *words: lambda r: last_tool_result(r).startswith("ERROR") and all(  # noqa: E731
+        w in last_tool_result(r) for w in words)
+    script = [tool_call("edit_file", path="train.py", old_text=line, new_text="WEIGHT_DECAY = 2e-4  # \ud800\n"),
+              expect(refused("new_text", "cannot be written as UTF-8"),
+                     content_tool_call("edit_file", path="train.py", old_text=line, new_text="X = '\ud800'\n")),
+              expect(refused("new_text", "UTF-8"),
+                     tool_call("edit_file", path="train.py", old_text=line, new_text="WEIGHT_DECAY = 2e-4\n")),
+              expect(lambda r: last_tool_result(r).startswith("OK"),
+                     tool_call("run_experiment", description="weight decay x2 \ud800")),
+              expect(refused("description", "UTF-8"),
+                     tool_call("edit_file", path="train.py", old_text="WEIGHT_DECAY = 2e-4\n", new_text="A = 1\0\n")),
+              expect(lambda r: "does not parse" in last_tool_result(r),
+                     tool_call("run_experiment", description="nul byte")),
+              expect(refused("cannot run", "does not parse"),
+                     tool_call("edit_file", path="train.py", old_text="A = 1\0\n", new_text="#" * 40000 + "\n")),
+              expect(refused("train.py would grow to", "more than its limit"),
+                     text("I give up."))]
+    with FakeOllama({"qwen2.5-coder:7b": 32768}, script) as fake:
+        p = harness(repo, env_for(fake.url, data), "--resume", "--max-experiments", "1", "--max-nudges", "0",
+                    "--max-invalid", "1")
+        assert_no_failed_checks(fake)
+        assert fake.remaining == 0, p.stdout + p.stderr
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert [(r["experiment"], r["status"]) for r in rows(repo)] == [("0", "baseline"), ("1", "invalid")]
+    assert (repo / "train.py").read_text() == src and git(repo, "rev-parse", "HEAD") == base   # intact, reverted
+    assert git(repo, "status", "--porcelain") == ""

@@ -199,7 +199,7 @@ def test_slurm_launcher_end_to_end(cluster, tmp_path, data):
         ("0", "baseline"), ("1", "interrupted"), ("2", "keep"), ("3", "interrupted"), ("4", "interrupted"),
         ("5", "crash")], rs
     assert "killed during the run" in rs[4]["reason"]
-    assert rs[5]["reason"] == "run.sh exit 1: run.sh: FAILED train.py exited with code 1"   # not srun's line after it
+    assert rs[5]["reason"] == "run.sh exit 1: run.sh: FAILED train.py exited with code 1; log: logs/5.log"   # not srun's
     # every run was a SLURM job of this repository, named after the tag and the experiment
     comp = [dict(kv.split("=", 1) for kv in line.split() if "=" in kv) for line in open(c.jobcomp)]
     ours = {(j["Name"], j["JobState"]) for j in comp if j["WorkDir"] == str(repo)}

@@ -325,7 +325,8 @@ def tuned(tmp_path_factory):
     assert TRAIN.count(IMG_OK) == 1 and TRAIN.count(TXT_OK) == 1 and TRAIN.count(HEADS) == 1
     (repo / "train.py").write_text(TRAIN.replace(IMG_OK, IMG_BAD).replace(TXT_OK, TXT_SWITCH)
                                    .replace(HEADS, HEADS + "TEXT_ON = 0\n"))
-    (repo / "program.md").write_text((repo / "program.md").read_text() + SPACE_BLOCK)
+    shipped = (repo / "program.md").read_text()
+    (repo / "program.md").write_text(shipped[:shipped.index("## Search space")] + SPACE_BLOCK)
     git(repo, "init", "-q", "-b", "main")
     git(repo, "add", "-A")
     git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "template")
@@ -380,7 +381,7 @@ def test_report_compare_draws_both_runs(tuned):
     p = harness(repo, tuned["env"], "report", "--compare", "rnd", "opt")
     assert "wrote compare.png" in p.stdout
     lines = {line.split()[0]: line.split() for line in p.stdout.split("\n") if line.split()[:1] in (["rnd"], ["opt"])}
-    scores = ar.load_test_scores(str(repo / "test_scores.tsv"))
+    scores = ar.load_test_scores(ar.project_metric(str(repo)), str(repo / "test_scores.tsv"))
     for tag, rows in (("rnd", tuned["random"]), ("opt", tuned["optuna"])):
         best, best_commit, _, _ = ar.state_from_rows(rows)
         cells = lines[tag]
