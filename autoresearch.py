@@ -2742,7 +2742,7 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (python autoresearch.py --help lists the flags)\n")
 
 
-def parse_args(argv):
+def build_parser():
     p = Parser(prog="autoresearch.py", description=__doc__.split("\n\n")[0],
                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL, help="Ollama model (a 7B coder fits next to training on 24 GB)")
@@ -2784,6 +2784,11 @@ def parse_args(argv):
     how.add_argument("--test", action="store_true", help="also evaluate baseline and best on the test split")
     how.add_argument("--compare", nargs="+", metavar="TAG", help="compare.png and a table for these runs: a tag "
                      "means results.tsv while its branch is checked out, else results-TAG.tsv; or a .tsv path")
+    return p
+
+
+def parse_args(argv):
+    p = build_parser()
     args = p.parse_args(argv)
     for flag, ok, need in (("--num-ctx", args.num_ctx >= 2048, "at least 2048"),
                            ("--noise-runs", args.noise_runs >= 1, "at least 1"),
