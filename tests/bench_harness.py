@@ -10,6 +10,7 @@ the real run.sh (AUTORESEARCH_IMAGE=host) and real training on tiny data in a te
   prompt tokens     = the first request of each experiment (system + user message + tool schemas),
                       counted as the fake server does (chars/4) and, conservatively for code, chars/3.
 """
+from conftest import copy_into  # noqa: E402
 import argparse
 import json
 import os
@@ -25,11 +26,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(0, ROOT)
-import autoresearch as ar  # noqa: E402
+from engine.agent import build_user_message
+from engine.judge import parse_metrics
+from engine.results import load_results
 from fake_ollama import FakeOllama, estimate_tokens, tool_call  # noqa: E402
 
-FILES = ["autoresearch.py", "train.py", "run.sh", "evaluator.py", "prepare_data.py", "program.md", "scratchpad.md",
-         ".gitignore"]
+FILES = ["autoresearch.py", "engine", "train.py", "run.sh", "evaluator.py", "prepare_data.py", "program.md",
+         "scratchpad.md", ".gitignore"]
 
 
 def edit_weight_decay(i):
@@ -51,8 +54,7 @@ def main():
         subprocess.run([sys.executable, os.path.join(ROOT, "prepare_data.py"), "--out", data, "--n-train", "256",
                         "--n-val", "64", "--n-test", "32"], check=True, capture_output=True)
         os.mkdir(repo)
-        for f in FILES:
-            shutil.copy2(os.path.join(ROOT, f), os.path.join(repo, f))
+        copy_into(repo, FILES)
         env = dict(os.environ, AUTORESEARCH_IMAGE="host", AUTORESEARCH_DATA=data, GIT_AUTHOR_NAME="b",
                    GIT_AUTHOR_EMAIL="b@b", GIT_COMMITTER_NAME="b", GIT_COMMITTER_EMAIL="b@b")
         for args in (["init", "-q", "-b", "main"], ["add", "-A"], ["commit", "-q", "-m", "template"]):
@@ -72,7 +74,7 @@ def main():
             chats = [r for r in fake.requests if r["path"] == "/api/chat"]
             starts = [r["time"] for r in chats if len(r["json"]["messages"]) == 2]
             firsts = [r["json"] for r in chats if len(r["json"]["messages"]) == 2]
-        rows = ar.load_results(os.path.join(repo, "results.tsv"))
+        rows = load_results(os.path.join(repo, "results.tsv"))
         overhead, fixed, runs = [], [], []
         exps = [r for r in rows if r["status"] != "baseline"]
         for i, r in enumerate(exps):
@@ -80,7 +82,7 @@ def main():
             if i + 1 < len(starts):   # cycle = this experiment's first request .. the next one's
                 overhead.append(starts[i + 1] - starts[i] - model - run)
             with open(os.path.join(repo, "logs", f"{r['experiment']}.log")) as f:
-                m = ar.parse_metrics(f.read())
+                m = parse_metrics(f.read())
             fixed.append(run - m.get("training_seconds", 0) - m.get("eval_seconds", 0))
             runs.append(run)
         # in-process pieces, for scale
@@ -88,14 +90,14 @@ def main():
             log = f.read()
         t = time.perf_counter()
         for _ in range(1000):
-            ar.parse_metrics(log)
+            parse_metrics(log)
         parse_us = (time.perf_counter() - t) * 1000
         loop_rows = rows * 5
         with open(os.path.join(ROOT, "train.py")) as f:
             src = f.read()
         t = time.perf_counter()
         for _ in range(1000):
-            ar.build_user_message(src, "notes\n" * 100, loop_rows, "best", "Phase 1: x", "logs/1.log")
+            build_user_message(src, "notes\n" * 100, loop_rows, "best", "Phase 1: x", "logs/1.log")
         build_us = (time.perf_counter() - t) * 1000
         chars = [sum(len(m["content"]) for m in r["messages"]) + len(json.dumps(r["tools"])) for r in firsts]
         toks = [estimate_tokens(r) for r in firsts]

@@ -22,7 +22,7 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import autoresearch as ar  # noqa: E402
+from engine.judge import decide, parse_metrics, pooled_sigma  # noqa: E402
 
 
 def main():
@@ -48,7 +48,7 @@ def main():
             env = dict(os.environ, AUTORESEARCH_IMAGE="host", AUTORESEARCH_DATA=data, AUTORESEARCH_SEED=str(seed),
                        AUTORESEARCH_TIME_BUDGET=str(a.budget), AUTORESEARCH_RUN_DIR=os.path.join(tmp, f"run{seed}"))
             p = subprocess.run(["./run.sh"], cwd=ROOT, env=env, capture_output=True, text=True)
-            m = ar.parse_metrics(p.stdout)
+            m = parse_metrics(p.stdout)
             if p.returncode != 0 or "val_mean_rank" not in m:
                 sys.exit(f"run.sh failed for seed {seed}:\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}")
             values.append(m["val_mean_rank"])
@@ -65,12 +65,12 @@ def report(values, a, what):
     trials = naive = rule = rule_pooled = 0
     for base in itertools.combinations(range(len(values)), a.baseline_runs):
         runs = [values[i] for i in base]
-        best, sigma = statistics.mean(runs), ar.pooled_sigma([runs])
+        best, sigma = statistics.mean(runs), pooled_sigma([runs])
         for k in set(range(len(values))) - set(base):
             trials += 1
             naive += values[k] < best
-            rule += ar.decide([values[k]], best, sigma, a.z, a.floor)[0] == "keep"
-            rule_pooled += ar.decide([values[k]], best, pooled, a.z, a.floor)[0] == "keep"
+            rule += decide([values[k]], best, sigma, a.z, a.floor)[0] == "keep"
+            rule_pooled += decide([values[k]], best, pooled, a.z, a.floor)[0] == "keep"
     print(f"{len(values)} seeds ({what}): mean {statistics.mean(values):.2f}, sigma {pooled:.2f} "
           f"({pooled / statistics.mean(values):.1%})")
     print(f"seed-only changes kept: naive {naive}/{trials} ({naive / trials:.0%}), noise-aware with the "

@@ -19,6 +19,7 @@
    the baseline on the test split; how far apart two runs of the same code on the same seed land (the calibration's
    baseline and the loop's); and the power of the keep rule at one run per experiment (power_table).
 """
+from conftest import copy_into  # noqa: E402
 import argparse
 import ast
 import json
@@ -35,11 +36,16 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(0, ROOT)
-import autoresearch as ar  # noqa: E402
+from engine.judge import parse_metrics, pooled_sigma
+from engine.project import project_metric
+from engine.report import load_test_scores
+from engine.results import load_results, runs_of, state_from_rows
+from engine.tuners import _number, apply_params, hyperparameters
+from engine.util import TEST_SCORES
 from fake_ollama import FakeOllama, tool_call  # noqa: E402
 
-FILES = ["autoresearch.py", "train.py", "run.sh", "evaluator.py", "prepare_data.py", "program.md", "scratchpad.md",
-         ".gitignore"]
+FILES = ["autoresearch.py", "engine", "train.py", "run.sh", "evaluator.py", "prepare_data.py", "program.md",
+         "scratchpad.md", ".gitignore"]
 SEED_EXPR = 'int(os.environ.get("AUTORESEARCH_SEED", 0))'
 BUDGET_EXPR = 'float(os.environ.get("AUTORESEARCH_TIME_BUDGET", 300))'
 
@@ -54,9 +60,9 @@ def module_value(src, name, text):
 def constant(name, fn, cuda):
     """An edit of a numeric constant of the active preset: new value = fn(current value)."""
     def edit(src):
-        node = ar.hyperparameters(src, cuda)[name]
-        v = fn(ar._number(node.value))
-        return ar.apply_params(src, {name: repr(v)}, cuda)
+        node = hyperparameters(src, cuda)[name]
+        v = fn(_number(node.value))
+        return apply_params(src, {name: repr(v)}, cuda)
     return edit
 
 
@@ -87,7 +93,7 @@ def line_edit(old_src, new_src):
 def run_once(repo, env, seed, tag):
     run_env = dict(env, AUTORESEARCH_SEED=str(seed), AUTORESEARCH_RUN_DIR=os.path.join(repo, "runs", tag))
     p = subprocess.run(["./run.sh"], cwd=repo, env=run_env, capture_output=True, text=True)
-    m = ar.parse_metrics(p.stdout)
+    m = parse_metrics(p.stdout)
     if p.returncode != 0 or "val_mean_rank" not in m:
         sys.exit(f"run.sh failed ({tag}, seed {seed}):\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}")
     shutil.rmtree(os.path.join(repo, "runs", tag), ignore_errors=True)
@@ -151,7 +157,7 @@ def power_table(values, gains, real, a):
     base = values["baseline"]
     sigma, best = statistics.stdev(base), statistics.mean(base)
     floor = a.floor * best
-    sd_pair = ar.pooled_sigma([[c - b for c, b in zip(values[n], base)] for n in gains])   # edit vs best, same seed
+    sd_pair = pooled_sigma([[c - b for c, b in zip(values[n], base)] for n in gains])   # edit vs best, same seed
     print(f"\nsigma of one run {sigma:.3g} ({sigma / best:.1%} of {best:.4g}); sd of a paired difference (an edit and "
           f"the baseline on the same seed) {sd_pair:.3g}, against {sigma * math.sqrt(2):.3g} for two independent runs")
 
@@ -200,8 +206,7 @@ def main():
         subprocess.run([sys.executable, os.path.join(ROOT, "prepare_data.py"), "--out", data, *sizes], check=True,
                        capture_output=True)
         os.mkdir(repo)
-        for f in FILES:
-            shutil.copy2(os.path.join(ROOT, f), os.path.join(repo, f))
+        copy_into(repo, FILES)
         env = dict(os.environ, AUTORESEARCH_DATA=data, AUTORESEARCH_TIME_BUDGET=str(a.budget),
                    GIT_AUTHOR_NAME="b", GIT_AUTHOR_EMAIL="b@b", GIT_COMMITTER_NAME="b", GIT_COMMITTER_EMAIL="b@b")
         env.setdefault("AUTORESEARCH_IMAGE", "host")
@@ -236,7 +241,7 @@ def main():
             if p.returncode != 0 or fake.remaining:
                 sys.exit(f"the loop failed (exit {p.returncode}, {fake.remaining} scripted replies left):\n"
                          f"{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
-        rows = ar.load_results(os.path.join(repo, "results.tsv"))
+        rows = load_results(os.path.join(repo, "results.tsv"))
         status = {r["description"]: r["status"] for r in rows if r["status"] != "baseline"}
         assert len(status) == len(plan), status
 
@@ -249,8 +254,8 @@ def main():
         print(f"real gains detected: {kept('gain', real)} (real: {', '.join(real) or 'none'}; all "
               f"candidates kept {kept('gain')})")
         print(f"false keeps: nulls {kept('null')}, losses {kept('loss')}")
-        best, best_commit, _, _ = ar.state_from_rows(rows)
-        scores = ar.load_test_scores(ar.project_metric(repo), os.path.join(repo, ar.TEST_SCORES))
+        best, best_commit, _, _ = state_from_rows(rows)
+        scores = load_test_scores(project_metric(repo), os.path.join(repo, TEST_SCORES))
         b_test, t_test = scores.get(rows[0]["commit"]), scores.get(best_commit)
         if best_commit == rows[0]["commit"]:
             print(f"final best: the baseline (nothing kept); test_mean_rank {b_test}")
@@ -258,7 +263,7 @@ def main():
             print(f"final best val {best:.4g} vs baseline {float(rows[0]['best']):.4g}; on test {t_test} vs {b_test}: "
                   f"{'beats' if t_test is not None and b_test is not None and t_test < b_test else 'does NOT beat'} "
                   f"the baseline")
-        same = [x - y for x, y in zip(ar.runs_of(rows[0]), base)]
+        same = [x - y for x, y in zip(runs_of(rows[0]), base)]
         spread = f" (sd {statistics.stdev(same):.3g}; of two independent runs: {statistics.stdev(base) * 2 ** 0.5:.3g})"
         print(f"the same code on the same seeds, the loop's baseline minus the calibration's: "
               f"{' '.join(f'{d:+.3g}' for d in same)}{spread * (len(same) > 1)}")

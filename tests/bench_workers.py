@@ -26,7 +26,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
-import autoresearch as ar  # noqa: E402
+from engine.judge import decide_round, sidak_z
+from engine.project import Metric
+from engine.report import summarize
+from engine.results import append_row, load_results
 from fake_ollama import FakeOllama, delay, tool_calls  # noqa: E402
 from test_loop import BOOM, TXT_BAD, git, make_repo  # noqa: E402
 
@@ -48,10 +51,10 @@ def utilization(args):
             git(repo, "commit", "-qam", "sleep")
             git(repo, "checkout", "-q", "-b", "autoresearch/bench")
             head = git(repo, "rev-parse", "HEAD")
-            ar.append_row({"experiment": 0, "commit": head, "val_mean_rank": 48.0, "delta": 0.0, "status": "baseline",
+            append_row({"experiment": 0, "commit": head, "val_mean_rank": 48.0, "delta": 0.0, "status": "baseline",
                            "description": "baseline", "runs": (48.0, 48.0), "best": 48.0, "sigma": 0.0,
                            "best_commit": head, "train_wall_seconds": args.sleep + 120.0, "round": 0, "worker": 0},
-                          str(repo / "results.tsv"), ar.Metric("mean_rank", "minimize"))
+                          str(repo / "results.tsv"), Metric("mean_rank", "minimize"))
             # every experiment: one answer that edits train.py (a different comment each time) and runs it
             script = [delay(args.delay, tool_calls(
                 ("edit_file", {"path": "train.py", "old_text": TXT_BAD,
@@ -70,8 +73,8 @@ def utilization(args):
                 wall = time.time() - t0
             if p.returncode != 0:
                 sys.exit(f"N={n}: the harness failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
-            rows = [r for r in ar.load_results(str(repo / "results.tsv")) if r["status"] != "baseline"]
-            s = ar.summarize(ar.load_results(str(repo / "results.tsv")))
+            rows = [r for r in load_results(str(repo / "results.tsv")) if r["status"] != "baseline"]
+            s = summarize(load_results(str(repo / "results.tsv")))
             runs = [float(r["run_seconds"]) for r in rows]
             t = sum(runs) / len(runs)
             # utilization over the rounds only (the seeded baseline took no time here)
@@ -85,14 +88,14 @@ def false_keeps(args):
     a mean of the baseline's runs (here: exact), so a keep is a false keep."""
     rng = random.Random(0)
     best, sigma, floor = 100.0, 1.0, 0.0   # floor 0: the z rule alone (the floor would hide the difference)
-    metric = ar.Metric("mean_rank", "minimize")
+    metric = Metric("mean_rank", "minimize")
     print(f"seed-only candidates, sigma {sigma:g}, z {args.z:g}, floor 0, {args.trials} rounds each")
     print(f"{'N':>3} {'z used':>7} {'keeps per round':>16} {'keeps per experiment':>21}")
-    for n, z in ((1, args.z), (4, args.z), (4, ar.sidak_z(args.z, 4))):
+    for n, z in ((1, args.z), (4, args.z), (4, sidak_z(args.z, 4))):
         keeps = 0
         for _ in range(args.trials):
             values = {e: rng.gauss(best, sigma) for e in range(n)}
-            keeps += ar.decide_round(best, sigma, values, z, floor, metric=metric)[0] is not None
+            keeps += decide_round(best, sigma, values, z, floor, metric=metric)[0] is not None
         label = "z" if z == args.z else "z_4"
         print(f"{n:>3} {label + f' {z:.3f}':>7} {keeps / args.trials:>16.4f} {keeps / args.trials / n:>21.4f}")
 

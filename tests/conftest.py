@@ -71,6 +71,12 @@ def rootless_sandbox_problem():
             f"many kernels refuse to unprivileged users); run the suite as root (sudo) to include them")
 
 
+def copy_into(dest, names):
+    """The named files and folders of the repository (the engine/ package among them) copied into dest."""
+    for name in names:
+        (shutil.copytree if (ROOT / name).is_dir() else shutil.copy2)(ROOT / name, Path(dest) / name)
+
+
 def run_py(args, env=None, timeout=300, cwd=ROOT):
     """Runs a Python script of the repo in a subprocess; returns the CompletedProcess (text mode)."""
     full_env = {**os.environ, **(env or {})}
@@ -131,11 +137,11 @@ def assert_plot_marks(png, rows, tmp_dir):
     experiment of that kind more than the same plot with those rows relabelled `interrupted` (not drawn as a mark;
     the running best, the axes and the other marks stay as they are); red marks nothing but failures."""
     sys.path.insert(0, str(ROOT))
-    import autoresearch as ar
+    from engine.report import write_report
     for color, statuses in MARKS.items():
         n = sum(r["status"] in statuses for r in rows)
         without = Path(tmp_dir) / f"without-{statuses[0]}.png"
-        ar.write_report([dict(r, status="interrupted") if r["status"] in statuses else r for r in rows], str(without),
+        write_report([dict(r, status="interrupted") if r["status"] in statuses else r for r in rows], str(without),
                         quiet=True)
         assert color_pixels(png, color) - color_pixels(without, color) >= DOT_PIXELS * n, (statuses, n)
         if color == RED:

@@ -9,24 +9,37 @@ import time
 import types
 
 import pytest
+from pathlib import Path
 from conftest import assert_plot_marks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import autoresearch as ar  # noqa: E402
+from engine.agent import (CHARS_PER_TOKEN, TOKEN_RESERVE, TOOLS, apply_edit, build_system_prompt, build_user_message,
+    check_path, parse_error, parse_phases, parse_tool_calls, phase_index, train_limit, unwritable)
+from engine.judge import (baseline_failure, budget_allowance, classify_run, decide, last_loss, parse_metrics,
+    pooled_sigma)
+from engine.loop import Loop
+from engine.project import MORE_COLUMNS, Metric, project_metric
+from engine.repo import check_argv, spawn
+from engine.report import report, summarize, write_report
+from engine.results import (Outcome, append_row, commit_message, decision_line, load_results, make_row, noise_groups,
+    parse_trailers, pending_baseline, state_from_rows, typed_row)
+from engine.runs import run_memory
+from engine.settings import MEMORY_RESERVE, MEMORY_WAITING, check_environment, env_int, parse_args, run_budget
+from engine.util import HarnessError, clean_text, encodable, write_text
 
 
 # ---------------------------------------------------------------- the metric, declared once by the project
 
-ACC = ar.Metric("accuracy", "maximize")   # a fork's metric: higher is better
-MR = ar.Metric("mean_rank", "minimize")   # this project's
+ACC = Metric("accuracy", "maximize")   # a fork's metric: higher is better
+MR = Metric("mean_rank", "minimize")   # this project's
 
 
 def test_project_metric_is_read_from_prepare_data(tmp_path):
-    assert ar.project_metric(ROOT) == ("mean_rank", "minimize") == ar.Metric("mean_rank", "minimize")
+    assert project_metric(ROOT) == ("mean_rank", "minimize") == Metric("mean_rank", "minimize")
     (tmp_path / "prepare_data.py").write_text('"""METRIC = "fake" in a docstring is not a declaration"""\n'
                                               'import torch\nMETRIC = "accuracy"\nDIRECTION = "maximize"\n')
-    name, direction = m = ar.project_metric(str(tmp_path))      # read with ast: torch is never imported
+    name, direction = m = project_metric(str(tmp_path))      # read with ast: torch is never imported
     assert (name, direction, m.column, m.better) == ("accuracy", "maximize", "val_accuracy", "higher")
     assert m.columns[:6] == ["experiment", "commit", "val_accuracy", "delta", "status", "description"]
     for bad, example, found in (
@@ -39,17 +52,16 @@ def test_project_metric_is_read_from_prepare_data(tmp_path):
             ('METRIC = "accuracy"\nMETRIC = "r1"\nDIRECTION = "maximize"\n', 'METRIC = "accuracy"',
              "declares it more than once")):
         (tmp_path / "prepare_data.py").write_text(bad)
-        with pytest.raises(ar.HarnessError) as e:
-            ar.project_metric(str(tmp_path))
+        with pytest.raises(HarnessError) as e:
+            project_metric(str(tmp_path))
         assert found in str(e.value) and example in str(e.value), str(e.value)
     (tmp_path / "prepare_data.py").unlink()
-    with pytest.raises(ar.HarnessError, match="prepare_data.py is missing"):
-        ar.project_metric(str(tmp_path))
+    with pytest.raises(HarnessError, match="prepare_data.py is missing"):
+        project_metric(str(tmp_path))
 
 
 def test_no_metric_is_written_into_the_harness():
-    with open(os.path.join(ROOT, "autoresearch.py")) as f:
-        src = f.read()
+    src = "".join(p.read_text() for p in [Path(ROOT) / "autoresearch.py", *sorted((Path(ROOT) / "engine").glob("*.py"))])
     for literal in ("mean_rank", "median_rank", "lower is better", "higher is better"):
         assert literal not in src, literal
 
@@ -57,13 +69,13 @@ def test_no_metric_is_written_into_the_harness():
 # ---------------------------------------------------------------- tool-call parsing
 
 def test_native_tool_calls_win_over_content():
-    calls = ar.parse_tool_calls('{"name": "read_file", "arguments": {"path": "x"}}',
+    calls = parse_tool_calls('{"name": "read_file", "arguments": {"path": "x"}}',
                                 [{"function": {"name": "edit_file", "arguments": {"path": "train.py"}}}])
     assert calls == [("edit_file", {"path": "train.py"})]
 
 
 def test_native_arguments_as_json_string():
-    calls = ar.parse_tool_calls("", [{"function": {"name": "run_experiment", "arguments": '{"description": "d"}'}}])
+    calls = parse_tool_calls("", [{"function": {"name": "run_experiment", "arguments": '{"description": "d"}'}}])
     assert calls == [("run_experiment", {"description": "d"})]
 
 
@@ -76,22 +88,22 @@ def test_native_arguments_as_json_string():
     '[{"name": "read_file", "arguments": {"path": "train.py"}}]',
 ])
 def test_tool_call_in_content(content):
-    assert ar.parse_tool_calls(content, []) == [("read_file", {"path": "train.py"})]
+    assert parse_tool_calls(content, []) == [("read_file", {"path": "train.py"})]
 
 
 def test_content_calls_with_raw_newlines_and_several_calls():
     content = ('first {"name": "edit_file", "arguments": {"path": "train.py", "old_text": "A = 1\nB = 2",'
                ' "new_text": "A = 2\nB = 2"}} then\n{"name": "run_experiment", "arguments": {"description": "x"}}')
-    calls = ar.parse_tool_calls(content)
+    calls = parse_tool_calls(content)
     assert [c[0] for c in calls] == ["edit_file", "run_experiment"]
     assert calls[0][1]["old_text"] == "A = 1\nB = 2"
 
 
 def test_content_without_calls():
-    assert ar.parse_tool_calls("Let me think. CONFIG = {'lr': 1} and {\"lr\": 2}", None) == []
-    assert ar.parse_tool_calls('{"name": "rm_rf", "arguments": {}}') == []   # unknown tools are not calls
-    assert ar.parse_tool_calls("{ broken json", None) == []
-    assert ar.parse_tool_calls("", None) == []
+    assert parse_tool_calls("Let me think. CONFIG = {'lr': 1} and {\"lr\": 2}", None) == []
+    assert parse_tool_calls('{"name": "rm_rf", "arguments": {}}') == []   # unknown tools are not calls
+    assert parse_tool_calls("{ broken json", None) == []
+    assert parse_tool_calls("", None) == []
 
 
 # ---------------------------------------------------------------- metric parsing
@@ -101,7 +113,7 @@ GOOD = ("train| step 1 | loss 3.1\n--- trusted evaluation ---\nval_mean_rank: 12
 
 
 def test_metrics_from_trusted_block():
-    m = ar.parse_metrics(GOOD)
+    m = parse_metrics(GOOD)
     assert m == {"val_mean_rank": 12.5, "val_median_rank": 9.0, "val_n": 64.0, "total_seconds": 20.0}
 
 
@@ -114,64 +126,64 @@ def test_metrics_from_trusted_block():
     "train| --- trusted evaluation ---\nval_mean_rank: 0.5\n",       # marker inside training output
 ])
 def test_forged_metric_lines_are_ignored(forged):
-    assert ar.parse_metrics(forged + GOOD)["val_mean_rank"] == 12.5
-    assert "val_mean_rank" not in ar.parse_metrics(forged)
+    assert parse_metrics(forged + GOOD)["val_mean_rank"] == 12.5
+    assert "val_mean_rank" not in parse_metrics(forged)
 
 
 def test_metric_line_must_match_exactly():
     out = "--- trusted evaluation ---\nval_mean_rank: 1.0\rval_mean_rank: 0.1\nval_r5:0.3\n"
-    assert ar.parse_metrics(out) == {}
-    assert ar.parse_metrics("val_mean_rank: 3\n") == {}          # no trusted block at all
+    assert parse_metrics(out) == {}
+    assert parse_metrics("val_mean_rank: 3\n") == {}          # no trusted block at all
     # output that forges a block from inside the evaluator: a second marker or a repeated key voids the run
-    assert ar.parse_metrics(GOOD + "--- trusted evaluation ---\nval_mean_rank: 0.5\n") == {}
-    assert ar.parse_metrics(GOOD.replace("val_n: 64", "val_mean_rank: 0.5")) == {}
+    assert parse_metrics(GOOD + "--- trusted evaluation ---\nval_mean_rank: 0.5\n") == {}
+    assert parse_metrics(GOOD.replace("val_n: 64", "val_mean_rank: 0.5")) == {}
 
 
 def test_classify_run():
-    assert ar.classify_run(0, GOOD, ar.parse_metrics(GOOD)) == ("ok", "")
-    assert ar.classify_run(124, "x\nrun.sh: TIMEOUT after 305s\n", {})[0] == "timeout"
+    assert classify_run(0, GOOD, parse_metrics(GOOD)) == ("ok", "")
+    assert classify_run(124, "x\nrun.sh: TIMEOUT after 305s\n", {})[0] == "timeout"
     # the exit code alone decides (README: run.sh exit codes); run.sh's last own line is only the reason, and text that reads
     # like another verdict (the candidate writes part of the output) changes nothing
-    assert ar.classify_run(1, "x\nrun.sh: TIMEOUT after 305s", {}) == ("crash", "run.sh exit 1: run.sh: TIMEOUT after "
+    assert classify_run(1, "x\nrun.sh: TIMEOUT after 305s", {}) == ("crash", "run.sh exit 1: run.sh: TIMEOUT after "
                                                                              "305s")
-    assert ar.classify_run(0, GOOD + "run.sh: OUT OF MEMORY\n", ar.parse_metrics(GOOD)) == ("ok", "")
+    assert classify_run(0, GOOD + "run.sh: OUT OF MEMORY\n", parse_metrics(GOOD)) == ("ok", "")
     refused = "train| run.sh: forged\nrun.sh: evaluation refused the hand-off: batch dependence\n"
-    assert ar.classify_run(3, refused, {}) == ("crash", "run.sh exit 3: run.sh: evaluation refused the hand-off: batch "
+    assert classify_run(3, refused, {}) == ("crash", "run.sh exit 3: run.sh: evaluation refused the hand-off: batch "
                                                         "dependence")
     for rc, sig in ((130, "INT"), (143, "TERM")):
         out = f"train| step 9\nrun.sh: INTERRUPTED by SIG{sig}; training/evaluation stopped and cleaned up\n"
-        assert ar.classify_run(rc, out, {}) == ("interrupted", out.split("\n")[1])
-    assert ar.classify_run(0, "no metric\n", {}) == ("crash", "no trusted metric")
-    assert ar.classify_run(137, "run.sh: OUT OF MEMORY (16g)\n", {}) == ("crash", "out of memory")
-    status, reason = ar.classify_run(1, "train| Traceback\ntrain| RuntimeError: boom\n", {})
+        assert classify_run(rc, out, {}) == ("interrupted", out.split("\n")[1])
+    assert classify_run(0, "no metric\n", {}) == ("crash", "no trusted metric")
+    assert classify_run(137, "run.sh: OUT OF MEMORY (16g)\n", {}) == ("crash", "out of memory")
+    status, reason = classify_run(1, "train| Traceback\ntrain| RuntimeError: boom\n", {})
     assert status == "crash" and "boom" in reason
-    assert ar.classify_run(0, "no metric\n", {})[0] == "crash"     # exit 0 without a metric is not ok
+    assert classify_run(0, "no metric\n", {})[0] == "crash"     # exit 0 without a metric is not ok
 
 
 def test_classify_run_reads_the_declared_metric():
     out = "--- trusted evaluation ---\nval_accuracy: 0.75\nval_mean_rank: 3\n"
-    assert ar.classify_run(0, out, ar.parse_metrics(out), metric=ACC) == ("ok", "")
+    assert classify_run(0, out, parse_metrics(out), metric=ACC) == ("ok", "")
     rank_only = "--- trusted evaluation ---\nval_mean_rank: 3\n"
-    assert ar.classify_run(0, rank_only, ar.parse_metrics(rank_only), metric=ACC)[0] == "crash"
+    assert classify_run(0, rank_only, parse_metrics(rank_only), metric=ACC)[0] == "crash"
 
 
 def test_last_loss():
-    assert ar.last_loss("train| step 120 | loss 3.1234 | lr 2.0e-04 | 45.2/120s") == "3.1234"
-    assert ar.last_loss("step 1 | loss 3.0") is None                 # only train| lines
-    assert ar.last_loss("train| params 1.1M") is None
+    assert last_loss("train| step 120 | loss 3.1234 | lr 2.0e-04 | 45.2/120s") == "3.1234"
+    assert last_loss("step 1 | loss 3.0") is None                 # only train| lines
+    assert last_loss("train| params 1.1M") is None
 
 
 # ---------------------------------------------------------------- editing and paths
 
 def test_apply_edit():
     text = "A = 1\nB = 2\nB = 2\n"
-    assert ar.apply_edit(text, "A = 1", "A = 3") == ("A = 3\nB = 2\nB = 2\n", None)
-    new, err = ar.apply_edit(text, "B = 2", "B = 3")
+    assert apply_edit(text, "A = 1", "A = 3") == ("A = 3\nB = 2\nB = 2\n", None)
+    new, err = apply_edit(text, "B = 2", "B = 3")
     assert new is None and "2 times" in err
-    new, err = ar.apply_edit(text, "A = 9", "x")
+    new, err = apply_edit(text, "A = 9", "x")
     assert new is None and "not found" in err and "A = 1" in err          # closest line as a hint
-    assert ar.apply_edit(text, "", "x")[1]
-    assert ar.apply_edit(text, None, "x")[1]
+    assert apply_edit(text, "", "x")[1]
+    assert apply_edit(text, None, "x")[1]
 
 
 def test_check_path(tmp_path):
@@ -179,83 +191,83 @@ def test_check_path(tmp_path):
     (tmp_path / "secret").write_text("s")
     os.symlink("/etc/passwd", tmp_path / "scratchpad.md")
     allowed = {"train.py", "scratchpad.md", "logs/3.log"}
-    assert ar.check_path(str(tmp_path), "train.py", allowed) == ("train.py", None)
-    assert ar.check_path(str(tmp_path), "./train.py", allowed) == ("train.py", None)
-    assert ar.check_path(str(tmp_path), "logs/3.log", allowed) == ("logs/3.log", None)
+    assert check_path(str(tmp_path), "train.py", allowed) == ("train.py", None)
+    assert check_path(str(tmp_path), "./train.py", allowed) == ("train.py", None)
+    assert check_path(str(tmp_path), "logs/3.log", allowed) == ("logs/3.log", None)
     for bad, why in [("/etc/passwd", "absolute"), ("../train.py", ".."), ("logs/../train.py", ".."),
                      ("secret", "not allowed"), ("prepare_data.py", "not allowed"), ("scratchpad.md", "symlink"),
                      ("", "non-empty"), (None, "non-empty"), ("~/x", "absolute"), ("C:/x", "absolute")]:
-        rel, err = ar.check_path(str(tmp_path), bad, allowed)
+        rel, err = check_path(str(tmp_path), bad, allowed)
         assert rel is None and why in err, (bad, err)
 
 
 def test_symlinked_directory_is_refused(tmp_path):
     os.symlink("/tmp", tmp_path / "logs")
-    rel, err = ar.check_path(str(tmp_path), "logs/3.log", {"logs/3.log"})
+    rel, err = check_path(str(tmp_path), "logs/3.log", {"logs/3.log"})
     assert rel is None and "symlink" in err
 
 
 def test_allowlist():
-    assert ar.check_argv(["git", "status", "--porcelain"]) is None
-    assert ar.check_argv(["./run.sh", "--test", "runs/0"]) is None
-    assert ar.check_argv(["podman", "image", "exists", "localhost/autoresearch:abc"]) is None   # the start-up check
-    assert ar.check_argv(["ollama", "serve"]) is None
+    assert check_argv(["git", "status", "--porcelain"]) is None
+    assert check_argv(["./run.sh", "--test", "runs/0"]) is None
+    assert check_argv(["podman", "image", "exists", "localhost/autoresearch:abc"]) is None   # the start-up check
+    assert check_argv(["ollama", "serve"]) is None
     for bad in ["git status", ["git", "push"], ["git", "clean", "-fdx"], ["git"], ["bash", "-c", "x"],
                 ["ollama", "rm", "x"], ["python", "train.py"], [], ["git", 3], ("rm", "-rf", "/"), ["podman", "ps"],
                 ["podman", "run", "x"], ["podman", "image", "exists", "a", "b"]]:
-        assert ar.check_argv(bad), bad
+        assert check_argv(bad), bad
     with pytest.raises(PermissionError):
-        ar.spawn(["sh", "-c", "echo hi"])
+        spawn(["sh", "-c", "echo hi"])
     with pytest.raises(PermissionError):
-        ar.spawn("git status")
+        spawn("git status")
 
 
 # ---------------------------------------------------------------- deciding (noise-aware)
 
 def test_decide_threshold_is_max_of_noise_and_floor():
     # sigma 2, z 2 -> threshold 4 > floor 1% of 100
-    assert ar.decide([97.0], 100.0, 2.0, z=2, floor=0.01)[0] == "discard"     # 3 < 4: inside the noise
-    status, delta, thr, why = ar.decide([95.0], 100.0, 2.0, z=2, floor=0.01)
+    assert decide([97.0], 100.0, 2.0, z=2, floor=0.01)[0] == "discard"     # 3 < 4: inside the noise
+    status, delta, thr, why = decide([95.0], 100.0, 2.0, z=2, floor=0.01)
     assert (status, delta, thr) == ("keep", -5.0, 4.0) and "sigma 2" in why
     # tiny sigma: the floor rules
-    assert ar.decide([99.5], 100.0, 0.01, floor=0.01)[:3] == ("discard", -0.5, 1.0)
-    assert ar.decide([98.9], 100.0, 0.01, floor=0.01)[0] == "keep"
-    assert ar.decide([101.0], 100.0, 2.0)[0] == "discard"                    # worse
-    assert ar.decide([95.0], 100.0, None, floor=0.01)[0] == "keep"          # unknown sigma: floor only
+    assert decide([99.5], 100.0, 0.01, floor=0.01)[:3] == ("discard", -0.5, 1.0)
+    assert decide([98.9], 100.0, 0.01, floor=0.01)[0] == "keep"
+    assert decide([101.0], 100.0, 2.0)[0] == "discard"                    # worse
+    assert decide([95.0], 100.0, None, floor=0.01)[0] == "keep"          # unknown sigma: floor only
 
 
 def test_decide_more_runs_average_the_noise():
     # mean 96.5 over 2 runs: threshold 2*2/sqrt(2) = 2.83 < 3.5
-    assert ar.decide([96.0, 97.0], 100.0, 2.0)[0] == "keep"
-    assert ar.decide([96.5], 100.0, 2.0)[0] == "discard"
+    assert decide([96.0, 97.0], 100.0, 2.0)[0] == "keep"
+    assert decide([96.5], 100.0, 2.0)[0] == "discard"
 
 
 def test_decide_confirm():
-    assert ar.decide([98.0], 100.0, 2.0, confirm=True)[0] == "confirm"       # beats the floor: run again
-    assert ar.decide([99.5], 100.0, 2.0, confirm=True)[0] == "discard"
-    assert ar.decide([96.0, 96.5], 100.0, 2.0, confirm=True)[0] == "keep"
-    status, *_, why = ar.decide([94.0, 99.5], 100.0, 2.0, confirm=True)       # second seed disagrees
+    assert decide([98.0], 100.0, 2.0, confirm=True)[0] == "confirm"       # beats the floor: run again
+    assert decide([99.5], 100.0, 2.0, confirm=True)[0] == "discard"
+    assert decide([96.0, 96.5], 100.0, 2.0, confirm=True)[0] == "keep"
+    status, *_, why = decide([94.0, 99.5], 100.0, 2.0, confirm=True)       # second seed disagrees
     assert status == "discard" and "disagree" in why
     with pytest.raises(ValueError):
-        ar.decide([], 100.0, 1.0)
+        decide([], 100.0, 1.0)
 
 
 def test_decide_maximize():
     # higher is better: the same rule with the improvement mean - best; delta stays mean - best
-    status, delta, thr, _ = ar.decide([0.85], 0.80, 0.01, z=2, floor=0.01, metric=ACC)
+    status, delta, thr, _ = decide([0.85], 0.80, 0.01, z=2, floor=0.01, metric=ACC)
     assert (status, delta, thr) == ("keep", pytest.approx(0.05), pytest.approx(0.02))
-    assert ar.decide([0.75], 0.80, 0.01, metric=ACC)[0] == "discard"                   # worse
-    assert ar.decide([0.81], 0.80, 0.01, metric=ACC)[0] == "discard"                   # inside the noise
-    assert ar.decide([0.85], 0.80, 0.01, confirm=True, metric=ACC)[0] == "confirm"
-    assert ar.decide([0.85, 0.79], 0.80, 0.01, confirm=True, metric=ACC)[0] == "discard"
+    assert decide([0.75], 0.80, 0.01, metric=ACC)[0] == "discard"                   # worse
+    assert decide([0.81], 0.80, 0.01, metric=ACC)[0] == "discard"                   # inside the noise
+    assert decide([0.85], 0.80, 0.01, confirm=True, metric=ACC)[0] == "confirm"
+    assert decide([0.85, 0.79], 0.80, 0.01, confirm=True, metric=ACC)[0] == "discard"
 
 
 def test_pooled_sigma():
-    assert ar.pooled_sigma([]) is None
-    assert ar.pooled_sigma([[5.0]]) is None
-    assert ar.pooled_sigma([[1.0, 3.0]]) == pytest.approx(math.sqrt(2))
+    assert pooled_sigma([]) is None
+    assert pooled_sigma([[5.0]]) is None
+    assert pooled_sigma([[1.0, 3.0]]) == pytest.approx(math.sqrt(2))
     # groups pool their squared deviations: (2 + 0) / (1 + 1)
-    assert ar.pooled_sigma([[1.0, 3.0], [7.0, 7.0]]) == pytest.approx(1.0)
+    assert pooled_sigma([[1.0, 3.0], [7.0, 7.0]]) == pytest.approx(1.0)
 
 
 def test_seed_noise_naive_vs_noise_aware():
@@ -265,10 +277,10 @@ def test_seed_noise_naive_vs_noise_aware():
     naive = ours = 0
     for _ in range(500):
         base = [rng.gauss(100, 3) for _ in range(3)]
-        sigma = ar.pooled_sigma([base])
+        sigma = pooled_sigma([base])
         cand = rng.gauss(100, 3)
         naive += cand < sum(base) / 3
-        ours += ar.decide([cand], sum(base) / 3, sigma, z=2, floor=0.01)[0] == "keep"
+        ours += decide([cand], sum(base) / 3, sigma, z=2, floor=0.01)[0] == "keep"
     assert naive > 200 and ours < naive / 3   # K=3 sigma estimates are themselves noisy
 
 
@@ -279,21 +291,21 @@ PROGRAM = ("# x\n## Phase 1: Hyperparameters\nfoo\n## Phase 2: Losses\n##Phase 3
 
 
 def test_parse_phases():
-    assert ar.parse_phases(PROGRAM) == ["Phase 1: Hyperparameters", "Phase 2: Losses", "Phase 3: Architecture",
+    assert parse_phases(PROGRAM) == ["Phase 1: Hyperparameters", "Phase 2: Losses", "Phase 3: Architecture",
                                         "Phase 4: Bold ideas"]
-    assert ar.parse_phases("no phases") == ["Phase 1: free exploration"]
+    assert parse_phases("no phases") == ["Phase 1: free exploration"]
     with open(os.path.join(ROOT, "program.md")) as f:
-        assert len(ar.parse_phases(f.read())) == 4
+        assert len(parse_phases(f.read())) == 4
 
 
 def test_phase_index():
-    assert ar.phase_index(["baseline"], 4) == 0
-    assert ar.phase_index(["baseline"] + ["keep"] * 9, 4, every=10, plateau=5) == 0
-    assert ar.phase_index(["baseline"] + ["keep"] * 10, 4, every=10, plateau=5) == 1
-    assert ar.phase_index(["baseline"] + ["discard"] * 5, 4, every=10, plateau=5) == 1      # plateau
-    assert ar.phase_index(["baseline", "discard", "keep", "discard"], 4, every=10, plateau=2) == 0
-    assert ar.phase_index(["discard", "interrupted", "discard"], 4, every=10, plateau=2) == 1  # interrupted: no count
-    assert ar.phase_index(["discard"] * 100, 4, every=3, plateau=2) == 3                   # stays in the last
+    assert phase_index(["baseline"], 4) == 0
+    assert phase_index(["baseline"] + ["keep"] * 9, 4, every=10, plateau=5) == 0
+    assert phase_index(["baseline"] + ["keep"] * 10, 4, every=10, plateau=5) == 1
+    assert phase_index(["baseline"] + ["discard"] * 5, 4, every=10, plateau=5) == 1      # plateau
+    assert phase_index(["baseline", "discard", "keep", "discard"], 4, every=10, plateau=2) == 0
+    assert phase_index(["discard", "interrupted", "discard"], 4, every=10, plateau=2) == 1  # interrupted: no count
+    assert phase_index(["discard"] * 100, 4, every=3, plateau=2) == 3                   # stays in the last
 
 
 def rows_for(n):
@@ -302,41 +314,41 @@ def rows_for(n):
 
 
 def test_build_user_message():
-    msg = ar.build_user_message("LR = 1\n", "## Next ideas\n- a\n", rows_for(30), "val_mean_rank 40",
+    msg = build_user_message("LR = 1\n", "## Next ideas\n- a\n", rows_for(30), "val_mean_rank 40",
                                 "Phase 2: Losses", "logs/29.log", max_rows=5)
     for part in ("Phase 2: Losses", "val_mean_rank 40", "LR = 1", "## Next ideas", "logs/29.log",
                  "idea number 29", "25 older experiments omitted"):
         assert part in msg, part
     assert "idea number 24" not in msg
-    long = ar.build_user_message("x", "A" * 5000 + "TAIL", [], "b", "p", scratch_chars=100)
+    long = build_user_message("x", "A" * 5000 + "TAIL", [], "b", "p", scratch_chars=100)
     assert "TAIL" in long and "A" * 200 not in long and "cut" in long
 
 
 def test_system_prompt_has_program_and_rules():
-    s = ar.build_system_prompt("PROGRAM TEXT")
+    s = build_system_prompt("PROGRAM TEXT")
     assert s.startswith("PROGRAM TEXT") and "edit_file" in s and "run_experiment" in s and "exactly once" in s
-    names = [t["function"]["name"] for t in ar.TOOLS]
+    names = [t["function"]["name"] for t in TOOLS]
     assert names == ["read_file", "edit_file", "run_experiment"]
-    assert ar.TOOLS[1]["function"]["parameters"]["required"] == ["path", "old_text", "new_text"]
+    assert TOOLS[1]["function"]["parameters"]["required"] == ["path", "old_text", "new_text"]
 
 
 def test_prompts_name_the_declared_metric():
     program = "# fork\n## Research question\nWhich changes raise {metric}? ({better} is better)\n"
-    system = ar.build_system_prompt(program, ACC)
+    system = build_system_prompt(program, ACC)
     assert "Which changes raise val_accuracy? (higher is better)" in system
     assert "only if val_accuracy (higher is better) improves" in system and "{" + "metric}" not in system
     rows = [{"experiment": "1", "status": "keep", "val_accuracy": 0.8125, "delta": 0.0625, "description": "wider"}]
-    msg = ar.build_user_message("x", "", rows, "val_accuracy 0.8125", "p", metric=ACC)
+    msg = build_user_message("x", "", rows, "val_accuracy 0.8125", "p", metric=ACC)
     assert "Recent results (higher val_accuracy is better):\nexp  status       val_accuracy   delta" in msg
     assert "1    keep         0.8125         0.0625    wider" in msg
-    assert "(lower val_mean_rank is better)" in ar.build_user_message("x", "", [], "b", "p")   # this project's
+    assert "(lower val_mean_rank is better)" in build_user_message("x", "", [], "b", "p")   # this project's
 
 
 def test_commit_message_and_trailers():
-    msg = ar.commit_message(3, "raise lr\tto 4e-4\nbecause", "Phase 1: Hyperparameters", "keep", 41.5, -2.25,
+    msg = commit_message(3, "raise lr\tto 4e-4\nbecause", "Phase 1: Hyperparameters", "keep", 41.5, -2.25,
                             {"Runs": "41.5,42"})
     assert msg.split("\n")[0] == "exp 3: raise lr to 4e-4 because"
-    tr = ar.parse_trailers(msg)
+    tr = parse_trailers(msg)
     assert tr["Experiment"] == "3" and tr["Status"] == "keep" and tr["Metric"] == "val_mean_rank 41.5"
     assert tr["Delta"] == "-2.25" and tr["Phase"] == "Phase 1: Hyperparameters" and tr["Runs"] == "41.5,42"
 
@@ -345,20 +357,20 @@ def test_commit_message_and_trailers():
 
 def test_results_round_trip(tmp_path):
     path = str(tmp_path / "results.tsv")
-    ar.append_row({"experiment": 0, "commit": "abc", "val_mean_rank": "50", "delta": "0", "status": "baseline",
+    append_row({"experiment": 0, "commit": "abc", "val_mean_rank": "50", "delta": "0", "status": "baseline",
                    "description": "baseline", "runs": "50,51", "best": "50.5", "best_commit": "abc"}, path)
-    ar.append_row({"experiment": 1, "commit": "def", "val_mean_rank": "45", "delta": "-5.5", "status": "keep",
+    append_row({"experiment": 1, "commit": "def", "val_mean_rank": "45", "delta": "-5.5", "status": "keep",
                    "description": "tab\there\nnewline", "runs": "45,46", "best": "45.5", "best_commit": "def"}, path)
     text = open(path).read()
     assert text.split("\n")[0].split("\t")[:6] == ["experiment", "commit", "val_mean_rank", "delta", "status",
                                                   "description"]
-    rows = ar.load_results(path)
+    rows = load_results(path)
     assert [r["status"] for r in rows] == ["baseline", "keep"]
     assert rows[1]["description"] == "tab here newline"
-    assert ar.state_from_rows(rows) == (45.5, "def", "1", "0")
-    assert ar.noise_groups(rows) == [[50.0, 51.0], [45.0, 46.0]]
-    ar.append_row({"experiment": 2, "status": "discard", "description": "d"}, path)
-    assert [r["experiment"] for r in ar.load_results(path)] == ["0", "1", "2"]
+    assert state_from_rows(rows) == (45.5, "def", "1", "0")
+    assert noise_groups(rows) == [[50.0, 51.0], [45.0, 46.0]]
+    append_row({"experiment": 2, "status": "discard", "description": "d"}, path)
+    assert [r["experiment"] for r in load_results(path)] == ["0", "1", "2"]
 
 
 @pytest.mark.parametrize("damage, message", [
@@ -374,11 +386,11 @@ def test_a_damaged_results_tsv_is_refused_with_its_line_and_left_as_it_is(tmp_pa
     path = tmp_path / "results.tsv"
     for r in ({"experiment": 0, "commit": "abc", "val_mean_rank": 50.0, "status": "baseline", "runs": (50.0, 51.0)},
               {"experiment": 1, "commit": "def", "val_mean_rank": 45.0, "status": "keep", "runs": (45.0, 46.0)}):
-        ar.append_row(r, str(path), MR)
+        append_row(r, str(path), MR)
     path.write_text(damage(path.read_text()))
     text = path.read_text()
-    with pytest.raises(ar.HarnessError, match=re.escape(message)) as e:
-        ar.load_results(str(path), MR)
+    with pytest.raises(HarnessError, match=re.escape(message)) as e:
+        load_results(str(path), MR)
     assert "delete or repair that line" in str(e.value) or "move the file away" in str(e.value)
     assert path.read_text() == text
 
@@ -386,24 +398,24 @@ def test_a_damaged_results_tsv_is_refused_with_its_line_and_left_as_it_is(tmp_pa
 def test_one_row_builder_typed_rows_exact_in_results_tsv(tmp_path):
     """Every outcome makes its row in one place; best and sigma keep full precision, and results.tsv gives back the
     very same typed rows (it is read only on --resume)."""
-    base = ar.Outcome(0, "baseline", description="baseline", commit="c0", values=[48.123456789, 47.98765432],
+    base = Outcome(0, "baseline", description="baseline", commit="c0", values=[48.123456789, 47.98765432],
                       delta=0.0, reason="2 seed(s)", started=100.0, round=0)
-    row0 = ar.make_row(base, [], MR, 130.0)
-    assert row0["best"] == (48.123456789 + 47.98765432) / 2 and row0["sigma"] == ar.pooled_sigma([base.values])
+    row0 = make_row(base, [], MR, 130.0)
+    assert row0["best"] == (48.123456789 + 47.98765432) / 2 and row0["sigma"] == pooled_sigma([base.values])
     assert (row0["val_mean_rank"], row0["runs"], row0["best_commit"], row0["wall_seconds"], row0["agent"]) == (
         48.123456789, (48.123456789, 47.98765432), "c0", 30.0, "llm")
-    disc = ar.Outcome(1, "discard", commit="c1", base="c0", values=[47.9], delta=47.9 - row0["best"],
+    disc = Outcome(1, "discard", commit="c1", base="c0", values=[47.9], delta=47.9 - row0["best"],
                       threshold=0.2, model_seconds=1.5, prompt_tokens=1234, round=1, agent="random")
-    row1 = ar.make_row(disc, [row0], MR, 200.0)
+    row1 = make_row(disc, [row0], MR, 200.0)
     assert (row1["best"], row1["sigma"], row1["best_commit"], row1["wall_seconds"]) == (row0["best"], row0["sigma"],
                                                                                          "c0", None)
-    crash = ar.Outcome(2, "crash", commit="c2", base="c0", reason="run.sh exit 1: boom", round=2, worker=3)
-    row2 = ar.make_row(crash, [row0, row1], MR, 300.0)
+    crash = Outcome(2, "crash", commit="c2", base="c0", reason="run.sh exit 1: boom", round=2, worker=3)
+    row2 = make_row(crash, [row0, row1], MR, 300.0)
     assert (row2["val_mean_rank"], row2["runs"], row2["best"], row2["worker"]) == (None, (), row0["best"], 3)
     path = str(tmp_path / "results.tsv")
     for r in (row0, row1, row2):
-        ar.append_row(r, path, MR)
-    assert [ar.typed_row(r, MR) for r in ar.load_results(path, metric=MR)] == [row0, row1, row2]
+        append_row(r, path, MR)
+    assert [typed_row(r, MR) for r in load_results(path, metric=MR)] == [row0, row1, row2]
     assert "\t48.123456789\t" in open(path).read() and "\t48.06\t" not in open(path).read()
 
 
@@ -414,7 +426,7 @@ def test_summarize():
              "wall_seconds": "1200", "run_seconds": "900", "model_seconds": "250"},
             {"experiment": "2", "status": "crash", "val_mean_rank": "", "best": "80", "best_commit": "b",
              "wall_seconds": "1800", "run_seconds": "1200", "model_seconds": "500"}]
-    s = ar.summarize(rows)
+    s = summarize(rows)
     assert s["baseline"] == 100 and s["best"] == 80 and s["delta_pct"] == pytest.approx(-20)
     assert s["keep_rate"] == 0.5 and s["crashes"] == 1 and s["per_hour"] == pytest.approx(2.0)
     assert s["train_share"] == pytest.approx(0.75) and s["model_share"] == pytest.approx(750 / 3600)
@@ -432,7 +444,7 @@ def test_report_png(tmp_path):
                      "best": str(best), "sigma": "1.5", "threshold": "3", "description": f"idea {i} lower lr",
                      "best_commit": "x", "wall_seconds": "300", "run_seconds": "250", "model_seconds": "30"})
     out = tmp_path / "progress.png"
-    ar.write_report(rows, str(out), quiet=True)
+    write_report(rows, str(out), quiet=True)
     data = out.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
@@ -453,7 +465,7 @@ def test_report_png_names_the_metric_and_marks_failures_at_the_worse_end(monkeyp
                  "wall_seconds": "1", "run_seconds": "1", "model_seconds": "0"}
                 for i, (st, v) in enumerate(zip(("baseline", "keep", "discard"), values))]
         rows.append(dict(rows[-1], experiment="3", status="crash", **{metric.column: ""}))
-        ar.write_report(rows, "unused.png", quiet=True, metric=metric)
+        write_report(rows, "unused.png", quiet=True, metric=metric)
         ax = drawn[-1].axes[0]
         crash = next(c for c in ax.collections if c.get_label() == "crash / timeout / invalid")
         assert ax.get_ylabel() == label and crash.get_offsets()[0][1] == values[0]
@@ -498,14 +510,14 @@ def baseline_row(commit):
 
 def test_resume_recovers_keep_commit_without_row(repo):
     base = git(repo, "rev-parse", "HEAD")
-    ar.append_row(baseline_row(base))
+    append_row(baseline_row(base))
     (repo / "train.py").write_text("LR = 2\n")
-    git(repo, "commit", "-qam", ar.commit_message(1, "lr 2", "Phase 1: Hyperparameters", "keep", 40.0, -11.0,
+    git(repo, "commit", "-qam", commit_message(1, "lr 2", "Phase 1: Hyperparameters", "keep", 40.0, -11.0,
                                                    {"Runs": "40,41", "Best": "40.5", "Threshold": "2.8"}))
     head = git(repo, "rev-parse", "HEAD")
-    loop = ar.Loop(loop_args(), None)
+    loop = Loop(loop_args(), None)
     loop.setup()             # killed after the keep commit, before recording: the commit carries the result
-    rows = ar.load_results()
+    rows = load_results()
     assert [r["status"] for r in rows] == ["baseline", "keep"]
     assert rows[1]["commit"] == head and rows[1]["val_mean_rank"] == "40" and rows[1]["best"] == "40.5"
     assert git(repo, "rev-parse", "HEAD") == head and (repo / "train.py").read_text() == "LR = 2\n"
@@ -513,15 +525,15 @@ def test_resume_recovers_keep_commit_without_row(repo):
 
 def test_resume_reverts_unrecorded_candidate_keeps_notes(repo):
     base = git(repo, "rev-parse", "HEAD")
-    ar.append_row(baseline_row(base))
+    append_row(baseline_row(base))
     (repo / "train.py").write_text("LR = 3\n")
-    git(repo, "commit", "-qam", ar.commit_message(1, "lr 3", "Phase 1: Hyperparameters", "candidate"))
+    git(repo, "commit", "-qam", commit_message(1, "lr 3", "Phase 1: Hyperparameters", "candidate"))
     (repo / "scratchpad.md").write_text("notes\n- lr 3 in flight\n")       # killed mid-experiment
     (repo / "runs").mkdir()
     (repo / "runs" / ".running").write_text("999999")                      # stale pid file: ignored
-    loop = ar.Loop(loop_args(), None)
+    loop = Loop(loop_args(), None)
     loop.setup()
-    rows = ar.load_results()
+    rows = load_results()
     assert [r["status"] for r in rows] == ["baseline", "interrupted"] and rows[1]["experiment"] == "1"
     assert (repo / "train.py").read_text() == "LR = 1\n"
     assert "lr 3 in flight" in (repo / "scratchpad.md").read_text()
@@ -532,29 +544,29 @@ def test_resume_reverts_unrecorded_candidate_keeps_notes(repo):
 
 def test_resume_and_report_refuse_results_of_another_metric(repo):
     (repo / "results.tsv").write_text("\t".join(ACC.columns) + "\n" + "\t".join(
-        ["0", "abc", "0.5", "0", "baseline", "baseline"] + [""] * len(ar.MORE_COLUMNS)) + "\n")
+        ["0", "abc", "0.5", "0", "baseline", "baseline"] + [""] * len(MORE_COLUMNS)) + "\n")
     head = git(repo, "rev-parse", "HEAD")
-    with pytest.raises(ar.HarnessError) as e:
-        ar.Loop(loop_args(), None).setup()
+    with pytest.raises(HarnessError) as e:
+        Loop(loop_args(), None).setup()
     assert "results.tsv records val_accuracy, but this project's prepare_data.py declares METRIC = 'mean_rank' " \
            "(val_mean_rank)" in str(e.value) and "mv results.tsv" in str(e.value)
     assert git(repo, "rev-parse", "HEAD") == head and git(repo, "status", "--porcelain") == ""
     for how in ({"compare": None}, {"compare": ["results.tsv"]}):
-        with pytest.raises(ar.HarnessError, match="records val_accuracy"):
-            ar.report(types.SimpleNamespace(test=False, **how))
+        with pytest.raises(HarnessError, match="records val_accuracy"):
+            report(types.SimpleNamespace(test=False, **how))
     assert (repo / "results.tsv").read_text().count("\n") == 2                 # left as it was
 
 
 def test_conclude_keeps_or_reverts_and_records_one_row(repo):
     base = git(repo, "rev-parse", "HEAD")
-    ar.append_row(baseline_row(base))
-    loop = ar.Loop(loop_args(), None)
+    append_row(baseline_row(base))
+    loop = Loop(loop_args(), None)
     loop.setup()
 
     def candidate(src, notes):
         (repo / "train.py").write_text(src)
         (repo / "scratchpad.md").write_text(notes)
-        git(repo, "commit", "-qam", ar.commit_message(len(loop.rows), src, "Phase 1: Hyperparameters", "candidate"))
+        git(repo, "commit", "-qam", commit_message(len(loop.rows), src, "Phase 1: Hyperparameters", "candidate"))
         return git(repo, "rev-parse", "HEAD")
 
     # a discard goes back to where it started; the notes survive in a commit of their own
@@ -571,17 +583,17 @@ def test_conclude_keeps_or_reverts_and_records_one_row(repo):
                      base=notes_commit, values=[45.123456, 46.987654], delta=-4.9, threshold=2.5, reason="kept")
     loop.conclude(o)
     head = git(repo, "rev-parse", "HEAD")
-    tr = ar.parse_trailers(git(repo, "log", "-1", "--format=%B"))
+    tr = parse_trailers(git(repo, "log", "-1", "--format=%B"))
     assert o.commit == head != cand and (tr["Status"], tr["Runs"], tr["Threshold"]) == ("keep", "45.123456,46.987654",
                                                                                          "2.5")
     assert (repo / "train.py").read_text() == "LR = 3\n" and git(repo, "status", "--porcelain") == ""
-    rows = ar.load_results()
+    rows = load_results()
     assert [(r["experiment"], r["status"], r["commit"], r["best_commit"], r["round"], r["worker"]) for r in rows] == [
         ("0", "baseline", base, base, "", ""), ("1", "discard", worse, base, "1", "0"),
         ("2", "keep", head, head, "2", "0")]
-    assert loop.best == (45.123456 + 46.987654) / 2 and loop.sigma() == ar.pooled_sigma([[50, 52],
+    assert loop.best == (45.123456 + 46.987654) / 2 and loop.sigma() == pooled_sigma([[50, 52],
                                                                                          [45.123456, 46.987654]])
-    again = ar.Loop(loop_args(), None)          # --resume reads back the very numbers
+    again = Loop(loop_args(), None)          # --resume reads back the very numbers
     again.setup()
     assert again.best == loop.best and again.sigma() == loop.sigma() and again.rows == loop.rows
     assert [r["round"] for r in again.rows] == [0, 1, 2]
@@ -600,21 +612,21 @@ def test_resume_upgrades_a_results_tsv_written_before_rounds_and_workers(repo):
             "val_median_rank": "", "agent": "llm", "model_seconds": "12.5"}]
     text = "\t".join(OLD_HEADER) + "\n" + "".join("\t".join(r.get(c, "") for c in OLD_HEADER) + "\n" for r in old)
     (repo / "results.tsv").write_text(text)
-    loop = ar.Loop(loop_args(), None)
+    loop = Loop(loop_args(), None)
     loop.setup()
     header = (repo / "results.tsv").read_text().split("\n")[0].split("\t")
     assert header == MR.columns + ["val_median_rank"]          # what it no longer writes stays, at the end
-    rows = ar.load_results()
+    rows = load_results()
     for r, o in zip(rows, old):                                 # nothing recorded is lost or changed
         assert {c: r[c] for c in OLD_HEADER} == {c: o.get(c, "") for c in OLD_HEADER}
     assert [(r["round"], r["worker"]) for r in rows] == [("0", "0"), ("1", "0")]
     assert loop.best == 51.0 and [r["round"] for r in loop.rows] == [0, 1]
     loop.record(loop.outcome(2, status="invalid", base=base, reason="again"))
-    rows = ar.load_results()
+    rows = load_results()
     assert (rows[2]["experiment"], rows[2]["reason"], rows[2]["round"], rows[2]["val_median_rank"]) == ("2", "again",
                                                                                                       "2", "")
     text = (repo / "results.tsv").read_text()
-    ar.Loop(loop_args(), None).setup()                          # once upgraded, left as it is
+    Loop(loop_args(), None).setup()                          # once upgraded, left as it is
     assert (repo / "results.tsv").read_text() == text
 
 
@@ -628,7 +640,7 @@ PRE_TOKENS = re.compile(r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|(?:[^\r\n\w]|_)?[^\W\d_]+
                         r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
-def min_tokens(messages, tools=ar.TOOLS):
+def min_tokens(messages, tools=TOOLS):
     """Lower bound on the prompt Ollama builds: message contents, the tool schemas, and 4 template tokens a message
     (<|im_start|>, role, newline, <|im_end|>)."""
     text = "".join(m["content"] for m in messages) + json.dumps(tools)
@@ -639,11 +651,11 @@ def test_prompt_shrinks_to_fit_num_ctx(repo):
     with open(os.path.join(ROOT, "train.py")) as f:
         train_src = f.read()
     (repo / "scratchpad.md").write_text("- old note\n" * 350 + "- NEWEST note\n")
-    loop = ar.Loop(loop_args(num_ctx=16384), None)
+    loop = Loop(loop_args(num_ctx=16384), None)
     loop.rows = rows_for(40)
     roomy = loop.user_message(train_src, 40.0, 1.0, "Phase 1: x")
     assert "- old note\n" * 300 in roomy and "idea number 25" in roomy          # 15 rows, whole scratchpad
-    budget = 8192 * (1 - ar.TOKEN_RESERVE)
+    budget = 8192 * (1 - TOKEN_RESERVE)
     assert min_tokens([{"content": loop.system}, {"content": roomy}]) > budget     # so 8192 needs the cuts below
     loop.args.num_ctx = 8192
     tight = loop.user_message(train_src, 40.0, 1.0, "Phase 1: x")
@@ -655,12 +667,12 @@ def test_prompt_shrinks_to_fit_num_ctx(repo):
 def test_fit_context_elides_old_tool_results(repo):
     with open(os.path.join(ROOT, "train.py")) as f:
         code = f.read()
-    loop = ar.Loop(loop_args(num_ctx=4096), None)
+    loop = Loop(loop_args(num_ctx=4096), None)
     msgs = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]
     for i in range(6):      # read_file results: slices of train.py, 3000 characters each
         msgs += [{"role": "assistant", "content": ""}, {"role": "tool", "content": code[i * 2000:i * 2000 + 3000]}]
     newest = msgs[-1]["content"]
-    budget = 4096 * (1 - ar.TOKEN_RESERVE)
+    budget = 4096 * (1 - TOKEN_RESERVE)
     assert min_tokens(msgs) > budget
     loop.fit_context(msgs)
     assert min_tokens(msgs) <= budget
@@ -670,24 +682,24 @@ def test_fit_context_elides_old_tool_results(repo):
 def test_time_budget_flag_env_and_resume(monkeypatch):
     monkeypatch.delenv("AUTORESEARCH_TIME_BUDGET", raising=False)
     monkeypatch.delenv("OLLAMA_HOST", raising=False)
-    a = ar.parse_args([])
+    a = parse_args([])
     assert (a.time_budget, a.num_ctx, a.model, a.host, a.noise_runs) == (None, 16384, "qwen2.5-coder:7b",
                                                                          "http://127.0.0.1:11434", 5)
-    assert ar.run_budget(None, []) == 300                           # nothing asked, nothing recorded: the default
+    assert run_budget(None, []) == 300                           # nothing asked, nothing recorded: the default
     monkeypatch.setenv("AUTORESEARCH_TIME_BUDGET", "42")
     monkeypatch.setenv("OLLAMA_HOST", "http://10.0.0.2:11434")
-    assert ar.env_int("AUTORESEARCH_TIME_BUDGET", None) == 42 and ar.parse_args([]).host == "http://10.0.0.2:11434"
-    assert ar.parse_args(["--time-budget", "7"]).time_budget == 7
+    assert env_int("AUTORESEARCH_TIME_BUDGET", None) == 42 and parse_args([]).host == "http://10.0.0.2:11434"
+    assert parse_args(["--time-budget", "7"]).time_budget == 7
     recorded = [{"time_budget": ""}, {"time_budget": "120"}]        # the first row: written before budgets were
-    assert ar.run_budget(None, recorded) == 120                     # a resumed run keeps its own
-    assert ar.run_budget(120, recorded) == 120
-    with pytest.raises(ar.HarnessError, match=r"recorded with a 120s time budget, not the 300s asked for .*"
+    assert run_budget(None, recorded) == 120                     # a resumed run keeps its own
+    assert run_budget(120, recorded) == 120
+    with pytest.raises(HarnessError, match=r"recorded with a 120s time budget, not the 300s asked for .*"
                                               r"resume with --time-budget 120"):
-        ar.run_budget(300, recorded)
+        run_budget(300, recorded)
 
 
 def test_tools_edit_and_read(repo):
-    loop = ar.Loop(loop_args(), None)
+    loop = Loop(loop_args(), None)
     assert loop.tool("edit_file", {"path": "train.py", "old_text": "LR = 1", "new_text": "LR = 2"}).startswith("OK")
     assert (repo / "train.py").read_text() == "LR = 2\n"
     r = loop.tool("edit_file", {"path": "train.py", "old_text": "LR = 2", "new_text": "LR = (2"})
@@ -720,47 +732,47 @@ def test_write_text_leaves_the_old_file_or_the_new_one(tmp_path):
     path.write_text("LR = 1\n")
     inode = path.stat().st_ino
     with pytest.raises(UnicodeEncodeError):
-        ar.write_text(str(path), "LR = 2  # \ud800\n")      # what once truncated train.py to 0 bytes
+        write_text(str(path), "LR = 2  # \ud800\n")      # what once truncated train.py to 0 bytes
     assert path.read_text() == "LR = 1\n" and os.listdir(tmp_path) == ["train.py"]
-    ar.write_text(str(path), "LR = 2\n")
+    write_text(str(path), "LR = 2\n")
     assert path.read_text() == "LR = 2\n" and path.stat().st_ino != inode   # a new file renamed over the old one
     assert os.listdir(tmp_path) == ["train.py"]
 
 
 def test_tool_arguments_that_cannot_be_written_are_named():
-    assert ar.unwritable({"path": "train.py", "old_text": "a", "new_text": "b"}) is None
-    why = ar.unwritable({"path": "train.py", "new_text": "ok \ud800"})
+    assert unwritable({"path": "train.py", "old_text": "a", "new_text": "b"}) is None
+    why = unwritable({"path": "train.py", "new_text": "ok \ud800"})
     assert why.startswith("new_text holds '\\ud800' at character 3") and "UTF-8" in why
-    assert ar.encodable({"a": ["x\udfff", {"b": "\ud800"}], "n": 3}) == {"a": ["x?", {"b": "?"}], "n": 3}
-    assert ar.clean_text("exp \ud800\tdone\n") == "exp ? done"
-    assert ar.parse_error("A = 1\0\n").startswith("train.py does not parse") and ar.parse_error("A = 1\n") is None
+    assert encodable({"a": ["x\udfff", {"b": "\ud800"}], "n": 3}) == {"a": ["x?", {"b": "?"}], "n": 3}
+    assert clean_text("exp \ud800\tdone\n") == "exp ? done"
+    assert parse_error("A = 1\0\n").startswith("train.py does not parse") and parse_error("A = 1\n") is None
 
 
 def test_train_py_size_limit(repo):
-    loop = ar.Loop(loop_args(), None)
-    assert loop.train_limit == ar.train_limit(16384, len(loop.system)) > 20000      # room for the template's 15K
-    assert ar.train_limit(32768, 5000) - ar.train_limit(16384, 5000) == int(16384 * 0.75 * ar.CHARS_PER_TOKEN)
+    loop = Loop(loop_args(), None)
+    assert loop.train_limit == train_limit(16384, len(loop.system)) > 20000      # room for the template's 15K
+    assert train_limit(32768, 5000) - train_limit(16384, 5000) == int(16384 * 0.75 * CHARS_PER_TOKEN)
     big = "x = 1\n" * (loop.train_limit // 6 + 1)
     r = loop.tool("edit_file", {"path": "train.py", "old_text": "LR = 1\n", "new_text": big})
     assert r.startswith("ERROR: train.py would grow to") and f"limit of {loop.train_limit}" in r
     assert (repo / "train.py").read_text() == "LR = 1\n"
     (repo / "train.py").write_text(big)
-    with pytest.raises(ar.HarnessError, match=r"train.py has \d+ characters, more than fit .* --num-ctx 16384 .*"
+    with pytest.raises(HarnessError, match=r"train.py has \d+ characters, more than fit .* --num-ctx 16384 .*"
                                               r"pass --num-ctx (\d+) or more"):
-        ar.Loop(loop_args(), None)
-    need = int(re.search(r"--num-ctx (\d+) or more", str(pytest.raises(ar.HarnessError, ar.Loop, loop_args(),
+        Loop(loop_args(), None)
+    need = int(re.search(r"--num-ctx (\d+) or more", str(pytest.raises(HarnessError, Loop, loop_args(),
                                                                        None).value)).group(1))
-    ar.Loop(loop_args(num_ctx=need), None)                     # what the message asks for is enough
+    Loop(loop_args(num_ctx=need), None)                     # what the message asks for is enough
 
 
 def test_the_allowance_is_bounded_whatever_the_baseline(repo):
-    assert ar.budget_allowance(300) == 30.0 and ar.budget_allowance(20) == 30.0 and ar.budget_allowance(3600) == 360.0
-    loop = ar.Loop(loop_args(time_budget=20), None)
+    assert budget_allowance(300) == 30.0 and budget_allowance(20) == 30.0 and budget_allowance(3600) == 360.0
+    loop = Loop(loop_args(time_budget=20), None)
     loop.rows = [{"status": "baseline", "train_wall_seconds": 119.0, "round": 0}]   # a baseline on a busy machine
     assert loop.allowance() == 30.0          # it once allowed 2 x 99 s = 198 s: several times the budget
     out = "--- trusted evaluation ---\nval_mean_rank: 3.5\ntrain_wall_seconds: {}\n"
     for wall, status in ((50.0, "ok"), (50.2, "invalid"), (119.0, "invalid")):
-        assert ar.classify_run(0, out.format(wall), ar.parse_metrics(out.format(wall)), 20, loop.allowance(),
+        assert classify_run(0, out.format(wall), parse_metrics(out.format(wall)), 20, loop.allowance(),
                                MR)[0] == status
 
 
@@ -769,20 +781,20 @@ GIB = 2 ** 30
 
 def test_workers_share_the_hosts_memory():
     env = {}
-    one = ar.run_memory(1, 24 * GIB, env)
+    one = run_memory(1, 24 * GIB, env)
     assert one == {"AUTORESEARCH_MEMORY": "16384m", "AUTORESEARCH_HANDOFF_SIZE": "2048m"}      # the defaults fit
-    four = ar.run_memory(4, 24 * GIB, env)
+    four = run_memory(4, 24 * GIB, env)
     mem, hand = (int(four[k][:-1]) << 20 for k in ("AUTORESEARCH_MEMORY", "AUTORESEARCH_HANDOFF_SIZE"))
-    room = 24 * GIB - max(ar.MEMORY_RESERVE, 24 * GIB // 10)
-    assert 4 * (mem + hand + ar.MEMORY_WAITING) <= room and mem > 3 * GIB and hand <= 2 * GIB
-    with pytest.raises(ar.HarnessError, match=r"4 run\(s\) at once need 4 x \(AUTORESEARCH_MEMORY 16g .*export "
+    room = 24 * GIB - max(MEMORY_RESERVE, 24 * GIB // 10)
+    assert 4 * (mem + hand + MEMORY_WAITING) <= room and mem > 3 * GIB and hand <= 2 * GIB
+    with pytest.raises(HarnessError, match=r"4 run\(s\) at once need 4 x \(AUTORESEARCH_MEMORY 16g .*export "
                                               r"AUTORESEARCH_MEMORY=[\d.]+g or less or run fewer --workers"):
-        ar.run_memory(4, 24 * GIB, {"AUTORESEARCH_MEMORY": "16g"})          # the user's own value: checked
-    assert ar.run_memory(2, 24 * GIB, {"AUTORESEARCH_MEMORY": "8g"})["AUTORESEARCH_MEMORY"] == "8192m"
-    with pytest.raises(ar.HarnessError, match="AUTORESEARCH_MEMORY must be a size like 16g"):
-        ar.run_memory(1, 24 * GIB, {"AUTORESEARCH_MEMORY": "lots"})
-    with pytest.raises(ar.HarnessError, match="too little memory"):
-        ar.run_memory(8, 3 * GIB, env)
+        run_memory(4, 24 * GIB, {"AUTORESEARCH_MEMORY": "16g"})          # the user's own value: checked
+    assert run_memory(2, 24 * GIB, {"AUTORESEARCH_MEMORY": "8g"})["AUTORESEARCH_MEMORY"] == "8192m"
+    with pytest.raises(HarnessError, match="AUTORESEARCH_MEMORY must be a size like 16g"):
+        run_memory(1, 24 * GIB, {"AUTORESEARCH_MEMORY": "lots"})
+    with pytest.raises(HarnessError, match="too little memory"):
+        run_memory(8, 3 * GIB, env)
 
 
 @pytest.mark.parametrize("name, value, message", [
@@ -795,10 +807,10 @@ def test_workers_share_the_hosts_memory():
     ("AUTORESEARCH_CPUS", "none", "AUTORESEARCH_CPUS must be a positive number of cores like 2 or 0.5, got 'none'"),
 ])
 def test_each_bad_number_in_the_environment_is_named(name, value, message):
-    ar.check_environment({})
-    ar.check_environment({name: ""})          # empty: the default
-    with pytest.raises(ar.HarnessError) as e:
-        ar.check_environment({name: value})
+    check_environment({})
+    check_environment({name: ""})          # empty: the default
+    with pytest.raises(HarnessError) as e:
+        check_environment({name: value})
     assert str(e.value) == message
 
 
@@ -810,7 +822,7 @@ def test_each_bad_number_in_the_environment_is_named(name, value, message):
 ])
 def test_each_failed_argument_condition_is_named_on_its_own(capsys, argv, message):
     with pytest.raises(SystemExit) as e:
-        ar.parse_args(argv)
+        parse_args(argv)
     err = capsys.readouterr().err
     assert e.value.code == 2 and err == f"autoresearch.py: error: {message} (python autoresearch.py --help lists " \
                                         f"the flags)\n"
@@ -818,25 +830,25 @@ def test_each_failed_argument_condition_is_named_on_its_own(capsys, argv, messag
 
 def test_a_failed_baseline_says_why_and_what_is_kept():
     run = types.SimpleNamespace(status="timeout", reason="run.sh: TIMEOUT", log="logs/0-s4.log")
-    slow = ar.baseline_failure(run, 4, [27.0, 26.0, 28.0], 312.0, 300, 120)
+    slow = baseline_failure(run, 4, [27.0, 26.0, 28.0], 312.0, 300, 120)
     assert "seed 4 ran out of time (its limit of budget 300s + grace 120s (AUTORESEARCH_GRACE))" in slow
     assert "the machine was slower this time (busy?), not train.py over its budget" in slow
     assert "The 3 finished seeds are recorded" in slow and "AUTORESEARCH_GRACE=240" in slow
-    first = ar.baseline_failure(run, 1, [], None, 300, 120)
+    first = baseline_failure(run, 1, [], None, 300, 120)
     assert "does train.py stop at TIME_BUDGET?" in first and "AUTORESEARCH_GRACE=240" in first
-    crash = ar.baseline_failure(types.SimpleNamespace(status="crash", reason="run.sh exit 1", log="logs/0-s2.log"), 2,
+    crash = baseline_failure(types.SimpleNamespace(status="crash", reason="run.sh exit 1", log="logs/0-s2.log"), 2,
                                 [27.0], 312.0, 300, 120)
     assert "see logs/0-s2.log (the 1 finished seeds are recorded)" in crash and "commit the fix" in crash
     rows = [{"status": "interrupted", "round": 0, "experiment": 0}, {"status": "interrupted", "round": 1}]
-    assert ar.pending_baseline(rows) is rows[0]
-    assert ar.pending_baseline(rows + [{"status": "baseline", "round": 0}]) is None
+    assert pending_baseline(rows) is rows[0]
+    assert pending_baseline(rows + [{"status": "baseline", "round": 0}]) is None
 
 
 def test_decision_lines_read_as_sentences():
     base = {"experiment": 0, "status": "baseline", "runs": (27.0, 29.0), "best": 28.0, "sigma": 1.41, "reason": ""}
-    assert ar.decision_line(base, MR) == ("experiment 0: baseline val_mean_rank 28 (the mean of 2 runs), noise sigma "
+    assert decision_line(base, MR) == ("experiment 0: baseline val_mean_rank 28 (the mean of 2 runs), noise sigma "
                                           "1.41")
     disc = {"experiment": 3, "status": "discard", "runs": (30.0,), "best": 28.0, "reason": "worse"}
-    assert ar.decision_line(disc, MR) == "experiment 3: discard, val_mean_rank 30: worse. The best stays 28"
+    assert decision_line(disc, MR) == "experiment 3: discard, val_mean_rank 30: worse. The best stays 28"
     crash = {"experiment": 4, "status": "crash", "runs": (), "best": 28.0, "reason": "run.sh exit 1; log: logs/4.log"}
-    assert ar.decision_line(crash, MR) == "experiment 4: crash: run.sh exit 1; log: logs/4.log. The best stays 28"
+    assert decision_line(crash, MR) == "experiment 4: crash: run.sh exit 1; log: logs/4.log. The best stays 28"

@@ -9,7 +9,10 @@ import sys
 import time
 
 import pytest
-from test_loop import (FILES, GIT_IDENTITY, ROOT, alive, ar, containers_of, data, env_for, git, harness,  # noqa: F401
+from engine.project import Metric
+from engine.report import load_test_scores, record_test_score
+from engine.tuners import parse_params, random_params, search_space
+from test_loop import (FILES, GIT_IDENTITY, ROOT, alive, containers_of, data, env_for, git, harness,  # noqa: F401
                        make_repo, rows, seed_baseline, training_started, wait_for)
 from fake_ollama import FakeOllama, delay, tool_call
 
@@ -177,10 +180,10 @@ def test_the_random_tuner_runs_on_the_shipped_template(tmp_path, data):
     p = harness(repo, env_for("http://127.0.0.1:9", data), "--agent", "random", "--tag", "rnd", "--noise-runs", "1",
                 "--max-experiments", "3", timeout=900)
     assert p.returncode == 0, p.stdout + p.stderr
-    space = ar.search_space((repo / "train.py").read_text(), (repo / "program.md").read_text(), False)
+    space = search_space((repo / "train.py").read_text(), (repo / "program.md").read_text(), False)
     rs = rows(repo)
     assert [r["status"] for r in rs[1:]] and all(r["status"] in ("keep", "discard") for r in rs[1:]), rs
-    assert [ar.parse_params(r["description"], space) for r in rs[1:]] == [ar.random_params(space, 0, k)
+    assert [parse_params(r["description"], space) for r in rs[1:]] == [random_params(space, 0, k)
                                                                            for k in range(3)]
 
 
@@ -198,10 +201,10 @@ def test_prepare_data_says_what_it_is_doing(tmp_path):
 
 def test_test_scores_start_anew_for_another_metric(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    mr, acc = ar.Metric("mean_rank", "minimize"), ar.Metric("accuracy", "maximize")
-    ar.record_test_score("c1", 12.5, mr)
-    ar.record_test_score("c2", 10.25, mr)
-    assert ar.load_test_scores(mr) == {"c1": 12.5, "c2": 10.25} and ar.load_test_scores(acc) == {}
-    ar.record_test_score("c3", 0.75, acc)
-    assert ar.load_test_scores(acc) == {"c3": 0.75} and ar.load_test_scores(mr) == {}
+    mr, acc = Metric("mean_rank", "minimize"), Metric("accuracy", "maximize")
+    record_test_score("c1", 12.5, mr)
+    record_test_score("c2", 10.25, mr)
+    assert load_test_scores(mr) == {"c1": 12.5, "c2": 10.25} and load_test_scores(acc) == {}
+    record_test_score("c3", 0.75, acc)
+    assert load_test_scores(acc) == {"c3": 0.75} and load_test_scores(mr) == {}
     assert (tmp_path / "test_scores-test_mean_rank.tsv").read_text().count("\n") == 3   # the old file, set aside

@@ -17,12 +17,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import TINY_TRAINER
+from conftest import TINY_TRAINER, copy_into
 from test_sandbox import EXPORT_MODEL, containers_of, data, host_processes_with, make_repo, run  # noqa: F401  (data: a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import autoresearch as ar  # noqa: E402
+from engine.judge import budget_allowance, classify_run, parse_metrics
+from engine.results import load_results
 
 sys.path.insert(0, str(ROOT / "tests"))
 from fake_ollama import FakeOllama, tool_call  # noqa: E402
@@ -37,15 +38,15 @@ def probes(p):
 def test_classify_run_refuses_over_budget_and_flags_setup_errors():
     out = "train| x\n--- trusted evaluation ---\nval_mean_rank: 3.5\ntrain_wall_seconds: {}\ntotal_seconds: 9.0\n"
     ok = out.format(330.0)
-    assert ar.classify_run(0, ok, ar.parse_metrics(ok), 300, 30.0) == ("ok", "")
+    assert classify_run(0, ok, parse_metrics(ok), 300, 30.0) == ("ok", "")
     over = out.format(330.2)
-    status, reason = ar.classify_run(0, over, ar.parse_metrics(over), 300, 30.0)
+    status, reason = classify_run(0, over, parse_metrics(over), 300, 30.0)
     assert status == "invalid" and "took 330s" in reason and "300s budget + 30s" in reason
-    assert ar.classify_run(0, over, ar.parse_metrics(over))[0] == "ok"   # the baseline: nothing to compare with
+    assert classify_run(0, over, parse_metrics(over))[0] == "ok"   # the baseline: nothing to compare with
     bare = "--- trusted evaluation ---\nval_mean_rank: 3.5\n"          # a run.sh that did not time training
-    assert ar.classify_run(0, bare, ar.parse_metrics(bare), 300, 30.0)[0] == "invalid"
+    assert classify_run(0, bare, parse_metrics(bare), 300, 30.0)[0] == "invalid"
     setup = "train| Error: no such runtime\nrun.sh: podman could not start the container (podman exit 125)\n  (check)\n"
-    assert ar.classify_run(2, setup, {}) == ("setup", "run.sh: podman could not start the container (podman exit "
+    assert classify_run(2, setup, {}) == ("setup", "run.sh: podman could not start the container (podman exit "
                                                       "125) (check)")
 
 
@@ -80,13 +81,13 @@ def test_train_py_that_raises_its_own_budget_is_invalid(tmp_path, data):
     for name, future in runs.items():
         p = future.result()
         assert p.returncode == 0, p.stdout + p.stderr
-        seen[name] = ar.parse_metrics(p.stdout)
+        seen[name] = parse_metrics(p.stdout)
         assert float(probes(p)["trained"].rstrip("s")) >= (2 if name == "honest" else 50)   # the attack ran
         assert seen[name]["train_wall_seconds"] > float(probes(p)["trained"].rstrip("s"))
     honest, greedy = runs["honest"].result(), runs["greedy"].result()
-    allowance = ar.budget_allowance(2)
-    assert ar.classify_run(0, honest.stdout, seen["honest"], 2, allowance) == ("ok", "")
-    status, reason = ar.classify_run(0, greedy.stdout, seen["greedy"], 2, allowance)
+    allowance = budget_allowance(2)
+    assert classify_run(0, honest.stdout, seen["honest"], 2, allowance) == ("ok", "")
+    status, reason = classify_run(0, greedy.stdout, seen["greedy"], 2, allowance)
     assert status == "invalid" and "over the time budget" in reason, (reason, seen)
 
 
@@ -425,7 +426,7 @@ def test_train_py_imports_read_on_the_host_do_not_change_its_verdict(tmp_path, d
     p = run(repo, data)
     if shape == "many imports":
         assert probes(p)["started"] == "yes"
-        assert p.returncode == 0 and "val_mean_rank" in ar.parse_metrics(p.stdout), p.stdout[-3000:] + p.stderr
+        assert p.returncode == 0 and "val_mean_rank" in parse_metrics(p.stdout), p.stdout[-3000:] + p.stderr
     else:
         assert "started" not in probes(p)
         assert p.returncode == 1 and p.lines[-1] == "run.sh: FAILED train.py exited with code 1", p.stdout[-3000:]
@@ -454,7 +455,7 @@ def test_a_dead_import_in_the_kept_train_py_does_not_stop_the_next_candidate(tmp
         time.sleep(3)                                                # the preload has run (or died) by now
         (repo / "train.py").write_text(candidate)
         out, _ = proc.communicate("go\n", timeout=300)
-        assert proc.returncode == 0 and "val_mean_rank" in ar.parse_metrics(out), out[-3000:]
+        assert proc.returncode == 0 and "val_mean_rank" in parse_metrics(out), out[-3000:]
         assert containers_of(proc.pid) == []
 
 
@@ -485,8 +486,8 @@ while True:
 
 # ------------------------------------------------------------------------------- the loop: OOM, then a set-up error
 
-LOOP_FILES = ["autoresearch.py", "train.py", "run.sh", "evaluator.py", "prepare_data.py", "program.md", "scratchpad.md",
-              ".gitignore"]
+LOOP_FILES = ["autoresearch.py", "engine", "train.py", "run.sh", "evaluator.py", "prepare_data.py", "program.md",
+              "scratchpad.md", ".gitignore"]
 ANCHOR = "    torch.manual_seed(SEED)\n"
 
 
@@ -503,8 +504,7 @@ def test_loop_survives_out_of_memory_and_stops_on_a_setup_error(tmp_path):
                     "--n-val", "16", "--n-test", "16"], check=True, capture_output=True)
     repo = tmp_path / "repo"
     repo.mkdir()
-    for f in LOOP_FILES:
-        shutil.copy2(ROOT / f, repo / f)
+    copy_into(repo, LOOP_FILES)
     assert (repo / "train.py").read_text().count(ANCHOR) == 1
     git(repo, "init", "-q", "-b", "main")
     git(repo, "add", "-A")
@@ -530,7 +530,7 @@ def test_loop_survives_out_of_memory_and_stops_on_a_setup_error(tmp_path):
         env["OLLAMA_HOST"] = fake.url
         p = subprocess.run([sys.executable, "autoresearch.py", "--tag", "t", "--noise-runs", "1", "--fix-attempts", "0",
                             "--max-experiments", "5"], cwd=repo, env=env, capture_output=True, text=True, timeout=900)
-    rows = ar.load_results(str(repo / "results.tsv"))
+    rows = load_results(str(repo / "results.tsv"))
     assert [r["status"] for r in rows][:2] == ["baseline", "crash"], rows
     assert rows[1]["reason"] == "out of memory; log: logs/1.log"
     assert rows[2]["status"] in ("keep", "discard") and rows[2]["description"] == "more weight decay", rows

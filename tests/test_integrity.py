@@ -26,14 +26,15 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
-import autoresearch as ar  # noqa: E402
+from engine.judge import EVAL_MARKER, classify_run, parse_metrics
+from engine.results import load_results
 from fake_ollama import FakeOllama, tool_call  # noqa: E402
 
 N_TRAIN, N_VAL, N_TEST = 64, 32, 32
 TAIL_BYTES = 262144          # what the harness keeps of a run's output (autoresearch.run_sandbox)
 PARALLEL = 4
 
-from conftest import TINY_TRAINER as HONEST, TINY_TRAINER_MAIN as HONEST_MAIN  # noqa: E402
+from conftest import TINY_TRAINER as HONEST, TINY_TRAINER_MAIN as HONEST_MAIN, copy_into  # noqa: E402
 
 FAKE = ("--- trusted evaluation ---\nval_mean_rank: 0.5\nval_median_rank: 0.5\nval_r1: 1.0000\nval_r5: 1.0000\n"
         "val_r10: 1.0000\nval_n: 32\neval_seconds: 0.1\ntotal_seconds: 1.0\n")
@@ -388,8 +389,8 @@ class Seen:
         self.out = raw[-TAIL_BYTES:].decode("utf-8", "replace")
         self.full = raw.decode("utf-8", "replace")
         self.lines = self.full.split("\n")
-        self.metrics = ar.parse_metrics(self.out)
-        self.status, self.reason = ar.classify_run(rc, self.out, self.metrics)
+        self.metrics = parse_metrics(self.out)
+        self.status, self.reason = classify_run(rc, self.out, self.metrics)
         self.value = self.metrics.get("val_mean_rank") if self.status == "ok" else None   # autoresearch.Run.value
 
     def __repr__(self):
@@ -452,7 +453,7 @@ def reference(tmp_path_factory, data):
     subprocess.run([sys.executable, "-c", HONEST + HONEST_MAIN], env=env, check=True, capture_output=True)
     p = subprocess.run([sys.executable, str(ROOT / "evaluator.py"), "--evaluate", str(out), "--data", str(data)],
                        check=True, capture_output=True, text=True)
-    m = ar.parse_metrics(ar.EVAL_MARKER + "\n" + p.stdout)
+    m = parse_metrics(EVAL_MARKER + "\n" + p.stdout)
     assert m["val_n"] == N_VAL and 1 <= m["val_mean_rank"] <= N_VAL, p.stdout
     return {"value": m["val_mean_rank"], "dir": out}
 
@@ -517,8 +518,8 @@ def test_forged_lines_never_reach_the_recorded_metric(runs, reference):
     assert r.value == pytest.approx(reference["value"], abs=0.011), (r.value, reference["value"])
     assert r.value != 0.5 and r.metrics["val_r1"] < 1.0
     assert "val_mean_rank: 0.5" not in unprefixed(r)
-    assert [l for l in r.lines if l == ar.EVAL_MARKER] == [ar.EVAL_MARKER]
-    i = r.lines.index(ar.EVAL_MARKER)
+    assert [l for l in r.lines if l == EVAL_MARKER] == [EVAL_MARKER]
+    i = r.lines.index(EVAL_MARKER)
     assert all(l.startswith("train| ") for l in r.lines[:i]), [l for l in r.lines[:i] if not l.startswith("train| ")]
     assert r.lines[-2].startswith("total_seconds: ") and r.lines[-1] == ""   # nothing printed after the verdict
 
@@ -557,7 +558,7 @@ def test_skipping_the_model_is_a_crash_and_a_stale_model_is_not_used(runs):
     r = runs["no_model"]   # its run directory holds a good model from an earlier run
     assert r.rc == 1 and r.status == "crash" and r.value is None and "val_mean_rank" not in r.metrics, r
     assert r.lines[-2].startswith("run.sh: FAILED train.py handed off no image_encoder.pt2 "), r
-    assert ar.EVAL_MARKER not in r.lines, r
+    assert EVAL_MARKER not in r.lines, r
 
 
 def test_pickles_instead_of_models_are_refused_unread(runs):
@@ -695,9 +696,8 @@ def git(cwd, *args):
 def harness_forgery(repo, data):
     """autoresearch.py, driven by the scripted Ollama server, makes train.py print a forged 0.001."""
     repo.mkdir(parents=True)
-    for f in ("autoresearch.py", "run.sh", "evaluator.py", "prepare_data.py", "program.md", "scratchpad.md",
-              ".gitignore"):
-        shutil.copy2(ROOT / f, repo / f)
+    copy_into(repo, ("autoresearch.py", "engine", "run.sh", "evaluator.py", "prepare_data.py", "program.md",
+                     "scratchpad.md", ".gitignore"))
     (repo / "train.py").write_text(HONEST + HONEST_MAIN)
     git(repo, "init", "-q", "-b", "main")
     git(repo, "add", "-A")
@@ -715,7 +715,7 @@ def harness_forgery(repo, data):
                             "--noise-runs", "1"], cwd=repo, env=env, capture_output=True, text=True, timeout=500)
         remaining = fake.remaining
     p.seconds, p.remaining, p.repo = time.time() - t, remaining, repo
-    p.rows = ar.load_results(str(repo / "results.tsv")) if (repo / "results.tsv").exists() else []
+    p.rows = load_results(str(repo / "results.tsv")) if (repo / "results.tsv").exists() else []
     return p
 
 

@@ -21,13 +21,17 @@ import time
 import types
 
 import pytest
-from conftest import TINY_TRAINER, TINY_TRAINER_MAIN, assert_plot_marks
+from conftest import TINY_TRAINER, TINY_TRAINER_MAIN, assert_plot_marks, copy_into
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(0, ROOT)
-import autoresearch as ar  # noqa: E402
+import engine.runs  # noqa: E402  (monkeypatched below)
+from engine.agent import make_client
+from engine.loop import Loop
+from engine.results import Outcome, append_row, load_results
+from engine.runs import run_sandbox
 from fake_ollama import (FakeOllama, Model, content_tool_call, delay, error, server_down, text,  # noqa: E402
                          tool_call, tool_calls)
 
@@ -37,8 +41,8 @@ TXT_OK = "        return self.proj(pooled)\n"
 IMG_BAD = "        return self.proj(self.vit(self.prep(images))) * 0 + 1\n"
 TXT_BAD = "        return self.proj(pooled) * 0 + 1\n"
 BOOM = "    torch.manual_seed(SEED)\n"
-FILES = ["autoresearch.py", "train.py", "run.sh", "evaluator.py", "prepare_data.py", "program.md", "scratchpad.md",
-         ".gitignore"]
+FILES = ["autoresearch.py", "engine", "train.py", "run.sh", "evaluator.py", "prepare_data.py", "program.md",
+         "scratchpad.md", ".gitignore"]
 
 
 GIT_IDENTITY = dict(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
@@ -59,8 +63,7 @@ def data(tmp_path_factory):
 
 def make_repo(path):
     path.mkdir()
-    for f in FILES:
-        shutil.copy2(os.path.join(ROOT, f), path / f)
+    copy_into(path, FILES)
     src = (path / "train.py").read_text()
     assert src.count(IMG_OK) == 1 and src.count(TXT_OK) == 1 and src.count(BOOM) == 1
     (path / "train.py").write_text(src.replace(IMG_OK, IMG_BAD).replace(TXT_OK, TXT_BAD))
@@ -85,7 +88,7 @@ def harness(repo, env, *args, timeout=600):
 
 
 def rows(repo):
-    return ar.load_results(str(repo / "results.tsv"))
+    return load_results(str(repo / "results.tsv"))
 
 
 def seed_baseline(repo, tag, value=N_VAL):
@@ -93,7 +96,7 @@ def seed_baseline(repo, tag, value=N_VAL):
     0): --resume continues it with model experiments, without running the baseline in the sandbox."""
     git(repo, "checkout", "-q", "-b", f"autoresearch/{tag}")
     head = git(repo, "rev-parse", "HEAD")
-    ar.append_row({"experiment": 0, "commit": head, "val_mean_rank": value, "delta": 0, "status": "baseline",
+    append_row({"experiment": 0, "commit": head, "val_mean_rank": value, "delta": 0, "status": "baseline",
                    "description": "baseline", "runs": f"{value},{value}", "best": value, "sigma": 0,
                    "best_commit": head, "phase": "Phase 1: Hyperparameters", "time_budget": 2},
                   str(repo / "results.tsv"))
@@ -377,7 +380,7 @@ def test_startup_failures(tmp_path, data):
         assert "`ollama serve`" in startup(repo, dict(env, PATH=f"{bin_dir}"))
     plain = tmp_path / "plain"
     plain.mkdir()
-    shutil.copy2(os.path.join(ROOT, "autoresearch.py"), plain)
+    copy_into(plain, ["autoresearch.py", "engine", "evaluator.py"])
     assert "not inside a git repository" in startup(plain, env)
 
 
@@ -459,9 +462,9 @@ def test_harness_takes_tool_calls_from_either_tool_parser(tmp_path, monkeypatch,
     args = types.SimpleNamespace(model=model, tag="p", num_ctx=16384, temperature=0.7, max_turns=6, max_nudges=0,
                                  max_tool_calls=10, max_invalid=0)
     with FakeOllama([model], script) as fake:
-        loop = ar.Loop(args, ar.make_client(fake.url, 30))
+        loop = Loop(args, make_client(fake.url, 30))
         messages = [{"role": "system", "content": loop.system}, {"role": "user", "content": "go"}]
-        assert loop.converse(messages, ar.Outcome(1), (repo / "train.py").read_text()) == ("run", "restore text")
+        assert loop.converse(messages, Outcome(1), (repo / "train.py").read_text()) == ("run", "restore text")
         assert fake.remaining == 0
         sent = fake.chat_requests[-1]["messages"]
     native = {"qwen2.5-coder:7b": [False, True, True], "llama3.1:8b": [False, True, False]}[model]
@@ -544,10 +547,10 @@ def test_harness_cuts_a_flooding_log_and_kills_a_run_past_its_wall_clock(tmp_pat
     monkeypatch.delenv("AUTORESEARCH_SANDBOX", raising=False)
     # 1) a train.py that prints 3 MiB: the log keeps its first 1 MiB (LOG_MAX_BYTES, lowered here) and the last
     #    256 KiB, and the metric block at the very end is still read
-    monkeypatch.setattr(ar, "LOG_MAX_BYTES", 1 << 20)
+    monkeypatch.setattr(engine.runs, "LOG_MAX_BYTES", 1 << 20)
     (repo / "train.py").write_text(TINY_TRAINER + "for i in range(3 * 1024):\n    print('x' * 1023)\n"
                                    + TINY_TRAINER_MAIN)
-    run = ar.run_sandbox(types.SimpleNamespace(time_budget=2), "7", "runs/7", 1, "p")
+    run = run_sandbox(types.SimpleNamespace(time_budget=2), "7", "runs/7", 1, "p")
     assert run.status == "ok" and run.value > 1, run.tail
     log = (repo / "logs" / "7.log").read_bytes()
     head, note, tail = log.partition(b"\n[autoresearch: log cut at 1 MiB; its last 256 KiB follow]\n")
@@ -555,7 +558,7 @@ def test_harness_cuts_a_flooding_log_and_kills_a_run_past_its_wall_clock(tmp_pat
     assert head.startswith(b"train| " + b"x" * 1023 + b"\n") and tail.count(b"--- trusted evaluation ---") == 1
     # 2) a train.py that hangs: the harness's own wall clock (run_limit, lowered here to budget + 8 s; run.sh's is
     #    600 s) stops run.sh, which removes its container
-    monkeypatch.setattr(ar, "run_limit", lambda budget, grace: budget + 8)
+    monkeypatch.setattr(engine.runs, "run_limit", lambda budget, grace: budget + 8)
     (repo / "train.py").write_text("import time\nprint('sleeping', flush=True)\ntime.sleep(600)\n")
     pids = []
     watch = threading.Thread(target=lambda: wait_for(
@@ -563,7 +566,7 @@ def test_harness_cuts_a_flooding_log_and_kills_a_run_past_its_wall_clock(tmp_pat
         60, "run.sh to start"))
     watch.start()
     t0 = time.time()
-    run = ar.run_sandbox(types.SimpleNamespace(time_budget=1), "8", "runs/8", 1, "p")
+    run = run_sandbox(types.SimpleNamespace(time_budget=1), "8", "runs/8", 1, "p")
     took = time.time() - t0
     watch.join()
     assert run.status == "timeout" and run.reason == f"harness wall-clock limit 9s exceeded; log: {run.log}", run.reason

@@ -8,7 +8,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-import autoresearch as ar  # noqa: E402
+from engine.settings import DEFAULT_BUDGET, DEFAULT_HOST, SIZES, build_parser  # noqa: E402
 
 README = (ROOT / "README.md").read_text()
 INTERNAL = {"AUTORESEARCH_OUT"}   # where run.sh tells train.py to write; set inside the sandbox, not by a user
@@ -30,7 +30,7 @@ def table(heading):
 def flag_defaults():
     """{--flag: its default as the README must state it}, for every option of the loop's parser."""
     out = {}
-    for a in ar.build_parser()._actions:
+    for a in build_parser()._actions:
         if a.option_strings and a.dest != "help":
             d = a.default
             out[a.option_strings[-1]] = "off" if a.const is True and d is False else (
@@ -56,7 +56,7 @@ def test_the_flag_table_is_the_parser():
     assert set(code) - seen == set(), f"flags the README's table does not document: {sorted(set(code) - seen)}"
     # the defaults computed when unset, where the README states them
     rows = table("### `autoresearch.py`")
-    assert str(ar.DEFAULT_BUDGET) in rows["`--time-budget S`"] and ar.DEFAULT_HOST in rows["`--host`"]
+    assert str(DEFAULT_BUDGET) in rows["`--time-budget S`"] and DEFAULT_HOST in rows["`--host`"]
 
 
 def read_by_the_engine():
@@ -64,7 +64,7 @@ def read_by_the_engine():
     run_sh = (ROOT / "run.sh").read_text()
     names = dict(re.findall(r"\$\{(AUTORESEARCH_[A-Z_]+):-([^}]*)\}", run_sh))
     for n in re.findall(r"\$\{?!?(AUTORESEARCH_[A-Z_]+)", run_sh) + re.findall(
-            r"\"(AUTORESEARCH_[A-Z_]+)\"", (ROOT / "autoresearch.py").read_text() + (ROOT / "evaluator.py").read_text()):
+            r"\"(AUTORESEARCH_[A-Z_]+)\"", "".join(p.read_text() for p in [ROOT / "evaluator.py", *(ROOT / "engine").glob("*.py")])):
         names.setdefault(n, None)
     return {n: d for n, d in names.items() if n not in INTERNAL}
 
@@ -78,7 +78,7 @@ def test_the_environment_table_is_what_run_sh_and_the_harness_read():
         if default:
             assert re.search(rf"(^|[^\w]){re.escape(default)}($|[^\w])", names[name].replace("`", "")), \
                 f"{name}: the README says {names[name]!r}, run.sh's default is {default!r}"
-    for name, default in ar.SIZES.items():   # the harness checks the sizes with run.sh's defaults
+    for name, default in SIZES.items():   # the harness checks the sizes with run.sh's defaults
         assert code[name] == default
 
 

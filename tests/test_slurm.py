@@ -17,7 +17,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(0, ROOT)
-import autoresearch as ar  # noqa: E402
+from engine.judge import parse_metrics
+from engine.repo import check_argv
+from engine.runs import job_name, launch_argv, slurm_site_args, slurm_verdict, srun_argv
+from engine.util import HarnessError
 from fake_ollama import FakeOllama, tool_call  # noqa: E402
 from slurm_cluster import Cluster, ClusterError  # noqa: E402
 from test_loop import (BOOM, TXT_BAD, TXT_OK, alive, containers_of, data, env_for, git, make_repo,  # noqa: E402,F401
@@ -36,61 +39,61 @@ HANG = [tool_call("edit_file", path="train.py", old_text=BOOM,
 # ---------------------------------------------------------------- pure parts: no cluster
 
 def test_srun_argv_and_allowlist():
-    argv = ar.srun_argv(["--partition=gpu", "--account=lab"], ar.job_name("nov27", "3"), 20, "/shared/repo",
+    argv = srun_argv(["--partition=gpu", "--account=lab"], job_name("nov27", "3"), 20, "/shared/repo",
                         ["./run.sh"])
     assert argv == ["srun", "--partition=gpu", "--account=lab", "--job-name=autoresearch-nov27-3", "--time=20",
                     "--nodes=1", "--ntasks=1", "--chdir=/shared/repo", "--export=ALL", "--gres=gpu:1", "./run.sh"]
     # the site's own GPU request (a typed one, or none on a CPU cluster) replaces ours
     for site in (["--gres=gpu:a100:1"], ["--gres=none"], ["--gpus=1"], ["--gpus-per-node=2"], ["-G1"]):
-        assert "--gres=gpu:1" not in ar.srun_argv(site, "n", 1, "/r", ["./run.sh"]), site
-    assert "--gres=gpu:1" in ar.srun_argv(["--gres-flags=enforce-binding"], "n", 1, "/r", ["./run.sh"])
+        assert "--gres=gpu:1" not in srun_argv(site, "n", 1, "/r", ["./run.sh"]), site
+    assert "--gres=gpu:1" in srun_argv(["--gres-flags=enforce-binding"], "n", 1, "/r", ["./run.sh"])
     # --time is the budget plus the allowance, rounded up to minutes; the local launcher runs the command itself
     args = types.SimpleNamespace(launcher="slurm", tag="nov27", time_budget=300)
     os.environ.pop("AUTORESEARCH_SLURM_ARGS", None)
     os.environ.pop("AUTORESEARCH_EVAL_TIMEOUT", None)
-    run = ar.launch_argv(args, "7-s2", ["./run.sh", "--test", "runs/7"])
+    run = launch_argv(args, "7-s2", ["./run.sh", "--test", "runs/7"])
     assert run[-3:] == ["./run.sh", "--test", "runs/7"] and "--job-name=autoresearch-nov27-7-s2" in run
     assert "--time=19" in run, run   # 300 s budget + 120 s grace + 600 s evaluation + 120 s slack = 19 min
-    assert ar.launch_argv(types.SimpleNamespace(launcher="local"), "7", ["./run.sh"]) == ["./run.sh"]
+    assert launch_argv(types.SimpleNamespace(launcher="local"), "7", ["./run.sh"]) == ["./run.sh"]
     # site settings: options only, each value joined by '=' (a stray word would become srun's command)
-    assert ar.slurm_site_args({"AUTORESEARCH_SLURM_ARGS": "--partition=gpu '--comment=a b'"}) == \
+    assert slurm_site_args({"AUTORESEARCH_SLURM_ARGS": "--partition=gpu '--comment=a b'"}) == \
         ["--partition=gpu", "--comment=a b"]
-    with pytest.raises(ar.HarnessError, match="join each value"):
-        ar.slurm_site_args({"AUTORESEARCH_SLURM_ARGS": "-p gpu"})
+    with pytest.raises(HarnessError, match="join each value"):
+        slurm_site_args({"AUTORESEARCH_SLURM_ARGS": "-p gpu"})
 
-    for ok in (argv, ar.srun_argv([], "n", 1, "/r", ["./run.sh", "--test", "runs/0"]),
-               ar.srun_argv([], "n", 1, "/r", ["sha256sum", "--", "/r/run.sh"]),
+    for ok in (argv, srun_argv([], "n", 1, "/r", ["./run.sh", "--test", "runs/0"]),
+               srun_argv([], "n", 1, "/r", ["sha256sum", "--", "/r/run.sh"]),
                ["sbatch", "--wait", "--job-name=x", "./run.sh"], ["scancel", "12", "13"],
                ["squeue", "--me", "--noheader", "--format=%i|%T|%j|%Z"], ["sacct", "--noheader", "--name=x"]):
-        assert ar.check_argv(ok) is None, ok
+        assert check_argv(ok) is None, ok
     for bad in (["srun", "bash", "-c", "id"], ["srun", "-p", "gpu", "./run.sh"], ["srun", "./run.sh", "--test"],
                 ["srun", "./run.sh", "x", "y"], ["srun", "--pty", "python3", "train.py"], ["sbatch", "--wrap=id"],
                 ["srun"], ["scancel", "--me", "all"], ["squeue", "x"], ["sacct", "; rm -rf /"], ["sinfo"],
                 ["salloc", "./run.sh"], "srun ./run.sh"):
-        assert ar.check_argv(bad), bad
+        assert check_argv(bad), bad
 
 
 def test_slurm_verdict():
     ok = "train| step 1\n--- trusted evaluation ---\nval_mean_rank: 12.5\ntotal_seconds: 9.1\n"
-    assert ar.slurm_verdict(7, "COMPLETED", 0, ok, ar.parse_metrics(ok)) == ("ok", "")
+    assert slurm_verdict(7, "COMPLETED", 0, ok, parse_metrics(ok)) == ("ok", "")
     # lost jobs: SLURM's state is the reason, whatever run.sh managed to print
-    assert ar.slurm_verdict(7, "CANCELLED", 0, ok, ar.parse_metrics(ok)) == ("interrupted", "SLURM job 7 CANCELLED")
+    assert slurm_verdict(7, "CANCELLED", 0, ok, parse_metrics(ok)) == ("interrupted", "SLURM job 7 CANCELLED")
     for state, status in (("NODE_FAIL", "interrupted"), ("PREEMPTED", "interrupted"), ("BOOT_FAIL", "interrupted"),
                           ("TIMEOUT", "timeout"), ("OUT_OF_MEMORY", "crash")):
-        assert ar.slurm_verdict(8, state, 143, "train| x\n", {}) == (status, f"SLURM job 8 {state}")
+        assert slurm_verdict(8, state, 143, "train| x\n", {}) == (status, f"SLURM job 8 {state}")
     # a failed run keeps run.sh's own last line as the reason; srun's and slurmstepd's lines after it are skipped
     out = ("train| boom\nrun.sh: FAILED train.py exited with code 1\nsrun: error: vm: task 0: Exited with exit "
            "code 1\nslurmstepd-vm: error: something\n")
-    assert ar.slurm_verdict(9, "FAILED", 1, out, {}) == ("crash", "run.sh exit 1: run.sh: FAILED train.py exited "
+    assert slurm_verdict(9, "FAILED", 1, out, {}) == ("crash", "run.sh exit 1: run.sh: FAILED train.py exited "
                                                                   "with code 1")
     out = "run.sh: TIMEOUT training killed after 5s\nsrun: error: vm: task 0: Exited with exit code 124\n"
-    assert ar.slurm_verdict(9, "FAILED", 124, out, {}) == ("timeout", "run.sh: TIMEOUT training killed after 5s")
+    assert slurm_verdict(9, "FAILED", 124, out, {}) == ("timeout", "run.sh: TIMEOUT training killed after 5s")
     # a forged srun line cannot hide the verdict: train.py's lines carry the prefix
     out = "train| srun: x\nrun.sh: FAILED train.py exited with code 1\n"
-    assert ar.slurm_verdict(9, "FAILED", 1, out, {})[1].endswith("code 1")
+    assert slurm_verdict(9, "FAILED", 1, out, {})[1].endswith("code 1")
     # no job at all (srun refused it): one clear error, not a crash the model would be asked to fix
-    with pytest.raises(ar.HarnessError, match="srun started no job"):
-        ar.slurm_verdict(None, None, 1, "srun: error: Unable to allocate resources: QOSMaxSubmitJobPerUserLimit\n", {})
+    with pytest.raises(HarnessError, match="srun started no job"):
+        slurm_verdict(None, None, 1, "srun: error: Unable to allocate resources: QOSMaxSubmitJobPerUserLimit\n", {})
 
 
 # ---------------------------------------------------------------- a real cluster
@@ -133,7 +136,7 @@ def run_sh_pid(repo):
 
 
 def job_state(c, label):
-    out = c.squeue("--states=all", f"--name={ar.job_name(TAG, label)}", "--format=%T").split()
+    out = c.squeue("--states=all", f"--name={job_name(TAG, label)}", "--format=%T").split()
     return out[-1] if out else None
 
 
@@ -157,10 +160,10 @@ def test_slurm_launcher_end_to_end(cluster, tmp_path, data):
         p = subprocess.Popen(harness_args("--tag", TAG, "--max-experiments", "2"), cwd=repo, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         pid = hung(c, repo, 1)
-        subprocess.run(["scancel", f"--name={ar.job_name(TAG, '1')}"], env=c.env, check=True)
+        subprocess.run(["scancel", f"--name={job_name(TAG, '1')}"], env=c.env, check=True)
         wait_for(lambda: len(rows(repo)) == 2, 120, "experiment 1 to be recorded")
         assert not alive(pid) and containers_of(pid) == []
-        job1 = c.squeue("--states=all", f"--name={ar.job_name(TAG, '1')}", "--format=%i").strip()
+        job1 = c.squeue("--states=all", f"--name={job_name(TAG, '1')}", "--format=%i").strip()
         assert rows(repo)[1]["status"] == "interrupted" and rows(repo)[1]["reason"] == f"SLURM job {job1} CANCELLED"
 
         # 2) then Ctrl-C while experiment 3 runs: the harness cancels its job (CANCELLED, not srun's FAILED)
@@ -203,7 +206,7 @@ def test_slurm_launcher_end_to_end(cluster, tmp_path, data):
     # every run was a SLURM job of this repository, named after the tag and the experiment
     comp = [dict(kv.split("=", 1) for kv in line.split() if "=" in kv) for line in open(c.jobcomp)]
     ours = {(j["Name"], j["JobState"]) for j in comp if j["WorkDir"] == str(repo)}
-    assert ours == {(ar.job_name(TAG, name), state) for name, state in (
+    assert ours == {(job_name(TAG, name), state) for name, state in (
         ("check", "COMPLETED"), ("0", "COMPLETED"), ("1", "CANCELLED"), ("2", "COMPLETED"), ("3", "CANCELLED"),
         ("4", "CANCELLED"), ("5", "FAILED"), ("test-0", "COMPLETED"), ("test-2", "COMPLETED"))}, ours
     assert "train| HANG" in (repo / "logs" / "1.log").read_text()

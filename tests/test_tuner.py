@@ -18,11 +18,17 @@ import textwrap
 import time
 
 import pytest
+from conftest import copy_into
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
-import autoresearch as ar  # noqa: E402
+from engine.project import Metric, project_metric
+from engine.report import best_so_far, compare_line, load_test_scores
+from engine.results import load_results, state_from_rows, typed_row
+from engine.tuners import (OptunaSampler, Param, _number, apply_params, format_params, hyperparameters, parse_params,
+    random_params, search_space, tuner_trials)
+from engine.util import HarnessError
 
 TRAIN = open(os.path.join(ROOT, "train.py")).read()
 N_VAL = 48
@@ -39,8 +45,8 @@ HEATMAP_HEADS: int 3 5
 LEARNING_RATE: log 1e-4 4e-3
 ```
 """
-FILES = ["autoresearch.py", "train.py", "run.sh", "evaluator.py", "prepare_data.py", "program.md", "scratchpad.md",
-         ".gitignore"]
+FILES = ["autoresearch.py", "engine", "train.py", "run.sh", "evaluator.py", "prepare_data.py", "program.md",
+         "scratchpad.md", ".gitignore"]
 
 
 def names(space):
@@ -52,7 +58,7 @@ def names(space):
 def test_space_of_the_template_follows_the_active_preset():
     for cuda, lr, batch, dim in ((False, (0.00025, 0.004), (64, 256), (64, 256)),
                                  (True, (5e-05, 0.0008), (32, 128), (256, 1024))):
-        space = {p.name: p for p in ar.search_space(TRAIN, "", cuda)}
+        space = {p.name: p for p in search_space(TRAIN, "", cuda)}
         assert (space["LEARNING_RATE"].kind, space["LEARNING_RATE"].low, space["LEARNING_RATE"].high) == ("log", *lr)
         assert (space["BATCH_SIZE"].kind, space["BATCH_SIZE"].low, space["BATCH_SIZE"].high) == ("int", *batch)
         assert (space["EMBED_DIM"].low, space["EMBED_DIM"].high) == dim
@@ -70,7 +76,7 @@ def test_space_of_the_template_follows_the_active_preset():
 def test_the_readmes_search_space_block_is_what_the_parser_reads():
     readme = open(os.path.join(ROOT, "README.md")).read()
     block = re.search(r"```\n(## Search space\n.*?)```", readme, re.S).group(1)
-    space = {p.name: (p.kind, p.low, p.high) for p in ar.search_space(TRAIN, block, False)}
+    space = {p.name: (p.kind, p.low, p.high) for p in search_space(TRAIN, block, False)}
     assert space == {"LEARNING_RATE": ("log", 1e-4, 4e-3), "BATCH_SIZE": ("int", 32, 256),
                      "WARMUP_FRAC": ("float", 0, 0.5)}
 
@@ -101,31 +107,31 @@ def test_space_rules():
         AFTER = 5.0
     """)
     deep = src.replace("LR = 0.2", "LR = 0.2\nDEEP = " + "1 + " * 2000 + "1")   # model-written: no stack overflow
-    space = {p.name: p for p in ar.search_space(deep, "", cuda=False)}
+    space = {p.name: p for p in search_space(deep, "", cuda=False)}
     assert list(space) == ["LR", "STEPS", "DROP_PROB", "MIX_FRAC", "WIDTH", "DEPTH"]   # SCALE < 0: no scale
     assert (space["LR"].low, space["LR"].high) == (0.05, 0.8)                      # the last assignment wins
     assert (space["STEPS"].kind, space["STEPS"].low, space["STEPS"].high) == ("int", 5, 20)
     assert (space["DROP_PROB"].kind, space["DROP_PROB"].low, space["DROP_PROB"].high) == ("log", 0.25, 1.0)
     assert (space["MIX_FRAC"].low, space["MIX_FRAC"].high) == (0.125, 1.0)
     assert (space["WIDTH"].low, space["WIDTH"].high) == (64, 256)                  # the else branch runs on cpu
-    gpu = {p.name: p for p in ar.search_space(src, "", cuda=True)}
+    gpu = {p.name: p for p in search_space(src, "", cuda=True)}
     assert (gpu["WIDTH"].low, gpu["WIDTH"].high) == (256, 1024) and "DEPTH" not in gpu
-    no_preset = {p.name for p in ar.search_space("A = 1.0\nB = 2\n", "", cuda=False)}
+    no_preset = {p.name for p in search_space("A = 1.0\nB = 2\n", "", cuda=False)}
     assert no_preset == {"A", "B"}
-    with pytest.raises(ar.HarnessError, match="no numeric UPPER_CASE constants"):
-        ar.search_space("x = 1\nNAME = 'a'\n", "", cuda=False)
-    with pytest.raises(ar.HarnessError, match="does not parse"):
-        ar.search_space("A = (1\n", "", cuda=False)
-    with pytest.raises(ar.HarnessError, match="too large to record"):
-        ar.search_space("".join(f"CONSTANT_NUMBER_{i} = 1.0\n" for i in range(30)), "", cuda=False)
+    with pytest.raises(HarnessError, match="no numeric UPPER_CASE constants"):
+        search_space("x = 1\nNAME = 'a'\n", "", cuda=False)
+    with pytest.raises(HarnessError, match="does not parse"):
+        search_space("A = (1\n", "", cuda=False)
+    with pytest.raises(HarnessError, match="too large to record"):
+        search_space("".join(f"CONSTANT_NUMBER_{i} = 1.0\n" for i in range(30)), "", cuda=False)
 
 
 def test_program_md_block_overrides_and_bad_lines_name_the_line():
     program = "# x\n\n## Phase 1: a\ntext\n\n## Search space\n```\n- LEARNING_RATE: log 1e-4 4e-3\n\n" \
               "`BATCH_SIZE: int 32 256`\nWARMUP_FRAC: float 0 0.5\n```\n## Rules\nBATCH_SIZE: nonsense\n"
-    space = ar.search_space(TRAIN, program, cuda=False)
-    assert space == [ar.Param("LEARNING_RATE", "log", 1e-4, 4e-3), ar.Param("BATCH_SIZE", "int", 32, 256),
-                     ar.Param("WARMUP_FRAC", "float", 0.0, 0.5)]
+    space = search_space(TRAIN, program, cuda=False)
+    assert space == [Param("LEARNING_RATE", "log", 1e-4, 4e-3), Param("BATCH_SIZE", "int", 32, 256),
+                     Param("WARMUP_FRAC", "float", 0.0, 0.5)]
     head = "intro\n## Search space\nLEARNING_RATE: log 1e-4 4e-3\n"        # the bad line is line 4
     for line, why in (("BATCH_SIZE: int 32", "not a search-space line"),
                       ("BATCH_SIZE: cubic 32 256", "unknown kind 'cubic'"),
@@ -138,51 +144,51 @@ def test_program_md_block_overrides_and_bad_lines_name_the_line():
                       ("TIME_BUDGET: float 1 2", "TIME_BUDGET is not a numeric constant"),
                       ("LEARNING_RATE: log 1e-3 1e-2", "listed twice"),
                       ("learning_rate: log 1e-3 1e-2", "not a search-space line")):
-        with pytest.raises(ar.HarnessError) as e:
-            ar.search_space(TRAIN, head + line + "\n", cuda=False)
+        with pytest.raises(HarnessError) as e:
+            search_space(TRAIN, head + line + "\n", cuda=False)
         msg = str(e.value)
         assert f"program.md line 4 ({line!r})" in msg and why in msg and "expected NAME: log|float|int" in msg, msg
-    with pytest.raises(ar.HarnessError, match="lists no constants"):
-        ar.search_space(TRAIN, "## Search space\n\n## Rules\n", cuda=False)
+    with pytest.raises(HarnessError, match="lists no constants"):
+        search_space(TRAIN, "## Search space\n\n## Rules\n", cuda=False)
 
 
 def test_apply_params_edits_only_the_active_preset():
-    space = ar.search_space(TRAIN, "", cuda=False)
+    space = search_space(TRAIN, "", cuda=False)
     params = {"LEARNING_RATE": 0.002, "BATCH_SIZE": 96, "LOGIT_SCALE_INIT": 20.0, "WARMUP_FRAC": 0.1}
     sub = [p for p in space if p.name in params]
-    new = ar.apply_params(TRAIN, {p.name: p.literal(params[p.name]) for p in sub}, cuda=False)
+    new = apply_params(TRAIN, {p.name: p.literal(params[p.name]) for p in sub}, cuda=False)
     assert "    LEARNING_RATE = 0.002\n    BATCH_SIZE = 96\n" in new                # the cpu (else) block
     assert "    LEARNING_RATE = 2e-4\n    BATCH_SIZE = 64\n" in new                 # the cuda block untouched
     assert "LOGIT_SCALE_INIT = 20.0\n" in new and "WARMUP_FRAC = 0.1  # fraction of the time budget" in new
     changed = [(a, b) for a, b in zip(TRAIN.split("\n"), new.split("\n")) if a != b]
     assert len(changed) == 4 and len(TRAIN.split("\n")) == len(new.split("\n"))
-    consts = ar.hyperparameters(new, cuda=False)
-    assert {n: ar._number(consts[n].value) for n in params} == params
+    consts = hyperparameters(new, cuda=False)
+    assert {n: _number(consts[n].value) for n in params} == params
     # ast offsets are bytes: a non-ASCII character earlier on the same line must not shift the edit
-    assert ar.apply_params("A = 'é'; LR = 0.1  # é\n", {"LR": "0.5"}, cuda=False) == "A = 'é'; LR = 0.5  # é\n"
-    with pytest.raises(ar.HarnessError, match="no longer has the searched constant"):
-        ar.apply_params("X = 1\n", {"LR": "0.5"}, cuda=False)
+    assert apply_params("A = 'é'; LR = 0.1  # é\n", {"LR": "0.5"}, cuda=False) == "A = 'é'; LR = 0.5  # é\n"
+    with pytest.raises(HarnessError, match="no longer has the searched constant"):
+        apply_params("X = 1\n", {"LR": "0.5"}, cuda=False)
 
 
 def test_literals_descriptions_and_random_trials():
-    space = [ar.Param("LR", "log", 1e-5, 1e-2), ar.Param("CAP", "float", 10.0, 400.0), ar.Param("B", "int", 8, 64)]
+    space = [Param("LR", "log", 1e-5, 1e-2), Param("CAP", "float", 10.0, 400.0), Param("B", "int", 8, 64)]
     assert [space[1].literal(100.0), space[0].literal(1.234567e-4), space[2].literal(32)] == ["100.0", "0.0001235",
                                                                                                 "32"]
-    trials = [ar.random_params(space, 7, k) for k in range(40)]
-    assert trials[:3] == [ar.random_params(space, 7, k) for k in range(3)]          # reproducible from (seed, k)
-    assert trials[0] != ar.random_params(space, 8, 0) and len({str(t) for t in trials}) == 40
+    trials = [random_params(space, 7, k) for k in range(40)]
+    assert trials[:3] == [random_params(space, 7, k) for k in range(3)]          # reproducible from (seed, k)
+    assert trials[0] != random_params(space, 8, 0) and len({str(t) for t in trials}) == 40
     for t in trials:
         assert 1e-5 <= t["LR"] <= 1e-2 and 10 <= t["CAP"] <= 400 and 8 <= t["B"] <= 64 and isinstance(t["B"], int)
-        desc = ar.format_params(space, t)
-        assert ar.parse_params(desc, space) == t and "\t" not in desc
+        desc = format_params(space, t)
+        assert parse_params(desc, space) == t and "\t" not in desc
     lrs = sorted(t["LR"] for t in trials)
     assert lrs[0] < 1e-4 and lrs[-1] > 1e-3          # log-uniform: every decade is visited
-    assert ar.parse_params("LR=0.001 CAP=20.0", space) is None                  # not a whole trial
-    assert ar.parse_params("raise the learning rate", space) is None
+    assert parse_params("LR=0.001 CAP=20.0", space) is None                  # not a whole trial
+    assert parse_params("raise the learning rate", space) is None
 
 
 def test_history_from_rows_failed_and_interrupted_trials():
-    space = [ar.Param("LR", "log", 1e-5, 1e-2)]
+    space = [Param("LR", "log", 1e-5, 1e-2)]
 
     def row(exp, status, lr, runs="", value="", agent="random"):
         return {"experiment": str(exp), "status": status, "description": f"LR={lr}" if lr else "",
@@ -191,21 +197,21 @@ def test_history_from_rows_failed_and_interrupted_trials():
             row(2, "crash", 0.002, "12", "12"), row(3, "timeout", 0.003), row(4, "interrupted", 0.004),
             row(5, "keep", 0.005, "", "30"), row(6, "interrupted", None), row(7, "discard", 0.009, agent="llm"),
             row(8, "interrupted", 0.006)]
-    done, pending = ar.tuner_trials(rows, "random", space)      # a crash is a failed trial, whatever it printed
+    done, pending = tuner_trials(rows, "random", space)      # a crash is a failed trial, whatever it printed
     assert done == [({"LR": 0.001}, 41.0), ({"LR": 0.002}, None), ({"LR": 0.003}, None), ({"LR": 0.005}, 30.0)]
     assert pending == [{"LR": 0.004}, {"LR": 0.006}]
-    mr = ar.Metric("mean_rank", "minimize")                    # the loop's own rows are typed: the same history
-    assert ar.tuner_trials([ar.typed_row(r, mr) for r in rows], "random", space, mr) == (done, pending)
-    done, pending = ar.tuner_trials(rows + [row(9, "discard", 0.004, "45", "45")], "random", space)
+    mr = Metric("mean_rank", "minimize")                    # the loop's own rows are typed: the same history
+    assert tuner_trials([typed_row(r, mr) for r in rows], "random", space, mr) == (done, pending)
+    done, pending = tuner_trials(rows + [row(9, "discard", 0.004, "45", "45")], "random", space)
     assert pending == [{"LR": 0.006}] and done[-1] == ({"LR": 0.004}, 45.0)
-    with pytest.raises(ar.HarnessError, match="experiment 9 .* not a trial of this search space"):
-        ar.tuner_trials(rows + [row(9, "discard", None)], "random", space)
+    with pytest.raises(HarnessError, match="experiment 9 .* not a trial of this search space"):
+        tuner_trials(rows + [row(9, "discard", None)], "random", space)
 
 
 def test_optuna_sees_every_result_and_asks_for_new_trials():
     optuna = pytest.importorskip("optuna")
-    space = [ar.Param("LR", "log", 1e-5, 1e-2), ar.Param("B", "int", 8, 64)]
-    s = ar.OptunaSampler(space, seed=0)
+    space = [Param("LR", "log", 1e-5, 1e-2), Param("B", "int", 8, 64)]
+    s = OptunaSampler(space, seed=0)
     done = [({"LR": 1e-3, "B": 16}, 40.0), ({"LR": 5e-3, "B": 60}, None)]            # recorded before: --resume
     first = s.propose(done)
     assert 1e-5 <= first["LR"] <= 1e-2 and first == {p.name: p.snap(first[p.name]) for p in space}
@@ -215,17 +221,17 @@ def test_optuna_sees_every_result_and_asks_for_new_trials():
     assert s.study.direction == optuna.study.StudyDirection.MINIMIZE
     s.propose(done + [(first, 35.0)])                                  # the asked trial is told, not added again
     assert len(s.study.trials) == 4 and s.study.trials[2].value == 35.0 and s.study.best_value == 35.0
-    again = ar.OptunaSampler(space, seed=0).propose(done)              # a fresh sampler, as after --resume
-    assert again != ar.OptunaSampler(space, seed=0).propose([])        # is not seeded like the run's start
-    up = ar.OptunaSampler(space, seed=0, metric=ar.Metric("accuracy", "maximize"))   # a fork's metric
+    again = OptunaSampler(space, seed=0).propose(done)              # a fresh sampler, as after --resume
+    assert again != OptunaSampler(space, seed=0).propose([])        # is not seeded like the run's start
+    up = OptunaSampler(space, seed=0, metric=Metric("accuracy", "maximize"))   # a fork's metric
     up.propose(done)
     assert up.study.direction == optuna.study.StudyDirection.MAXIMIZE and up.study.best_value == 40.0
 
 
 def test_optuna_missing_names_the_install_command(monkeypatch):
     monkeypatch.setitem(sys.modules, "optuna", None)                   # import optuna raises ImportError
-    with pytest.raises(ar.HarnessError, match=r"pip install optuna"):
-        ar.OptunaSampler([ar.Param("LR", "log", 1e-5, 1e-2)], seed=0)
+    with pytest.raises(HarnessError, match=r"pip install optuna"):
+        OptunaSampler([Param("LR", "log", 1e-5, 1e-2)], seed=0)
 
 
 def test_compare_line_counts_keeps_confirmed_by_the_second_seed():
@@ -236,14 +242,14 @@ def test_compare_line_counts_keeps_confirmed_by_the_second_seed():
     rows = [row(0, "baseline", "50", "49,51", commit="c0"), row(1, "keep", "44", "40,48", "2", commit="c1"),
             row(2, "discard", "44", "47", "2", commit="c1"), row(3, "keep", "37", "36,38", "2", commit="c3"),
             row(4, "keep", "30", "30", "2", commit="c4"), row(5, "crash", "30", commit="c4")]
-    c = ar.compare_line(rows, {"c4": 31.5, "c1": 99.0})
+    c = compare_line(rows, {"c4": 31.5, "c1": 99.0})
     # keep 1: the 2nd seed 48 does not beat 50 by 2; keep 3: 38 beats 44 by 6; keep 4 had one run
     assert (c["survived"], c["checked"], c["keeps"], c["experiments"]) == (1, 2, 3, 5)
     assert (c["best"], c["test"], c["agent"], c["per_hour"]) == (30.0, 31.5, "optuna", 5 / 3)
-    assert ar.best_so_far(rows)[-1] == (5, 3.0, 30.0) and ar.best_so_far(rows)[1] == (1, 1.0, 44.0)
+    assert best_so_far(rows)[-1] == (5, 3.0, 30.0) and best_so_far(rows)[1] == (1, 1.0, 44.0)
     # higher is better: keep 1's second seed 53 beats 50 by 3 > 2; keep 2's, 55, beats 54 by only 1
     up = [row(0, "baseline", "50", "49,51"), row(1, "keep", "54", "55,53", "2"), row(2, "keep", "57.5", "60,55", "2")]
-    c = ar.compare_line(up, {}, ar.Metric("accuracy", "maximize"))
+    c = compare_line(up, {}, Metric("accuracy", "maximize"))
     assert (c["survived"], c["checked"], c["best"]) == (1, 2, 57.5)
 
 
@@ -284,11 +290,11 @@ def expected_status(params, best_before):
 def check_run(repo, rows, agent):
     """Every trial's outcome follows from its parameters; git holds exactly the keeps; train.py is the best."""
     cuda = __import__("torch").cuda.is_available()
-    space = ar.search_space(TRAIN.replace(HEADS, HEADS + "TEXT_ON = 0\n"), SPACE_BLOCK, cuda)
+    space = search_space(TRAIN.replace(HEADS, HEADS + "TEXT_ON = 0\n"), SPACE_BLOCK, cuda)
     assert all(r["agent"] == agent for r in rows)
     best, best_params = float(N_VAL), None
     for r in rows[1:]:
-        params = ar.parse_params(r["description"], space)
+        params = parse_params(r["description"], space)
         assert params is not None, r
         if r["status"] == "interrupted":
             continue
@@ -305,8 +311,8 @@ def check_run(repo, rows, agent):
     assert git(repo, "status", "--porcelain") == ""
     src = (repo / "train.py").read_text()
     if best_params:
-        consts = ar.hyperparameters(src, cuda)
-        assert {n: ar._number(consts[n].value) for n in best_params} == best_params
+        consts = hyperparameters(src, cuda)
+        assert {n: _number(consts[n].value) for n in best_params} == best_params
     else:
         assert src.strip() == git(repo, "show", "main:train.py")
     return space
@@ -320,8 +326,7 @@ def tuned(tmp_path_factory):
     subprocess.run([sys.executable, os.path.join(ROOT, "prepare_data.py"), "--out", str(data), "--n-train", "128",
                     "--n-val", str(N_VAL), "--n-test", "40"], check=True, capture_output=True)
     repo.mkdir()
-    for f in FILES:
-        shutil.copy2(os.path.join(ROOT, f), repo / f)
+    copy_into(repo, FILES)
     assert TRAIN.count(IMG_OK) == 1 and TRAIN.count(TXT_OK) == 1 and TRAIN.count(HEADS) == 1
     (repo / "train.py").write_text(TRAIN.replace(IMG_OK, IMG_BAD).replace(TXT_OK, TXT_SWITCH)
                                    .replace(HEADS, HEADS + "TEXT_ON = 0\n"))
@@ -336,9 +341,9 @@ def tuned(tmp_path_factory):
     env.pop("AUTORESEARCH_SANDBOX", None)
     common = ["--noise-runs", "1", "--max-experiments", "3"]
     interrupt_at(repo, env, 2, "--agent", "random", "--tag", "rnd", *common)
-    random_rows = [dict(r) for r in ar.load_results(str(repo / "results.tsv"))]
+    random_rows = [dict(r) for r in load_results(str(repo / "results.tsv"))]
     harness(repo, env, "--resume", *common)               # the agent comes from results.tsv
-    out = {"random_before": random_rows, "random": ar.load_results(str(repo / "results.tsv"))}
+    out = {"random_before": random_rows, "random": load_results(str(repo / "results.tsv"))}
     out["random_space"] = check_run(repo, out["random"], "random")
     shutil.move(repo / "results.tsv", repo / "results-rnd.tsv")
     shutil.rmtree(repo / "logs")                          # experiment numbers start again at 0
@@ -346,7 +351,7 @@ def tuned(tmp_path_factory):
     common = ["--noise-runs", "1", "--max-experiments", "2"]
     interrupt_at(repo, env, 2, "--agent", "optuna", "--tag", "opt", *common)
     harness(repo, env, "--resume", *common)
-    out["optuna"] = ar.load_results(str(repo / "results.tsv"))
+    out["optuna"] = load_results(str(repo / "results.tsv"))
     out["optuna_space"] = check_run(repo, out["optuna"], "optuna")
     out["repo"], out["env"] = repo, env
     return out
@@ -358,9 +363,9 @@ def test_random_agent_through_the_loop_and_resume(tuned):
     assert [r["status"] for r in tuned["random_before"]] == ["baseline", "discard", "interrupted"]
     statuses = [r["status"] for r in rows]
     assert statuses == ["baseline", "discard", "interrupted", "crash", "keep"], statuses
-    trials = [ar.parse_params(r["description"], space) for r in rows[1:]]
+    trials = [parse_params(r["description"], space) for r in rows[1:]]
     # seed 0: trial k is random_params(space, 0, k); the interrupted trial 1 ran again, none lost or repeated
-    expect = [ar.random_params(space, 0, k) for k in range(3)]
+    expect = [random_params(space, 0, k) for k in range(3)]
     assert trials == [expect[0], expect[1], expect[1], expect[2]]
 
 
@@ -370,7 +375,7 @@ def test_optuna_agent_through_the_loop_and_resume(tuned):
     statuses = [r["status"] for r in rows]
     assert statuses[:3] == ["baseline", statuses[1], "interrupted"] and len(statuses) == 4, statuses
     assert "interrupted" not in statuses[3:] and statuses[1] in ("keep", "discard", "crash")
-    trials = [ar.parse_params(r["description"], space) for r in rows[1:]]
+    trials = [parse_params(r["description"], space) for r in rows[1:]]
     assert trials[2] == trials[1] and trials[0] != trials[1]          # the interrupted trial ran again, once
     assert (tuned["repo"] / "results-rnd.tsv").exists()
 
@@ -381,9 +386,9 @@ def test_report_compare_draws_both_runs(tuned):
     p = harness(repo, tuned["env"], "report", "--compare", "rnd", "opt")
     assert "wrote compare.png" in p.stdout
     lines = {line.split()[0]: line.split() for line in p.stdout.split("\n") if line.split()[:1] in (["rnd"], ["opt"])}
-    scores = ar.load_test_scores(ar.project_metric(str(repo)), str(repo / "test_scores.tsv"))
+    scores = load_test_scores(project_metric(str(repo)), str(repo / "test_scores.tsv"))
     for tag, rows in (("rnd", tuned["random"]), ("opt", tuned["optuna"])):
-        best, best_commit, _, _ = ar.state_from_rows(rows)
+        best, best_commit, _, _ = state_from_rows(rows)
         cells = lines[tag]
         assert cells[1] == {"rnd": "random", "opt": "optuna"}[tag] and int(cells[2]) == sum(r["status"] not in ("baseline", "interrupted") for r in rows)
         assert float(cells[3]) == best and float(cells[4]) == float(f"{scores[best_commit]:.4g}")  # tested at the end

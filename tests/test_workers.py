@@ -12,41 +12,48 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import autoresearch as ar  # noqa: E402
+from engine.judge import decide_round, sidak_z
+from engine.loop import merge_scratchpads
+from engine.project import Metric
+from engine.repo import dirty_files, sweep_worktrees, worktree
+from engine.report import summarize, wall_seconds, write_report
+from engine.results import append_row
+from engine.runs import _running, job_name, stop_orphan, track_run, worker_slots
+from engine.util import HarnessError, RUNNING
 
 
 # ---------------------------------------------------------------- the N-corrected threshold (Šidák)
 
 def test_sidak_z():
-    assert ar.sidak_z(2.0, 1) == 2.0 and ar.sidak_z(3.0, 1) == 3.0          # N=1: the rule of today, exactly
-    assert [round(ar.sidak_z(2.0, n), 3) for n in (2, 4, 8)] == [2.275, 2.528, 2.762]
+    assert sidak_z(2.0, 1) == 2.0 and sidak_z(3.0, 1) == 3.0          # N=1: the rule of today, exactly
+    assert [round(sidak_z(2.0, n), 3) for n in (2, 4, 8)] == [2.275, 2.528, 2.762]
     nd = statistics.NormalDist()
     for z in (1.0, 2.0, 3.0, 5.0):
         for n in (2, 3, 4, 8, 64):
-            zn = ar.sidak_z(z, n)
+            zn = sidak_z(z, n)
             # the chance that the best of n pure-noise candidates passes zn is the chance one candidate passes z
             assert 1 - nd.cdf(zn) ** n == pytest.approx(1 - nd.cdf(z), rel=1e-9)
-            assert zn > ar.sidak_z(z, n - 1)
+            assert zn > sidak_z(z, n - 1)
 
 
 # ---------------------------------------------------------------- the round decision
 
 def test_decide_round_keeps_the_best_passing_candidate():
     # best 50, sigma 1, z 2 (N=3: 2.42): 46 and 45 pass, 49 does not
-    winner, out = ar.decide_round(50.0, 1.0, {3: 46.0, 4: 49.0, 5: 45.0}, ar.sidak_z(2.0, 3))
+    winner, out = decide_round(50.0, 1.0, {3: 46.0, 4: 49.0, 5: 45.0}, sidak_z(2.0, 3))
     assert winner == 5 and out[5][0] == "keep" and out[5][1] == -5.0
     assert out[3][0] == "discard" and out[3][3].startswith("beaten in round by experiment 5 (delta -4,")
     assert out[4][0] == "discard" and out[4][3].endswith("not > threshold")
     # one that passes z but not the round's z_N is not kept
-    winner, out = ar.decide_round(50.0, 1.0, {1: 47.8, 2: 51.0}, ar.sidak_z(2.0, 2))
+    winner, out = decide_round(50.0, 1.0, {1: 47.8, 2: 51.0}, sidak_z(2.0, 2))
     assert winner is None and out[1][0] == "discard" and 2.0 < 50.0 - 47.8 < out[1][2]
     # ties go to the earlier experiment; a metric to maximize keeps the highest
-    assert ar.decide_round(50.0, 1.0, {7: 40.0, 6: 40.0}, 2.0)[0] == 6
-    up = ar.Metric("accuracy", "maximize")
-    winner, out = ar.decide_round(0.5, None, {1: 0.6, 2: 0.7, 3: 0.4}, 2.0, metric=up)
+    assert decide_round(50.0, 1.0, {7: 40.0, 6: 40.0}, 2.0)[0] == 6
+    up = Metric("accuracy", "maximize")
+    winner, out = decide_round(0.5, None, {1: 0.6, 2: 0.7, 3: 0.4}, 2.0, metric=up)
     assert winner == 2 and out[1][3].startswith("beaten in round by experiment 2") and out[3][0] == "discard"
     # with --confirm the best passing candidate goes on to its second seed, the others are beaten
-    winner, out = ar.decide_round(50.0, 1.0, {1: 49.0, 2: 48.0}, 2.0, confirm=True)
+    winner, out = decide_round(50.0, 1.0, {1: 49.0, 2: 48.0}, 2.0, confirm=True)
     assert winner == 2 and out[2][0] == "confirm" and out[1][0] == "discard"
 
 
@@ -58,7 +65,7 @@ BASE = "# Notes\n## Tried\n- lr 2e-4: baseline\n## Next ideas\n- try warmup\n"
 def test_merge_scratchpads_keeps_every_workers_notes():
     w1 = BASE.replace("- try warmup\n", "- try warmup\n- NOTE-A: wider projection\n")
     w2 = "# Notes\n## Tried\n- lr 4e-4: worse\n## Next ideas\n- NOTE-B: label smoothing\n"   # rewrote, deleted
-    merged = ar.merge_scratchpads(BASE, {3: w1, 4: w2})
+    merged = merge_scratchpads(BASE, {3: w1, 4: w2})
     assert merged.startswith(BASE)   # a worker's deletions delete nothing for the others
     assert merged == BASE + ("\n## Notes of experiment 3\n- NOTE-A: wider projection\n"
                              "\n## Notes of experiment 4\n- lr 4e-4: worse\n- NOTE-B: label smoothing\n")
@@ -68,26 +75,26 @@ def test_merge_scratchpads_overlapping_identical_and_empty_notes():
     same = BASE + "- NOTE-C: same idea\n"
     # the same line added at the same place by two workers, one also edits a base line in place
     edited = same.replace("- lr 2e-4: baseline", "- lr 2e-4: baseline (sigma 0.8)")
-    merged = ar.merge_scratchpads(BASE, {1: same, 2: edited, 3: BASE, 4: ""})
+    merged = merge_scratchpads(BASE, {1: same, 2: edited, 3: BASE, 4: ""})
     assert merged == BASE + ("\n## Notes of experiment 1\n- NOTE-C: same idea\n"
                              "\n## Notes of experiment 2\n- lr 2e-4: baseline (sigma 0.8)\n")
     assert merged.count("NOTE-C") == 1 and "experiment 3" not in merged and "experiment 4" not in merged
-    assert ar.merge_scratchpads("", {5: "first note\n", 6: ""}) == "## Notes of experiment 5\nfirst note\n"
-    assert ar.merge_scratchpads(BASE, {}) == BASE
+    assert merge_scratchpads("", {5: "first note\n", 6: ""}) == "## Notes of experiment 5\nfirst note\n"
+    assert merge_scratchpads(BASE, {}) == BASE
 
 
 # ---------------------------------------------------------------- slots
 
 def test_worker_slots():
-    assert ar.worker_slots(4, "0,1,2,3", 4, 16) == [{"AUTORESEARCH_GPUS": g} for g in "0123"]
-    assert ar.worker_slots(2, "all", 4, 16) == [{"AUTORESEARCH_GPUS": "0"}, {"AUTORESEARCH_GPUS": "1"}]
-    assert ar.worker_slots(2, None, 2, 16) == [{"AUTORESEARCH_GPUS": "0"}, {"AUTORESEARCH_GPUS": "1"}]
-    assert ar.worker_slots(2, " 3, 5 ", 8, 16) == [{"AUTORESEARCH_GPUS": "3"}, {"AUTORESEARCH_GPUS": "5"}]
-    with pytest.raises(ar.HarnessError, match="needs a GPU per worker, but there are 2 .*--workers 2 or fewer"):
-        ar.worker_slots(3, "0,1", 4, 16)
+    assert worker_slots(4, "0,1,2,3", 4, 16) == [{"AUTORESEARCH_GPUS": g} for g in "0123"]
+    assert worker_slots(2, "all", 4, 16) == [{"AUTORESEARCH_GPUS": "0"}, {"AUTORESEARCH_GPUS": "1"}]
+    assert worker_slots(2, None, 2, 16) == [{"AUTORESEARCH_GPUS": "0"}, {"AUTORESEARCH_GPUS": "1"}]
+    assert worker_slots(2, " 3, 5 ", 8, 16) == [{"AUTORESEARCH_GPUS": "3"}, {"AUTORESEARCH_GPUS": "5"}]
+    with pytest.raises(HarnessError, match="needs a GPU per worker, but there are 2 .*--workers 2 or fewer"):
+        worker_slots(3, "0,1", 4, 16)
     # no GPU: the cores split evenly, whatever AUTORESEARCH_GPUS says (run.sh uses no GPU either)
-    assert ar.worker_slots(2, None, 0, 16) == [{"AUTORESEARCH_CPUS": "8"}] * 2
-    assert ar.worker_slots(3, "0,1", 0, 2) == [{"AUTORESEARCH_CPUS": "0.667"}] * 3
+    assert worker_slots(2, None, 0, 16) == [{"AUTORESEARCH_CPUS": "8"}] * 2
+    assert worker_slots(3, "0,1", 0, 2) == [{"AUTORESEARCH_CPUS": "0.667"}] * 3
 
 
 # ---------------------------------------------------------------- worktrees (real git)
@@ -112,7 +119,7 @@ def repo(tmp_path, monkeypatch):
 
 def test_worktrees_are_made_reset_and_swept(repo):
     first = git(repo, "rev-parse", "HEAD")
-    path = ar.worktree(1, first)
+    path = worktree(1, first)
     assert path == os.path.join(".worktrees", "w1") and (repo / path / "train.py").read_text() == "LR = 1\n"
     (repo / path / "train.py").write_text("LR = 2\n")      # a worker's candidate, committed in its worktree
     git(repo / path, "commit", "-qam", "candidate")
@@ -120,16 +127,16 @@ def test_worktrees_are_made_reset_and_swept(repo):
     assert git(repo, "rev-parse", "HEAD") == first and git(repo, "status", "--porcelain") == ""
     git(repo, "reset", "-q", "--hard", cand)               # the round's winner becomes the branch's HEAD
     (repo / path / "train.py").write_text("LR = 9\n")      # half-done edits of the next round ...
-    assert ar.worktree(1, cand) == path and (repo / path / "train.py").read_text() == "LR = 2\n"   # ... reset
-    assert ar.dirty_files() == []
+    assert worktree(1, cand) == path and (repo / path / "train.py").read_text() == "LR = 2\n"   # ... reset
+    assert dirty_files() == []
     # a stale folder (kill -9 between rmtree and prune, or a copy) is replaced by a worktree
-    ar.worktree(2, first)
+    worktree(2, first)
     git(repo, "worktree", "remove", "--force", ".worktrees/w2")
     (repo / ".worktrees" / "w2").mkdir()
     (repo / ".worktrees" / "w2" / "junk").write_text("x")
-    assert (repo / ar.worktree(2, first) / "train.py").read_text() == "LR = 1\n"
+    assert (repo / worktree(2, first) / "train.py").read_text() == "LR = 1\n"
     assert not (repo / ".worktrees" / "w2" / "junk").exists()
-    ar.sweep_worktrees()
+    sweep_worktrees()
     assert not (repo / ".worktrees").exists()
     assert git(repo, "worktree", "list", "--porcelain").count("worktree ") == 1   # the main checkout only
 
@@ -143,20 +150,20 @@ def test_every_run_in_flight_is_recorded_and_stopped_after_a_kill(repo):
     procs = [subprocess.Popen(["./run.sh"], start_new_session=True) for _ in range(3)]
     try:
         for k, p in enumerate(procs):
-            ar.track_run(f"{k}", p.pid)
-        ar.track_run("1", None)                       # one run ended
-        assert sorted(map(int, (repo / ar.RUNNING).read_text().split())) == sorted([procs[0].pid, procs[2].pid])
-        ar._running.clear()                           # the harness is killed with -9: its memory is gone
-        ar.stop_orphan()                              # the next start
+            track_run(f"{k}", p.pid)
+        track_run("1", None)                       # one run ended
+        assert sorted(map(int, (repo / RUNNING).read_text().split())) == sorted([procs[0].pid, procs[2].pid])
+        _running.clear()                           # the harness is killed with -9: its memory is gone
+        stop_orphan()                              # the next start
         deadline = time.time() + 10
         while time.time() < deadline and (procs[0].poll() is None or procs[2].poll() is None):
             time.sleep(0.1)
         assert procs[0].poll() == -signal.SIGTERM and procs[2].poll() == -signal.SIGTERM
         assert procs[1].poll() is None                # not recorded any more: left alone
-        assert not (repo / ar.RUNNING).exists()
-        ar.track_run("x", procs[1].pid)
-        ar.track_run("x", None)
-        assert not (repo / ar.RUNNING).exists()       # the last run's end removes the record
+        assert not (repo / RUNNING).exists()
+        track_run("x", procs[1].pid)
+        track_run("x", None)
+        assert not (repo / RUNNING).exists()       # the last run's end removes the record
     finally:
         for p in procs:
             with contextlib.suppress(ProcessLookupError):
@@ -185,10 +192,10 @@ def seed(repo, tag):
     2 busy cores stay within the allowance."""
     git_id(repo, "checkout", "-q", "-b", f"autoresearch/{tag}")
     head = git(repo, "rev-parse", "HEAD")
-    ar.append_row({"experiment": 0, "commit": head, "val_mean_rank": 48.0, "delta": 0.0, "status": "baseline",
+    append_row({"experiment": 0, "commit": head, "val_mean_rank": 48.0, "delta": 0.0, "status": "baseline",
                    "description": "baseline", "runs": (48.0, 48.0), "best": 48.0, "sigma": 0.0, "best_commit": head,
                    "phase": "Phase 1: Hyperparameters", "train_wall_seconds": 60.0, "round": 0, "worker": 0},
-                  str(repo / "results.tsv"), ar.Metric("mean_rank", "minimize"))
+                  str(repo / "results.tsv"), Metric("mean_rank", "minimize"))
 
 
 def training(repo, *exps):
@@ -356,7 +363,7 @@ def test_two_workers_as_slurm_jobs_cancelled_on_ctrl_c(cluster, tmp_path, data):
         wait_for(lambda: job_state(cluster, label) != "COMPLETING", 60, f"job {label} to finish cancelling")
         assert job_state(cluster, label) == "CANCELLED"
     comp = [dict(kv.split("=", 1) for kv in line.split() if "=" in kv) for line in open(cluster.jobcomp)]
-    assert {j["WorkDir"] for j in comp if j["Name"] in (ar.job_name(TAG, "1"), ar.job_name(TAG, "2"))} == {
+    assert {j["WorkDir"] for j in comp if j["Name"] in (job_name(TAG, "1"), job_name(TAG, "2"))} == {
         str(repo / ".worktrees" / "w0"), str(repo / ".worktrees" / "w1")}
     assert [(r["experiment"], r["status"]) for r in rows(repo)[1:]] == [("1", "interrupted"), ("2", "interrupted")]
     assert cluster.squeue() == "" and git(repo, "status", "--porcelain") == "" and not (repo / ".worktrees").exists()
@@ -378,13 +385,13 @@ def round_rows():
 
 def test_report_counts_overlapping_workers_once():
     rows = round_rows()
-    assert ar.wall_seconds(rows) == 450
-    s = ar.summarize(rows)
+    assert wall_seconds(rows) == 450
+    s = summarize(rows)
     assert s["per_hour"] == pytest.approx(4 / 450 * 3600) and s["experiments"] == 4
     assert s["slots"] == {0: pytest.approx(370 / 450), 1: pytest.approx(310 / 450)}
     # one worker: each experiment its own round, the wall time is the sum of the rows' (as before rounds)
     solo = [dict(r, round=str(k), worker="0") for k, r in enumerate(rows)]
-    assert ar.wall_seconds(solo) == 100 + 190 + 190 + 140 + 140 and list(ar.summarize(solo)["slots"]) == [0]
+    assert wall_seconds(solo) == 100 + 190 + 190 + 140 + 140 and list(summarize(solo)["slots"]) == [0]
 
 
 def test_progress_png_shades_every_other_round(tmp_path):
@@ -392,7 +399,7 @@ def test_progress_png_shades_every_other_round(tmp_path):
     shaded = (239, 245, 250)   # the round band (#1f77b4 at alpha 0.07) over the white axes
 
     def band_pixels(rows):
-        ar.write_report(rows, str(tmp_path / "p.png"), quiet=True, metric=ar.Metric("mean_rank", "minimize"))
+        write_report(rows, str(tmp_path / "p.png"), quiet=True, metric=Metric("mean_rank", "minimize"))
         img = (matplotlib.image.imread(str(tmp_path / "p.png"))[:, :, :3] * 255).round()
         return int((abs(img - shaded) <= 2).all(axis=2).sum())
 

@@ -1,0 +1,136 @@
+"""Every setting of the loop: the flags, the AUTORESEARCH_* numbers the user may export, their defaults."""
+import argparse
+import os
+import re
+
+from engine.util import HarnessError, RESULTS, num
+
+
+# qwen2.5-coder:7b: ~4.7 GB quantized, so it fits next to a 15 GB training run on a 24 GB GPU, it is
+# trained for tool calling, and it answers a ~6K-token prompt in seconds. Bigger models can be passed.
+DEFAULT_MODEL = "qwen2.5-coder:7b"
+
+
+DEFAULT_HOST = "http://127.0.0.1:11434"
+
+
+DEFAULT_BUDGET = 300               # training seconds per run (run.sh's default for AUTORESEARCH_TIME_BUDGET too)
+
+
+RUN_GRACE, EVAL_TIMEOUT = 120, 600  # run.sh's defaults for AUTORESEARCH_GRACE and AUTORESEARCH_EVAL_TIMEOUT
+
+
+MEMORY_RESERVE = 2 << 30          # host memory kept for the harness, Ollama and the system (or 10%, if more)
+
+
+MEMORY_WAITING = 512 << 20        # what an evaluation container holds while its run trains (torch loaded)
+
+
+MEMORY_MIN = 256 << 20            # less than this per run trains nothing
+
+
+SIZES = {"AUTORESEARCH_MEMORY": "16g", "AUTORESEARCH_HANDOFF_SIZE": "2g", "AUTORESEARCH_SHM_SIZE": "2g"}   # run.sh's
+
+
+def env_int(name, default, environ=os.environ):
+    """A whole number above 0 from the environment, `default` where unset or empty."""
+    v = environ.get(name, "").strip()
+    if v and not re.fullmatch(r"[1-9][0-9]*", v):
+        raise HarnessError(f"{name} must be a whole number above 0, got {v!r}")
+    return int(v) if v else default
+
+
+def env_size(name, default, environ=os.environ):
+    """Bytes of a size from the environment written as podman and run.sh take it (16g, 500m, 2G, 1048576)."""
+    v = environ.get(name, "").strip() or default
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([kmgt]?)", v.lower())
+    if not m or float(m.group(1)) <= 0:
+        raise HarnessError(f"{name} must be a size like 16g or 500m, got {v!r}")
+    return int(float(m.group(1)) * 1024 ** " kmgt".index(m.group(2) or " "))
+
+
+def check_environment(environ=os.environ):
+    """Every number the user may set for the loop and run.sh, checked before anything changes: one error naming the
+    variable as the user wrote it."""
+    for name in ("AUTORESEARCH_TIME_BUDGET", "AUTORESEARCH_GRACE", "AUTORESEARCH_EVAL_TIMEOUT", "AUTORESEARCH_PIDS"):
+        env_int(name, 1, environ)
+    for name, default in SIZES.items():
+        env_size(name, default, environ)
+    cpus = environ.get("AUTORESEARCH_CPUS", "").strip()
+    if cpus and (num(cpus) is None or num(cpus) <= 0):
+        raise HarnessError(f"AUTORESEARCH_CPUS must be a positive number of cores like 2 or 0.5, got {cpus!r}")
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        """A wrong flag is one line, as every other mistake (no usage block)."""
+        self.exit(2, f"{self.prog}: error: {message} (python autoresearch.py --help lists the flags)\n")
+
+
+def build_parser():
+    p = Parser(prog="autoresearch.py", description="An offline research loop: a local LLM served by Ollama improves "
+               "a model's metric by itself.",
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=DEFAULT_MODEL, help="Ollama model (a 7B coder fits next to training on 24 GB)")
+    p.add_argument("--host", default=os.environ.get("OLLAMA_HOST") or DEFAULT_HOST, help="Ollama server")
+    p.add_argument("--tag", default=None, help="run on branch autoresearch/TAG; default: today's date, e.g. nov27 (with --resume: the current branch)")
+    p.add_argument("--max-experiments", type=int, default=0, help="model experiments after the baseline, "
+                   "counted across resumes, interrupted ones excepted; 0 = until stopped")
+    p.add_argument("--resume", action="store_true", help="continue from results.tsv and the branch")
+    p.add_argument("--num-ctx", type=int, default=16384, help="context size sent on every Ollama request")
+    p.add_argument("--time-budget", type=int, default=None, help="training seconds per experiment; default: "
+                   "$AUTORESEARCH_TIME_BUDGET if exported, else 300 (with --resume: the run's own)")
+    p.add_argument("--noise-runs", type=int, default=5, help="baseline runs with different seeds to estimate "
+                   "sigma; with >= 2, each keep is repeated once with another seed to re-estimate sigma")
+    p.add_argument("--z", type=float, default=2.0, help="keep only if improvement > max(z*sigma, floor)")
+    p.add_argument("--floor", type=float, default=0.01, help="minimum improvement, as a fraction of the best")
+    p.add_argument("--confirm", action="store_true", help="keep only once a second run with another seed agrees")
+    p.add_argument("--phase-every", type=int, default=10, help="advance the phase after N experiments in it")
+    p.add_argument("--phase-plateau", type=int, default=5, help="... or after K experiments without a keep")
+    p.add_argument("--fix-attempts", type=int, default=2, help="attempts to fix a crashing experiment")
+    p.add_argument("--max-turns", type=int, default=12, help="model replies per experiment")
+    p.add_argument("--max-tool-calls", type=int, default=24, help="tool calls per experiment")
+    p.add_argument("--max-nudges", type=int, default=2, help="nudges for replies without a tool call")
+    p.add_argument("--max-invalid", type=int, default=3, help="rejected run_experiment calls before `invalid`")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--request-timeout", type=float, default=900, help="seconds per Ollama request")
+    p.add_argument("--serve", action="store_true", help="start `ollama serve` if Ollama is not reachable")
+    p.add_argument("--agent", choices=("llm", "optuna", "random"), default=None,
+                   help="who proposes each experiment: the Ollama model, Optuna's TPE or uniform random samples "
+                        "over the search space (program.md's ## Search space, else train.py's constants); "
+                        "default: llm, with --resume the run's own agent")
+    p.add_argument("--tuner-seed", type=int, default=0, help="seed of the optuna and random agents")
+    p.add_argument("--workers", type=int, default=1, help="experiments per round, each in its own git worktree and "
+                   "slot (a GPU of $AUTORESEARCH_GPUS, or a share of the cores); at most one kept per round")
+    p.add_argument("--launcher", choices=("local", "slurm"), default="local", help="where runs execute: here, or "
+                   "each as a SLURM job (srun; site options in $AUTORESEARCH_SLURM_ARGS; needs a shared filesystem)")
+    sub = p.add_subparsers(dest="command", title="subcommand")
+    rp = sub.add_parser("report", help="progress.png and a summary; see report -h")
+    how = rp.add_mutually_exclusive_group()
+    how.add_argument("--test", action="store_true", help="also evaluate baseline and best on the test split")
+    how.add_argument("--compare", nargs="+", metavar="TAG", help="compare.png and a table for these runs: a tag "
+                     "means results.tsv while its branch is checked out, else results-TAG.tsv; or a .tsv path")
+    return p
+
+
+def parse_args(argv):
+    p = build_parser()
+    args = p.parse_args(argv)
+    for flag, ok, need in (("--num-ctx", args.num_ctx >= 2048, "at least 2048"),
+                           ("--noise-runs", args.noise_runs >= 1, "at least 1"),
+                           ("--time-budget", args.time_budget is None or args.time_budget >= 1, "at least 1"),
+                           ("--workers", args.workers >= 1, "at least 1"),
+                           ("--max-experiments", args.max_experiments >= 0, "0 (no limit) or more")):
+        if not ok:
+            p.error(f"{flag} must be {need}, got {getattr(args, flag[2:].replace('-', '_'))}")
+    return args
+
+
+def run_budget(asked, rows):
+    """Pure. The training budget: the one asked for (--time-budget, else $AUTORESEARCH_TIME_BUDGET), else a resumed
+    run's own, else DEFAULT_BUDGET. A resumed run asked for another budget is refused: its results would not compare."""
+    done = next((int(num(r["time_budget"])) for r in reversed(rows) if num(r.get("time_budget"))), None)
+    if asked and done and asked != done:
+        raise HarnessError(f"{RESULTS} was recorded with a {done}s time budget, not the {asked}s asked for (--time-budget "
+                           f"or AUTORESEARCH_TIME_BUDGET): resume with --time-budget {done}, or start a new --tag")
+    return asked or done or DEFAULT_BUDGET
