@@ -21,7 +21,7 @@ import re
 import signal
 import sys
 
-from engine.agent import make_client
+from engine.agent import LLMAgent, make_client
 from engine.loop import Loop, startup_checks
 from engine.project import project_metric
 from engine.repo import current_tag, git_identity, lock_repo
@@ -30,7 +30,7 @@ from engine.results import load_results
 from engine.runs import gpu_count, host_memory, on_slurm, run_memory, slurm_startup, worker_slots
 from engine.settings import check_environment, env_int, parse_args, run_budget
 from engine.tuners import make_tuner
-from engine.util import HarnessError, live_clear
+from engine.util import PROGRAM, HarnessError, live_clear, read_text
 
 
 def _sigterm(signum, frame):
@@ -75,7 +75,9 @@ def main(argv=None):
                 mem = run_memory(args.workers, host_memory())
                 slots = [{**slot, **mem} for slot in worker_slots(args.workers, os.environ.get("AUTORESEARCH_GPUS"),
                                                                   gpu_count(), os.cpu_count())]
-        loop = Loop(args, client, make_tuner(args, project_metric()) if args.agent != "llm" else None, slots, alone)
+        metric = project_metric()
+        agent = LLMAgent(args, client, metric, read_text(PROGRAM)) if args.agent == "llm" else make_tuner(args, metric)
+        loop = Loop(args, agent, slots, alone)
         loop.main()
         return 0
     except HarnessError as e:

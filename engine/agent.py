@@ -2,6 +2,7 @@
 import ast
 import difflib
 import json
+import math
 import os
 import re
 import shutil
@@ -9,9 +10,10 @@ import subprocess
 import time
 
 from engine.project import project_metric
-from engine.repo import spawn
+from engine.repo import dirty_files, spawn
 from engine.settings import DEFAULT_MODEL
-from engine.util import HarnessError, PROGRAM, RESULTS, SCRATCHPAD, TRAIN, fmt, read_text, say
+from engine.util import (HarnessError, PROGRAM, RESULTS, SCRATCHPAD, TRAIN, clean_text, encodable, fmt, read_text,
+    say, write_text)
 
 
 READABLE = {TRAIN, PROGRAM, SCRATCHPAD, RESULTS}       # + the last run's log, added at run time
@@ -335,3 +337,184 @@ def start_ollama(args, client):
         except Exception:  # noqa: BLE001
             pass
     raise HarnessError(f"started `ollama serve` but it did not answer at {args.host}")
+
+
+class LLMAgent:
+    """The Ollama model as the proposer: a fresh conversation for each experiment (the system prompt: program.md and
+    the rules; one user message: the state of the search and all of train.py), three tools, and what it did wrong
+    said back to it. propose() ends at a run_experiment that may run, or at a reason it is invalid."""
+    name = "llm"
+
+    def __init__(self, args, client, metric, program):
+        self.args, self.client, self.metric = args, client, metric
+        self.system = build_system_prompt(program, metric)
+        self.train_limit = train_limit(args.num_ctx, len(self.system))
+        self.chars_per_token = 3.5           # calibrated from prompt_eval_count as replies come in
+        size = len(read_text(TRAIN))
+        if size > self.train_limit:
+            need = math.ceil((size + len(self.system) + PROMPT_OTHER_CHARS) / ((1 - TOKEN_RESERVE) * CHARS_PER_TOKEN))
+            raise HarnessError(f"{TRAIN} has {size} characters, more than fit in the model's context beside "
+                               f"{PROGRAM} and the rules at --num-ctx {args.num_ctx} (at most {max(0, self.train_limit)})"
+                               f": pass --num-ctx {need} or more (the model must support it), or shorten {TRAIN}")
+
+    def open(self, train_src, rows, best_line, phase, log, others=()):
+        """A new conversation: the system prompt and the experiment's one user message, cut to fit the context (fewer
+        results, older notes first); in a round, what its earlier workers proposed."""
+        scratch = read_scratchpad() or ""
+        also = "".join(f"\n- {d}" for d in others)
+        also = also and ("\n\nOther workers of this round are already trying these changes, each on the same train.py; "
+                         "make a different one:" + also)
+        rows = [r for r in rows if r["status"] != "interrupted"]
+        budget = self.args.num_ctx * (1 - TOKEN_RESERVE)
+        for max_rows, scratch_chars in ((15, SCRATCHPAD_MAX_CHARS), (8, 3000), (4, 1500), (2, 600)):
+            msg = build_user_message(train_src, scratch, rows, best_line, phase, log, max_rows, scratch_chars,
+                                     self.metric) + also
+            if (len(msg) + len(self.system)) / self.chars_per_token + 300 <= budget:
+                break
+        return [{"role": "system", "content": self.system}, {"role": "user", "content": msg}]
+
+    def propose(self, conv, o, root, base_src, rows, log):
+        """The model's turn in `root` (the tools act there): ('run', description) or ('invalid', why)."""
+        return self.converse(conv, o, root, base_src, log)
+
+    def crashed(self, conv, run):
+        """A run of its proposal crashed: the log's tail goes back to the model to fix the bug, keeping the idea."""
+        conv.append({"role": "user", "content": f"The run crashed ({run.reason}). Last lines of {run.log}:\n```\n"
+                     f"{run.tail[-3000:]}\n```\nFix the bug in train.py with edit_file (keep the idea), then call "
+                     f"run_experiment again."})
+
+    def chat(self, messages, o):
+        self.fit_context(messages)
+        for attempt in range(4):
+            t0 = time.time()
+            try:
+                r = self.client.chat(model=self.args.model, messages=messages, tools=TOOLS,
+                                     options={"num_ctx": self.args.num_ctx, "temperature": self.args.temperature},
+                                     keep_alive="30m")
+                break
+            except Exception as e:  # noqa: BLE001
+                o.model_seconds += time.time() - t0
+                if attempt == 3 or not is_transient(e):
+                    raise HarnessError(f"Ollama request failed: {ollama_error(e)}; fix it, then continue "
+                                       f"with --resume --tag {self.args.tag}")
+                say(f"autoresearch: Ollama request failed ({ollama_error(e)}), retrying")
+                time.sleep(2 * (attempt + 1))
+        o.model_seconds += time.time() - t0
+        used = r.prompt_eval_count or 0
+        o.prompt_tokens = max(o.prompt_tokens, used)
+        if used:
+            self.chars_per_token = max(1.5, sum(len(str(m.get("content", ""))) for m in messages) / used)
+        if used >= self.args.num_ctx - 16:
+            say(f"autoresearch: WARNING: prompt used {used} of {self.args.num_ctx} tokens; it may be truncated")
+        msg = r.message
+        calls = []
+        for tc in msg.tool_calls or []:
+            calls.append({"function": {"name": tc.function.name, "arguments": dict(tc.function.arguments or {})}})
+        return msg.content or "", calls
+
+    def tokens(self, messages):
+        return sum(len(str(m.get("content", ""))) for m in messages) / self.chars_per_token + 300
+
+    def fit_context(self, messages):
+        """Elide older tool results before Ollama would silently truncate the prompt."""
+        budget = self.args.num_ctx * (1 - TOKEN_RESERVE)
+        for m in messages[2:-2]:
+            if self.tokens(messages) <= budget:
+                return
+            if m["role"] == "tool" and len(m["content"]) > 200:
+                m["content"] = m["content"][:200] + "\n[... elided to save context ...]"
+
+    def converse(self, messages, o, root, base_src, log):
+        """Let the model use tools until it calls run_experiment acceptably. ('run', desc) or ('invalid', why)."""
+        a = self.args
+        nudges = calls_made = bad_runs = 0
+        for _ in range(a.max_turns):
+            content, native = self.chat(messages, o)
+            calls = parse_tool_calls(content, native)
+            entry = {"role": "assistant", "content": content}
+            if native:
+                entry["tool_calls"] = native
+            messages.append(encodable(entry))   # the reply goes back in the next request: no lone surrogate
+            if not calls:
+                nudges += 1
+                if nudges > a.max_nudges:
+                    return "invalid", "no tool call after repeated nudges"
+                messages.append({"role": "user", "content":
+                                 "You did not call a tool. Call edit_file to change train.py, then "
+                                 "run_experiment(description). Reply with a tool call only."})
+                continue
+            for name, targs in calls:
+                calls_made += 1
+                if calls_made > a.max_tool_calls:
+                    return "invalid", f"more than {a.max_tool_calls} tool calls"
+                why = unwritable(targs)
+                if why:
+                    result = f"ERROR: {why}"
+                elif name == "run_experiment":
+                    why = self.prerun_check(root, base_src)
+                    if not why:
+                        return "run", clean_text(targs.get("description") or "no description given")
+                    bad_runs += 1
+                    if bad_runs > a.max_invalid:
+                        return "invalid", why
+                    result = f"ERROR: cannot run: {why}"
+                else:
+                    result = self.tool(root, log, name, targs)
+                messages.append({"role": "tool", "content": result[:TOOL_RESULT_MAX], "tool_name": name})
+        return "invalid", f"no run_experiment within {a.max_turns} turns"
+
+    def tool(self, root, log, name, targs):
+        """read_file or edit_file in `root`. Whatever goes wrong in one is the model's error message, never the loop's
+        end."""
+        try:
+            if name == "read_file":
+                return self.tool_read(root, log, targs.get("path"))
+            return self.tool_edit(root, targs.get("path"), targs.get("old_text"), targs.get("new_text"))
+        except Exception as e:  # noqa: BLE001
+            return f"ERROR: {type(e).__name__}: {clean_text(e, 300)}"
+
+    def tool_read(self, root, log, path):
+        rel, err = check_path(".", path, READABLE | ({log} if log else set()))
+        if not err and rel in EDITABLE:
+            _, err = check_path(root, rel, EDITABLE)
+        if err:
+            return f"ERROR: {err}"
+        full = os.path.join(root, rel) if rel in EDITABLE else rel
+        if not os.path.exists(full):
+            return f"ERROR: {rel} does not exist yet"
+        text = read_text(full)
+        if rel == PROGRAM:   # as in the system prompt
+            text = fill_metric(text, self.metric)
+        if rel.startswith("logs/"):
+            text = "\n".join(text.split("\n")[-150:])
+        return text[-READ_MAX_CHARS:]
+
+    def tool_edit(self, root, path, old, new):
+        rel, err = check_path(root, path, EDITABLE)
+        if err:
+            return f"ERROR: {err}"
+        text, err = apply_edit(read_text(os.path.join(root, rel)), old, new)
+        if err:
+            return f"ERROR: {err}"
+        limit = SCRATCHPAD_MAX_CHARS if rel == SCRATCHPAD else self.train_limit
+        if len(text) > limit:
+            fix = ("condense older entries (replace them by a short summary) instead of adding" if rel == SCRATCHPAD
+                   else "the whole file goes into every prompt beside program.md and the rules: make it shorter")
+            return f"ERROR: {rel} would grow to {len(text)} characters, more than its limit of {limit}: {fix}"
+        write_text(os.path.join(root, rel), text)
+        why = parse_error(text) if rel == TRAIN else None
+        note = f" WARNING: {why}; fix it before running." if why else ""
+        return f"OK: edited {rel} ({len(text.splitlines())} lines).{note}"
+
+    def prerun_check(self, root, base_src):
+        src = read_text(os.path.join(root, TRAIN))
+        why = parse_error(src)
+        if why:
+            return f"{why}; fix it with edit_file"
+        if src == base_src:
+            return "train.py is identical to the version already run; change it with edit_file first"
+        other = [f for f in dirty_files(root) if f not in EDITABLE]
+        if other:
+            return f"only train.py and scratchpad.md may change, but also changed: {', '.join(other)}"
+        return None
+

@@ -84,25 +84,13 @@ class Worker:
 
 
 class Loop:
-    def __init__(self, args, client, tuner=None, slots=None, alone=None):
-        self.args, self.client, self.tuner = args, client, tuner   # tuner: --agent optuna|random
+    def __init__(self, args, agent, slots=None, alone=None):
+        self.args, self.agent = args, agent  # the proposer: LLMAgent (agent.py) or a Tuner (tuners.py)
         self.slots = slots                   # --workers N: each worker's run environment (worker_slots, run_memory)
         self.alone = alone or {}             # the environment of a run alone on the machine (run_memory)
-        self.root = "."                      # where the tools read and edit train.py and scratchpad.md
-        self.agent = tuner.agent if tuner else "llm"
         self.branch = f"autoresearch/{args.tag}"
-        self.metric = project_metric()
-        self.program = read_text(PROGRAM)
-        self.phases = parse_phases(self.program)
-        self.system = build_system_prompt(self.program, self.metric)
-        self.train_limit = train_limit(args.num_ctx, len(self.system))
-        size = len(read_text(TRAIN))
-        if self.agent == "llm" and size > self.train_limit:
-            need = math.ceil((size + len(self.system) + PROMPT_OTHER_CHARS) / ((1 - TOKEN_RESERVE) * CHARS_PER_TOKEN))
-            raise HarnessError(f"{TRAIN} has {size} characters, more than fit in the model's context beside "
-                               f"{PROGRAM} and the rules at --num-ctx {args.num_ctx} (at most {max(0, self.train_limit)})"
-                               f": pass --num-ctx {need} or more (the model must support it), or shorten {TRAIN}")
-        self.chars_per_token = 3.5           # calibrated from prompt_eval_count as replies come in
+        self.metric = agent.metric
+        self.phases = parse_phases(read_text(PROGRAM))
         self.last_log = None
         self.rows = []                       # typed (make_row); read from results.tsv only on --resume
 
@@ -133,7 +121,7 @@ class Loop:
         """A new experiment's Outcome, by this loop's agent. Every experiment is a round of its own (the baseline's
         is 0), on worker 0."""
         fields.setdefault("round", max((r["round"] for r in self.rows), default=0) + 1)
-        return Outcome(exp, agent=self.agent, time_budget=self.args.time_budget, **fields)
+        return Outcome(exp, agent=self.agent.name, time_budget=self.args.time_budget, **fields)
 
     def record(self, o):
         row = make_row(o, self.rows, self.metric, time.time())
@@ -249,150 +237,6 @@ class Loop:
                 if f"runs/{d}" not in keep and re.fullmatch(r"\d+(-s\d+)?", d):
                     shutil.rmtree(f"runs/{d}", ignore_errors=True)
 
-    # --- one model conversation ----------------------------------------------------------------------
-    def chat(self, messages, o):
-        self.fit_context(messages)
-        for attempt in range(4):
-            t0 = time.time()
-            try:
-                r = self.client.chat(model=self.args.model, messages=messages, tools=TOOLS,
-                                     options={"num_ctx": self.args.num_ctx, "temperature": self.args.temperature},
-                                     keep_alive="30m")
-                break
-            except Exception as e:  # noqa: BLE001
-                o.model_seconds += time.time() - t0
-                if attempt == 3 or not is_transient(e):
-                    raise HarnessError(f"Ollama request failed: {ollama_error(e)}; fix it, then continue "
-                                       f"with --resume --tag {self.args.tag}")
-                say(f"autoresearch: Ollama request failed ({ollama_error(e)}), retrying")
-                time.sleep(2 * (attempt + 1))
-        o.model_seconds += time.time() - t0
-        used = r.prompt_eval_count or 0
-        o.prompt_tokens = max(o.prompt_tokens, used)
-        if used:
-            self.chars_per_token = max(1.5, sum(len(str(m.get("content", ""))) for m in messages) / used)
-        if used >= self.args.num_ctx - 16:
-            say(f"autoresearch: WARNING: prompt used {used} of {self.args.num_ctx} tokens; it may be truncated")
-        msg = r.message
-        calls = []
-        for tc in msg.tool_calls or []:
-            calls.append({"function": {"name": tc.function.name, "arguments": dict(tc.function.arguments or {})}})
-        return msg.content or "", calls
-
-    def tokens(self, messages):
-        return sum(len(str(m.get("content", ""))) for m in messages) / self.chars_per_token + 300
-
-    def fit_context(self, messages):
-        """Elide older tool results before Ollama would silently truncate the prompt."""
-        budget = self.args.num_ctx * (1 - TOKEN_RESERVE)
-        for m in messages[2:-2]:
-            if self.tokens(messages) <= budget:
-                return
-            if m["role"] == "tool" and len(m["content"]) > 200:
-                m["content"] = m["content"][:200] + "\n[... elided to save context ...]"
-
-    def converse(self, messages, o, base_src):
-        """Let the model use tools until it calls run_experiment acceptably. ('run', desc) or ('invalid', why)."""
-        a = self.args
-        nudges = calls_made = bad_runs = 0
-        for _ in range(a.max_turns):
-            content, native = self.chat(messages, o)
-            calls = parse_tool_calls(content, native)
-            entry = {"role": "assistant", "content": content}
-            if native:
-                entry["tool_calls"] = native
-            messages.append(encodable(entry))   # the reply goes back in the next request: no lone surrogate
-            if not calls:
-                nudges += 1
-                if nudges > a.max_nudges:
-                    return "invalid", "no tool call after repeated nudges"
-                messages.append({"role": "user", "content":
-                                 "You did not call a tool. Call edit_file to change train.py, then "
-                                 "run_experiment(description). Reply with a tool call only."})
-                continue
-            for name, targs in calls:
-                calls_made += 1
-                if calls_made > a.max_tool_calls:
-                    return "invalid", f"more than {a.max_tool_calls} tool calls"
-                why = unwritable(targs)
-                if why:
-                    result = f"ERROR: {why}"
-                elif name == "run_experiment":
-                    why = self.prerun_check(base_src)
-                    if not why:
-                        return "run", clean_text(targs.get("description") or "no description given")
-                    bad_runs += 1
-                    if bad_runs > a.max_invalid:
-                        return "invalid", why
-                    result = f"ERROR: cannot run: {why}"
-                else:
-                    result = self.tool(name, targs)
-                messages.append({"role": "tool", "content": result[:TOOL_RESULT_MAX], "tool_name": name})
-        return "invalid", f"no run_experiment within {a.max_turns} turns"
-
-    def tool(self, name, targs):
-        """read_file or edit_file. Whatever goes wrong in one is the model's error message, never the loop's end."""
-        try:
-            if name == "read_file":
-                return self.tool_read(targs.get("path"))
-            return self.tool_edit(targs.get("path"), targs.get("old_text"), targs.get("new_text"))
-        except Exception as e:  # noqa: BLE001
-            return f"ERROR: {type(e).__name__}: {clean_text(e, 300)}"
-
-    def tool_read(self, path):
-        allowed = READABLE | ({self.last_log} if self.last_log else set())
-        rel, err = check_path(".", path, allowed)
-        if not err and rel in EDITABLE:
-            _, err = check_path(self.root, rel, EDITABLE)
-        if err:
-            return f"ERROR: {err}"
-        full = os.path.join(self.root, rel) if rel in EDITABLE else rel
-        if not os.path.exists(full):
-            return f"ERROR: {rel} does not exist yet"
-        text = read_text(full)
-        if rel == PROGRAM:   # as in the system prompt
-            text = fill_metric(text, self.metric)
-        if rel.startswith("logs/"):
-            text = "\n".join(text.split("\n")[-150:])
-        return text[-READ_MAX_CHARS:]
-
-    def tool_edit(self, path, old, new):
-        rel, err = check_path(self.root, path, EDITABLE)
-        if err:
-            return f"ERROR: {err}"
-        text, err = apply_edit(read_text(os.path.join(self.root, rel)), old, new)
-        if err:
-            return f"ERROR: {err}"
-        limit = SCRATCHPAD_MAX_CHARS if rel == SCRATCHPAD else self.train_limit
-        if len(text) > limit:
-            fix = ("condense older entries (replace them by a short summary) instead of adding" if rel == SCRATCHPAD
-                   else "the whole file goes into every prompt beside program.md and the rules: make it shorter")
-            return f"ERROR: {rel} would grow to {len(text)} characters, more than its limit of {limit}: {fix}"
-        write_text(os.path.join(self.root, rel), text)
-        why = parse_error(text) if rel == TRAIN else None
-        note = f" WARNING: {why}; fix it before running." if why else ""
-        return f"OK: edited {rel} ({len(text.splitlines())} lines).{note}"
-
-    def prerun_check(self, base_src):
-        src = read_text(os.path.join(self.root, TRAIN))
-        why = parse_error(src)
-        if why:
-            return f"{why}; fix it with edit_file"
-        if src == base_src:
-            return "train.py is identical to the version already run; change it with edit_file first"
-        other = [f for f in dirty_files(self.root) if f not in EDITABLE]
-        if other:
-            return f"only train.py and scratchpad.md may change, but also changed: {', '.join(other)}"
-        return None
-
-    def tune(self, o):
-        """A tuner agent's turn: its next trial written into train.py, then run like the model's edit."""
-        t0 = time.time()
-        text, desc = self.tuner.next_edit(self.rows, read_text(os.path.join(self.root, TRAIN)))
-        write_text(os.path.join(self.root, TRAIN), text)
-        o.model_seconds += time.time() - t0
-        return "run", desc
-
     def prestart(self, label, cwd=".", slot=None):
         """A candidate's run, started when its conversation opens (start_run(wait=True)); not under SLURM, where a
         job would hold its node while the model thinks."""
@@ -458,9 +302,8 @@ class Loop:
         label = str(o.experiment)
         started = self.prestart(label)
         try:
-            messages = [{"role": "system", "content": self.system},
-                        {"role": "user", "content": self.user_message(base_src, best, sigma, phase)}]
-            verdict, info = self.tune(o) if self.tuner else self.converse(messages, o, base_src)
+            conv = self.agent.open(base_src, self.rows, self.best_line(best, sigma), phase, self.last_log)
+            verdict, info = self.agent.propose(conv, o, ".", base_src, self.rows, self.last_log)
             o.description = info if verdict == "run" else ""
             fixes = 0
             while verdict == "run":
@@ -477,11 +320,8 @@ class Loop:
                 fixes += 1
                 say(f"autoresearch: experiment {o.experiment} crashed ({run.reason}); fix attempt "
                     f"{fixes}/{a.fix_attempts}")
-                messages.append({"role": "user", "content":
-                                 f"The run crashed ({run.reason}). Last lines of {run.log}:\n```\n{run.tail[-3000:]}\n"
-                                 f"```\nFix the bug in train.py with edit_file (keep the idea), then call "
-                                 f"run_experiment again."})
-                verdict, info = self.converse(messages, o, read_text(TRAIN))
+                self.agent.crashed(conv, run)
+                verdict, info = self.agent.propose(conv, o, ".", read_text(TRAIN), self.rows, run.log)
             if run is None:
                 o.status, o.description, o.reason = "invalid", "(no valid run)", info
             elif run.status != "ok":
@@ -550,8 +390,8 @@ class Loop:
                 label = str(w.o.experiment)
                 w.started = self.prestart(label, w.path, w.slot)
                 others = [x.o.description for x in workers if x.o.description]
-                w.messages = [{"role": "system", "content": self.system},
-                              {"role": "user", "content": self.user_message(base_src, best, sigma, phase, others, z)}]
+                w.messages = self.agent.open(base_src, self.rows, self.best_line(best, sigma, z), phase, self.last_log,
+                                             others)
                 self.propose(w, base_src, cancel)
             queue = [w for w in workers if w.thread]
             while queue:   # in worker order, so that the model's fix conversations come in a fixed order
@@ -564,10 +404,7 @@ class Loop:
                     w.fixes += 1
                     say(f"autoresearch: experiment {w.o.experiment} crashed ({w.run.reason}); fix attempt "
                         f"{w.fixes}/{a.fix_attempts}")
-                    w.messages.append({"role": "user", "content":
-                                       f"The run crashed ({w.run.reason}). Last lines of {w.run.log}:\n```\n"
-                                       f"{w.run.tail[-3000:]}\n```\nFix the bug in train.py with edit_file (keep the "
-                                       f"idea), then call run_experiment again."})
+                    self.agent.crashed(w.messages, w.run)
                     self.propose(w, read_text(os.path.join(w.path, TRAIN)), cancel)
                     queue += [w] if w.thread else []
             ok = {w.o.experiment: w.run.value for w in workers if w.run and w.run.status == "ok"}
@@ -611,11 +448,7 @@ class Loop:
     def propose(self, w, base_src, cancel):
         """Worker w's turn with the model (the tools act on its worktree); a run_experiment commits its candidate
         there and starts its run in a thread."""
-        self.root = w.path
-        try:
-            verdict, info = self.tune(w.o) if self.tuner else self.converse(w.messages, w.o, base_src)
-        finally:
-            self.root = "."
+        verdict, info = self.agent.propose(w.messages, w.o, w.path, base_src, self.rows, self.last_log)
         if verdict != "run":
             if w.run is None:
                 w.o.status, w.o.description, w.o.reason = "invalid", "(no valid run)", info
@@ -655,22 +488,10 @@ class Loop:
                                                                           o.values[0], o.delta, trailers, self.metric))
         o.commit = git("rev-parse", "HEAD")
 
-    def user_message(self, train_src, best, sigma, phase, others=(), z=None):
-        """The experiment's one user message; in a round: what its earlier workers proposed, and its z."""
-        scratch = read_scratchpad() or ""
-        also = "".join(f"\n- {d}" for d in others)
-        also = also and ("\n\nOther workers of this round are already trying these changes, each on the same train.py; "
-                         "make a different one:" + also)
-        rows = [r for r in self.rows if r["status"] != "interrupted"]
-        best_line = f"{self.metric.column} {fmt(best)} (noise sigma {fmt(sigma) or 'unknown'}; a change must beat it " \
-                    f"by more than max({self.args.z if z is None else round(z, 3)}*sigma, {self.args.floor:.0%}))"
-        budget = self.args.num_ctx * (1 - TOKEN_RESERVE)
-        for max_rows, scratch_chars in ((15, SCRATCHPAD_MAX_CHARS), (8, 3000), (4, 1500), (2, 600)):
-            msg = build_user_message(train_src, scratch, rows, best_line, phase, self.last_log, max_rows,
-                                     scratch_chars, self.metric) + also
-            if (len(msg) + len(self.system)) / self.chars_per_token + 300 <= budget:
-                break
-        return msg
+    def best_line(self, best, sigma, z=None):
+        """What the model is told about the best and the keep rule."""
+        return f"{self.metric.column} {fmt(best)} (noise sigma {fmt(sigma) or 'unknown'}; a change must beat it " \
+               f"by more than max({self.args.z if z is None else round(z, 3)}*sigma, {self.args.floor:.0%}))"
 
     def main(self):
         self.setup()

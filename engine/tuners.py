@@ -2,14 +2,16 @@
 import ast
 import json
 import math
+import os
 import random
 import re
+import time
 from dataclasses import dataclass
 
 from engine.project import project_metric
 from engine.repo import git
 from engine.results import load_results, runs_of
-from engine.util import HarnessError, PROGRAM, RESULTS, TRAIN, num, read_text
+from engine.util import HarnessError, PROGRAM, RESULTS, TRAIN, num, read_text, write_text
 
 
 FRACTIONS = ("_FRAC", "_PROB")    # constants named so are fractions or probabilities: searched within [0, 1]
@@ -311,16 +313,22 @@ class OptunaSampler:
 class Tuner:
     """A tuner agent: the search space of the run's baseline, and the sampler that proposes its trials."""
     def __init__(self, agent, train_src, program_text, cuda, seed, metric):
-        self.agent, self.cuda, self.metric = agent, cuda, metric
+        self.name, self.cuda, self.metric = agent, cuda, metric
         self.space = search_space(train_src, program_text, cuda)
         self.sampler = OptunaSampler(self.space, seed, metric) if agent == "optuna" else RandomSampler(self.space, seed)
 
-    def next_edit(self, rows, train_src):
-        """(train.py with the next trial applied, its description)."""
-        done, pending = tuner_trials(rows, self.agent, self.space, self.metric)
+    def open(self, *context, others=()):
+        return None   # no conversation
+
+    def propose(self, conv, o, root, base_src, rows, log):
+        """The next trial (an interrupted one first), written into root's train.py: ('run', its description)."""
+        t0 = time.time()
+        done, pending = tuner_trials(rows, self.name, self.space, self.metric)
         params = pending[0] if pending else self.sampler.propose(done)
         text = {p.name: p.literal(params[p.name]) for p in self.space}
-        return apply_params(train_src, text, self.cuda), format_params(self.space, params)
+        write_text(os.path.join(root, TRAIN), apply_params(read_text(os.path.join(root, TRAIN)), text, self.cuda))
+        o.model_seconds += time.time() - t0
+        return "run", format_params(self.space, params)
 
 
 def make_tuner(args, metric):

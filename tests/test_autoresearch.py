@@ -14,8 +14,8 @@ from conftest import assert_plot_marks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from engine.agent import (CHARS_PER_TOKEN, TOKEN_RESERVE, TOOLS, apply_edit, build_system_prompt, build_user_message,
-    check_path, parse_error, parse_phases, parse_tool_calls, phase_index, train_limit, unwritable)
+from engine.agent import (CHARS_PER_TOKEN, TOKEN_RESERVE, TOOLS, LLMAgent, apply_edit, build_system_prompt,
+    build_user_message, check_path, parse_error, parse_phases, parse_tool_calls, phase_index, train_limit, unwritable)
 from engine.judge import (baseline_failure, budget_allowance, classify_run, decide, last_loss, parse_metrics,
     pooled_sigma)
 from engine.loop import Loop
@@ -26,7 +26,7 @@ from engine.results import (Outcome, append_row, commit_message, decision_line, 
     parse_trailers, pending_baseline, state_from_rows, typed_row)
 from engine.runs import run_memory
 from engine.settings import MEMORY_RESERVE, MEMORY_WAITING, check_environment, env_int, parse_args, run_budget
-from engine.util import HarnessError, clean_text, encodable, write_text
+from engine.util import HarnessError, clean_text, encodable, read_text, write_text
 
 
 # ---------------------------------------------------------------- the metric, declared once by the project
@@ -496,6 +496,11 @@ def repo(tmp_path, monkeypatch):
     return tmp_path
 
 
+def llm(**kw):
+    """The LLM agent of the project in the current directory, with no Ollama client (nothing here talks to it)."""
+    return LLMAgent(loop_args(**kw), None, project_metric(), read_text("program.md"))
+
+
 def loop_args(**kw):
     base = dict(tag="t", resume=True, phase_every=10, phase_plateau=5, z=2.0, floor=0.01, noise_runs=2, num_ctx=16384,
                 time_budget=300)
@@ -515,7 +520,7 @@ def test_resume_recovers_keep_commit_without_row(repo):
     git(repo, "commit", "-qam", commit_message(1, "lr 2", "Phase 1: Hyperparameters", "keep", 40.0, -11.0,
                                                    {"Runs": "40,41", "Best": "40.5", "Threshold": "2.8"}))
     head = git(repo, "rev-parse", "HEAD")
-    loop = Loop(loop_args(), None)
+    loop = Loop(loop_args(), llm())
     loop.setup()             # killed after the keep commit, before recording: the commit carries the result
     rows = load_results()
     assert [r["status"] for r in rows] == ["baseline", "keep"]
@@ -531,7 +536,7 @@ def test_resume_reverts_unrecorded_candidate_keeps_notes(repo):
     (repo / "scratchpad.md").write_text("notes\n- lr 3 in flight\n")       # killed mid-experiment
     (repo / "runs").mkdir()
     (repo / "runs" / ".running").write_text("999999")                      # stale pid file: ignored
-    loop = Loop(loop_args(), None)
+    loop = Loop(loop_args(), llm())
     loop.setup()
     rows = load_results()
     assert [r["status"] for r in rows] == ["baseline", "interrupted"] and rows[1]["experiment"] == "1"
@@ -547,7 +552,7 @@ def test_resume_and_report_refuse_results_of_another_metric(repo):
         ["0", "abc", "0.5", "0", "baseline", "baseline"] + [""] * len(MORE_COLUMNS)) + "\n")
     head = git(repo, "rev-parse", "HEAD")
     with pytest.raises(HarnessError) as e:
-        Loop(loop_args(), None).setup()
+        Loop(loop_args(), llm()).setup()
     assert "results.tsv records val_accuracy, but this project's prepare_data.py declares METRIC = 'mean_rank' " \
            "(val_mean_rank)" in str(e.value) and "mv results.tsv" in str(e.value)
     assert git(repo, "rev-parse", "HEAD") == head and git(repo, "status", "--porcelain") == ""
@@ -560,7 +565,7 @@ def test_resume_and_report_refuse_results_of_another_metric(repo):
 def test_conclude_keeps_or_reverts_and_records_one_row(repo):
     base = git(repo, "rev-parse", "HEAD")
     append_row(baseline_row(base))
-    loop = Loop(loop_args(), None)
+    loop = Loop(loop_args(), llm())
     loop.setup()
 
     def candidate(src, notes):
@@ -593,7 +598,7 @@ def test_conclude_keeps_or_reverts_and_records_one_row(repo):
         ("2", "keep", head, head, "2", "0")]
     assert loop.best == (45.123456 + 46.987654) / 2 and loop.sigma() == pooled_sigma([[50, 52],
                                                                                          [45.123456, 46.987654]])
-    again = Loop(loop_args(), None)          # --resume reads back the very numbers
+    again = Loop(loop_args(), llm())          # --resume reads back the very numbers
     again.setup()
     assert again.best == loop.best and again.sigma() == loop.sigma() and again.rows == loop.rows
     assert [r["round"] for r in again.rows] == [0, 1, 2]
@@ -612,7 +617,7 @@ def test_resume_upgrades_a_results_tsv_written_before_rounds_and_workers(repo):
             "val_median_rank": "", "agent": "llm", "model_seconds": "12.5"}]
     text = "\t".join(OLD_HEADER) + "\n" + "".join("\t".join(r.get(c, "") for c in OLD_HEADER) + "\n" for r in old)
     (repo / "results.tsv").write_text(text)
-    loop = Loop(loop_args(), None)
+    loop = Loop(loop_args(), llm())
     loop.setup()
     header = (repo / "results.tsv").read_text().split("\n")[0].split("\t")
     assert header == MR.columns + ["val_median_rank"]          # what it no longer writes stays, at the end
@@ -626,7 +631,7 @@ def test_resume_upgrades_a_results_tsv_written_before_rounds_and_workers(repo):
     assert (rows[2]["experiment"], rows[2]["reason"], rows[2]["round"], rows[2]["val_median_rank"]) == ("2", "again",
                                                                                                       "2", "")
     text = (repo / "results.tsv").read_text()
-    Loop(loop_args(), None).setup()                          # once upgraded, left as it is
+    Loop(loop_args(), llm()).setup()                          # once upgraded, left as it is
     assert (repo / "results.tsv").read_text() == text
 
 
@@ -651,15 +656,14 @@ def test_prompt_shrinks_to_fit_num_ctx(repo):
     with open(os.path.join(ROOT, "train.py")) as f:
         train_src = f.read()
     (repo / "scratchpad.md").write_text("- old note\n" * 350 + "- NEWEST note\n")
-    loop = Loop(loop_args(num_ctx=16384), None)
-    loop.rows = rows_for(40)
-    roomy = loop.user_message(train_src, 40.0, 1.0, "Phase 1: x")
+    agent = llm(num_ctx=16384)
+    roomy = agent.open(train_src, rows_for(40), "the best", "Phase 1: x", None)[1]["content"]
     assert "- old note\n" * 300 in roomy and "idea number 25" in roomy          # 15 rows, whole scratchpad
     budget = 8192 * (1 - TOKEN_RESERVE)
-    assert min_tokens([{"content": loop.system}, {"content": roomy}]) > budget     # so 8192 needs the cuts below
-    loop.args.num_ctx = 8192
-    tight = loop.user_message(train_src, 40.0, 1.0, "Phase 1: x")
-    assert min_tokens([{"content": loop.system}, {"content": tight}]) <= budget
+    assert min_tokens([{"content": agent.system}, {"content": roomy}]) > budget    # so 8192 needs the cuts below
+    agent.args.num_ctx = 8192
+    tight = agent.open(train_src, rows_for(40), "the best", "Phase 1: x", None)[1]["content"]
+    assert min_tokens([{"content": agent.system}, {"content": tight}]) <= budget
     assert "NEWEST note" in tight and "older notes cut" in tight and "idea number 25" not in tight
     assert "def main():" in tight                                                 # train.py is never cut
 
@@ -667,14 +671,14 @@ def test_prompt_shrinks_to_fit_num_ctx(repo):
 def test_fit_context_elides_old_tool_results(repo):
     with open(os.path.join(ROOT, "train.py")) as f:
         code = f.read()
-    loop = Loop(loop_args(num_ctx=4096), None)
+    agent = llm(num_ctx=4096)
     msgs = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]
     for i in range(6):      # read_file results: slices of train.py, 3000 characters each
         msgs += [{"role": "assistant", "content": ""}, {"role": "tool", "content": code[i * 2000:i * 2000 + 3000]}]
     newest = msgs[-1]["content"]
     budget = 4096 * (1 - TOKEN_RESERVE)
     assert min_tokens(msgs) > budget
-    loop.fit_context(msgs)
+    agent.fit_context(msgs)
     assert min_tokens(msgs) <= budget
     assert "elided" in msgs[3]["content"] and msgs[-1]["content"] == newest     # oldest cut first, newest intact
 
@@ -699,30 +703,29 @@ def test_time_budget_flag_env_and_resume(monkeypatch):
 
 
 def test_tools_edit_and_read(repo):
-    loop = Loop(loop_args(), None)
-    assert loop.tool("edit_file", {"path": "train.py", "old_text": "LR = 1", "new_text": "LR = 2"}).startswith("OK")
+    agent = llm()
+    assert agent.tool(".", None, "edit_file", {"path": "train.py", "old_text": "LR = 1", "new_text": "LR = 2"}).startswith("OK")
     assert (repo / "train.py").read_text() == "LR = 2\n"
-    r = loop.tool("edit_file", {"path": "train.py", "old_text": "LR = 2", "new_text": "LR = (2"})
+    r = agent.tool(".", None, "edit_file", {"path": "train.py", "old_text": "LR = 2", "new_text": "LR = (2"})
     assert "does not parse" in r and r.startswith("OK")
-    assert "does not parse" in loop.prerun_check("LR = 1\n")
+    assert "does not parse" in agent.prerun_check(".", "LR = 1\n")
     (repo / "train.py").write_text("LR = 1\n")
-    assert "identical" in loop.prerun_check("LR = 1\n")
+    assert "identical" in agent.prerun_check(".", "LR = 1\n")
     (repo / "train.py").write_text("LR = 3\n")
     (repo / "other.py").write_text("x = 1\n")                           # a file the model could not have made
-    assert "other.py" in loop.prerun_check("LR = 1\n")
+    assert "other.py" in agent.prerun_check(".", "LR = 1\n")
     (repo / "other.py").unlink()
-    assert loop.prerun_check("LR = 1\n") is None
-    big = loop.tool("edit_file", {"path": "scratchpad.md", "old_text": "notes", "new_text": "n" * 5000})
+    assert agent.prerun_check(".", "LR = 1\n") is None
+    big = agent.tool(".", None, "edit_file", {"path": "scratchpad.md", "old_text": "notes", "new_text": "n" * 5000})
     assert "condense" in big and (repo / "scratchpad.md").read_text() == "notes\n"
-    assert "missing" not in loop.tool("read_file", {"path": "program.md"}) and "Phase 1" in loop.tool(
-        "read_file", {"path": "program.md"})
-    assert "not allowed" in loop.tool("read_file", {"path": "logs/1.log"})      # only the last run's log
+    program = agent.tool(".", None, "read_file", {"path": "program.md"})
+    assert "missing" not in program and "Phase 1" in program
+    assert "not allowed" in agent.tool(".", None, "read_file", {"path": "logs/1.log"})      # only the last run's log
     (repo / "logs").mkdir()
     (repo / "logs" / "1.log").write_text("\n".join(f"line {i}" for i in range(500)))
-    loop.last_log = "logs/1.log"
-    out = loop.tool("read_file", {"path": "logs/1.log"})
+    out = agent.tool(".", "logs/1.log", "read_file", {"path": "logs/1.log"})   # the last run's log
     assert out.startswith("line 350") and out.endswith("line 499")            # the tail
-    assert "must be strings" in loop.tool("edit_file", {"path": "train.py", "old_text": 3, "new_text": "x"})
+    assert "must be strings" in agent.tool(".", None, "edit_file", {"path": "train.py", "old_text": 3, "new_text": "x"})
 
 
 # ---------------------------------------------------------------- writing files, tool arguments, limits
@@ -749,25 +752,24 @@ def test_tool_arguments_that_cannot_be_written_are_named():
 
 
 def test_train_py_size_limit(repo):
-    loop = Loop(loop_args(), None)
-    assert loop.train_limit == train_limit(16384, len(loop.system)) > 20000      # room for the template's 15K
+    agent = llm()
+    assert agent.train_limit == train_limit(16384, len(agent.system)) > 20000      # room for the template's 15K
     assert train_limit(32768, 5000) - train_limit(16384, 5000) == int(16384 * 0.75 * CHARS_PER_TOKEN)
-    big = "x = 1\n" * (loop.train_limit // 6 + 1)
-    r = loop.tool("edit_file", {"path": "train.py", "old_text": "LR = 1\n", "new_text": big})
-    assert r.startswith("ERROR: train.py would grow to") and f"limit of {loop.train_limit}" in r
+    big = "x = 1\n" * (agent.train_limit // 6 + 1)
+    r = agent.tool(".", None, "edit_file", {"path": "train.py", "old_text": "LR = 1\n", "new_text": big})
+    assert r.startswith("ERROR: train.py would grow to") and f"limit of {agent.train_limit}" in r
     assert (repo / "train.py").read_text() == "LR = 1\n"
     (repo / "train.py").write_text(big)
     with pytest.raises(HarnessError, match=r"train.py has \d+ characters, more than fit .* --num-ctx 16384 .*"
                                               r"pass --num-ctx (\d+) or more"):
-        Loop(loop_args(), None)
-    need = int(re.search(r"--num-ctx (\d+) or more", str(pytest.raises(HarnessError, Loop, loop_args(),
-                                                                       None).value)).group(1))
-    Loop(loop_args(num_ctx=need), None)                     # what the message asks for is enough
+        llm()
+    need = int(re.search(r"--num-ctx (\d+) or more", str(pytest.raises(HarnessError, llm).value)).group(1))
+    llm(num_ctx=need)                                        # what the message asks for is enough
 
 
 def test_the_allowance_is_bounded_whatever_the_baseline(repo):
     assert budget_allowance(300) == 30.0 and budget_allowance(20) == 30.0 and budget_allowance(3600) == 360.0
-    loop = Loop(loop_args(time_budget=20), None)
+    loop = Loop(loop_args(time_budget=20), llm(time_budget=20))
     loop.rows = [{"status": "baseline", "train_wall_seconds": 119.0, "round": 0}]   # a baseline on a busy machine
     assert loop.allowance() == 30.0          # it once allowed 2 x 99 s = 198 s: several times the budget
     out = "--- trusted evaluation ---\nval_mean_rank: 3.5\ntrain_wall_seconds: {}\n"

@@ -28,8 +28,9 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(0, ROOT)
 import engine.runs  # noqa: E402  (monkeypatched below)
-from engine.agent import make_client
+from engine.agent import LLMAgent, make_client
 from engine.loop import Loop
+from engine.project import project_metric
 from engine.results import Outcome, append_row, load_results
 from engine.runs import run_sandbox
 from fake_ollama import (FakeOllama, Model, content_tool_call, delay, error, server_down, text,  # noqa: E402
@@ -462,9 +463,10 @@ def test_harness_takes_tool_calls_from_either_tool_parser(tmp_path, monkeypatch,
     args = types.SimpleNamespace(model=model, tag="p", num_ctx=16384, temperature=0.7, max_turns=6, max_nudges=0,
                                  max_tool_calls=10, max_invalid=0)
     with FakeOllama([model], script) as fake:
-        loop = Loop(args, make_client(fake.url, 30))
-        messages = [{"role": "system", "content": loop.system}, {"role": "user", "content": "go"}]
-        assert loop.converse(messages, Outcome(1), (repo / "train.py").read_text()) == ("run", "restore text")
+        agent = LLMAgent(args, make_client(fake.url, 30), project_metric(), (repo / "program.md").read_text())
+        messages = [{"role": "system", "content": agent.system}, {"role": "user", "content": "go"}]
+        assert agent.propose(messages, Outcome(1), ".", (repo / "train.py").read_text(), [], None) == (
+            "run", "restore text")
         assert fake.remaining == 0
         sent = fake.chat_requests[-1]["messages"]
     native = {"qwen2.5-coder:7b": [False, True, True], "llama3.1:8b": [False, True, False]}[model]
