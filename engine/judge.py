@@ -4,6 +4,7 @@ import re
 import statistics
 
 from engine.project import project_metric
+from engine.verdicts import VERDICTS, Exit, Status
 
 
 # The time budget is the harness's: run.sh times the training container itself (train_wall_seconds), from its go to
@@ -62,34 +63,29 @@ def budget_allowance(budget):
     return max(ALLOWANCE_SHARE * budget, ALLOWANCE_MIN)
 
 
-def classify_run(returncode, output, metrics, budget=None, allowance=None, metric=None):
-    """Pure. The verdict of a run from run.sh's exit code alone, never from its text (the candidate writes part of
-    it), and a reason from run.sh's last own message (a set-up error spans lines):
-    0 ok, or crash without val_<METRIC>, or invalid (over the time budget, when an allowance is given); 1 (train.py)
-    and 3 (the evaluator refused or failed on the hand-off) crash; 2 setup (the sandbox could not run: not the
-    candidate's fault); 124 timeout; 137 crash (out of memory); 130, 143 interrupted."""
+def classify_run(returncode, output, metrics, metric, budget=None, allowance=None):
+    """Pure. The verdict of a run, (status, reason): the status from run.sh's exit code alone (verdicts.VERDICTS),
+    never from its text (the candidate writes part of it); the reason from run.sh's last own message (a set-up error
+    spans lines). A complete run is a crash without val_<METRIC>, and invalid when given an allowance it overran."""
     lines = [line for line in output.split("\n") if line.strip()]
     start = max((i for i, line in enumerate(lines) if line.startswith("run.sh: ")), default=len(lines) - 1)
     said = " ".join(line.strip() for line in lines[start:])
-    if returncode == 0:
-        if (metric or project_metric()).column not in metrics:
-            return "crash", "no trusted metric"
+    status, meaning = VERDICTS.get(returncode, (Status.CRASH, f"run.sh exit {returncode}"))
+    if returncode == Exit.OK:
         wall = metrics.get("train_wall_seconds")
+        if metric.column not in metrics:
+            return Status.CRASH, "no trusted metric"
         if allowance is not None and (wall is None or wall > budget + allowance):
             took = "has no trusted train_wall_seconds" if wall is None else f"took {wall:.0f}s"
-            return "invalid", (f"over the time budget: training {took}, more than the {budget}s budget + "
-                               f"{allowance:.0f}s allowed for start-up and export (max({ALLOWANCE_SHARE:.0%} of "
-                               f"the budget, {ALLOWANCE_MIN:g}s)); TIME_BUDGET is fixed by the harness")
-        return "ok", ""
-    if returncode == 2:
-        return "setup", said[:500] or "run.sh exit 2"
-    if returncode == 124:
-        return "timeout", said[:200] or "timed out"
-    if returncode == 137:
-        return "crash", "out of memory"
-    if returncode in (130, 143):
-        return "interrupted", said[:200] or f"run.sh exit {returncode}"
-    return "crash", f"run.sh exit {returncode}" + (f": {said[:200]}" if said else "")
+            return Status.INVALID, (f"over the time budget: training {took}, more than the {budget}s budget + "
+                                    f"{allowance:.0f}s allowed for start-up and export (max({ALLOWANCE_SHARE:.0%} of "
+                                    f"the budget, {ALLOWANCE_MIN:g}s)); TIME_BUDGET is fixed by the harness")
+        return Status.OK, ""
+    if returncode == Exit.OOM:
+        return status, meaning
+    if status == Status.CRASH:
+        return status, f"run.sh exit {returncode}" + (f": {said[:200]}" if said else "")
+    return status, said[:500 if status == Status.SETUP else 200] or meaning
 
 
 def pooled_sigma(groups):

@@ -21,7 +21,7 @@ def check_argv(argv):
         return None
     if prog == "./run.sh" or argv[:3] == ["podman", "image", "exists"] and len(argv) == 4:
         return None
-    if prog in ("srun", "sbatch"):
+    if prog == "srun":
         # options only (values joined by '='), then exactly ./run.sh [--test DIR] or the start-up probe
         i = next((k for k, a in enumerate(argv) if k and not a.startswith("-")), len(argv))
         cmd = list(argv[i:])

@@ -19,6 +19,7 @@ from engine.project import project_metric
 from engine.repo import spawn
 from engine.settings import (EVAL_TIMEOUT, MEMORY_MIN, MEMORY_RESERVE, MEMORY_WAITING, RUN_GRACE, SIZES, env_int,
     env_size)
+from engine.verdicts import SLURM_LOST
 from engine.util import HarnessError, RUNNING, TRAIN, data_dir, fmt, live, live_clear, read_text, say, write_text
 
 
@@ -184,11 +185,6 @@ def gpu_count():
     return len(os.listdir(d)) if os.path.isdir(d) else 0
 
 
-SLURM_LOST = {"CANCELLED": "interrupted", "NODE_FAIL": "interrupted", "PREEMPTED": "interrupted",
-              "BOOT_FAIL": "interrupted", "DEADLINE": "interrupted", "REVOKED": "interrupted",
-              "TIMEOUT": "timeout", "OUT_OF_MEMORY": "crash"}
-
-
 SLURM_FINAL = {"COMPLETED", "FAILED", *SLURM_LOST}
 
 
@@ -263,7 +259,7 @@ def slurm_state(name):
     return found
 
 
-def slurm_verdict(job_id, state, returncode, output, metrics, budget=None, allowance=None, metric=None):
+def slurm_verdict(job_id, state, returncode, output, metrics, metric, budget=None, allowance=None):
     """Pure. A job SLURM lost (cancelled, node failure, preemption, its time limit) is recorded with SLURM's state as
     the reason; any other run gets run.sh's own verdict, read without srun's lines after it."""
     if state in SLURM_LOST:
@@ -272,15 +268,15 @@ def slurm_verdict(job_id, state, returncode, output, metrics, budget=None, allow
     if state is None and not own.strip():
         raise HarnessError(f"srun started no job (exit {returncode}): {output.strip()[-500:]}\nCheck "
                            f"AUTORESEARCH_SLURM_ARGS and the cluster (sinfo), then continue with --resume")
-    return classify_run(returncode, own, metrics, budget, allowance, metric)
+    return classify_run(returncode, own, metrics, metric, budget, allowance)
 
 
 def run_verdict(args, label, returncode, output, metrics, allowance, metric):
     """status, reason of a finished run."""
     if not on_slurm(args):
-        return classify_run(returncode, output, metrics, args.time_budget, allowance, metric)
-    return slurm_verdict(*slurm_state(job_name(args.tag, label)), returncode, output, metrics, args.time_budget,
-                         allowance, metric)
+        return classify_run(returncode, output, metrics, metric, args.time_budget, allowance)
+    return slurm_verdict(*slurm_state(job_name(args.tag, label)), returncode, output, metrics, metric,
+                         args.time_budget, allowance)
 
 
 def stop_run(args, label, p):

@@ -140,31 +140,31 @@ def test_metric_line_must_match_exactly():
 
 
 def test_classify_run():
-    assert classify_run(0, GOOD, parse_metrics(GOOD)) == ("ok", "")
-    assert classify_run(124, "x\nrun.sh: TIMEOUT after 305s\n", {})[0] == "timeout"
+    assert classify_run(0, GOOD, parse_metrics(GOOD), MR) == ("ok", "")
+    assert classify_run(124, "x\nrun.sh: TIMEOUT after 305s\n", {}, MR)[0] == "timeout"
     # the exit code alone decides (README: run.sh exit codes); run.sh's last own line is only the reason, and text that reads
     # like another verdict (the candidate writes part of the output) changes nothing
-    assert classify_run(1, "x\nrun.sh: TIMEOUT after 305s", {}) == ("crash", "run.sh exit 1: run.sh: TIMEOUT after "
+    assert classify_run(1, "x\nrun.sh: TIMEOUT after 305s", {}, MR) == ("crash", "run.sh exit 1: run.sh: TIMEOUT after "
                                                                              "305s")
-    assert classify_run(0, GOOD + "run.sh: OUT OF MEMORY\n", parse_metrics(GOOD)) == ("ok", "")
+    assert classify_run(0, GOOD + "run.sh: OUT OF MEMORY\n", parse_metrics(GOOD), MR) == ("ok", "")
     refused = "train| run.sh: forged\nrun.sh: evaluation refused the hand-off: batch dependence\n"
-    assert classify_run(3, refused, {}) == ("crash", "run.sh exit 3: run.sh: evaluation refused the hand-off: batch "
+    assert classify_run(3, refused, {}, MR) == ("crash", "run.sh exit 3: run.sh: evaluation refused the hand-off: batch "
                                                         "dependence")
     for rc, sig in ((130, "INT"), (143, "TERM")):
         out = f"train| step 9\nrun.sh: INTERRUPTED by SIG{sig}; training/evaluation stopped and cleaned up\n"
-        assert classify_run(rc, out, {}) == ("interrupted", out.split("\n")[1])
-    assert classify_run(0, "no metric\n", {}) == ("crash", "no trusted metric")
-    assert classify_run(137, "run.sh: OUT OF MEMORY (16g)\n", {}) == ("crash", "out of memory")
-    status, reason = classify_run(1, "train| Traceback\ntrain| RuntimeError: boom\n", {})
+        assert classify_run(rc, out, {}, MR) == ("interrupted", out.split("\n")[1])
+    assert classify_run(0, "no metric\n", {}, MR) == ("crash", "no trusted metric")
+    assert classify_run(137, "run.sh: OUT OF MEMORY (16g)\n", {}, MR) == ("crash", "out of memory")
+    status, reason = classify_run(1, "train| Traceback\ntrain| RuntimeError: boom\n", {}, MR)
     assert status == "crash" and "boom" in reason
-    assert classify_run(0, "no metric\n", {})[0] == "crash"     # exit 0 without a metric is not ok
+    assert classify_run(0, "no metric\n", {}, MR)[0] == "crash"     # exit 0 without a metric is not ok
 
 
 def test_classify_run_reads_the_declared_metric():
     out = "--- trusted evaluation ---\nval_accuracy: 0.75\nval_mean_rank: 3\n"
-    assert classify_run(0, out, parse_metrics(out), metric=ACC) == ("ok", "")
+    assert classify_run(0, out, parse_metrics(out), ACC) == ("ok", "")
     rank_only = "--- trusted evaluation ---\nval_mean_rank: 3\n"
-    assert classify_run(0, rank_only, parse_metrics(rank_only), metric=ACC)[0] == "crash"
+    assert classify_run(0, rank_only, parse_metrics(rank_only), ACC)[0] == "crash"
 
 
 def test_last_loss():
@@ -774,8 +774,7 @@ def test_the_allowance_is_bounded_whatever_the_baseline(repo):
     assert loop.allowance() == 30.0          # it once allowed 2 x 99 s = 198 s: several times the budget
     out = "--- trusted evaluation ---\nval_mean_rank: 3.5\ntrain_wall_seconds: {}\n"
     for wall, status in ((50.0, "ok"), (50.2, "invalid"), (119.0, "invalid")):
-        assert classify_run(0, out.format(wall), parse_metrics(out.format(wall)), 20, loop.allowance(),
-                               MR)[0] == status
+        assert classify_run(0, out.format(wall), parse_metrics(out.format(wall)), MR, 20, loop.allowance())[0] == status
 
 
 GIB = 2 ** 30

@@ -24,6 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from engine.judge import budget_allowance, classify_run, parse_metrics
 from engine.results import load_results
+from engine.project import Metric  # noqa: E402
+
+MR = Metric("mean_rank", "minimize")   # the template's metric
 
 sys.path.insert(0, str(ROOT / "tests"))
 from fake_ollama import FakeOllama, tool_call  # noqa: E402
@@ -38,15 +41,15 @@ def probes(p):
 def test_classify_run_refuses_over_budget_and_flags_setup_errors():
     out = "train| x\n--- trusted evaluation ---\nval_mean_rank: 3.5\ntrain_wall_seconds: {}\ntotal_seconds: 9.0\n"
     ok = out.format(330.0)
-    assert classify_run(0, ok, parse_metrics(ok), 300, 30.0) == ("ok", "")
+    assert classify_run(0, ok, parse_metrics(ok), MR, 300, 30.0) == ("ok", "")
     over = out.format(330.2)
-    status, reason = classify_run(0, over, parse_metrics(over), 300, 30.0)
+    status, reason = classify_run(0, over, parse_metrics(over), MR, 300, 30.0)
     assert status == "invalid" and "took 330s" in reason and "300s budget + 30s" in reason
-    assert classify_run(0, over, parse_metrics(over))[0] == "ok"   # the baseline: nothing to compare with
+    assert classify_run(0, over, parse_metrics(over), MR)[0] == "ok"   # the baseline: nothing to compare with
     bare = "--- trusted evaluation ---\nval_mean_rank: 3.5\n"          # a run.sh that did not time training
-    assert classify_run(0, bare, parse_metrics(bare), 300, 30.0)[0] == "invalid"
+    assert classify_run(0, bare, parse_metrics(bare), MR, 300, 30.0)[0] == "invalid"
     setup = "train| Error: no such runtime\nrun.sh: podman could not start the container (podman exit 125)\n  (check)\n"
-    assert classify_run(2, setup, {}) == ("setup", "run.sh: podman could not start the container (podman exit "
+    assert classify_run(2, setup, {}, MR) == ("setup", "run.sh: podman could not start the container (podman exit "
                                                       "125) (check)")
 
 
@@ -86,8 +89,8 @@ def test_train_py_that_raises_its_own_budget_is_invalid(tmp_path, data):
         assert seen[name]["train_wall_seconds"] > float(probes(p)["trained"].rstrip("s"))
     honest, greedy = runs["honest"].result(), runs["greedy"].result()
     allowance = budget_allowance(2)
-    assert classify_run(0, honest.stdout, seen["honest"], 2, allowance) == ("ok", "")
-    status, reason = classify_run(0, greedy.stdout, seen["greedy"], 2, allowance)
+    assert classify_run(0, honest.stdout, seen["honest"], MR, 2, allowance) == ("ok", "")
+    status, reason = classify_run(0, greedy.stdout, seen["greedy"], MR, 2, allowance)
     assert status == "invalid" and "over the time budget" in reason, (reason, seen)
 
 

@@ -28,6 +28,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 from engine.judge import EVAL_MARKER, classify_run, parse_metrics
 from engine.results import load_results
+from engine.project import Metric  # noqa: E402
+
+MR = Metric("mean_rank", "minimize")   # the template's metric
 from fake_ollama import FakeOllama, tool_call  # noqa: E402
 
 N_TRAIN, N_VAL, N_TEST = 64, 32, 32
@@ -390,7 +393,7 @@ class Seen:
         self.full = raw.decode("utf-8", "replace")
         self.lines = self.full.split("\n")
         self.metrics = parse_metrics(self.out)
-        self.status, self.reason = classify_run(rc, self.out, self.metrics)
+        self.status, self.reason = classify_run(rc, self.out, self.metrics, MR)
         self.value = self.metrics.get("val_mean_rank") if self.status == "ok" else None   # autoresearch.Run.value
 
     def __repr__(self):

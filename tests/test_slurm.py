@@ -21,6 +21,9 @@ from engine.judge import parse_metrics
 from engine.repo import check_argv
 from engine.runs import job_name, launch_argv, slurm_site_args, slurm_verdict, srun_argv
 from engine.util import HarnessError
+from engine.project import Metric  # noqa: E402
+
+MR = Metric("mean_rank", "minimize")   # the template's metric
 from fake_ollama import FakeOllama, tool_call  # noqa: E402
 from slurm_cluster import Cluster, ClusterError  # noqa: E402
 from test_loop import (BOOM, TXT_BAD, TXT_OK, alive, containers_of, data, env_for, git, make_repo,  # noqa: E402,F401
@@ -63,11 +66,12 @@ def test_srun_argv_and_allowlist():
 
     for ok in (argv, srun_argv([], "n", 1, "/r", ["./run.sh", "--test", "runs/0"]),
                srun_argv([], "n", 1, "/r", ["sha256sum", "--", "/r/run.sh"]),
-               ["sbatch", "--wait", "--job-name=x", "./run.sh"], ["scancel", "12", "13"],
+               ["scancel", "12", "13"],
                ["squeue", "--me", "--noheader", "--format=%i|%T|%j|%Z"], ["sacct", "--noheader", "--name=x"]):
         assert check_argv(ok) is None, ok
     for bad in (["srun", "bash", "-c", "id"], ["srun", "-p", "gpu", "./run.sh"], ["srun", "./run.sh", "--test"],
                 ["srun", "./run.sh", "x", "y"], ["srun", "--pty", "python3", "train.py"], ["sbatch", "--wrap=id"],
+                ["sbatch", "--wait", "--job-name=x", "./run.sh"],
                 ["srun"], ["scancel", "--me", "all"], ["squeue", "x"], ["sacct", "; rm -rf /"], ["sinfo"],
                 ["salloc", "./run.sh"], "srun ./run.sh"):
         assert check_argv(bad), bad
@@ -75,25 +79,25 @@ def test_srun_argv_and_allowlist():
 
 def test_slurm_verdict():
     ok = "train| step 1\n--- trusted evaluation ---\nval_mean_rank: 12.5\ntotal_seconds: 9.1\n"
-    assert slurm_verdict(7, "COMPLETED", 0, ok, parse_metrics(ok)) == ("ok", "")
+    assert slurm_verdict(7, "COMPLETED", 0, ok, parse_metrics(ok), MR) == ("ok", "")
     # lost jobs: SLURM's state is the reason, whatever run.sh managed to print
-    assert slurm_verdict(7, "CANCELLED", 0, ok, parse_metrics(ok)) == ("interrupted", "SLURM job 7 CANCELLED")
+    assert slurm_verdict(7, "CANCELLED", 0, ok, parse_metrics(ok), MR) == ("interrupted", "SLURM job 7 CANCELLED")
     for state, status in (("NODE_FAIL", "interrupted"), ("PREEMPTED", "interrupted"), ("BOOT_FAIL", "interrupted"),
                           ("TIMEOUT", "timeout"), ("OUT_OF_MEMORY", "crash")):
-        assert slurm_verdict(8, state, 143, "train| x\n", {}) == (status, f"SLURM job 8 {state}")
+        assert slurm_verdict(8, state, 143, "train| x\n", {}, MR) == (status, f"SLURM job 8 {state}")
     # a failed run keeps run.sh's own last line as the reason; srun's and slurmstepd's lines after it are skipped
     out = ("train| boom\nrun.sh: FAILED train.py exited with code 1\nsrun: error: vm: task 0: Exited with exit "
            "code 1\nslurmstepd-vm: error: something\n")
-    assert slurm_verdict(9, "FAILED", 1, out, {}) == ("crash", "run.sh exit 1: run.sh: FAILED train.py exited "
+    assert slurm_verdict(9, "FAILED", 1, out, {}, MR) == ("crash", "run.sh exit 1: run.sh: FAILED train.py exited "
                                                                   "with code 1")
     out = "run.sh: TIMEOUT training killed after 5s\nsrun: error: vm: task 0: Exited with exit code 124\n"
-    assert slurm_verdict(9, "FAILED", 124, out, {}) == ("timeout", "run.sh: TIMEOUT training killed after 5s")
+    assert slurm_verdict(9, "FAILED", 124, out, {}, MR) == ("timeout", "run.sh: TIMEOUT training killed after 5s")
     # a forged srun line cannot hide the verdict: train.py's lines carry the prefix
     out = "train| srun: x\nrun.sh: FAILED train.py exited with code 1\n"
-    assert slurm_verdict(9, "FAILED", 1, out, {})[1].endswith("code 1")
+    assert slurm_verdict(9, "FAILED", 1, out, {}, MR)[1].endswith("code 1")
     # no job at all (srun refused it): one clear error, not a crash the model would be asked to fix
     with pytest.raises(HarnessError, match="srun started no job"):
-        slurm_verdict(None, None, 1, "srun: error: Unable to allocate resources: QOSMaxSubmitJobPerUserLimit\n", {})
+        slurm_verdict(None, None, 1, "srun: error: Unable to allocate resources: QOSMaxSubmitJobPerUserLimit\n", {}, MR)
 
 
 # ---------------------------------------------------------------- a real cluster
