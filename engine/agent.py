@@ -237,14 +237,13 @@ def fill_metric(text, metric):
     return text.replace("{metric}", metric.column).replace("{better}", metric.better)
 
 
-def build_system_prompt(program_text, metric=None):
-    return fill_metric(program_text.rstrip() + "\n\n" + TOOL_RULES.strip() + "\n", metric or project_metric())
+def build_system_prompt(program_text, metric):
+    return fill_metric(program_text.rstrip() + "\n\n" + TOOL_RULES.strip() + "\n", metric)
 
 
-def build_user_message(train_src, scratchpad, rows, best_line, phase_line, log_path=None,
-                       max_rows=15, scratch_chars=SCRATCHPAD_MAX_CHARS, metric=None):
+def build_user_message(metric, train_src, scratchpad, rows, best_line, phase_line, log_path=None, max_rows=15,
+                       scratch_chars=SCRATCHPAD_MAX_CHARS):
     """Pure. The one user message of an experiment's fresh conversation."""
-    metric = metric or project_metric()
     if len(scratchpad) > scratch_chars:
         scratchpad = "[... older notes cut to fit the context ...]\n" + scratchpad[-scratch_chars:]
     parts = [
@@ -367,8 +366,8 @@ class LLMAgent:
         rows = [r for r in rows if r["status"] != "interrupted"]
         budget = self.args.num_ctx * (1 - TOKEN_RESERVE)
         for max_rows, scratch_chars in ((15, SCRATCHPAD_MAX_CHARS), (8, 3000), (4, 1500), (2, 600)):
-            msg = build_user_message(train_src, scratch, rows, best_line, phase, log, max_rows, scratch_chars,
-                                     self.metric) + also
+            msg = build_user_message(self.metric, train_src, scratch, rows, best_line, phase, log, max_rows,
+                                     scratch_chars) + also
             if (len(msg) + len(self.system)) / self.chars_per_token + 300 <= budget:
                 break
         return [{"role": "system", "content": self.system}, {"role": "user", "content": msg}]

@@ -57,10 +57,10 @@ def last_loss(line):
     return m.group(1) if m else None
 
 
-def budget_allowance(budget):
-    """Pure. Seconds a candidate's training container may run past the budget: max(ALLOWANCE_SHARE x budget,
-    ALLOWANCE_MIN)."""
-    return max(ALLOWANCE_SHARE * budget, ALLOWANCE_MIN)
+def budget_allowance(budget, asked=None):
+    """Pure. Seconds a candidate's training container may run past the budget: the user's (--allowance), else
+    max(ALLOWANCE_SHARE x budget, ALLOWANCE_MIN)."""
+    return float(asked) if asked else max(ALLOWANCE_SHARE * budget, ALLOWANCE_MIN)
 
 
 def classify_run(returncode, output, metrics, metric, budget=None, allowance=None):

@@ -103,7 +103,7 @@ class Loop:
         return pooled_sigma(noise_groups(self.rows))
 
     def allowance(self):
-        return budget_allowance(self.args.time_budget)
+        return budget_allowance(self.args.time_budget, self.args.allowance)
 
     def phase(self):
         i = phase_index([r["status"] for r in self.rows], len(self.phases), self.args.phase_every,
@@ -125,7 +125,7 @@ class Loop:
 
     def record(self, o):
         row = make_row(o, self.rows, self.metric, time.time())
-        append_row(row, metric=self.metric)
+        append_row(row, self.metric)
         self.rows.append(row)
 
     def conclude(self, o):
@@ -245,7 +245,7 @@ class Loop:
 
     def run(self, label, seed, phase_short, allowance=None, started=None):
         """One run alone on the machine (the baseline's, a candidate's, a second seed)."""
-        run = run_sandbox(self.args, label, f"runs/{label}", seed, phase_short, allowance, self.metric,
+        run = run_sandbox(self.args, label, f"runs/{label}", seed, phase_short, self.metric, allowance,
                           slot=self.alone, started=started)
         self.last_log = run.log
         return run
@@ -288,7 +288,7 @@ class Loop:
             say(f"autoresearch: WARNING: the baseline's training container ran {over:.0f}s past the {a.time_budget}s "
                 f"budget (start-up, data loading, export), more than the {self.allowance():.0f}s a candidate may "
                 f"(max({ALLOWANCE_SHARE:.0%} of the budget, {ALLOWANCE_MIN:g}s)): candidates like it will be recorded "
-                f"invalid. A busy machine, or a start-up to shorten; a longer --time-budget allows more")
+                f"invalid: a busy machine, or a start-up to shorten; or allow more with --allowance {math.ceil(over * 1.5)}")
 
     def experiment(self):
         a = self.args
@@ -310,7 +310,7 @@ class Loop:
                 git("reset", "-q", "--soft", o.base)     # one candidate commit on top of best, even after fixes
                 git("add", TRAIN, SCRATCHPAD)
                 git("commit", "-q", "--no-verify", "--allow-empty", "-m",
-                    commit_message(o.experiment, o.description, phase, "candidate"))
+                    commit_message(o.experiment, o.description, phase, "candidate", self.metric))
                 o.commit = git("rev-parse", "HEAD")
                 run = self.run(label, 1, short, self.allowance(), started)
                 started = None
@@ -459,15 +459,15 @@ class Loop:
         git("reset", "-q", "--soft", w.o.base, cwd=w.path)   # one candidate commit on top of best, even after fixes
         git("add", TRAIN, SCRATCHPAD, cwd=w.path)
         git("commit", "-q", "--no-verify", "--allow-empty", "-m", commit_message(
-            w.o.experiment, w.o.description, w.o.phase, "candidate", extra={"Round": w.o.round, "Worker": w.o.worker},
-            metric=self.metric), cwd=w.path)
+            w.o.experiment, w.o.description, w.o.phase, "candidate", self.metric,
+            extra={"Round": w.o.round, "Worker": w.o.worker}), cwd=w.path)
         w.o.commit = git("rev-parse", "HEAD", cwd=w.path)
         label, allowance, started, w.started = str(w.o.experiment), self.allowance(), w.started, None
 
         def train():
             try:
-                w.run = run_sandbox(self.args, label, f"runs/{label}", 1, w.o.phase.split(":")[0], allowance,
-                                    self.metric, w.path, w.slot, cancel, started)
+                w.run = run_sandbox(self.args, label, f"runs/{label}", 1, w.o.phase.split(":")[0], self.metric,
+                                    allowance, w.path, w.slot, cancel, started)
                 w.o.run_seconds += w.run.seconds
             except BaseException as e:  # noqa: BLE001 -- handed to the main thread, which raises it
                 w.error = e
@@ -484,8 +484,8 @@ class Loop:
         written."""
         trailers = {"Runs": cell(o.values), "Best": cell(sum(o.values) / len(o.values)), "Threshold": cell(o.threshold),
                     "Round": o.round, "Worker": o.worker}
-        git("commit", "-q", "--no-verify", "--amend", "-m", commit_message(o.experiment, o.description, o.phase, "keep",
-                                                                          o.values[0], o.delta, trailers, self.metric))
+        git("commit", "-q", "--no-verify", "--amend", "-m", commit_message(
+            o.experiment, o.description, o.phase, "keep", self.metric, o.values[0], o.delta, trailers))
         o.commit = git("rev-parse", "HEAD")
 
     def best_line(self, best, sigma, z=None):
@@ -498,19 +498,19 @@ class Loop:
         try:
             if not any(r["status"] == "baseline" for r in self.rows):
                 self.baseline()
-                write_report(self.rows, quiet=True, metric=self.metric)
+                write_report(self.rows, self.metric, quiet=True)
             while not self.args.max_experiments or self.done() < self.args.max_experiments:
                 left = self.args.max_experiments - self.done() if self.args.max_experiments else self.args.workers
                 n = min(self.args.workers, left)
                 self.round(n) if n > 1 else self.experiment()
-                write_report(self.rows, quiet=True, metric=self.metric)
+                write_report(self.rows, self.metric, quiet=True)
         except KeyboardInterrupt:
             if self.rows:
-                write_report(self.rows, quiet=True, metric=self.metric)
+                write_report(self.rows, self.metric, quiet=True)
             raise
         finally:
             if self.args.workers > 1:
                 sweep_worktrees()
-        write_report(self.rows, metric=self.metric)
+        write_report(self.rows, self.metric)
         summary(self.rows, self.metric)
         report_test(self.rows, self.metric, self.args)

@@ -73,14 +73,13 @@ def summary(rows, metric):
           f"{max(0.0, 1 - s['train_share'] - s['model_share']):.0%} harness")
 
 
-def write_report(rows, path="progress.png", quiet=False, metric=None):
+def write_report(rows, metric, path="progress.png", quiet=False):
     """Dots per experiment (grey discarded, green kept + labelled, red x crashes at the worse end), running best with
     noise band."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker
-    metric = metric or project_metric()
     pts = [(int(r["experiment"]), num(r[metric.column]), r) for r in rows]
     fig, ax = plt.subplots(figsize=(11, 5.5), dpi=110)
     rounds = {}
@@ -201,10 +200,9 @@ def best_so_far(rows):
     return out
 
 
-def compare_line(rows, scores, metric=None):
+def compare_line(rows, scores, metric):
     """Pure. One run's figures for report --compare. A keep "survived" when its second-seed run alone also beat
     the best before it by the recorded threshold; keeps without a second run (--noise-runs 1) are not counted."""
-    metric = metric or project_metric()
     s = summarize(rows)
     _, best_commit, _, _ = state_from_rows(rows)
     checked = survived = 0
@@ -284,6 +282,6 @@ def report(args):
     rows = load_results(metric=metric)
     if not rows:
         raise HarnessError(f"no {RESULTS} here yet: run python autoresearch.py first")
-    write_report(rows, metric=metric)
+    write_report(rows, metric)
     summary(rows, metric)
     return report_test(rows, metric) if args.test else 0

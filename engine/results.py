@@ -17,11 +17,11 @@ def parse_trailers(message):
     return {m.group(1): m.group(2).strip() for m in re.finditer(r"^([A-Z][A-Za-z-]*): (.*)$", message, re.M)}
 
 
-def commit_message(exp, description, phase_line, status, value=None, delta=None, extra=None, metric=None):
+def commit_message(exp, description, phase_line, status, metric, value=None, delta=None, extra=None):
     lines = [f"exp {exp}: {clean_text(description, 72)}", "", f"Hypothesis: {clean_text(description, 1000)}",
              f"Experiment: {exp}", f"Phase: {phase_line}", f"Status: {status}"]
     if value is not None:
-        lines.append(f"Metric: {(metric or project_metric()).column} {cell(value)}")
+        lines.append(f"Metric: {metric.column} {cell(value)}")
     if delta is not None:
         lines.append(f"Delta: {cell(delta)}")
     for k, v in (extra or {}).items():
@@ -181,11 +181,11 @@ def upgrade_results(metric, path=RESULTS):
     write_text(path, "\t".join(columns) + "\n" + "".join(format_row(r, columns) for r in new))
 
 
-def append_row(row, path=RESULTS, metric=None):
+def append_row(row, metric, path=RESULTS):
     """Add one row under the file's header (the file rewritten whole, write_text); a new file starts with the
     project's header."""
     old = read_text(path) if os.path.exists(path) else ""
-    old = old or "\t".join((metric or project_metric()).columns) + "\n"
+    old = old or "\t".join(metric.columns) + "\n"
     write_text(path, old + format_row(row, old.split("\n", 1)[0].split("\t")))
 
 

@@ -368,8 +368,8 @@ def cancel_run(label, p):
         track_run(label, None)
 
 
-def run_sandbox(args, label, run_dir, seed, phase_short, allowance=None, metric=None, cwd=".", slot=None,
-                cancel=None, started=None):
+def run_sandbox(args, label, run_dir, seed, phase_short, metric, allowance=None, cwd=".", slot=None, cancel=None,
+                started=None):
     """One run (start_run, or the one `started` waiting for its go) with a hard wall-clock limit; output streams to
     logs/<label>.log. With an allowance (candidates), a run over the budget + allowance is invalid and run.sh kills it
     soon after. A worker's run is stopped as interrupted once cancel is set; logs/ and runs/ stay in this checkout."""
@@ -425,7 +425,6 @@ def run_sandbox(args, label, run_dir, seed, phase_short, allowance=None, metric=
     live_clear()
     out = tail.decode("utf-8", "replace")
     metrics = parse_metrics(out)
-    metric = metric or project_metric()
     if stopped:
         status, reason = stopped, (f"harness wall-clock limit {limit}s exceeded" if stopped == "timeout" else
                                    "stopped: its round was interrupted")

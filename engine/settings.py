@@ -80,6 +80,9 @@ def build_parser():
     p.add_argument("--num-ctx", type=int, default=16384, help="context size sent on every Ollama request")
     p.add_argument("--time-budget", type=int, default=None, help="training seconds per experiment; default: "
                    "$AUTORESEARCH_TIME_BUDGET if exported, else 300 (with --resume: the run's own)")
+    p.add_argument("--allowance", type=int, default=None, help="seconds a candidate's training container may run past "
+                   "the budget (start-up, data loading, export) before it is invalid; default: max(10%% of the budget, "
+                   "30)")
     p.add_argument("--noise-runs", type=int, default=5, help="baseline runs with different seeds to estimate "
                    "sigma; with >= 2, each keep is repeated once with another seed to re-estimate sigma")
     p.add_argument("--z", type=float, default=2.0, help="keep only if improvement > max(z*sigma, floor)")
@@ -120,6 +123,7 @@ def parse_args(argv):
                            ("--noise-runs", args.noise_runs >= 1, "at least 1"),
                            ("--time-budget", args.time_budget is None or args.time_budget >= 1, "at least 1"),
                            ("--workers", args.workers >= 1, "at least 1"),
+                           ("--allowance", args.allowance is None or args.allowance >= 1, "at least 1"),
                            ("--max-experiments", args.max_experiments >= 0, "0 (no limit) or more")):
         if not ok:
             p.error(f"{flag} must be {need}, got {getattr(args, flag[2:].replace('-', '_'))}")

@@ -240,11 +240,11 @@ def random_params(space, seed, k):
     return out
 
 
-def tuner_trials(rows, agent, space, metric=None):
+def tuner_trials(rows, agent, space, metric):
     """Pure. (done, pending) of one agent from results rows. done: [(params, value)] in order, value None for a
     crash or timeout (a failed trial), else the mean of the trial's seeded runs. pending: trials that were
     interrupted and not run to a verdict since; they run again first, so no trial is lost or repeated."""
-    col = (metric or project_metric()).column
+    col = metric.column
     done, pending = [], []
     for r in rows:
         if r.get("agent") != agent or r["status"] == "baseline":
@@ -277,14 +277,14 @@ class RandomSampler:
 class OptunaSampler:
     """TPE through Optuna's ask/tell interface, in the metric's direction; results recorded before this process
     started are added as trials."""
-    def __init__(self, space, seed, metric=None):
+    def __init__(self, space, seed, metric):
         try:
             import optuna
         except ImportError:
             raise HarnessError("--agent optuna needs Optuna: pip install optuna") from None
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.optuna, self.space, self.seed = optuna, space, seed
-        self.direction = (metric or project_metric()).direction
+        self.direction = metric.direction
         D = optuna.distributions
         self.dists = {p.name: D.IntDistribution(p.low, p.high) if p.kind == "int"
                       else D.FloatDistribution(p.low, p.high, log=p.kind == "log") for p in space}

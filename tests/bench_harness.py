@@ -97,7 +97,7 @@ def main():
             src = f.read()
         t = time.perf_counter()
         for _ in range(1000):
-            build_user_message(src, "notes\n" * 100, loop_rows, "best", "Phase 1: x", "logs/1.log")
+            build_user_message(MR, src, "notes\n" * 100, loop_rows, "best", "Phase 1: x", "logs/1.log")
         build_us = (time.perf_counter() - t) * 1000
         chars = [sum(len(m["content"]) for m in r["messages"]) + len(json.dumps(r["tools"])) for r in firsts]
         toks = [estimate_tokens(r) for r in firsts]

@@ -54,7 +54,7 @@ def utilization(args):
             append_row({"experiment": 0, "commit": head, "val_mean_rank": 48.0, "delta": 0.0, "status": "baseline",
                            "description": "baseline", "runs": (48.0, 48.0), "best": 48.0, "sigma": 0.0,
                            "best_commit": head, "train_wall_seconds": args.sleep + 120.0, "round": 0, "worker": 0},
-                          str(repo / "results.tsv"), Metric("mean_rank", "minimize"))
+                          Metric("mean_rank", "minimize"), str(repo / "results.tsv"))
             # every experiment: one answer that edits train.py (a different comment each time) and runs it
             script = [delay(args.delay, tool_calls(
                 ("edit_file", {"path": "train.py", "old_text": TXT_BAD,

@@ -137,11 +137,12 @@ def assert_plot_marks(png, rows, tmp_dir):
     experiment of that kind more than the same plot with those rows relabelled `interrupted` (not drawn as a mark;
     the running best, the axes and the other marks stay as they are); red marks nothing but failures."""
     sys.path.insert(0, str(ROOT))
+    from engine.project import Metric
     from engine.report import write_report
     for color, statuses in MARKS.items():
         n = sum(r["status"] in statuses for r in rows)
         without = Path(tmp_dir) / f"without-{statuses[0]}.png"
-        write_report([dict(r, status="interrupted") if r["status"] in statuses else r for r in rows], str(without),
+        write_report([dict(r, status="interrupted") if r["status"] in statuses else r for r in rows], Metric("mean_rank", "minimize"), str(without),
                         quiet=True)
         assert color_pixels(png, color) - color_pixels(without, color) >= DOT_PIXELS * n, (statuses, n)
         if color == RED:

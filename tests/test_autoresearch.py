@@ -314,18 +314,18 @@ def rows_for(n):
 
 
 def test_build_user_message():
-    msg = build_user_message("LR = 1\n", "## Next ideas\n- a\n", rows_for(30), "val_mean_rank 40",
+    msg = build_user_message(MR, "LR = 1\n", "## Next ideas\n- a\n", rows_for(30), "val_mean_rank 40",
                                 "Phase 2: Losses", "logs/29.log", max_rows=5)
     for part in ("Phase 2: Losses", "val_mean_rank 40", "LR = 1", "## Next ideas", "logs/29.log",
                  "idea number 29", "25 older experiments omitted"):
         assert part in msg, part
     assert "idea number 24" not in msg
-    long = build_user_message("x", "A" * 5000 + "TAIL", [], "b", "p", scratch_chars=100)
+    long = build_user_message(MR, "x", "A" * 5000 + "TAIL", [], "b", "p", scratch_chars=100)
     assert "TAIL" in long and "A" * 200 not in long and "cut" in long
 
 
 def test_system_prompt_has_program_and_rules():
-    s = build_system_prompt("PROGRAM TEXT")
+    s = build_system_prompt("PROGRAM TEXT", MR)
     assert s.startswith("PROGRAM TEXT") and "edit_file" in s and "run_experiment" in s and "exactly once" in s
     names = [t["function"]["name"] for t in TOOLS]
     assert names == ["read_file", "edit_file", "run_experiment"]
@@ -338,14 +338,14 @@ def test_prompts_name_the_declared_metric():
     assert "Which changes raise val_accuracy? (higher is better)" in system
     assert "only if val_accuracy (higher is better) improves" in system and "{" + "metric}" not in system
     rows = [{"experiment": "1", "status": "keep", "val_accuracy": 0.8125, "delta": 0.0625, "description": "wider"}]
-    msg = build_user_message("x", "", rows, "val_accuracy 0.8125", "p", metric=ACC)
+    msg = build_user_message(ACC, "x", "", rows, "val_accuracy 0.8125", "p")
     assert "Recent results (higher val_accuracy is better):\nexp  status       val_accuracy   delta" in msg
     assert "1    keep         0.8125         0.0625    wider" in msg
-    assert "(lower val_mean_rank is better)" in build_user_message("x", "", [], "b", "p")   # this project's
+    assert "(lower val_mean_rank is better)" in build_user_message(MR, "x", "", [], "b", "p")   # this project's
 
 
 def test_commit_message_and_trailers():
-    msg = commit_message(3, "raise lr\tto 4e-4\nbecause", "Phase 1: Hyperparameters", "keep", 41.5, -2.25,
+    msg = commit_message(3, "raise lr\tto 4e-4\nbecause", "Phase 1: Hyperparameters", "keep", MR, 41.5, -2.25,
                             {"Runs": "41.5,42"})
     assert msg.split("\n")[0] == "exp 3: raise lr to 4e-4 because"
     tr = parse_trailers(msg)
@@ -358,9 +358,9 @@ def test_commit_message_and_trailers():
 def test_results_round_trip(tmp_path):
     path = str(tmp_path / "results.tsv")
     append_row({"experiment": 0, "commit": "abc", "val_mean_rank": "50", "delta": "0", "status": "baseline",
-                   "description": "baseline", "runs": "50,51", "best": "50.5", "best_commit": "abc"}, path)
+                   "description": "baseline", "runs": "50,51", "best": "50.5", "best_commit": "abc"}, MR, path)
     append_row({"experiment": 1, "commit": "def", "val_mean_rank": "45", "delta": "-5.5", "status": "keep",
-                   "description": "tab\there\nnewline", "runs": "45,46", "best": "45.5", "best_commit": "def"}, path)
+                   "description": "tab\there\nnewline", "runs": "45,46", "best": "45.5", "best_commit": "def"}, MR, path)
     text = open(path).read()
     assert text.split("\n")[0].split("\t")[:6] == ["experiment", "commit", "val_mean_rank", "delta", "status",
                                                   "description"]
@@ -369,7 +369,7 @@ def test_results_round_trip(tmp_path):
     assert rows[1]["description"] == "tab here newline"
     assert state_from_rows(rows) == (45.5, "def", "1", "0")
     assert noise_groups(rows) == [[50.0, 51.0], [45.0, 46.0]]
-    append_row({"experiment": 2, "status": "discard", "description": "d"}, path)
+    append_row({"experiment": 2, "status": "discard", "description": "d"}, MR, path)
     assert [r["experiment"] for r in load_results(path)] == ["0", "1", "2"]
 
 
@@ -386,7 +386,7 @@ def test_a_damaged_results_tsv_is_refused_with_its_line_and_left_as_it_is(tmp_pa
     path = tmp_path / "results.tsv"
     for r in ({"experiment": 0, "commit": "abc", "val_mean_rank": 50.0, "status": "baseline", "runs": (50.0, 51.0)},
               {"experiment": 1, "commit": "def", "val_mean_rank": 45.0, "status": "keep", "runs": (45.0, 46.0)}):
-        append_row(r, str(path), MR)
+        append_row(r, MR, str(path))
     path.write_text(damage(path.read_text()))
     text = path.read_text()
     with pytest.raises(HarnessError, match=re.escape(message)) as e:
@@ -414,7 +414,7 @@ def test_one_row_builder_typed_rows_exact_in_results_tsv(tmp_path):
     assert (row2["val_mean_rank"], row2["runs"], row2["best"], row2["worker"]) == (None, (), row0["best"], 3)
     path = str(tmp_path / "results.tsv")
     for r in (row0, row1, row2):
-        append_row(r, path, MR)
+        append_row(r, MR, path)
     assert [typed_row(r, MR) for r in load_results(path, metric=MR)] == [row0, row1, row2]
     assert "\t48.123456789\t" in open(path).read() and "\t48.06\t" not in open(path).read()
 
@@ -444,7 +444,7 @@ def test_report_png(tmp_path):
                      "best": str(best), "sigma": "1.5", "threshold": "3", "description": f"idea {i} lower lr",
                      "best_commit": "x", "wall_seconds": "300", "run_seconds": "250", "model_seconds": "30"})
     out = tmp_path / "progress.png"
-    write_report(rows, str(out), quiet=True)
+    write_report(rows, MR, str(out), quiet=True)
     data = out.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
@@ -465,7 +465,7 @@ def test_report_png_names_the_metric_and_marks_failures_at_the_worse_end(monkeyp
                  "wall_seconds": "1", "run_seconds": "1", "model_seconds": "0"}
                 for i, (st, v) in enumerate(zip(("baseline", "keep", "discard"), values))]
         rows.append(dict(rows[-1], experiment="3", status="crash", **{metric.column: ""}))
-        write_report(rows, "unused.png", quiet=True, metric=metric)
+        write_report(rows, metric, "unused.png", quiet=True)
         ax = drawn[-1].axes[0]
         crash = next(c for c in ax.collections if c.get_label() == "crash / timeout / invalid")
         assert ax.get_ylabel() == label and crash.get_offsets()[0][1] == values[0]
@@ -503,7 +503,7 @@ def llm(**kw):
 
 def loop_args(**kw):
     base = dict(tag="t", resume=True, phase_every=10, phase_plateau=5, z=2.0, floor=0.01, noise_runs=2, num_ctx=16384,
-                time_budget=300)
+                time_budget=300, allowance=None)
     base.update(kw)
     return types.SimpleNamespace(**base)
 
@@ -515,9 +515,9 @@ def baseline_row(commit):
 
 def test_resume_recovers_keep_commit_without_row(repo):
     base = git(repo, "rev-parse", "HEAD")
-    append_row(baseline_row(base))
+    append_row(baseline_row(base), MR)
     (repo / "train.py").write_text("LR = 2\n")
-    git(repo, "commit", "-qam", commit_message(1, "lr 2", "Phase 1: Hyperparameters", "keep", 40.0, -11.0,
+    git(repo, "commit", "-qam", commit_message(1, "lr 2", "Phase 1: Hyperparameters", "keep", MR, 40.0, -11.0,
                                                    {"Runs": "40,41", "Best": "40.5", "Threshold": "2.8"}))
     head = git(repo, "rev-parse", "HEAD")
     loop = Loop(loop_args(), llm())
@@ -530,9 +530,9 @@ def test_resume_recovers_keep_commit_without_row(repo):
 
 def test_resume_reverts_unrecorded_candidate_keeps_notes(repo):
     base = git(repo, "rev-parse", "HEAD")
-    append_row(baseline_row(base))
+    append_row(baseline_row(base), MR)
     (repo / "train.py").write_text("LR = 3\n")
-    git(repo, "commit", "-qam", commit_message(1, "lr 3", "Phase 1: Hyperparameters", "candidate"))
+    git(repo, "commit", "-qam", commit_message(1, "lr 3", "Phase 1: Hyperparameters", "candidate", MR))
     (repo / "scratchpad.md").write_text("notes\n- lr 3 in flight\n")       # killed mid-experiment
     (repo / "runs").mkdir()
     (repo / "runs" / ".running").write_text("999999")                      # stale pid file: ignored
@@ -564,14 +564,14 @@ def test_resume_and_report_refuse_results_of_another_metric(repo):
 
 def test_conclude_keeps_or_reverts_and_records_one_row(repo):
     base = git(repo, "rev-parse", "HEAD")
-    append_row(baseline_row(base))
+    append_row(baseline_row(base), MR)
     loop = Loop(loop_args(), llm())
     loop.setup()
 
     def candidate(src, notes):
         (repo / "train.py").write_text(src)
         (repo / "scratchpad.md").write_text(notes)
-        git(repo, "commit", "-qam", commit_message(len(loop.rows), src, "Phase 1: Hyperparameters", "candidate"))
+        git(repo, "commit", "-qam", commit_message(len(loop.rows), src, "Phase 1: Hyperparameters", "candidate", MR))
         return git(repo, "rev-parse", "HEAD")
 
     # a discard goes back to where it started; the notes survive in a commit of their own
@@ -772,6 +772,7 @@ def test_the_allowance_is_bounded_whatever_the_baseline(repo):
     loop = Loop(loop_args(time_budget=20), llm(time_budget=20))
     loop.rows = [{"status": "baseline", "train_wall_seconds": 119.0, "round": 0}]   # a baseline on a busy machine
     assert loop.allowance() == 30.0          # it once allowed 2 x 99 s = 198 s: several times the budget
+    assert budget_allowance(20, 90) == 90.0  # unless the user allows more (--allowance), for a slow start-up
     out = "--- trusted evaluation ---\nval_mean_rank: 3.5\ntrain_wall_seconds: {}\n"
     for wall, status in ((50.0, "ok"), (50.2, "invalid"), (119.0, "invalid")):
         assert classify_run(0, out.format(wall), parse_metrics(out.format(wall)), MR, 20, loop.allowance())[0] == status

@@ -100,7 +100,7 @@ def seed_baseline(repo, tag, value=N_VAL):
     append_row({"experiment": 0, "commit": head, "val_mean_rank": value, "delta": 0, "status": "baseline",
                    "description": "baseline", "runs": f"{value},{value}", "best": value, "sigma": 0,
                    "best_commit": head, "phase": "Phase 1: Hyperparameters", "time_budget": 2},
-                  str(repo / "results.tsv"))
+                  project_metric(str(repo)), str(repo / "results.tsv"))
     return head
 
 

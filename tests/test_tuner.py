@@ -30,6 +30,8 @@ from engine.tuners import (OptunaSampler, Param, _number, apply_params, format_p
     random_params, search_space, tuner_trials)
 from engine.util import HarnessError
 
+MR = Metric("mean_rank", "minimize")   # the template's metric
+
 TRAIN = open(os.path.join(ROOT, "train.py")).read()
 N_VAL = 48
 IMG_OK = "        return self.proj(self.vit(self.prep(images)))\n"
@@ -197,21 +199,21 @@ def test_history_from_rows_failed_and_interrupted_trials():
             row(2, "crash", 0.002, "12", "12"), row(3, "timeout", 0.003), row(4, "interrupted", 0.004),
             row(5, "keep", 0.005, "", "30"), row(6, "interrupted", None), row(7, "discard", 0.009, agent="llm"),
             row(8, "interrupted", 0.006)]
-    done, pending = tuner_trials(rows, "random", space)      # a crash is a failed trial, whatever it printed
+    done, pending = tuner_trials(rows, "random", space, MR)      # a crash is a failed trial, whatever it printed
     assert done == [({"LR": 0.001}, 41.0), ({"LR": 0.002}, None), ({"LR": 0.003}, None), ({"LR": 0.005}, 30.0)]
     assert pending == [{"LR": 0.004}, {"LR": 0.006}]
     mr = Metric("mean_rank", "minimize")                    # the loop's own rows are typed: the same history
     assert tuner_trials([typed_row(r, mr) for r in rows], "random", space, mr) == (done, pending)
-    done, pending = tuner_trials(rows + [row(9, "discard", 0.004, "45", "45")], "random", space)
+    done, pending = tuner_trials(rows + [row(9, "discard", 0.004, "45", "45")], "random", space, MR)
     assert pending == [{"LR": 0.006}] and done[-1] == ({"LR": 0.004}, 45.0)
     with pytest.raises(HarnessError, match="experiment 9 .* not a trial of this search space"):
-        tuner_trials(rows + [row(9, "discard", None)], "random", space)
+        tuner_trials(rows + [row(9, "discard", None)], "random", space, MR)
 
 
 def test_optuna_sees_every_result_and_asks_for_new_trials():
     optuna = pytest.importorskip("optuna")
     space = [Param("LR", "log", 1e-5, 1e-2), Param("B", "int", 8, 64)]
-    s = OptunaSampler(space, seed=0)
+    s = OptunaSampler(space, 0, MR)
     done = [({"LR": 1e-3, "B": 16}, 40.0), ({"LR": 5e-3, "B": 60}, None)]            # recorded before: --resume
     first = s.propose(done)
     assert 1e-5 <= first["LR"] <= 1e-2 and first == {p.name: p.snap(first[p.name]) for p in space}
@@ -221,9 +223,9 @@ def test_optuna_sees_every_result_and_asks_for_new_trials():
     assert s.study.direction == optuna.study.StudyDirection.MINIMIZE
     s.propose(done + [(first, 35.0)])                                  # the asked trial is told, not added again
     assert len(s.study.trials) == 4 and s.study.trials[2].value == 35.0 and s.study.best_value == 35.0
-    again = OptunaSampler(space, seed=0).propose(done)              # a fresh sampler, as after --resume
-    assert again != OptunaSampler(space, seed=0).propose([])        # is not seeded like the run's start
-    up = OptunaSampler(space, seed=0, metric=Metric("accuracy", "maximize"))   # a fork's metric
+    again = OptunaSampler(space, 0, MR).propose(done)              # a fresh sampler, as after --resume
+    assert again != OptunaSampler(space, 0, MR).propose([])        # is not seeded like the run's start
+    up = OptunaSampler(space, 0, Metric("accuracy", "maximize"))   # a fork's metric
     up.propose(done)
     assert up.study.direction == optuna.study.StudyDirection.MAXIMIZE and up.study.best_value == 40.0
 
@@ -231,7 +233,7 @@ def test_optuna_sees_every_result_and_asks_for_new_trials():
 def test_optuna_missing_names_the_install_command(monkeypatch):
     monkeypatch.setitem(sys.modules, "optuna", None)                   # import optuna raises ImportError
     with pytest.raises(HarnessError, match=r"pip install optuna"):
-        OptunaSampler([Param("LR", "log", 1e-5, 1e-2)], seed=0)
+        OptunaSampler([Param("LR", "log", 1e-5, 1e-2)], 0, MR)
 
 
 def test_compare_line_counts_keeps_confirmed_by_the_second_seed():
@@ -242,7 +244,7 @@ def test_compare_line_counts_keeps_confirmed_by_the_second_seed():
     rows = [row(0, "baseline", "50", "49,51", commit="c0"), row(1, "keep", "44", "40,48", "2", commit="c1"),
             row(2, "discard", "44", "47", "2", commit="c1"), row(3, "keep", "37", "36,38", "2", commit="c3"),
             row(4, "keep", "30", "30", "2", commit="c4"), row(5, "crash", "30", commit="c4")]
-    c = compare_line(rows, {"c4": 31.5, "c1": 99.0})
+    c = compare_line(rows, {"c4": 31.5, "c1": 99.0}, MR)
     # keep 1: the 2nd seed 48 does not beat 50 by 2; keep 3: 38 beats 44 by 6; keep 4 had one run
     assert (c["survived"], c["checked"], c["keeps"], c["experiments"]) == (1, 2, 3, 5)
     assert (c["best"], c["test"], c["agent"], c["per_hour"]) == (30.0, 31.5, "optuna", 5 / 3)

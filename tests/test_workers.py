@@ -195,7 +195,7 @@ def seed(repo, tag):
     append_row({"experiment": 0, "commit": head, "val_mean_rank": 48.0, "delta": 0.0, "status": "baseline",
                    "description": "baseline", "runs": (48.0, 48.0), "best": 48.0, "sigma": 0.0, "best_commit": head,
                    "phase": "Phase 1: Hyperparameters", "train_wall_seconds": 60.0, "round": 0, "worker": 0},
-                  str(repo / "results.tsv"), Metric("mean_rank", "minimize"))
+                  Metric("mean_rank", "minimize"), str(repo / "results.tsv"))
 
 
 def training(repo, *exps):
@@ -399,7 +399,7 @@ def test_progress_png_shades_every_other_round(tmp_path):
     shaded = (239, 245, 250)   # the round band (#1f77b4 at alpha 0.07) over the white axes
 
     def band_pixels(rows):
-        write_report(rows, str(tmp_path / "p.png"), quiet=True, metric=Metric("mean_rank", "minimize"))
+        write_report(rows, Metric("mean_rank", "minimize"), str(tmp_path / "p.png"), quiet=True)
         img = (matplotlib.image.imread(str(tmp_path / "p.png"))[:, :, :3] * 255).round()
         return int((abs(img - shaded) <= 2).all(axis=2).sum())
 
