@@ -1,4 +1,5 @@
 """Where ./run.sh runs (here, or as a SLURM job), how long it may take, and what it returned."""
+import contextlib
 import hashlib
 import math
 import os
@@ -368,6 +369,45 @@ def cancel_run(label, p):
         track_run(label, None)
 
 
+class Log:
+    """A run's output on its way to logs/<label>.log: at most LOG_MAX_BYTES of it (a train.py that prints without end
+    must not fill the disk; the last 256 KiB follow at the end), its tail kept in memory (the trusted block sits at the
+    very end), and the last loss it printed, for the live line."""
+    def __init__(self, f):
+        self.f, self.tail, self.buf, self.logged, self.loss = f, b"", b"", 0, "-"
+
+    def add(self, chunk):
+        if self.logged < LOG_MAX_BYTES:
+            self.f.write(chunk[:LOG_MAX_BYTES - self.logged])
+        self.logged += len(chunk)
+        self.tail = (self.tail + chunk)[-262144:]
+        *done, self.buf = (self.buf + chunk)[-8192:].split(b"\n")
+        self.loss = next((v for v in map(last_loss, (x.decode("utf-8", "replace") for x in reversed(done))) if v),
+                         self.loss)
+
+    def close(self):
+        if self.logged > LOG_MAX_BYTES:
+            self.f.write(b"\n[autoresearch: log cut at %d MiB; its last 256 KiB follow]\n" % (LOG_MAX_BYTES >> 20)
+                         + self.tail)
+
+
+def watch(args, label, p, log, limit, cancel, phase_short):
+    """Streams run.sh's output into the log until it ends; stops it past `limit` seconds or once `cancel` is set.
+    Returns (None, or how it was stopped: timeout, interrupted; seconds)."""
+    t0, fd = time.time(), p.stdout.fileno()
+    while True:
+        elapsed = time.time() - t0
+        if elapsed > limit or cancel is not None and cancel.is_set():
+            stop_run(args, label, p)
+            return ("timeout" if elapsed > limit else "interrupted"), elapsed
+        if select.select([fd], [], [], 0.5)[0]:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                return None, elapsed
+            log.add(chunk)
+        live(f"exp {label} | {phase_short} | {elapsed:.0f}/{args.time_budget}s | loss {log.loss}")
+
+
 def run_sandbox(args, label, run_dir, seed, phase_short, metric, allowance=None, cwd=".", slot=None, cancel=None,
                 started=None):
     """One run (start_run, or the one `started` waiting for its go) with a hard wall-clock limit; output streams to
@@ -377,45 +417,19 @@ def run_sandbox(args, label, run_dir, seed, phase_short, metric, allowance=None,
     log_path = f"logs/{label}.log"
     # under SLURM the job's --time bounds the run, and time spent queueing is not the run's
     limit = math.inf if on_slurm(args) else run_limit(args.time_budget, run_grace(allowance))
-    tail, buf, loss, stopped, logged = b"", b"", "-", None, 0
     plain = not sys.stdout.isatty()   # nohup, tee, a log file: a line at each start and end instead of the live line
-    with open(log_path, "wb", buffering=0) as log:   # unbuffered: users (and tests) tail -f it
-        p = started or start_run(args, label, run_dir, seed, allowance, cwd, slot)
-        t0 = time.time()
+    with open(log_path, "wb", buffering=0) as f:   # unbuffered: users (and tests) tail -f it
+        p, log = started or start_run(args, label, run_dir, seed, allowance, cwd, slot), Log(f)
         if plain:
             say(f"autoresearch: run {label} started (seed {seed}, {args.time_budget}s budget; log {log_path})")
         try:
             if started:
-                try:
+                with contextlib.suppress(BrokenPipeError):   # run.sh is gone: its own last line says why
                     p.stdin.write(b"go\n")
                     p.stdin.close()
-                except BrokenPipeError:
-                    pass   # run.sh is gone: its own last line says why
-            fd = p.stdout.fileno()
-            while True:
-                elapsed = time.time() - t0
-                if elapsed > limit or cancel is not None and cancel.is_set():
-                    stop_run(args, label, p)
-                    stopped = "timeout" if elapsed > limit else "interrupted"
-                    break
-                r, _, _ = select.select([fd], [], [], 0.5)
-                if r:
-                    chunk = os.read(fd, 65536)
-                    if not chunk:
-                        break
-                    if logged < LOG_MAX_BYTES:   # a train.py that prints without end must not fill the disk
-                        log.write(chunk[:LOG_MAX_BYTES - logged])
-                        logged += len(chunk)
-                    tail = (tail + chunk)[-262144:]   # the metric block sits at the very end
-                    buf = (buf + chunk)[-8192:]
-                    *done, buf = buf.split(b"\n")
-                    for line in done:
-                        lv = last_loss(line.decode("utf-8", "replace"))
-                        loss = lv or loss
-                live(f"exp {label} | {phase_short} | {elapsed:.0f}/{args.time_budget}s | loss {loss}")
+            stopped, seconds = watch(args, label, p, log, limit, cancel, phase_short)
             p.wait()
-            if logged > LOG_MAX_BYTES:
-                log.write(b"\n[autoresearch: log cut at %d MiB; its last 256 KiB follow]\n" % (LOG_MAX_BYTES >> 20) + tail)
+            log.close()
         except BaseException:
             stop_run(args, label, p)   # Ctrl-C: stop the containers before anything else
             raise
@@ -423,22 +437,27 @@ def run_sandbox(args, label, run_dir, seed, phase_short, metric, allowance=None,
             p.stdout.close()
             track_run(label, None)
     live_clear()
-    out = tail.decode("utf-8", "replace")
+    run = verdict(args, label, p.returncode, log, stopped, limit, allowance, metric, seconds)
+    if plain:
+        say(f"autoresearch: run {label} ended after {run.seconds:.0f}s: {run.status}" +
+            (f", {metric.column} {fmt(run.value)}" if run.value is not None else f" ({run.reason})"))
+    return run
+
+
+def verdict(args, label, returncode, log, stopped, limit, allowance, metric, seconds):
+    """The Run of a finished run.sh; a set-up error stops the loop (not the candidate's fault)."""
+    out, log_path = log.tail.decode("utf-8", "replace"), f"logs/{label}.log"
     metrics = parse_metrics(out)
     if stopped:
         status, reason = stopped, (f"harness wall-clock limit {limit}s exceeded" if stopped == "timeout" else
                                    "stopped: its round was interrupted")
     else:
-        status, reason = run_verdict(args, label, p.returncode, out, metrics, allowance, metric)
+        status, reason = run_verdict(args, label, returncode, out, metrics, allowance, metric)
         if status == "setup":
             raise HarnessError(f"./run.sh could not run the sandbox: {reason} (full output: {log_path}). "
                                f"Fix the set-up, then continue with --resume.")
     if status in ("crash", "timeout", "invalid"):
         reason = f"{reason}; log: {log_path}"
     lines = [line for line in out.split("\n") if line.strip()]
-    run = Run(status, reason, metrics, metrics.get(metric.column), time.time() - t0, log_path,
-              "\n".join(lines[-LOG_TAIL_LINES:]))
-    if plain:
-        say(f"autoresearch: run {label} ended after {run.seconds:.0f}s: {status}" +
-            (f", {metric.column} {fmt(run.value)}" if run.value is not None else f" ({reason})"))
-    return run
+    return Run(status, reason, metrics, metrics.get(metric.column), seconds, log_path,
+               "\n".join(lines[-LOG_TAIL_LINES:]))

@@ -552,7 +552,7 @@ def test_harness_cuts_a_flooding_log_and_kills_a_run_past_its_wall_clock(tmp_pat
     monkeypatch.setattr(engine.runs, "LOG_MAX_BYTES", 1 << 20)
     (repo / "train.py").write_text(TINY_TRAINER + "for i in range(3 * 1024):\n    print('x' * 1023)\n"
                                    + TINY_TRAINER_MAIN)
-    run = run_sandbox(types.SimpleNamespace(time_budget=2), "7", "runs/7", 1, "p")
+    run = run_sandbox(types.SimpleNamespace(time_budget=2), "7", "runs/7", 1, "p", project_metric())
     assert run.status == "ok" and run.value > 1, run.tail
     log = (repo / "logs" / "7.log").read_bytes()
     head, note, tail = log.partition(b"\n[autoresearch: log cut at 1 MiB; its last 256 KiB follow]\n")
@@ -568,7 +568,7 @@ def test_harness_cuts_a_flooding_log_and_kills_a_run_past_its_wall_clock(tmp_pat
         60, "run.sh to start"))
     watch.start()
     t0 = time.time()
-    run = run_sandbox(types.SimpleNamespace(time_budget=1), "8", "runs/8", 1, "p")
+    run = run_sandbox(types.SimpleNamespace(time_budget=1), "8", "runs/8", 1, "p", project_metric())
     took = time.time() - t0
     watch.join()
     assert run.status == "timeout" and run.reason == f"harness wall-clock limit 9s exceeded; log: {run.log}", run.reason
