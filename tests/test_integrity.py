@@ -320,17 +320,17 @@ stats()
 print("exported batch-centred encoders", flush=True)
 '''
 # The same across batches: a graph that updates a buffer carries what it saw (here a running mean) to the next call.
+# In-place ops are refused by name; instance_norm with running statistics updates them without saying so.
 STATEFUL = HONEST + r'''
 class SImg(Img):
     def __init__(s):
         super().__init__()
-        s.register_buffer("total", torch.zeros(8))
-        s.register_buffer("count", torch.zeros(()))
+        s.register_buffer("seen", torch.zeros(8))
+        s.register_buffer("var", torch.ones(8))
     def forward(s, images):
         e = super().forward(images)
-        s.total.add_(e.sum(0))
-        s.count.add_(e.shape[0])
-        return e - s.total / s.count
+        torch.nn.functional.instance_norm(e.unsqueeze(-1).expand(-1, -1, 2), s.seen, s.var, use_input_stats=True)
+        return e - s.seen
 export(SImg(), Txt())
 stats()
 print("exported a stateful image encoder", flush=True)
