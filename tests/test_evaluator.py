@@ -355,7 +355,7 @@ def test_batch_position_cheat_is_refused_and_defeated_by_the_secret_orders(tiny_
     weak = tmp_path / "weak" / "evaluator.py"
     weak.parent.mkdir()
     shutil.copy2(ROOT / "prepare_data.py", weak.parent)
-    check = "        _check_batch_independence(self.child, which, arrays, out, batch, self.rng)\n"
+    check = "        _check_batch_independence(program, out, again)\n"
     assert check in (ROOT / "evaluator.py").read_text()
     weak.write_text((ROOT / "evaluator.py").read_text().replace(check, ""))
     p = evaluate(run, tiny_data, evaluator=weak)
