@@ -27,6 +27,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(0, ROOT)
 from engine.agent import build_user_message
+from engine.project import project_metric  # noqa: E402
 from engine.judge import parse_metrics
 from engine.results import load_results
 from fake_ollama import FakeOllama, estimate_tokens, tool_call  # noqa: E402
@@ -97,7 +98,7 @@ def main():
             src = f.read()
         t = time.perf_counter()
         for _ in range(1000):
-            build_user_message(MR, src, "notes\n" * 100, loop_rows, "best", "Phase 1: x", "logs/1.log")
+            build_user_message(project_metric(), src, "notes\n" * 100, loop_rows, "best", "Phase 1: x", "logs/1.log")
         build_us = (time.perf_counter() - t) * 1000
         chars = [sum(len(m["content"]) for m in r["messages"]) + len(json.dumps(r["tools"])) for r in firsts]
         toks = [estimate_tokens(r) for r in firsts]

@@ -6,6 +6,7 @@ import json
 import re
 
 from conftest import ROOT, run_py
+from evaluator import check_archive
 
 BERT_VOCAB, BERT_DIM = 30522, 768  # distilbert-base-uncased: the real tokenizer's embedding table
 
@@ -42,3 +43,5 @@ def test_cuda_preset_shapes_train_and_export_on_cpu(tiny_data, tmp_path):
     print(f"CUDA-preset export: image {img / 2**20:.0f} MiB, text {txt / 2**20:.0f} MiB; "
           f"with DistilBERT's vocabulary {full / 2**20:.0f} MiB")
     assert 80e6 < img < 100e6 and 300e6 < full < 400e6, (img, txt, full)
+    for name in ("image_encoder.pt2", "text_encoder.pt2"):   # every op of the paper-scale graphs is allowlisted
+        check_archive((out / name).read_bytes())
