@@ -84,6 +84,9 @@ for n in AUTORESEARCH_MEMORY AUTORESEARCH_SHM_SIZE AUTORESEARCH_HANDOFF_SIZE; do
     [[ -z ${!n:-} || ${!n,,} =~ ^[0-9]+(\.[0-9]+)?[kmgt]?$ && ${!n} =~ [1-9] ]] ||
         die "$n must be a size like 16g or 500m, got '${!n}'"
 done
+BATCH_TOLERANCE="${AUTORESEARCH_BATCH_TOLERANCE:-0}"
+[[ $BATCH_TOLERANCE =~ ^[0-9]*\.?[0-9]+([eE]-?[0-9]+)?$ ]] ||
+    die "AUTORESEARCH_BATCH_TOLERANCE must be a number of 0 or more like 1e-4, got '$BATCH_TOLERANCE'"
 [[ -z ${AUTORESEARCH_CPUS:-} || ($AUTORESEARCH_CPUS =~ ^[0-9]*\.?[0-9]+$ && $AUTORESEARCH_CPUS =~ [1-9]) ]] ||
     die "AUTORESEARCH_CPUS must be a positive number of cores like 2 or 0.5, got '$AUTORESEARCH_CPUS'"
 BUDGET="${AUTORESEARCH_TIME_BUDGET:-300}"
@@ -351,6 +354,7 @@ setup_none() {
     mapfile -t envs < <(common_env "$RUN_DIR" "$DATA" "$WEIGHTS")
     TRAIN=(env "${envs[@]}" "$PY" -c "$LAUNCHER" "$WORK/code/train.py" "${PRELOAD[@]}")
     EVAL=(env "${envs[@]}" TORCH_FORCE_WEIGHTS_ONLY_LOAD=1 AUTORESEARCH_EVAL_TIMEOUT="$EVAL_TIMEOUT"
+          AUTORESEARCH_BATCH_TOLERANCE="$BATCH_TOLERANCE"
           "$PY" evaluator.py --evaluate "$RUN_DIR" --split "$EVAL_SPLIT" --data -)
 }
 
@@ -500,6 +504,7 @@ setup_sandbox() {
     # The split is streamed in on stdin rather than mounted: no file in the container holds it, so only the trusted
     # evaluator has it, never the child process that runs the graphs.
     EVAL=("${BASE[@]}" "${env[@]}" -e TORCH_FORCE_WEIGHTS_ONLY_LOAD=1 -e AUTORESEARCH_EVAL_TIMEOUT="$EVAL_TIMEOUT"
+          -e AUTORESEARCH_BATCH_TOLERANCE="$BATCH_TOLERANCE"
           -v "$REPO/evaluator.py:$C_CODE/evaluator.py:ro" -v "$REPO/prepare_data.py:$C_CODE/prepare_data.py:ro"
           -v "$RUN_DIR:$C_OUT:ro,noexec,nosuid,nodev" "${MODE_ARGS[@]}" "${ROOTFS[@]}"
           "$PY" evaluator.py --evaluate "$C_OUT" --split "$EVAL_SPLIT" --data -)

@@ -1,5 +1,5 @@
-"""Batch independence (evaluator.py, no podman): every row is encoded twice, next to other batch-mates each time, and
-the two outputs must agree row by row, at any scale. Graphs that use the rest of their batch are refused however they
+"""Batch independence (evaluator.py, no podman): every row is encoded twice, in batches of the same size and next to
+other batch-mates the second time, and its outputs must be bitwise the same, at any scale. Graphs that use the rest of their batch are refused however they
 scale their outputs or however few rows they cheat on, and so is a language-model fork's program that looks its
 answer up in the next row. Through ./run.sh: test_integrity.py::test_batch_dependence_is_refused_at_any_scale."""
 import json
@@ -16,37 +16,56 @@ sys.path.insert(0, str(ROOT))
 import evaluator as ev  # noqa: E402
 
 
-def test_every_row_meets_other_batch_mates_in_the_second_pass():
+def test_every_row_meets_other_batch_mates_in_batches_of_the_same_size():
     rng = np.random.default_rng(0)
     for n in [*range(1, 1100), 4096, 10007, 65536]:
-        first, second = ev._batch_sizes(n)
-        assert 1 <= first <= max(1, n // 2 + n % 2) and 1 <= second <= min(n, ev.BATCH), n
-        if n > 1:   # whatever the orders: no batch of the second pass is a batch of the first
-            one, two = ({frozenset(p[i:i + b]) for i in range(0, n, b)} for p, b in (
-                (rng.permutation(n), first), (rng.permutation(n), second)))
-            assert not one & two, n
+        first, second, b = ev.passes(n, rng)
+        assert len(first) == len(second) and len(first) % b == 0 and 1 <= b <= min(ev.BATCH, n // 2 + n % 2), n
+        assert set(first) == set(range(n)) and sorted(first) == sorted(second), n   # every row, the same copies
+        if b > 1:   # every row is sent next to two different sets of batch-mates at least (a row alone has none)
+            mates = {}
+            for p in (first, second):
+                for j in range(0, len(p), b):
+                    for i in p[j:j + b]:
+                        mates.setdefault(i, set()).add(frozenset(p[j:j + b]) - {i})
+            assert all(len(m) >= 2 for m in mates.values()), n
 
 
-def check(a, b):
-    ev._check_batch_independence("model.pt2", np.asarray(a, np.float32), np.asarray(b, np.float32))
+def check(outputs, order=None):
+    """_check_batch_independence on outputs for `order` (default: each row once, then each again)."""
+    outputs = np.asarray(outputs, np.float32)
+    order = np.tile(np.arange(len(outputs) // 2), 2) if order is None else np.asarray(order)
+    return ev._check_batch_independence("model.pt2", order, outputs)
 
 
-def test_outputs_are_compared_row_by_row_relative_to_each_rows_norm():
+def test_every_output_of_a_row_must_be_bitwise_the_same():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(1000, 16)).astype(np.float32)
+    assert (check(np.concatenate([a, a])) == a).all()
+    changed = a.copy()
+    changed[7, 0] = np.nextafter(changed[7, 0], np.inf)   # one bit of one row of a thousand
+    for scale in (1e-30, 1e-9, 1, 1e30):
+        with pytest.raises(ev.Refused, match=r"in another batch \(1 of 1000 rows changed"):
+            check(np.concatenate([scale * a, scale * changed]))
+    # a huge constant column, as cosine scoring ignores: no tolerance to hide a cheat in the others
+    diluted = np.concatenate([a, np.full((1000, 1), 1e6, np.float32)], axis=1)
+    cheat = diluted.copy()
+    cheat[:, :16] += 0.5 * rng.normal(size=(1000, 16))
+    with pytest.raises(ev.Refused, match="1000 of 1000 rows changed"):
+        check(np.concatenate([diluted, cheat]))
+    # a row that pads a batch is held to its other outputs too
+    with pytest.raises(ev.Refused, match="1 of 2 rows changed"):
+        check([[1.0, 2.0], [3.0, 4.0], [1.0, 2.0], [3.0, 4.0], [1.0, 2.5]], [0, 1, 0, 1, 0])
+
+
+def test_a_tolerance_for_hardware_that_does_not_repeat_its_results(monkeypatch):
     rng = np.random.default_rng(0)
     a = rng.normal(size=(1000, 16))
     rounding = a * (1 + 1e-6 * rng.normal(size=a.shape))
-    changed = a.copy()
-    changed[7, 0] += 1e-3 * np.linalg.norm(a[7])   # one row of a thousand
-    for scale in (1e-30, 1e-9, 1, 1e30):        # 1e30: squares overflow float32, not float64
-        check(scale * a, scale * rounding)
-        with pytest.raises(ev.Refused, match=r"in another batch \(1 of 1000 rows changed"):
-            check(scale * a, scale * changed)
-    zero = np.zeros((2, 4))
-    check(zero, zero)
-    with pytest.raises(ev.Refused, match="1 of 2 rows changed, by up to 1 of their norm"):
-        check(zero, [[0, 0, 0, 1e-30], [0, 0, 0, 0]])   # a zero row matches only a zero row
-    with pytest.raises(ev.Refused, match=r"returned outputs of different sizes \[1, 2\]"):
-        check(np.ones((2, 1)), np.ones((2, 2)))          # one batch of 2 against two of 1: a width per batch size
+    monkeypatch.setattr(ev, "BATCH_TOLERANCE", 1e-4)
+    check(np.concatenate([a, rounding]))
+    with pytest.raises(ev.Refused, match="allowed 0.0001.*AUTORESEARCH_BATCH_TOLERANCE"):
+        check(np.concatenate([a, a * (1 + 1e-3)]))
 
 
 # ZCA whitening of each batch (matmuls only: Newton-Schulz for the inverse square root), scaled: the forgery the
@@ -161,8 +180,8 @@ def test_a_program_that_looks_up_its_answer_in_the_rest_of_its_batch_is_refused(
         p.out + p.err
     # the attack is real: without the check, a quarter of the rows find their answer next to them (in a batch of
     # 256 of 1001), and only those change in another batch
-    check = "        _check_batch_independence(program, out, again)\n"
+    check = "    changed = np.unique(order[drift > BATCH_TOLERANCE])\n"
     assert check in evaluator.read_text()
-    evaluator.write_text(evaluator.read_text().replace(check, ""))
+    evaluator.write_text(evaluator.read_text().replace(check, "    changed = []\n"))
     p = evaluate(run, data, evaluator=evaluator)
     assert p.returncode == 0 and float(p.values["val_bpb"]) < float(honest.values["val_bpb"]) - 0.5, p.out + p.err

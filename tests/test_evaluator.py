@@ -355,9 +355,9 @@ def test_batch_position_cheat_is_refused_and_defeated_by_the_secret_orders(tiny_
     weak = tmp_path / "weak" / "evaluator.py"
     weak.parent.mkdir()
     shutil.copy2(ROOT / "prepare_data.py", weak.parent)
-    check = "        _check_batch_independence(program, out, again)\n"
+    check = "    changed = np.unique(order[drift > BATCH_TOLERANCE])\n"
     assert check in (ROOT / "evaluator.py").read_text()
-    weak.write_text((ROOT / "evaluator.py").read_text().replace(check, ""))
+    weak.write_text((ROOT / "evaluator.py").read_text().replace(check, "    changed = []\n"))
     p = evaluate(run, tiny_data, evaluator=weak)
     assert p.returncode == 0 and float(p.values["val_mean_rank"]) > 50.5, p.err   # chance is 50.5
 
