@@ -89,9 +89,25 @@ img, txt = Whitened(), Txt()
 '''
 
 
-@pytest.mark.parametrize("scale, part", [("1e-9", 100), ("1e30", 100), ("1", 40)], ids=["tiny", "huge", "partial"])
-def test_a_batch_dependent_program_is_refused_at_any_scale_and_on_a_few_rows(tiny_data, tmp_path, scale, part):
-    run = trainer(tmp_path / "run", tiny_data, WHITENED.replace("@SCALE@", scale).replace("@PART@", str(part)))
+# The same whitening, diluted: a huge constant column on the image side (a zero one on the text side) is ignored by
+# cosine scoring and makes the whitened part tiny beside each row's norm, which a relative tolerance let through.
+DILUTED = WHITENED.replace("img, txt = Whitened(), Txt()", '''class Wide(Whitened):
+    def forward(s, images):
+        e = super().forward(images)
+        return torch.cat([e, torch.full_like(e[:, :1], 1e6)], 1)
+class WideTxt(Txt):
+    def forward(s, input_ids, attention_mask):
+        e = super().forward(input_ids, attention_mask)
+        return torch.cat([e, torch.zeros_like(e[:, :1])], 1)
+img, txt = Wide(), WideTxt()''')
+
+
+@pytest.mark.parametrize("program, scale, part", [(WHITENED, "1e-9", 100), (WHITENED, "1e30", 100),
+                                                  (WHITENED, "1", 40), (DILUTED, "1", 100)],
+                         ids=["tiny", "huge", "partial", "diluted"])
+def test_a_batch_dependent_program_is_refused_at_any_scale_and_on_a_few_rows(tiny_data, tmp_path, program, scale,
+                                                                              part):
+    run = trainer(tmp_path / "run", tiny_data, program.replace("@SCALE@", scale).replace("@PART@", str(part)))
     p = evaluate(run, tiny_data)
     assert p.returncode == 1 and "image_encoder.pt2 gives a different output for the same input in another batch" \
         in p.err and "mean_rank" not in p.out, p.err
