@@ -21,16 +21,38 @@ import re
 import signal
 import sys
 
-from engine.agent import LLMAgent, make_client
-from engine.loop import Loop, startup_checks
+from engine.agent import EDITABLE, LLMAgent, check_model, make_client
+from engine.loop import Loop
 from engine.project import project_metric
-from engine.repo import current_tag, git_identity, lock_repo
+from engine.repo import current_tag, dirty_files, git, git_identity, lock_repo
 from engine.report import report
 from engine.results import load_results
-from engine.runs import gpu_count, host_memory, on_slurm, run_memory, slurm_startup, worker_slots
+from engine.runs import check_sandbox, gpu_count, host_memory, on_slurm, run_memory, slurm_startup, worker_slots
 from engine.settings import check_environment, env_int, parse_args, run_budget
 from engine.tuners import make_tuner
-from engine.util import PROGRAM, HarnessError, live_clear, read_text
+from engine.util import PROGRAM, TRAIN, HarnessError, data_dir, live_clear, read_text
+
+
+def startup_checks(args, client):
+    """Every failure is one message that names the fix (lock_repo has checked that this is a git checkout)."""
+    top = git("rev-parse", "--show-toplevel")
+    if os.path.realpath(top) != os.path.realpath(os.getcwd()):
+        raise HarnessError(f"run autoresearch from the repository root: cd {top}")
+    for f in (TRAIN, PROGRAM, "run.sh"):
+        if not os.path.exists(f):
+            raise HarnessError(f"{f} is missing in {os.getcwd()}")
+    project_metric()   # declared, and declared right
+    if git("rev-parse", "--verify", "-q", "HEAD", check=False) == "":
+        raise HarnessError("the repository has no commit yet: git add -A && git commit -m init")
+    dirty = set(dirty_files()) - (set(EDITABLE) if args.resume else set())
+    if dirty:
+        raise HarnessError("the working tree is not clean (" + ", ".join(sorted(dirty)[:5]) +
+                           "): commit or stash your changes first (git status)")
+    if not os.path.exists(os.path.join(data_dir(), "meta.json")):
+        raise HarnessError(f"no prepared data in {data_dir()}/: run python prepare_data.py")
+    if args.agent == "llm":   # a tuner agent proposes without a model
+        check_model(args, client)
+    check_sandbox(args)
 
 
 def _sigterm(signum, frame):

@@ -1,9 +1,10 @@
 """Verdicts: the trusted block of a run, its status, the time budget, and the rule that keeps or discards."""
 import math
 import re
-import statistics
+from dataclasses import dataclass
+from typing import NamedTuple
 
-from engine.project import project_metric
+from engine.util import fmt
 from engine.verdicts import VERDICTS, Exit, Status
 
 
@@ -88,42 +89,175 @@ def classify_run(returncode, output, metrics, metric, budget=None, allowance=Non
     return status, said[:500 if status == Status.SETUP else 200] or meaning
 
 
-def pooled_sigma(groups):
-    """Run-to-run standard deviation pooled over groups of repeated runs of one commit (different seeds)."""
-    ss, dof = 0.0, 0
-    for g in groups:
-        if len(g) >= 2:
-            m = sum(g) / len(g)
-            ss += sum((x - m) ** 2 for x in g)
-            dof += len(g) - 1
-    return math.sqrt(ss / dof) if dof else None
+# ----------------------------------------------------------------------------------------------
+# The keep rule: the one place where it lives, pure functions that both the loop (engine/loop.py) and the Monte Carlo
+# of tests/bench_research.py drive. Noise is relative: s is a run-to-run SD as a fraction of the metric. The loop:
+#
+#   inc = the baseline's K >= 2 runs; groups = [inc]       # groups: lists of runs of one commit, for pooled_cv
+#   for each candidate:
+#       runs, remeasured = [], 0
+#       while (step := next_step(RULES[name], metric, inc, runs, pooled_cv(groups), remeasured)).action in (
+#               "candidate", "incumbent"):
+#           if step.action == "candidate": runs.append(<the candidate's value on a fresh seed>)
+#           else: inc.append(<the incumbent's value on a fresh seed>); remeasured += 1
+#       if step.action == "keep":
+#           inc = incumbent_after_keep(runs, <the candidate's value on one more fresh seed>); groups.append(inc[1:]...)
+#       elif len(runs) >= 2: groups.append(runs[1:])
+#
+# A candidate's first run stays out of s (the screen picked it for being good: s comes out ~10% too high with it),
+# so the kept commit's group is inc less that run, and grows with its re-measures (a view, or rebuilt each time).
+# s is re-estimated at every step: the re-measures add to it (fewer false keeps while the baseline is all there is).
+# A run that fails is not appended (ask again, or discard). Workers (--workers N): every candidate of a round goes
+# through that while loop against the round's inc, with ONE remeasured count for the round (the incumbent's
+# re-measures are shared); round_winner(metric, {key: runs of each candidate kept}) is the one kept, any other one
+# kept is discarded as beaten. No Sidak: the error rate that matters is per candidate, and next_step holds it. The
+# recorded best of a keep is mean(runs) (step.stat its t); the runs made after it (the one more run, the
+# re-measures) are the honest estimate of the kept code.
+
+@dataclass(frozen=True)
+class Rule:
+    """A keep rule as a table of thresholds on t, one entry per candidate run: after n runs the candidate is
+    discarded if t <= low[n-1], kept if t > high[n-1], else run again; the last entry decides (low == high). The
+    incumbent is run once more after each of the candidate's first `remeasure` runs (per round with workers) that
+    do not end it, while it has fewer than max_incumbent runs."""
+    name: str
+    low: tuple
+    high: tuple
+    max_incumbent: int
+    remeasure: int = 1
+    summary: str = ""   # for the model's prompt
+
+    def bound(self, n, keep):
+        """The t that n runs were held to: high[n-1] for a keep, low[n-1] for a discard (the last entry: both)."""
+        return (self.high if keep else self.low)[min(n, len(self.low)) - 1]
 
 
-def decide(values, best, sigma, z=2.0, floor=0.01, confirm=False, metric=None):
-    """Pure keep/discard rule in the metric's direction. Returns (status, delta = mean - best, threshold, why).
+T_SCREEN, T_KEEP = 1.1, 1.85    # the default rule's two thresholds, tuned by tests/bench_research.py --mc-searches
+RULES = {
+    # screen, then confirm: ~1.4 runs per candidate; at equal compute the best final gain of the rules measured
+    "screen": Rule("screen", low=(T_SCREEN, -math.inf, T_KEEP), high=(math.inf, math.inf, T_KEEP), max_incumbent=5,
+                   summary=f"one run screens it (it goes on if t > {T_SCREEN}), two more confirm it (kept if "
+                           f"t > {T_KEEP} over its three runs)"),
+    # strict, a truncated SPRT: Wald's boundaries B/th + th/2 and A/th + th/2 (B = -2, A = 4.4, then raised by 0.2)
+    # for a 10% gain at 7.5% noise, th = 1.33 / sqrt(1/n + 1/12); at 10 runs keep iff t > 2.2. ~5 runs per candidate
+    "sequential": Rule("sequential", low=(-0.9, -0.3, 0.1, 0.3, 0.5, 0.6, 0.7, 0.8, 0.8, 2.2),
+                       high=(math.inf, 3.6, 3.4, 3.3, 3.2, 3.2, 3.2, 3.2, 3.2, 2.2), max_incumbent=32, remeasure=6,
+                       summary="it runs again until a sequential test decides, up to 10 runs"),
+}
+OUTLIER_T = 5.0     # a run this many SDs from its group's other runs is an outlier (pooled_cv, incumbent_mean)
 
-    Keep iff mean(values) improves on best by more than threshold = max(z*sigma/sqrt(n), floor*|best|), where n
-    runs (different seeds) average the noise down. With confirm, a single run that improves on best by more than
-    the floor asks for a second run ("confirm"); it is kept if both runs improve on best by more than the floor
-    and their mean passes the threshold. sigma None (unknown) falls back to the floor alone."""
-    if not values:
-        raise ValueError("decide needs at least one value")
-    metric = metric or project_metric()
-    n = len(values)
-    mean = sum(values) / n
-    delta, gain = mean - best, metric.gain(mean, best)
-    floor_abs = floor * abs(best)
-    threshold = max(z * sigma / math.sqrt(n), floor_abs) if sigma else floor_abs
-    sig = "unknown" if sigma is None else f"{sigma:.4g}"
-    why = f"delta {delta:+.4g}, sigma {sig}, threshold {threshold:.4g}, n {n}"
-    if confirm:
-        if n == 1:
-            return ("confirm" if gain > floor_abs else "discard"), delta, threshold, why
-        if any(metric.gain(v, best) <= floor_abs for v in values):
-            return "discard", delta, threshold, why + ", runs disagree"
-    if gain > threshold:
-        return "keep", delta, threshold, why + ", improvement > threshold"
-    return "discard", delta, threshold, why + ", not > threshold"
+
+class Step(NamedTuple):
+    action: str     # "candidate" (run it once more) | "incumbent" (run the incumbent once more) | "keep" | "discard"
+    stat: float     # t, the decision's statistic (None before the candidate's first run)
+    reason: str
+
+
+def _ss(g):
+    """Sum of squared deviations of a group of runs from its mean, relative to that mean (0 under 2 runs)."""
+    if len(g) < 2:
+        return 0.0
+    m = sum(g) / len(g)
+    return sum((x - m) ** 2 for x in g) / m ** 2
+
+
+def _farthest(groups):
+    """{group: (e, run)}: in each group of >= 2 runs, the run farthest from the mean of the group's other runs, e its
+    relative deviation from that mean scaled to one run's SD: |x / mean(others) - 1| / sqrt(1 + 1/(n-1))."""
+    out = {}
+    for i, g in enumerate(groups):
+        n, total = len(g), sum(g)
+        if n >= 2:
+            e, j = max((abs(x * (n - 1) / (total - x) - 1) if total != x else math.inf, j) for j, x in enumerate(g))
+            out[i] = (e / math.sqrt(n / (n - 1)), j)
+    return out
+
+
+def pooled_cv(groups, cut=None):
+    """Pure. The run-to-run SD relative to the metric (as a fraction of each group's mean), pooled over groups of
+    repeated runs of one commit (different seeds); groups of < 2 runs (or of mean 0) count for nothing; None if none.
+    Robust to outliers (runs on a busy machine), one per group: of the runs farthest from their group's other runs,
+    the k most extreme (k = 1, 2, 3: an outlier must not hide another by inflating the SD it is judged by) are left
+    out if each is more than `cut` (OUTLIER_T) times the pooled SD of every run but those k away from its group's
+    other runs; repeated until none is. A Gaussian run passes 5 SDs about once in 2 million, but a baseline of
+    K = 5 runs judged alone has 3 degrees of freedom to judge by: about 1 clean one in 13 loses a run."""
+    groups, cut, done = [list(g) for g in groups if len(g) >= 2 and sum(g)], OUTLIER_T if cut is None else cut, set()
+    while True:
+        ss = [_ss(g) for g in groups]
+        total, dof = sum(ss), sum(len(g) - 1 for g in groups)
+        top = sorted(((e, i, j) for i, (e, j) in _farthest(groups).items() if i not in done), reverse=True)[:3]
+        for k in range(1, len(top) + 1):
+            rest = total - sum(ss[i] - _ss(groups[i][:j] + groups[i][j + 1:]) for _, i, j in top[:k])
+            ref = math.sqrt(max(rest, 0.0) / (dof - k)) if dof > k else None
+            if ref is not None and all(e > cut * ref for e, _, _ in top[:k]):
+                for _, i, j in top[:k]:
+                    del groups[i][j]
+                    done.add(i)
+                break
+        else:
+            return math.sqrt(total / dof) if dof else None
+
+
+def incumbent_mean(runs, s, cut=None):
+    """Pure. (mean, n) of the incumbent's runs less the one (at most; of 3 or more) farthest from the others' mean if
+    that is more than `cut` (OUTLIER_T) times s away: one slow run of the incumbent would make every candidate look
+    better. A candidate's runs are never trimmed (a bad run counts against it)."""
+    e, j = _farthest([list(runs)]).get(0, (0.0, None)) if len(runs) >= 3 else (0.0, None)
+    kept = [x for k, x in enumerate(runs) if not (k == j and e > (OUTLIER_T if cut is None else cut) * s)]
+    return sum(kept) / len(kept), len(kept)
+
+
+def next_step(rule, metric, incumbent, candidate, s, remeasured):
+    """THE KEEP RULE. Pure: the next run to make, or the verdict, for a candidate (its values so far) against the
+    incumbent (the kept commit's values), in the metric's direction; s is the relative run-to-run noise (pooled_cv),
+    remeasured the number of incumbent runs made so far for this candidate (for this round, with workers).
+
+        I, m = the mean and the number of the incumbent's runs (an outlier run left out: incumbent_mean)
+        t = metric.gain(mean of the candidate's n runs, I) / (s * |I| * sqrt(1/n + 1/m))
+        after n runs: keep if t > rule.high[n-1]; discard if t <= rule.low[n-1] or n is the table's last;
+        else run the incumbent once more if remeasured < min(rule.remeasure, n) and m < rule.max_incumbent,
+        else run the candidate once more.
+
+    RULES["screen"], the default (screen, then confirm): one run of the candidate, discarded if t <= 1.1 (most
+    candidates with no real gain end there, after one run); else one more run of the incumbent while it has fewer
+    than 5 runs, two more of the candidate, and keep iff t > 1.85 on its three runs. RULES["sequential"] (strict): a
+    truncated sequential test of up to 10 runs, the incumbent re-measured alongside up to 32 runs. After a keep, one
+    more run of the candidate: incumbent_after_keep. s = 0 (training that repeats itself exactly): any gain is real,
+    after the same runs. ValueError if s is unknown (the baseline needs >= 2 runs) or the incumbent has no run."""
+    if s is None or not 0 <= s < math.inf:
+        raise ValueError(f"the keep rule needs the run-to-run noise, s = {s}: the baseline needs >= 2 runs "
+                         "(--noise-runs >= 2)")
+    if not incumbent:
+        raise ValueError("the keep rule needs at least one run of the incumbent")
+    if not candidate:
+        return Step("candidate", None, "first run")
+    best, m = incumbent_mean(incumbent, s)
+    if not best:
+        raise ValueError("the keep rule's noise is relative: it needs a metric whose values are not 0")
+    n = len(candidate)
+    gain, se = metric.gain(sum(candidate) / n, best), s * abs(best) * math.sqrt(1 / n + 1 / m)
+    t = gain / se if se else math.copysign(math.inf, gain) if gain else 0.0   # no noise: any gain is real
+    why = f"t {t:.3g} after {n} run(s) against {fmt(best)} ({m} run(s)), s {s:.3g}"
+    low, high = rule.low[min(n, len(rule.low)) - 1], rule.high[min(n, len(rule.high)) - 1]
+    if t > high:
+        return Step("keep", t, f"{why}: > {high:g}")
+    if t <= low or n >= len(rule.low):
+        return Step("discard", t, f"{why}: not > {high if n >= len(rule.low) else low:g}")
+    if int(remeasured) < min(rule.remeasure, n) and len(incumbent) < rule.max_incumbent:
+        return Step("incumbent", t, f"{why}: > {low:g}, the incumbent once more first")
+    return Step("candidate", t, f"{why}: > {low:g}, once more" if low > -math.inf else f"{why}: once more")
+
+
+def incumbent_after_keep(candidate_runs, fresh_run):
+    """Pure. The new incumbent's runs after a keep: the candidate's runs and the one run made after its keep (None if
+    that run failed)."""
+    return [*candidate_runs, *([] if fresh_run is None else [fresh_run])]
+
+
+def round_winner(metric, kept):
+    """Pure. Workers: of the candidates that next_step kept in one round ({key: their runs}), the key of the one to
+    keep: the best mean in the metric's direction (ties: the first). None if none. The others are beaten: discarded."""
+    return max(kept, key=lambda k: metric.gain(sum(kept[k]) / len(kept[k]), 0.0), default=None)
 
 
 def baseline_failure(run, seed, values, wall, budget, grace):
@@ -140,30 +274,4 @@ def baseline_failure(run, seed, values, wall, budget, grace):
                 f"export take that long, export AUTORESEARCH_GRACE={2 * grace}; on a busy machine, free it first.")
     return (f"baseline seed {seed} failed ({run.status}: {run.reason}); see {run.log}"
             + (f" (the {len(values)} finished seeds are recorded)" if values else "") +
-            f". Fix train.py or the sandbox, and commit the fix on this branch (a new commit runs every seed again).")
-
-
-def sidak_z(z, n):
-    """Pure. The z each of n candidates must pass so that the best of n seed-only candidates passes no more often
-    than one candidate passes z (Šidák): alpha = 1 - Phi(z), alpha_n = 1 - (1 - alpha)^(1/n),
-    z_n = Phi^-1(1 - alpha_n)."""
-    if n == 1:
-        return z   # exactly, not through two roundings
-    nd = statistics.NormalDist()
-    alpha_n = -math.expm1(math.log1p(-nd.cdf(-z)) / n)   # 1 - (1 - alpha)^(1/n) without cancellation
-    return -nd.inv_cdf(alpha_n)
-
-
-def decide_round(best, sigma, values, z, floor=0.01, confirm=False, metric=None):
-    """Pure. The end of a round: each candidate ({experiment: its value}) is decided against the round's starting
-    best with the round's z (sidak_z); the best that passes goes on (keep, or confirm), every other that passes is
-    discarded as beaten. Returns (winner or None, {experiment: (status, delta, threshold, why)})."""
-    metric = metric or project_metric()
-    out = {e: decide([v], best, sigma, z, floor, confirm, metric) for e, v in values.items()}
-    passing = [e for e, d in out.items() if d[0] != "discard"]
-    winner = max(passing, key=lambda e: (metric.gain(values[e], best), -e), default=None)   # ties: the earlier one
-    for e in passing:
-        if e != winner:
-            _, delta, thr, why = out[e]
-            out[e] = ("discard", delta, thr, f"beaten in round by experiment {winner} ({why})")
-    return winner, out
+            ". Fix train.py or the sandbox, and commit the fix on this branch (a new commit runs every seed again).")

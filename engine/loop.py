@@ -1,109 +1,62 @@
-"""The research loop: the baseline, then experiments (alone or in rounds of workers), each kept or reverted."""
-import difflib
-import math
+"""The research loop: a baseline, then rounds of experiments (one, or one per worker), each kept or reverted.
+
+An experiment's life, the same for one worker and for N (Loop.round):
+  1. propose: the agent (agent.LLMAgent or a tuners.Tuner) edits train.py in the worker's worktree, which becomes one
+     candidate commit; its run, started when the proposal began (./run.sh --wait), gets its go and trains. A crash goes
+     back to the LLM, which may fix it (--fix-attempts).
+  2. judge: the keep rule (judge.next_step) asks for more runs of the candidate, or of the incumbent, until it says
+     keep or discard. Of a round's kept candidates the best is kept (judge.round_winner), the others are beaten.
+  3. conclude: the winner becomes the keep commit on the branch and runs once more (the honest estimate of the kept
+     code); everything else is reverted (the notes survive); every experiment is one row of results.tsv.
+The main checkout holds the best commit throughout: the incumbent's re-measures run there, the candidates in
+.worktrees/w<k>. Ctrl-C, SIGTERM or an error stops every run in flight (recorded interrupted); kill -9: --resume.
+"""
 import os
-import re
-import shutil
 import signal
-import subprocess
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from engine.agent import (CHARS_PER_TOKEN, EDITABLE, PROMPT_OTHER_CHARS, READABLE, READ_MAX_CHARS, SCRATCHPAD_MAX_CHARS,
-    TOKEN_RESERVE, TOOLS, TOOL_RESULT_MAX, apply_edit, build_system_prompt, build_user_message, check_model, check_path,
-    fill_metric, is_transient, ollama_error, parse_error, parse_phases, parse_tool_calls, phase_index, read_scratchpad,
-    train_limit, unwritable)
-from engine.judge import (ALLOWANCE_MIN, ALLOWANCE_SHARE, baseline_failure, budget_allowance, decide, decide_round,
-    pooled_sigma, sidak_z)
-from engine.project import project_metric
-from engine.repo import dirty_files, git, sweep_worktrees, worktree
+from engine import branch
+from engine.agent import parse_phases, phase_index, read_scratchpad
+from engine.judge import (ALLOWANCE_MIN, ALLOWANCE_SHARE, RULES, baseline_failure, budget_allowance, incumbent_mean,
+                          next_step, pooled_cv, round_winner)
+from engine.repo import git, sweep_worktrees, worktree
 from engine.report import report_test, summary, write_report
-from engine.results import (Outcome, append_row, cell, commit_message, decision_line, load_results, make_row,
-    noise_groups, parse_trailers, pending_baseline, runs_of, state_from_rows, typed_row, upgrade_results)
-from engine.runs import Run, cancel_run, check_sandbox, on_slurm, run_grace, run_sandbox, start_run, stop_orphan
-from engine.util import (HarnessError, PROGRAM, RESULTS, SCRATCHPAD, TRAIN, WORKTREES, clean_text, data_dir, encodable,
-    fmt, num, read_text, say, write_text)
-
-
-def startup_checks(args, client):
-    """Every failure is one message that names the fix (lock_repo has checked that this is a git checkout)."""
-    top = git("rev-parse", "--show-toplevel")
-    if os.path.realpath(top) != os.path.realpath(os.getcwd()):
-        raise HarnessError(f"run autoresearch from the repository root: cd {top}")
-    for f in (TRAIN, PROGRAM, "run.sh"):
-        if not os.path.exists(f):
-            raise HarnessError(f"{f} is missing in {os.getcwd()}")
-    project_metric()   # declared, and declared right
-    if git("rev-parse", "--verify", "-q", "HEAD", check=False) == "":
-        raise HarnessError("the repository has no commit yet: git add -A && git commit -m init")
-    dirty = dirty_files()
-    allowed_dirty = set(EDITABLE) if args.resume else set()
-    if set(dirty) - allowed_dirty:
-        raise HarnessError("the working tree is not clean (" + ", ".join(sorted(dirty)[:5]) +
-                           "): commit or stash your changes first (git status)")
-    if not os.path.exists(os.path.join(data_dir(), "meta.json")):
-        raise HarnessError(f"no prepared data in {data_dir()}/: run python prepare_data.py")
-    if args.agent == "llm":   # a tuner agent proposes without a model
-        check_model(args, client)
-    check_sandbox(args)
-
-
-def merge_scratchpads(base, finals):
-    """Pure. The round's scratchpad: base (the notes at the round's start) and, under a heading per experiment, the
-    lines each worker added or rewrote ({experiment: its final scratchpad}). A worker that deleted or condensed base
-    lines deletes them for nobody; a note already present (in base or from an earlier worker) is not repeated."""
-    out = base.rstrip("\n").split("\n") if base.strip() else []
-    seen = {line.strip() for line in out if line.strip()}
-    old = base.split("\n")
-    for exp, text in finals.items():
-        new = text.split("\n")
-        added = [line for tag, _, _, j1, j2 in difflib.SequenceMatcher(None, old, new, autojunk=False).get_opcodes()
-                 if tag in ("insert", "replace") for line in new[j1:j2]]
-        added = [line for line in added if line.strip() and line.strip() not in seen]
-        if added:
-            out += [""] * bool(out) + [f"## Notes of experiment {exp}", *added]
-            seen.update(line.strip() for line in added)
-    return "\n".join(out) + "\n"
+from engine.results import Outcome, append_row, decision_line, incumbent, make_row, noise_groups, pending_baseline
+from engine.runs import Run, cancel_run, on_slurm, run_grace, run_sandbox, start_run
+from engine.util import HarnessError, PROGRAM, TRAIN, fmt, read_text, say
 
 
 @dataclass
 class Worker:
-    """One worker of a round: its slot, its worktree, its experiment and conversation, and its run in a thread."""
+    """One worker of a round: its worktree and slot, its experiment and conversation, and its run in a thread."""
     index: int
     path: str
     slot: dict
     o: Outcome
-    messages: list = field(default_factory=list)
+    conv: list = None
     fixes: int = 0
     run: Run = None
-    started: subprocess.Popen = None   # its run, waiting for its go while the model writes (start_run)
-    error: BaseException = None
+    started: object = None             # its run, waiting for its go while the agent proposes (start_run)
     thread: threading.Thread = None
+    error: BaseException = None
     concluded: bool = False
 
 
 class Loop:
     def __init__(self, args, agent, slots=None, alone=None):
-        self.args, self.agent = args, agent  # the proposer: LLMAgent (agent.py) or a Tuner (tuners.py)
-        self.slots = slots                   # --workers N: each worker's run environment (worker_slots, run_memory)
-        self.alone = alone or {}             # the environment of a run alone on the machine (run_memory)
+        self.args, self.agent, self.metric = args, agent, agent.metric   # LLMAgent, or a Tuner
+        self.rule = RULES[args.rule]
+        self.slots, self.alone = slots, alone or {}   # each worker's run environment; a run alone on the machine's
         self.branch = f"autoresearch/{args.tag}"
-        self.metric = agent.metric
         self.phases = parse_phases(read_text(PROGRAM))
-        self.last_log = None
-        self.rows = []                       # typed (make_row); read from results.tsv only on --resume
+        self.rows, self.last_log = [], None           # typed rows (make_row): read from results.tsv only on --resume
 
-    # --- state -----------------------------------------------------------------------------------
-    @property
-    def best(self):
-        return state_from_rows(self.rows)[0]
-
-    def sigma(self):
-        return pooled_sigma(noise_groups(self.rows))
-
-    def allowance(self):
-        return budget_allowance(self.args.time_budget, self.args.allowance)
+    # --- state, all of it from the rows ----------------------------------------------------------------
+    def noise(self, extra=()):
+        """The incumbent's runs (with `extra` re-measures in flight) and the relative noise s (judge.pooled_cv)."""
+        return incumbent(self.rows)[0] + list(extra), pooled_cv(noise_groups(self.rows, extra))
 
     def phase(self):
         i = phase_index([r["status"] for r in self.rows], len(self.phases), self.args.phase_every,
@@ -118,139 +71,50 @@ class Loop:
         return max([int(r["experiment"]) for r in self.rows], default=-1) + 1
 
     def outcome(self, exp, **fields):
-        """A new experiment's Outcome, by this loop's agent. Every experiment is a round of its own (the baseline's
-        is 0), on worker 0."""
         fields.setdefault("round", max((r["round"] for r in self.rows), default=0) + 1)
         return Outcome(exp, agent=self.agent.name, time_budget=self.args.time_budget, **fields)
 
+    def allowance(self):
+        return budget_allowance(self.args.time_budget, self.args.allowance)
+
     def record(self, o):
-        row = make_row(o, self.rows, self.metric, time.time())
-        append_row(row, self.metric)
-        self.rows.append(row)
+        self.rows.append(make_row(o, self.rows, self.metric, time.time()))
+        append_row(self.rows[-1], self.metric)
 
     def conclude(self, o):
-        """The one ending of every experiment: a keep amends its candidate into the keep commit, anything else goes
-        back to where it started (the scratchpad notes survive), and its row is recorded. The row comes after the
-        keep commit and before the revert, so that a kill -9 anywhere leaves what --resume recovers it from."""
-        if o.status == "keep":
-            self.commit_keep(o)
-        scratch = read_scratchpad()
+        """The one ending of every experiment: its row, then, unless kept, the branch back to where it started. The row
+        comes first, so that a kill -9 anywhere leaves what --resume recovers it from."""
         self.record(o)
         if o.status != "keep" and o.base:
-            self.restore(o.base, scratch)
-        self.cleanup_runs()
+            git("reset", "-q", "--hard", o.base)
         say("autoresearch: " + decision_line(self.rows[-1], self.metric))
 
-    # --- branch set-up and resume reconciliation ----------------------------------------------------
-    def setup(self):
-        os.makedirs("runs", exist_ok=True)
-        stop_orphan()
-        exists = git("rev-parse", "--verify", "-q", f"refs/heads/{self.branch}", check=False) != ""
-        if not self.args.resume:
-            if exists:
-                raise HarnessError(f"branch {self.branch} already exists: pass --resume, or a new --tag")
-            if load_results():
-                raise HarnessError(f"{RESULTS} holds results of an earlier run: pass --resume --tag TAG, "
-                                   f"or move it away (mv {RESULTS} results-old.tsv)")
-            sweep_worktrees()
-            git("checkout", "-q", "-b", self.branch)
-            return
-        if not exists:
-            raise HarnessError(f"nothing to resume: branch {self.branch} does not exist (check --tag)")
-        self.rows = [typed_row(r, self.metric) for r in load_results(metric=self.metric)]
-        upgrade_results(self.metric)
-        scratch = read_scratchpad()
-        git("checkout", "-q", "-f", self.branch)
-        head = git("rev-parse", "HEAD")
-        _, target, _, _ = state_from_rows(self.rows)
-        round_start = None   # the notes a recovered round started from
-        if target and head != target:
-            tr = parse_trailers(git("log", "-1", "--format=%B", head))
-            exp = tr.get("Experiment", "")
-            if exp.isdigit() and int(exp) not in {r["experiment"] for r in self.rows}:
-                where = {k.lower(): int(tr[k]) for k in ("Round", "Worker") if tr.get(k, "").isdigit()}
-                o = self.outcome(int(exp), commit=head, description=tr.get("Hypothesis", ""), phase=tr.get("Phase", ""),
-                                 **where)
-                if tr.get("Status") == "keep":
-                    # killed after the keep commit, before its row (in the second seed's run, or just after it): the
-                    # commit carries the result, decided on its first run
-                    o.values, o.delta, o.threshold = runs_of({"runs": tr.get("Runs")}), num(tr.get("Delta")), \
-                        num(tr.get("Threshold"))
-                    o.status, o.reason = "keep", f"recovered from the keep commit on resume ({len(o.values)} run(s))"
-                    self.record(o)
-                    round_start = git("show", f"{target}:{SCRATCHPAD}", check=False)
-                    target = head
-                elif tr.get("Status") == "candidate":
-                    o.base, o.reason = target, "killed during the run; recovered on resume"
-                    self.record(o)
-        notes = self.recover_workers(target)
-        git("reset", "-q", "--hard", target or "HEAD")   # drop half-done edits; the notes are restored below
-        if scratch is not None:
-            self.save_notes(scratch, "notes recovered on resume")
-        if notes:   # onto the notes the round started from: a recovered winner's own are in its keep commit
-            base = read_scratchpad() if round_start is None else round_start
-            self.save_notes(merge_scratchpads(base or "", notes), "notes of workers recovered on resume")
-        sweep_worktrees()
-        self.cleanup_runs()    # hand-offs of runs that were cut short
-        say(f"autoresearch: resuming {self.branch} with {len(self.rows)} recorded experiments")
-
-    def recover_workers(self, base):
-        """--resume after a kill -9 in a round: each worker's candidate commit (in its worktree) that has no row is
-        recorded interrupted. Returns every worker's notes ({experiment, or the worker where it made no candidate:
-        its scratchpad}); sweep_worktrees removes the worktrees afterwards."""
-        notes = {}
-        for d in sorted(os.listdir(WORKTREES)) if os.path.isdir(WORKTREES) else []:
-            path = os.path.join(WORKTREES, d)
-            head = git("rev-parse", "HEAD", cwd=path, check=False) if os.path.exists(os.path.join(path, ".git")) else ""
-            tr = parse_trailers(git("log", "-1", "--format=%B", head, cwd=path)) if head else {}
-            exp = tr.get("Experiment", "")
-            cand = exp.isdigit() and tr.get("Status") == "candidate"
-            if cand and int(exp) not in {r["experiment"] for r in self.rows}:
-                o = self.outcome(int(exp), commit=head, description=tr.get("Hypothesis", ""), phase=tr.get("Phase", ""),
-                                 base=base, round=int(tr.get("Round", 0)), worker=int(tr.get("Worker", 0)),
-                                 reason="killed during the run; recovered on resume")
-                self.record(o)
-            if os.path.exists(os.path.join(path, SCRATCHPAD)):
-                notes[exp if cand else f"? (worker {d[1:]}, stopped before its run)"] = read_text(
-                    os.path.join(path, SCRATCHPAD))
-        return notes
-
-    def save_notes(self, scratch, why):
-        """scratchpad.md survives reverts: write it back and commit it on its own."""
-        if scratch is None or not os.path.exists(SCRATCHPAD) or read_text(SCRATCHPAD) == scratch:
-            return
-        write_text(SCRATCHPAD, scratch)
-        git("add", SCRATCHPAD)
-        git("commit", "-q", "--no-verify", "-m", f"scratchpad: {why}")
-
-    def restore(self, base, scratch):
-        git("reset", "-q", "--hard", base)
-        self.save_notes(scratch, "notes kept across a revert")
-
-    def cleanup_runs(self):
-        """Hand-offs are kept for the baseline and the best (report --test), and a baseline's that --resume continues."""
-        _, _, best_exp, base_exp = state_from_rows(self.rows)
-        pending = pending_baseline(self.rows)
-        keep = {f"runs/{best_exp}", f"runs/{base_exp}", f"runs/{pending and pending['experiment']}"}
-        if os.path.isdir("runs"):
-            for d in os.listdir("runs"):
-                if f"runs/{d}" not in keep and re.fullmatch(r"\d+(-s\d+)?", d):
-                    shutil.rmtree(f"runs/{d}", ignore_errors=True)
-
-    def prestart(self, label, cwd=".", slot=None):
-        """A candidate's run, started when its conversation opens (start_run(wait=True)); not under SLURM, where a
-        job would hold its node while the model thinks."""
-        if not on_slurm(self.args):
-            return start_run(self.args, label, f"runs/{label}", 1, self.allowance(), cwd, slot or self.alone, wait=True)
-
-    def run(self, label, seed, phase_short, allowance=None, started=None):
-        """One run alone on the machine (the baseline's, a candidate's, a second seed)."""
-        run = run_sandbox(self.args, label, f"runs/{label}", seed, phase_short, self.metric, allowance,
-                          slot=self.alone, started=started)
+    # --- runs ---------------------------------------------------------------------------------------------
+    def run(self, label, seed, cwd=".", slot=None, allowance=None, cancel=None, started=None):
+        run = run_sandbox(self.args, label, f"runs/{label}", seed, self.phase().split(":")[0], self.metric, allowance,
+                          cwd, slot or self.alone, cancel, started)
         self.last_log = run.log
         return run
 
-    # --- experiments ---------------------------------------------------------------------------------
+    def in_thread(self, w, *run_args, **run_kw):
+        """Worker w's run in a thread of its own (its Run in w.run; an exception is raised by join)."""
+        def target():
+            try:
+                w.run = self.run(*run_args, **run_kw)
+                w.o.run_seconds += w.run.seconds
+            except BaseException as e:  # noqa: BLE001 -- handed to the main thread, which raises it
+                w.error = e
+        w.thread = threading.Thread(target=target, name=f"worker-{w.index}", daemon=True)
+        w.thread.start()
+
+    @staticmethod
+    def join(w):
+        w.thread.join()
+        w.thread = None
+        if w.error:
+            raise w.error
+
+    # --- the baseline -------------------------------------------------------------------------------------
     def baseline(self):
         """train.py as it is, --noise-runs times with seeds 1..K: the first best and the noise. However it stops (a failed
         seed, Ctrl-C), the seeds that finished are recorded (an interrupted row of round 0), and --resume runs only
@@ -267,7 +131,7 @@ class Loop:
             (f"; {len(o.values)} recorded by experiment {prior['experiment']})" if o.values else ")"))
         try:
             for k in range(len(o.values), a.noise_runs):
-                run = self.run(str(o.experiment) if k == 0 else f"{o.experiment}-s{k + 1}", k + 1, "baseline")
+                run = self.run(str(o.experiment) if k == 0 else f"{o.experiment}-s{k + 1}", k + 1)
                 o.run_seconds += run.seconds
                 if run.status != "ok":
                     raise HarnessError(baseline_failure(run, k + 1, o.values, o.train_wall_seconds, a.time_budget,
@@ -283,234 +147,180 @@ class Loop:
             raise
         o.status, o.delta, o.reason = "baseline", 0.0, f"{len(o.values)} seeds"
         self.conclude(o)
-        over = o.train_wall_seconds - a.time_budget
-        if over > self.allowance():
+        branch.cleanup_runs(self.rows)
+        if (over := o.train_wall_seconds - a.time_budget) > self.allowance():
             say(f"autoresearch: WARNING: the baseline's training container ran {over:.0f}s past the {a.time_budget}s "
                 f"budget (start-up, data loading, export), more than the {self.allowance():.0f}s a candidate may "
                 f"(max({ALLOWANCE_SHARE:.0%} of the budget, {ALLOWANCE_MIN:g}s)): candidates like it will be recorded "
-                f"invalid: a busy machine, or a start-up to shorten; or allow more with --allowance {math.ceil(over * 1.5)}")
+                f"invalid: a busy machine, or a start-up to shorten; or allow more with --allowance {round(over * 1.5)}")
 
-    def experiment(self):
-        a = self.args
-        phase = self.phase()
-        o = self.outcome(self.next_exp(), phase=phase, base=git("rev-parse", "HEAD"), started=time.time())
-        short = phase.split(":")[0]
-        base_src = read_text(TRAIN)   # identical to HEAD: the tree is clean here
-        best, sigma = self.best, self.sigma()
-        run = None
-        say(f"autoresearch: experiment {o.experiment} ({phase}); best {fmt(best)}")
-        label = str(o.experiment)
-        started = self.prestart(label)
-        try:
-            conv = self.agent.open(base_src, self.rows, self.best_line(best, sigma), phase, self.last_log)
-            verdict, info = self.agent.propose(conv, o, ".", base_src, self.rows, self.last_log)
-            o.description = info if verdict == "run" else ""
-            fixes = 0
-            while verdict == "run":
-                git("reset", "-q", "--soft", o.base)     # one candidate commit on top of best, even after fixes
-                git("add", TRAIN, SCRATCHPAD)
-                git("commit", "-q", "--no-verify", "--allow-empty", "-m",
-                    commit_message(o.experiment, o.description, phase, "candidate", self.metric))
-                o.commit = git("rev-parse", "HEAD")
-                run = self.run(label, 1, short, self.allowance(), started)
-                started = None
-                o.run_seconds += run.seconds
-                if run.status != "crash" or fixes >= a.fix_attempts:
-                    break
-                fixes += 1
-                say(f"autoresearch: experiment {o.experiment} crashed ({run.reason}); fix attempt "
-                    f"{fixes}/{a.fix_attempts}")
-                self.agent.crashed(conv, run)
-                verdict, info = self.agent.propose(conv, o, ".", read_text(TRAIN), self.rows, run.log)
-            if run is None:
-                o.status, o.description, o.reason = "invalid", "(no valid run)", info
-            elif run.status != "ok":
-                o.status, o.reason = run.status, run.reason
-            else:
-                o.values, o.train_wall_seconds = [run.value], run.metrics.get("train_wall_seconds")
-                o.status, o.delta, o.threshold, o.reason = decide(o.values, best, sigma, a.z, a.floor, a.confirm,
-                                                                  self.metric)
-                self.second_seed(o, best, sigma, a.z, short)
-        except (KeyboardInterrupt, HarnessError) as e:
-            signal.signal(signal.SIGINT, signal.SIG_IGN)    # a second Ctrl-C must not break the clean-up
-            if o.status != "keep":   # a keep in its second seed's run stays a keep (second_seed)
-                o.status, o.reason = "interrupted", str(e) or "Ctrl-C / SIGTERM"
-            self.conclude(o)
-            raise
-        finally:
-            cancel_run(label, started)   # no run_experiment: its run never got its go
-        self.conclude(o)
-
-    def second_seed(self, o, best, sigma, z, short):
-        """The candidate at HEAD, decided on its first run. A keep is decided there: the second seed only refines
-        best and sigma (repeated to re-estimate sigma and de-bias best), so the keep is committed before that run,
-        and Ctrl-C or kill -9 during it keeps the gain (on one run) instead of losing it. A confirm needs a second
-        seed that agrees."""
-        a = self.args
-        pending_keep = o.status == "keep" and a.noise_runs >= 2
-        if pending_keep:
-            self.commit_keep(o)
-        elif o.status != "confirm":
-            return
-        try:
-            rep = self.run(f"{o.experiment}-s2", 2, short, self.allowance())
-        except (KeyboardInterrupt, HarnessError):
-            if pending_keep:
-                o.reason += ", second seed interrupted"
-            raise
-        o.run_seconds += rep.seconds
-        if rep.status == "ok":
-            o.values.append(rep.value)
-            if o.status == "confirm":
-                o.status, o.delta, o.threshold, o.reason = decide(o.values, best, sigma, z, a.floor, a.confirm,
-                                                                  self.metric)
-        elif o.status == "confirm":
-            o.status, o.reason = "discard", o.reason + f", confirm run failed ({rep.status})"
-
-    # --- rounds (--workers N) ------------------------------------------------------------------------
+    # --- a round of experiments ---------------------------------------------------------------------------
     def round(self, n):
-        """n candidates from the same best commit: worker k proposes in its own worktree (a fresh conversation that
-        lists what the round's earlier workers proposed) and trains in its own slot, in a thread, while the model
-        already talks to worker k+1. At the end, decide_round against the round's starting best with the z for the
-        best of n (sidak_z): at most one is kept (second seed as in experiment()), the others that pass are
-        discarded as beaten, and every worker's notes reach scratchpad.md (merge_scratchpads)."""
-        a, phase = self.args, self.phase()
-        short, base, base_src, start_notes = phase.split(":")[0], git("rev-parse", "HEAD"), read_text(TRAIN), \
-            read_scratchpad() or ""
-        best, sigma, z = self.best, self.sigma(), sidak_z(a.z, n)
+        """n experiments from the same best commit, each proposed, run and judged as the module says. Worker k's run
+        trains in its slot while the agent proposes for worker k+1; at most one of them is kept."""
+        phase, base, start_notes = self.phase(), git("rev-parse", "HEAD"), read_scratchpad() or ""
+        base_src, (inc, s) = read_text(TRAIN), self.noise()
         rnd, first = max(r["round"] for r in self.rows) + 1, self.next_exp()
-        cancel, workers, settling = threading.Event(), [], None
-        say(f"autoresearch: round {rnd}: experiments {first}-{first + n - 1} ({phase}); best {fmt(best)}; "
-            f"z {z:.3g} for the best of {n}")
+        cancel, workers, winner = threading.Event(), [], None
+        what = f"round {rnd}: experiments {first}-{first + n - 1}" if n > 1 else f"experiment {first}"
+        say(f"autoresearch: {what} ({phase}); best {fmt(incumbent_mean(inc, s)[0])}")
         try:
             for k in range(n):
-                w = Worker(k, worktree(k, base), self.slots[k], self.outcome(
+                w = Worker(k, worktree(k, base), self.slots[k] if n > 1 else self.alone, self.outcome(
                     first + k, round=rnd, worker=k, phase=phase, base=base, started=time.time()))
                 workers.append(w)
-                label = str(w.o.experiment)
-                w.started = self.prestart(label, w.path, w.slot)
-                others = [x.o.description for x in workers if x.o.description]
-                w.messages = self.agent.open(base_src, self.rows, self.best_line(best, sigma, z), phase, self.last_log,
-                                             others)
+                w.started = self.prestart(w)
+                w.conv = self.agent.open(base_src, self.rows, self.best_line(inc, s), phase, self.last_log,
+                                         others=[x.o.description for x in workers if x.o.description])
                 self.propose(w, base_src, cancel)
-            queue = [w for w in workers if w.thread]
-            while queue:   # in worker order, so that the model's fix conversations come in a fixed order
-                w = queue.pop(0)
-                w.thread.join()
-                if w.error:
-                    raise w.error
-                self.last_log = w.run.log
-                if w.run.status == "crash" and w.fixes < a.fix_attempts:
-                    w.fixes += 1
-                    say(f"autoresearch: experiment {w.o.experiment} crashed ({w.run.reason}); fix attempt "
-                        f"{w.fixes}/{a.fix_attempts}")
-                    self.agent.crashed(w.messages, w.run)
-                    self.propose(w, read_text(os.path.join(w.path, TRAIN)), cancel)
-                    queue += [w] if w.thread else []
-            ok = {w.o.experiment: w.run.value for w in workers if w.run and w.run.status == "ok"}
-            winner, verdicts = decide_round(best, sigma, ok, z, a.floor, a.confirm, self.metric)
-            for w in workers:
-                o, run = w.o, w.run
-                if run and run.status != "ok":
-                    o.status, o.reason = run.status, run.reason
-                elif run:
-                    o.values, o.train_wall_seconds = [run.value], run.metrics.get("train_wall_seconds")
-                    o.status, o.delta, o.threshold, o.reason = verdicts[o.experiment]
-            notes = self.round_notes(start_notes, workers)
-            for w in workers:
-                if w.o.experiment != winner:
-                    self.conclude(w.o)   # this checkout is still on the round's base: only the row
-                    w.concluded = True
-            if winner is not None:
-                w = workers[winner - first]
-                git("reset", "-q", "--hard", w.o.commit)   # the winner's candidate at HEAD, as in experiment(); a
-                settling = w                               # kill -9 from here on: recover_workers has the notes
-                self.second_seed(w.o, best, sigma, z, short)
+            self.screen(workers, cancel)
+            self.judge([w for w in workers if w.run and w.run.status == "ok"], cancel)
+            winner = self.pick(workers)
+            for w in sorted(workers, key=lambda w: w is winner):   # the winner last: its keep moves the branch
+                if w is winner:
+                    self.keep(w)
                 self.conclude(w.o)
                 w.concluded = True
-            self.save_notes(notes, f"notes of round {rnd}")
         except (KeyboardInterrupt, HarnessError) as e:
-            signal.signal(signal.SIGINT, signal.SIG_IGN)    # a second Ctrl-C must not break the clean-up
-            cancel.set()                                    # every run in flight stops, recorded interrupted
-            for w in workers:
-                if w.thread:
-                    w.thread.join()
-            notes = self.round_notes(start_notes, workers)
-            for w in workers:
-                cancel_run(str(w.o.experiment), w.started)
-                if not w.concluded:
-                    if w is not settling or w.o.status != "keep":   # a keep in its second seed stays a keep
-                        w.o.status, w.o.reason = "interrupted", str(e) or "Ctrl-C / SIGTERM"
-                    self.conclude(w.o)
-            self.save_notes(notes, f"notes of round {rnd}")
+            self.interrupted(workers, winner, cancel, e)
             raise
+        finally:
+            branch.save_notes(branch.round_notes(start_notes, workers), f"notes of round {rnd}")
+            branch.cleanup_runs(self.rows)
+
+    def interrupted(self, workers, winner, cancel, e):
+        """Ctrl-C, SIGTERM or an error in a round: every run in flight stops, and what was not concluded is recorded:
+        a decided discard or failure as it was, anything else interrupted (a keep only once its commit is made)."""
+        signal.signal(signal.SIGINT, signal.SIG_IGN)    # a second Ctrl-C must not break the clean-up
+        cancel.set()
+        for w in workers:
+            if w.thread:
+                w.thread.join()
+            cancel_run(str(w.o.experiment), w.started)
+        for w in [w for w in workers if not w.concluded]:
+            if w is not winner and w.o.status in ("keep", "interrupted"):
+                w.o.status, w.o.reason = "interrupted", str(e) or "Ctrl-C / SIGTERM"
+            self.conclude(w.o)
+
+    def prestart(self, w):
+        """A candidate's run, started when its proposal begins (./run.sh --wait): its containers load torch while the
+        agent works. Not under SLURM, where a job would hold its node while the model thinks."""
+        if not on_slurm(self.args):
+            label = str(w.o.experiment)
+            return start_run(self.args, label, f"runs/{label}", 1, self.allowance(), w.path, w.slot, wait=True)
 
     def propose(self, w, base_src, cancel):
-        """Worker w's turn with the model (the tools act on its worktree); a run_experiment commits its candidate
-        there and starts its run in a thread."""
-        verdict, info = self.agent.propose(w.messages, w.o, w.path, base_src, self.rows, self.last_log)
+        """Worker w's turn with the agent, in its worktree; a proposal to run becomes its candidate commit, and its run
+        gets its go, in a thread."""
+        verdict, info = self.agent.propose(w.conv, w.o, w.path, base_src, self.rows, self.last_log)
         if verdict != "run":
             if w.run is None:
                 w.o.status, w.o.description, w.o.reason = "invalid", "(no valid run)", info
             cancel_run(str(w.o.experiment), w.started)
-            w.thread, w.started = None, None
+            w.started = None
             return
         w.o.description = info
-        git("reset", "-q", "--soft", w.o.base, cwd=w.path)   # one candidate commit on top of best, even after fixes
-        git("add", TRAIN, SCRATCHPAD, cwd=w.path)
-        git("commit", "-q", "--no-verify", "--allow-empty", "-m", commit_message(
-            w.o.experiment, w.o.description, w.o.phase, "candidate", self.metric,
-            extra={"Round": w.o.round, "Worker": w.o.worker}), cwd=w.path)
-        w.o.commit = git("rev-parse", "HEAD", cwd=w.path)
-        label, allowance, started, w.started = str(w.o.experiment), self.allowance(), w.started, None
+        branch.commit_candidate(w.o, w.path, self.metric)
+        started, w.started = w.started, None
+        self.in_thread(w, str(w.o.experiment), 1, w.path, w.slot, self.allowance(), cancel, started=started)
 
-        def train():
-            try:
-                w.run = run_sandbox(self.args, label, f"runs/{label}", 1, w.o.phase.split(":")[0], self.metric,
-                                    allowance, w.path, w.slot, cancel, started)
-                w.o.run_seconds += w.run.seconds
-            except BaseException as e:  # noqa: BLE001 -- handed to the main thread, which raises it
-                w.error = e
-        w.thread = threading.Thread(target=train, name=f"worker-{w.index}", daemon=True)
-        w.thread.start()
+    def screen(self, workers, cancel):
+        """Each worker's first run, in worker order (so the model's fix conversations come in a fixed order): a crash
+        goes back to the LLM while it has fix attempts left."""
+        queue = [w for w in workers if w.thread]
+        while queue:
+            w = queue.pop(0)
+            self.join(w)
+            if w.run.status == "crash" and w.fixes < self.args.fix_attempts:
+                w.fixes += 1
+                say(f"autoresearch: experiment {w.o.experiment} crashed ({w.run.reason}); fix attempt "
+                    f"{w.fixes}/{self.args.fix_attempts}")
+                self.agent.crashed(w.conv, w.run)
+                self.propose(w, read_text(os.path.join(w.path, TRAIN)), cancel)
+                queue += [w] if w.thread else []
+            elif w.run.status == "ok":
+                w.o.values, w.o.train_wall_seconds = [w.run.value], w.run.metrics.get("train_wall_seconds")
+            else:
+                w.o.status, w.o.reason = w.run.status, w.run.reason
 
-    def round_notes(self, notes, workers):
-        """The round's scratchpad: its notes at the start, and every worker's new notes under its experiment."""
-        return merge_scratchpads(notes, {w.o.experiment: read_text(os.path.join(w.path, SCRATCHPAD))
-                                         for w in workers if os.path.exists(os.path.join(w.path, SCRATCHPAD))})
+    def judge(self, going, cancel):
+        """The keep rule on each candidate that ran: more runs of it (in its slot, side by side), or of the incumbent
+        (in the main checkout, shared by the round), until each is kept or discarded."""
+        again, remeasured = [], 0   # the incumbent's re-measures in this round; how many were asked for
+        while going:
+            inc, s = self.noise(again)
+            steps = {id(w): next_step(self.rule, self.metric, inc, w.o.values, s, remeasured) for w in going}
+            for w in [w for w in going if steps[id(w)].action in ("keep", "discard")]:
+                self.decided(w.o, steps[id(w)], inc, s)
+                going.remove(w)
+            asking = [w for w in going if steps[id(w)].action == "incumbent"]
+            if asking:
+                label = f"{asking[0].o.experiment}-i{len(inc) + 1}"
+                run = self.run(label, len(inc) + 1, cancel=cancel)
+                asking[0].o.run_seconds += run.seconds
+                if run.status == "ok":
+                    again.append(run.value)
+                    asking[0].o.inc_runs.append(run.value)
+                remeasured += 1
+                continue
+            for w in going:
+                self.in_thread(w, f"{w.o.experiment}-s{len(w.o.values) + 1}", len(w.o.values) + 1, w.path, w.slot,
+                               self.allowance(), cancel)
+            for w in list(going):
+                self.join(w)
+                if w.run.status == "ok":
+                    w.o.values.append(w.run.value)
+                else:   # a candidate that fails a later run is not one to build on
+                    w.o.status, w.o.reason = w.run.status, f"run {len(w.o.values) + 1}: {w.run.reason}"
+                    going.remove(w)
 
-    def commit_keep(self, o):
-        """Amend the candidate into the keep commit; its trailers let --resume record a keep whose row never got
-        written."""
-        trailers = {"Runs": cell(o.values), "Best": cell(sum(o.values) / len(o.values)), "Threshold": cell(o.threshold),
-                    "Round": o.round, "Worker": o.worker}
-        git("commit", "-q", "--no-verify", "--amend", "-m", commit_message(
-            o.experiment, o.description, o.phase, "keep", self.metric, o.values[0], o.delta, trailers))
-        o.commit = git("rev-parse", "HEAD")
+    def decided(self, o, step, inc, s):
+        best, m = incumbent_mean(inc, s)
+        n = len(o.values)
+        o.status, o.t, o.reason = step.action, step.stat, step.reason
+        o.delta = sum(o.values) / n - best
+        o.threshold = self.rule.bound(n, step.action == "keep") * s * abs(best) * (1 / n + 1 / m) ** 0.5
 
-    def best_line(self, best, sigma, z=None):
-        """What the model is told about the best and the keep rule."""
-        return f"{self.metric.column} {fmt(best)} (noise sigma {fmt(sigma) or 'unknown'}; a change must beat it " \
-               f"by more than max({self.args.z if z is None else round(z, 3)}*sigma, {self.args.floor:.0%}))"
+    def pick(self, workers):
+        """The round's kept candidate with the best mean (judge.round_winner); any other kept one is beaten."""
+        kept = {w.index: w.o.values for w in workers if w.o.status == "keep"}
+        winner = round_winner(self.metric, kept)
+        for w in workers:
+            if w.o.status == "keep" and w.index != winner:
+                w.o.status, w.o.reason = "discard", f"beaten in round by experiment {workers[winner].o.experiment} " \
+                                                    f"({w.o.reason})"
+        return None if winner is None else workers[winner]
+
+    def keep(self, w):
+        """The winner as the keep commit on the branch (committed first: an interrupt or kill -9 in what follows keeps
+        it), then one more run of it, alone: the honest estimate of the kept code."""
+        branch.commit_keep(w.o, self.metric)
+        run = self.run(f"{w.o.experiment}-s{len(w.o.values) + 1}", len(w.o.values) + 1, allowance=self.allowance())
+        w.o.run_seconds += run.seconds
+        w.o.after = [run.value] if run.status == "ok" else []
+
+    def best_line(self, inc, s):
+        """What the model is told of the best and of the keep rule."""
+        best, m = incumbent_mean(inc, s)
+        return (f"{self.metric.column} {fmt(best)}, the mean of {m} runs (run-to-run noise {s:.1%} of it). A change is "
+                f"kept only if it beats this by more than the noise: {self.rule.summary}")
 
     def main(self):
-        self.setup()
+        branch.prepare(self)
         try:
             if not any(r["status"] == "baseline" for r in self.rows):
                 self.baseline()
                 write_report(self.rows, self.metric, quiet=True)
             while not self.args.max_experiments or self.done() < self.args.max_experiments:
                 left = self.args.max_experiments - self.done() if self.args.max_experiments else self.args.workers
-                n = min(self.args.workers, left)
-                self.round(n) if n > 1 else self.experiment()
+                self.round(min(self.args.workers, left))
                 write_report(self.rows, self.metric, quiet=True)
         except KeyboardInterrupt:
             if self.rows:
                 write_report(self.rows, self.metric, quiet=True)
             raise
         finally:
-            if self.args.workers > 1:
-                sweep_worktrees()
+            sweep_worktrees()
         write_report(self.rows, self.metric)
         summary(self.rows, self.metric)
         report_test(self.rows, self.metric, self.args)

@@ -1,12 +1,13 @@
 """progress.png, the summary, the held-out test scores, and report --compare."""
 import datetime
+import io
 import os
 import subprocess
 
-from engine.judge import parse_metrics, pooled_sigma
+from engine.judge import parse_metrics
 from engine.project import project_metric
 from engine.repo import current_tag, spawn
-from engine.results import load_results, noise_groups, runs_of, state_from_rows
+from engine.results import load_results, runs_of, state_from_rows
 from engine.runs import launch_argv
 from engine.util import HarnessError, RESULTS, TEST_SCORES, fmt, num, read_text, write_text
 
@@ -49,6 +50,7 @@ def summarize(rows):
     model = sum(num(r["model_seconds"]) or 0 for r in rows)
     b = num(base["best"])
     return {"baseline": b, "baseline_runs": len(runs_of(base)), "best": best, "best_exp": best_exp,
+            "honest": next((num(r.get("honest")) for r in reversed(rows) if num(r.get("honest")) is not None), None),
             "delta_pct": (best - b) / b * 100 if b else 0.0, "experiments": len(model_rows), "keeps": keeps,
             "keep_rate": keeps / len(model_rows) if model_rows else 0.0,
             "per_hour": len(model_rows) / (wall / 3600) if wall else 0.0,
@@ -63,7 +65,8 @@ def summary(rows, metric):
         print("autoresearch: no baseline recorded yet")
         return
     print(f"{metric.column} ({metric.better} is better): baseline {s['baseline']:.4g} (the mean of its "
-          f"{s['baseline_runs']} runs) -> best {s['best']:.4g} (exp {s['best_exp']}), {s['delta_pct']:+.1f}%")
+          f"{s['baseline_runs']} runs) -> best {s['best']:.4g} (exp {s['best_exp']}), {s['delta_pct']:+.1f}%; "
+          f"honest best {fmt(s['honest']) or '-'} (its runs made after the keep)")
     print(f"{s['experiments']} experiments, {s['keeps']} kept ({s['keep_rate']:.0%}), {s['crashes']} crashed/"
           f"timed out, {s['per_hour']:.1f} experiments/hour")
     if len(s["slots"]) > 1:   # workers overlap: the shares below add up to more than the wall time
@@ -74,22 +77,49 @@ def summary(rows, metric):
 
 
 def write_report(rows, metric, path="progress.png", quiet=False):
-    """Dots per experiment (grey discarded, green kept + labelled, red x crashes at the worse end), running best with
-    noise band."""
+    """progress.png: a dot per experiment's first run (grey discarded, green kept and labelled, a red x at the worse
+    end for a failure), the running best the rule compared with (a step line, with its ±2σ noise band) and the honest
+    best (dashed: the mean of the best commit's runs made after its keep)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker
     pts = [(int(r["experiment"]), num(r[metric.column]), r) for r in rows]
     fig, ax = plt.subplots(figsize=(11, 5.5), dpi=110)
+    shade_rounds(ax, pts)
+    draw_points(ax, pts, metric)
+    draw_best(ax, pts)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.set_xlabel("experiment")
+    ax.set_ylabel(f"{metric.column} ({metric.better} is better)")
+    s = summarize(rows)
+    ax.set_title("autoresearch progress" + (f": {s['baseline']:.4g} → {s['best']:.4g} ({s['delta_pct']:+.1f}%), "
+                                            f"{s['keeps']}/{s['experiments']} kept" if s else ""))
+    ax.grid(alpha=0.3)
+    if pts:
+        ax.legend(loc="best", fontsize=8, framealpha=0.8)
+    fig.tight_layout()
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
+    write_text(path, png.getvalue())      # whole, as every file the harness writes
+    plt.close(fig)
+    if not quiet:
+        print(f"wrote {path}")
+
+
+def shade_rounds(ax, pts):
+    """--workers: every other round shaded."""
     rounds = {}
     for x, _, r in pts:
         rounds.setdefault(round_of(r), []).append(x)
-    if any(len(xs) > 1 for xs in rounds.values()):   # --workers: every other round shaded
+    if any(len(xs) > 1 for xs in rounds.values()):
         spans = sorted((min(xs), max(xs)) for xs in rounds.values())
         for i, (lo, hi) in enumerate(spans[1::2]):
             ax.axvspan(lo - 0.5, hi + 0.5, color="#1f77b4", alpha=0.07, lw=0, label=None if i else "a round (shaded "
                        "every other)", zorder=0)
+
+
+def draw_points(ax, pts, metric):
     dis = [(x, y) for x, y, r in pts if y is not None and r["status"] == "discard"]
     if dis:
         ax.scatter(*zip(*dis), c="#b0b0b0", s=22, label="discarded", zorder=2)
@@ -100,38 +130,27 @@ def write_report(rows, metric, path="progress.png", quiet=False):
             ax.annotate(r["description"][:40], (x, y), textcoords="offset points", xytext=(4, 6), fontsize=7,
                         color="#1b6e1b", rotation=20)
     ys = [y for _, y, _ in pts if y is not None]
-    fails = [(x, r) for x, y, r in pts if r["status"] in ("crash", "timeout", "invalid")]
+    fails = [x for x, y, r in pts if r["status"] in ("crash", "timeout", "invalid")]
     if fails:
         worst = (max if metric.direction == "minimize" else min)(ys) if ys else 1.0
-        ax.scatter([f[0] for f in fails], [worst] * len(fails), marker="x", c="#d62728", s=36,
-                   label="crash / timeout / invalid", zorder=3)
-    # the band uses the sigma known after each row (it is re-estimated as kept experiments add repeats)
-    steps = [(x, num(r["best"]), pooled_sigma(noise_groups(rows[:i + 1])) or 0.0)
-             for i, (x, _, r) in enumerate(pts) if num(r["best"]) is not None]
-    if steps:
-        xs = [s[0] for s in steps] + [max(x for x, _, _ in pts)]
-        bs = [s[1] for s in steps] + [steps[-1][1]]
-        band = [2 * s[2] for s in steps] + [2 * steps[-1][2]]
-        ax.step(xs, bs, where="post", c="#1b6e1b", lw=1.5, label="running best")   # darker than the kept dots on it
-        ax.fill_between(xs, [b - w for b, w in zip(bs, band)], [b + w for b, w in zip(bs, band)], step="post",
-                        color="#2ca02c", alpha=0.12, label="noise band (±2σ)")
-    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    ax.set_xlabel("experiment")
-    ax.set_ylabel(f"{metric.column} ({metric.better} is better)")
-    s = summarize(rows)
-    title = "autoresearch progress"
-    if s:
-        title += (f": {s['baseline']:.4g} → {s['best']:.4g} ({s['delta_pct']:+.1f}%), "
-                  f"{s['keeps']}/{s['experiments']} kept")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    if pts:
-        ax.legend(loc="best", fontsize=8, framealpha=0.8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    if not quiet:
-        print(f"wrote {path}")
+        ax.scatter(fails, [worst] * len(fails), marker="x", c="#d62728", s=36, label="crash / timeout / invalid",
+                   zorder=3)
+
+
+def draw_best(ax, pts):
+    """The running best with the noise band known after each row, and the honest best where there is one."""
+    steps = [(x, num(r["best"]), 2 * (num(r.get("sigma")) or 0.0), num(r.get("honest"))) for x, _, r in pts
+             if num(r["best"]) is not None]
+    if not steps:
+        return
+    steps.append((max(x for x, _, _ in pts), *steps[-1][1:]))
+    xs, bs, band, honest = zip(*steps)
+    ax.step(xs, bs, where="post", c="#1b6e1b", lw=1.5, label="running best")   # darker than the kept dots on it
+    ax.fill_between(xs, [b - w for b, w in zip(bs, band)], [b + w for b, w in zip(bs, band)], step="post",
+                    color="#2ca02c", alpha=0.12, label="noise band (±2σ)")
+    if any(h is not None for h in honest):
+        ax.step(xs, [h if h is not None else b for h, b in zip(honest, bs)], where="post", c="#1b6e1b", lw=1,
+                ls="--", label="honest best (runs after the keep)")
 
 
 def report_test(rows, metric, args=None):
@@ -201,17 +220,17 @@ def best_so_far(rows):
 
 
 def compare_line(rows, scores, metric):
-    """Pure. One run's figures for report --compare. A keep "survived" when its second-seed run alone also beat
-    the best before it by the recorded threshold; keeps without a second run (--noise-runs 1) are not counted."""
+    """Pure. One run's figures for report --compare. A keep "survived" when the run made after it still beat the best
+    before it; keeps without that run are not counted."""
     s = summarize(rows)
     _, best_commit, _, _ = state_from_rows(rows)
     checked = survived = 0
     for i, r in enumerate(rows):
-        runs = runs_of(r)
+        after = runs_of(r, "after_runs")
         before = next((num(p["best"]) for p in reversed(rows[:i]) if num(p["best"]) is not None), None)
-        if r["status"] == "keep" and len(runs) >= 2 and before is not None and num(r["threshold"]) is not None:
+        if r["status"] == "keep" and after and before is not None:
             checked += 1
-            survived += metric.gain(runs[1], before) > num(r["threshold"])
+            survived += metric.gain(sum(after) / len(after), before) > 0
     return {"agent": next((r["agent"] for r in reversed(rows) if r.get("agent")), "llm"), "best": s["best"],
             "test": scores.get(best_commit), "experiments": s["experiments"], "keeps": s["keeps"],
             "per_hour": s["per_hour"], "survived": survived, "checked": checked}

@@ -4,8 +4,8 @@ import os
 import re
 from dataclasses import dataclass, field
 
-from engine.judge import pooled_sigma
-from engine.project import INT_COLUMNS, TEXT_COLUMNS, project_metric
+from engine.judge import incumbent_mean, pooled_cv
+from engine.project import INT_COLUMNS, LIST_COLUMNS, TEXT_COLUMNS
 from engine.util import HarnessError, RESULTS, clean_text, fmt, num, read_text, write_text
 
 
@@ -39,9 +39,12 @@ class Outcome:
     phase: str = ""
     commit: str = ""              # its candidate commit (the keep commit once kept); "" before it made one
     base: str = ""                # the commit it started from, where it goes back to unless kept ("" for the baseline)
-    values: list = field(default_factory=list)   # val_<METRIC> of each of its seeded runs
+    values: list = field(default_factory=list)   # val_<METRIC> of each of its seeded runs, as the rule decided on them
+    inc_runs: list = field(default_factory=list)  # the incumbent's re-measures made for it (judge.next_step)
+    after: list = field(default_factory=list)    # a keep's run made after the decision: the honest estimate
     delta: float = None           # mean(values) - the best it was compared with
-    threshold: float = None
+    t: float = None               # the rule's statistic at the decision
+    threshold: float = None       # the gain the decision asked for, in the metric's units
     train_wall_seconds: float = None
     model_seconds: float = 0.0
     run_seconds: float = 0.0
@@ -62,26 +65,31 @@ def decision_line(row, metric):
     if row["status"] == "baseline":
         return head + f"baseline {col} {best} (the mean of {len(runs)} runs), noise sigma {fmt(row['sigma']) or '-'}"
     if row["status"] == "keep":
-        return head + f"KEPT, {col} {mean} over {len(runs)} run(s): {row['reason']}. The new best is {best}"
-    what = f"{row['status']}, {col} {mean}" if runs else row["status"]
+        after = f"; the run after the keep gave {fmt(row['honest'])}" if row.get("honest") is not None else ""
+        return head + f"KEPT, {col} {mean} over {len(runs)} runs: {row['reason']}. The new best is {best}{after}"
+    what = f"{row['status']}, {col} {mean}" + (f" over {len(runs)} runs" if len(runs) > 1 else "") if runs else \
+        row["status"]
     return head + f"{what}: {row['reason']}. The best stays {best}"
 
 
 def make_row(o, rows, metric, now):
-    """Pure. The one row builder: an Outcome as a typed results row, after `rows`. A baseline or keep is the new best
-    (the mean of its runs); any other row carries the best it was compared with. sigma is the noise its decision used
-    (for the baseline, its own runs')."""
-    own = o.status in ("baseline", "keep")
-    return {"experiment": o.experiment, "commit": o.commit, metric.column: o.values[0] if o.values else None,
-            "delta": o.delta, "status": o.status, "description": o.description, "runs": tuple(o.values),
-            "best": sum(o.values) / len(o.values) if own else state_from_rows(rows)[0],
-            "sigma": pooled_sigma([o.values] if o.status == "baseline" else noise_groups(rows)),
-            "threshold": o.threshold, "reason": o.reason, "phase": o.phase, "best_commit": o.commit if own else o.base,
-            "model_seconds": o.model_seconds, "run_seconds": o.run_seconds,
-            "wall_seconds": now - o.started if o.started else None, "prompt_tokens": o.prompt_tokens,
-            "finished": datetime.datetime.fromtimestamp(now).isoformat(timespec="seconds"), "agent": o.agent,
-            "train_wall_seconds": o.train_wall_seconds, "round": o.round, "worker": o.worker,
-            "time_budget": o.time_budget}
+    """Pure. The one row builder: an Outcome as a typed results row, after `rows`. best is the incumbent's mean after
+    it, as the rule compares with it (incumbent_mean), honest the mean of the incumbent's runs made after its keep
+    decision (all of the baseline's), sigma the noise in the metric's units (pooled_cv x |best|)."""
+    row = {"experiment": o.experiment, "commit": o.commit, metric.column: o.values[0] if o.values else None,
+           "delta": o.delta, "status": o.status, "description": o.description, "runs": tuple(o.values),
+           "threshold": o.threshold, "reason": o.reason, "phase": o.phase,
+           "best_commit": o.commit if o.status in ("baseline", "keep") else o.base,
+           "model_seconds": o.model_seconds, "run_seconds": o.run_seconds,
+           "wall_seconds": now - o.started if o.started else None, "prompt_tokens": o.prompt_tokens,
+           "finished": datetime.datetime.fromtimestamp(now).isoformat(timespec="seconds"), "agent": o.agent,
+           "train_wall_seconds": o.train_wall_seconds, "round": o.round, "worker": o.worker,
+           "time_budget": o.time_budget, "t": o.t, "incumbent_runs": tuple(o.inc_runs), "after_runs": tuple(o.after)}
+    inc, honest = incumbent(rows + [row])
+    s = pooled_cv(noise_groups(rows + [row]))
+    best = (incumbent_mean(inc, s)[0] if s else sum(inc) / len(inc)) if inc else None
+    return dict(row, best=best, sigma=s * abs(best) if s and best is not None else None,
+                honest=sum(honest) / len(honest) if honest else None)
 
 
 def typed_row(cells, metric):
@@ -90,7 +98,7 @@ def typed_row(cells, metric):
     row = {}
     for c in metric.columns:
         v = cells.get(c, "")
-        row[c] = v if c in TEXT_COLUMNS else tuple(runs_of(cells)) if c == "runs" else num(v)
+        row[c] = v if c in TEXT_COLUMNS else tuple(runs_of(cells, c)) if c in LIST_COLUMNS else num(v)
         if c in INT_COLUMNS and row[c] is not None:
             row[c] = int(row[c])
     if row["round"] is None:
@@ -153,7 +161,7 @@ def _cell_ok(column, v):
         return v in STATUSES
     if column in TEXT_COLUMNS or not v:
         return True
-    return all(num(x) is not None for x in v.split(",")) if column == "runs" else num(v) is not None
+    return all(num(x) is not None for x in v.split(",")) if column in LIST_COLUMNS else num(v) is not None
 
 
 def load_results(path=RESULTS, metric=None):
@@ -189,15 +197,41 @@ def append_row(row, metric, path=RESULTS):
     write_text(path, old + format_row(row, old.split("\n", 1)[0].split("\t")))
 
 
-def runs_of(row):
-    """The values of a row's seeded runs: a tuple in memory, comma-separated in a results file."""
-    v = row.get("runs") or ()
+def runs_of(row, column="runs"):
+    """The values of a row's runs (or of another list column): a tuple in memory, comma-separated in a results file."""
+    v = row.get(column) or ()
     return [x for x in map(num, v.split(",") if isinstance(v, str) else v) if x is not None]
 
 
-def noise_groups(rows):
-    """Groups of repeated runs (same commit, different seeds) recorded in the `runs` column."""
-    return [g for g in (runs_of(r) for r in rows if r["status"] in ("baseline", "keep")) if len(g) >= 2]
+def incumbent(rows):
+    """Pure. (runs, honest runs) of the best commit: all its runs (the baseline's, or a keep's decided runs and the run
+    made after it) with the re-measures made since; honest, those made after its decision (all of the baseline's)."""
+    runs, honest = [], []
+    for r in rows:
+        again = runs_of(r, "incumbent_runs")   # made for this experiment, of the incumbent it started from
+        runs, honest = runs + again, honest + again
+        if r["status"] == "baseline":
+            runs, honest = runs_of(r), runs_of(r)
+        elif r["status"] == "keep":
+            runs, honest = runs_of(r) + runs_of(r, "after_runs"), runs_of(r, "after_runs")
+    return runs, honest
+
+
+def noise_groups(rows, extra=()):
+    """Pure. The groups of runs of one commit that the noise is pooled over (judge.pooled_cv): the baseline's runs and
+    its re-measures; a kept commit's runs, the run after it and its re-measures; a discarded candidate's runs, each
+    but the baseline less its first run (the screen picked that run for looking good: with it s comes out ~10% too
+    high). `extra`: re-measures of the incumbent not recorded yet (the round in flight)."""
+    groups, current = [], []
+    for r in rows:
+        current += runs_of(r, "incumbent_runs")   # the same list as the incumbent's group in groups
+        if r["status"] in ("baseline", "keep"):
+            current = runs_of(r)[r["status"] == "keep":] + runs_of(r, "after_runs")
+            groups.append(current)
+        elif r["status"] == "discard" and len(runs_of(r)) >= 2:
+            groups.append(runs_of(r)[1:])
+    current += list(extra)
+    return groups
 
 
 def pending_baseline(rows):
@@ -209,14 +243,13 @@ def pending_baseline(rows):
 
 
 def state_from_rows(rows):
-    """Pure. (best value, best commit, best experiment, baseline experiment) from recorded rows."""
+    """Pure. (best value, best commit, best experiment, baseline experiment) from recorded rows: the best as the last
+    row left it (the incumbent's mean, which re-measures move)."""
     best = best_commit = best_exp = base_exp = None
     for r in rows:
-        if r["status"] == "baseline":
-            base_exp = r["experiment"]
-            best, best_exp = num(r["best"]), r["experiment"]
-        elif r["status"] == "keep":
-            best, best_exp = num(r["best"]), r["experiment"]
-        if r.get("best_commit"):
-            best_commit = r["best_commit"]
+        if r["status"] in ("baseline", "keep"):
+            best_exp = r["experiment"]
+            base_exp = r["experiment"] if r["status"] == "baseline" else base_exp
+        best = num(r.get("best")) if num(r.get("best")) is not None else best
+        best_commit = r.get("best_commit") or best_commit
     return best, best_commit, best_exp, base_exp

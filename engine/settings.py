@@ -83,11 +83,11 @@ def build_parser():
     p.add_argument("--allowance", type=int, default=None, help="seconds a candidate's training container may run past "
                    "the budget (start-up, data loading, export) before it is invalid; default: max(10%% of the budget, "
                    "30)")
-    p.add_argument("--noise-runs", type=int, default=5, help="baseline runs with different seeds to estimate "
-                   "sigma; with >= 2, each keep is repeated once with another seed to re-estimate sigma")
-    p.add_argument("--z", type=float, default=2.0, help="keep only if improvement > max(z*sigma, floor)")
-    p.add_argument("--floor", type=float, default=0.01, help="minimum improvement, as a fraction of the best")
-    p.add_argument("--confirm", action="store_true", help="keep only once a second run with another seed agrees")
+    p.add_argument("--noise-runs", type=int, default=5, help="runs of the baseline, with different seeds: the first "
+                   "measure of the run-to-run noise (at least 2)")
+    p.add_argument("--rule", choices=("screen", "sequential"), default="screen", help="the keep rule: screen (one run "
+                   "screens a candidate, two more confirm it; about 1.4 runs a candidate) or sequential (strict: a "
+                   "sequential test of up to 10 runs, about 5 a candidate); see judge.next_step")
     p.add_argument("--phase-every", type=int, default=10, help="advance the phase after N experiments in it")
     p.add_argument("--phase-plateau", type=int, default=5, help="... or after K experiments without a keep")
     p.add_argument("--fix-attempts", type=int, default=2, help="attempts to fix a crashing experiment")
@@ -120,7 +120,7 @@ def parse_args(argv):
     p = build_parser()
     args = p.parse_args(argv)
     for flag, ok, need in (("--num-ctx", args.num_ctx >= 2048, "at least 2048"),
-                           ("--noise-runs", args.noise_runs >= 1, "at least 1"),
+                           ("--noise-runs", args.noise_runs >= 2, "at least 2 (the noise needs two runs)"),
                            ("--time-budget", args.time_budget is None or args.time_budget >= 1, "at least 1"),
                            ("--workers", args.workers >= 1, "at least 1"),
                            ("--allowance", args.allowance is None or args.allowance >= 1, "at least 1"),

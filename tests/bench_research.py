@@ -1,9 +1,10 @@
-"""Benchmark (issue 10 §3): how much can a keep be trusted?
+"""Benchmark: how much can a keep be trusted?
 
     python tests/bench_research.py --calibration calib.json    # the full benchmark: default data and budget
-    python tests/bench_research.py --calibration calib.json --noise-runs 3   # the loop again with other rule flags
+    python tests/bench_research.py --calibration calib.json --rule sequential   # the loop again with another rule
     python tests/bench_research.py --budget 3 --n-train 300 --n-val 100 --n-test 100 --gains expert-off \\
         --nulls 1 --calib-seeds 3 --noise-runs 2     # a smoke run (minutes; its figures mean nothing)
+    python tests/bench_research.py --mc-searches 4000   # only the Monte Carlo of whole searches (4., ~3 min)
 
 1. Calibration. The unmodified train.py, each candidate gain and one seed-only null run with seeds 1..S through the
    real run.sh (AUTORESEARCH_IMAGE=host unless set). A candidate is a real gain iff its mean val_mean_rank beats
@@ -17,9 +18,13 @@
      gains:  the candidates of step 1.
 3. Report: detection rate of the real gains, false-keep rates on nulls and losses, whether the final best beats
    the baseline on the test split; how far apart two runs of the same code on the same seed land (the calibration's
-   baseline and the loop's); and the power of the keep rule at one run per experiment (power_table).
+   baseline and the loop's).
+4. The keep rules by Monte Carlo of whole searches (issue 20, --mc-searches): the engine's own next_step, pooled_cv,
+   incumbent_after_keep and round_winner drive simulated searches (effects known, true values moving with each keep,
+   noise and slow-machine outliers drawn, common random numbers across rules) against the old one-run rule,
+   re-implemented here for comparison: false keeps, power, runs per candidate, the final true gain, how far the
+   recorded best is from the truth, and the gain at equal compute.
 """
-from conftest import copy_into  # noqa: E402
 import argparse
 import ast
 import json
@@ -36,12 +41,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(0, ROOT)
-from engine.judge import parse_metrics, pooled_sigma
-from engine.project import project_metric
-from engine.report import load_test_scores
-from engine.results import load_results, runs_of, state_from_rows
-from engine.tuners import _number, apply_params, hyperparameters
-from engine.util import TEST_SCORES
+import engine.judge  # noqa: E402  (OUTLIER_T, set for the plain variant)
+from conftest import copy_into  # noqa: E402
+from engine.judge import RULES, incumbent_after_keep, incumbent_mean, next_step, parse_metrics, pooled_cv, round_winner  # noqa: E402
+from engine.project import Metric, project_metric  # noqa: E402
+from engine.report import load_test_scores  # noqa: E402
+from engine.results import load_results, runs_of, state_from_rows  # noqa: E402
+from engine.tuners import _number, apply_params, hyperparameters  # noqa: E402
+from engine.util import TEST_SCORES  # noqa: E402
 from fake_ollama import FakeOllama, tool_call  # noqa: E402
 
 FILES = ["autoresearch.py", "engine", "train.py", "run.sh", "evaluator.py", "prepare_data.py", "program.md",
@@ -131,49 +138,278 @@ def scripted_agent(repo, plan):
     return script
 
 
-def p_keep(gain, sd, sigma_of, z, floor, trials=20000, seed=0):
-    """Monte Carlo P(keep) of a candidate whose true gain is `gain`, its measured gain off by N(0, sd), judged with
-    threshold max(z * s, floor), s an estimate of the noise drawn as the loop makes it (sigma_of(rng))."""
-    rng = random.Random(seed)
-    return sum(rng.gauss(gain, sd) > max(z * sigma_of(rng), floor) for _ in range(trials)) / trials
+# ----------------------------------------------------------------------------------------------
+# Monte Carlo of whole searches (issue 20). Every new rule is the engine's own: next_step, pooled_cv,
+# incumbent_after_keep, round_winner drive the searches below exactly as the loop does. The old rule (one run
+# per candidate against the mean of the K baseline runs, the engine's rule before issue 20) is re-implemented here,
+# labelled OLD, for comparison only.
+#
+# The world: a metric to minimize, the baseline's true value 1. Candidate effects (the mix of the issue): 60% nulls,
+# 5% each of gains of 5, 10 and 20%, 25% losses of 5-20% (uniform). A candidate's true value is the CURRENT
+# incumbent's true value times (1 - gain): a keep moves the reference for every later candidate. A run's value is
+# true * (1 + cv * N(0, 1)), and with the outlier variant, a share of the runs come from a slow machine: their value
+# times outlier_factor (worse). Common random numbers: search i draws the same world (effects, and each candidate's
+# and the incumbent's runs, in order) for every rule.
+
+MC_METRIC = Metric("mc", "minimize")
+MIX = (("null", 0.60, 0.0), ("+5%", 0.05, 0.05), ("+10%", 0.05, 0.10), ("+20%", 0.05, 0.20), ("loss", 0.25, None))
+MAX_RUNS = 16        # runs drawn per candidate (and evaluation); no rule asks for more
+MAX_INC = 400        # incumbent runs drawn per search
 
 
-def sd_estimate(sd, groups, size):
-    """sigma_of for p_keep: the pooled sd of `groups` groups of `size` runs each of true sd `sd`."""
-    def draw(rng):
-        ss = 0.0
-        for _ in range(groups):
-            g = [rng.gauss(0, sd) for _ in range(size)]
-            ss += sum((x - sum(g) / size) ** 2 for x in g)
-        return math.sqrt(ss / (groups * (size - 1)))
-    return draw
+def mc_world(seed, i, n_cand, cv, outlier_rate, outlier_factor):
+    import numpy as np
+    rng = np.random.default_rng([seed, i])
+    kind = rng.choice(len(MIX), size=n_cand, p=[p for _, p, _ in MIX])
+    loss = rng.uniform(0.05, 0.20, n_cand)
+    gain = np.where(kind == len(MIX) - 1, -loss, np.array([g or 0.0 for _, _, g in MIX])[kind])
+
+    def noise(*shape):
+        z = 1 + cv * rng.standard_normal(shape)
+        return z * np.where(rng.random(shape) < outlier_rate, outlier_factor, 1.0)
+    return {"kind": kind.tolist(), "gain": gain.tolist(), "cand": noise(n_cand, 2, MAX_RUNS).tolist(),
+            "inc": noise(MAX_INC).tolist()}
 
 
-def power_table(values, gains, real, a):
-    """P(keep) at one candidate run per experiment (equal compute), with the noise estimated as the loop estimates it
-    (sigma from the K-run baseline: its own sampling error counts), for: the rule as it is (candidate against the mean
-    of the K runs), other K and z, and common random numbers (candidate and best on the same seed, the rule applied to
-    their difference, its sigma pooled from two experiments run twice). The true sigmas come from the calibration."""
-    base = values["baseline"]
-    sigma, best = statistics.stdev(base), statistics.mean(base)
-    floor = a.floor * best
-    sd_pair = pooled_sigma([[c - b for c, b in zip(values[n], base)] for n in gains])   # edit vs best, same seed
-    print(f"\nsigma of one run {sigma:.3g} ({sigma / best:.1%} of {best:.4g}); sd of a paired difference (an edit and "
-          f"the baseline on the same seed) {sd_pair:.3g}, against {sigma * math.sqrt(2):.3g} for two independent runs")
+class Search:
+    """One search's bookkeeping: runs spent (the budget counts every run, the baseline's included), the incumbent's
+    true value, and what each proposal came to."""
+    def __init__(self, w, budget):
+        self.w, self.budget, self.used, self.inc_used = w, budget, 0, 0
+        self.true_base = self.true_inc = 1.0
+        self.kept = {}          # proposal -> True (kept) / False (a verdict, not kept)
+        self.final = None       # the last keep: (the mean it was decided on, the kept commit's runs, how many of those)
 
-    def as_it_is(k, z):   # the candidate against the mean of k runs: off by sigma * sqrt(1 + 1/k)
-        return lambda g, psd: p_keep(g, sigma * math.sqrt(1 + 1 / k), sd_estimate(sigma, 1, k), z, floor)
-    kz = dict.fromkeys(((a.noise_runs, a.z), (3, a.z), (5, a.z), (a.noise_runs, 1.5), (a.noise_runs, 2.5)))
-    rules = [(f"K {k}, z {z}", as_it_is(k, z)) for k, z in kz]
-    rules.append((f"paired, z {a.z}", lambda g, psd: p_keep(g, psd, sd_estimate(sd_pair, 2, 2), a.z, floor)))
-    # a paired difference is off by sd_pair; a seed-only null's by sigma * sqrt(2): a new random stream never pairs
-    rows = [("seed-only null", 0.0, sigma * math.sqrt(2))] + \
-        [(f"{n}{' (real)' if n in real else ''}", best - statistics.mean(values[n]), sd_pair) for n in gains] + \
-        [(f"gain of {p:.0%}", p * best, sd_pair) for p in (0.05, 0.1, 0.2)]
-    print(f"{'P(keep)':<22}{'true gain':>10}" + "".join(f"{name:>14}" for name, _ in rules))
-    for label, g, psd in rows:
-        print(f"{label:<22}{g:>10.3g}" + "".join(f"{rule(g, psd):>14.0%}" for _, rule in rules))
+    def afford(self):
+        return self.used < self.budget
 
+    def inc_run(self):
+        self.used += 1
+        self.inc_used += 1
+        return self.true_inc * self.w["inc"][self.inc_used - 1]
+
+    def cand_run(self, p, attempt, k):
+        self.used += 1
+        return self.true_inc * (1 - self.w["gain"][p]) * self.w["cand"][p][attempt][k]
+
+    def result(self, best, s=None):
+        g = lambda v, true: (true - v) / true * 100   # how much better v looks than true, in % of true
+        decided, runs, n = self.final if self.final else (None, [], 0)
+        honest = runs[n:]     # the runs made after the keep: its one more run, the incumbent's re-measures since
+        return {"kept": self.kept, "kind": {p: MIX[self.w["kind"][p]][0] for p in self.kept}, "runs": self.used,
+                "gain": g(self.true_inc, self.true_base),
+                "decided": None if decided is None else g(decided, self.true_inc),
+                "best": None if decided is None else g(best, self.true_inc),
+                "honest": g(sum(honest) / len(honest), self.true_inc) if honest and decided is not None else None,
+                "s": s}
+
+
+def search_new(rule, w, n_cand, budget, k_base, workers=1, requeue=False, first_in_s=False):
+    """One search with an engine rule (RULES[...]) run as the loop runs it: each candidate through next_step
+    against the round's incumbent, s = pooled_cv at every step (over the baseline's runs and those of every commit
+    with >= 2 runs, less a candidate's first run unless first_in_s), the incumbent's re-measures counted per round,
+    round_winner among the kept, incumbent_after_keep with one more run. With requeue, a runner-up kept but
+    beaten is tried once more in the next round, its effect now on top of the new incumbent (ideas that compose)."""
+    S = Search(w, budget)
+    inc = [S.inc_run() for _ in range(k_base)]
+    groups = [(inc, 0)]                     # (runs, how many leading runs stay out of s)
+    queue, fresh, attempt, seen = [], iter(range(n_cand)), {}, None
+    while True:
+        todo = queue[:workers]
+        queue = queue[workers:]
+        todo += [p for _, p in zip(range(workers - len(todo)), fresh)]
+        if not todo or not S.afford():
+            break
+        runs, steps, remeasured, out = {p: [] for p in todo}, {}, 0, False
+        for p in todo:                      # every worker's first run, then each one to its verdict
+            if not S.afford():
+                out = True
+                break
+            runs[p].append(S.cand_run(p, attempt.get(p, 0), 0))
+        for p in todo:
+            while not out:
+                if seen != (len(groups), len(inc)):   # s as the loop has it at every step (cached: the same value)
+                    s, seen = pooled_cv([g[skip:] for g, skip in groups]), (len(groups), len(inc))
+                step = next_step(rule, MC_METRIC, inc, runs[p], s, remeasured)
+                if step.action in ("keep", "discard"):
+                    steps[p] = step.action
+                    break
+                if not S.afford():
+                    out = True
+                elif step.action == "incumbent":
+                    inc.append(S.inc_run())
+                    remeasured += 1
+                else:
+                    runs[p].append(S.cand_run(p, attempt.get(p, 0), len(runs[p])))
+        kept = {p: runs[p] for p in steps if steps[p] == "keep"}
+        winner = round_winner(MC_METRIC, kept)
+        for p in steps:
+            S.kept[p] = S.kept.get(p, False) or p == winner
+            if p != winner and len(runs[p]) >= 2:
+                groups.append((runs[p], 1 - first_in_s))
+            if requeue and p in kept and p != winner and attempt.get(p, 0) == 0:
+                attempt[p] = 1
+                queue.append(p)
+        if winner is not None:
+            one_more = S.cand_run(winner, attempt.get(winner, 0), len(runs[winner])) if S.afford() else None
+            inc = incumbent_after_keep(runs[winner], one_more)
+            S.true_inc *= 1 - w["gain"][winner]
+            groups.append((inc, 1 - first_in_s))
+            S.final = (sum(runs[winner]) / len(runs[winner]), inc, len(runs[winner]))   # inc[n:]: honest
+        if out:
+            break
+    s = pooled_cv([g[skip:] for g, skip in groups])
+    return S.result(incumbent_mean(inc, s)[0] if S.final and s else None, s)
+
+
+def old_pooled_sigma(groups):
+    """OLD rule: the run-to-run SD in the metric's units, pooled over groups of >= 2 runs."""
+    ss = dof = 0
+    for g in groups:
+        if len(g) >= 2:
+            m = sum(g) / len(g)
+            ss, dof = ss + sum((x - m) ** 2 for x in g), dof + len(g) - 1
+    return math.sqrt(ss / dof) if dof else None
+
+
+def old_sidak_z(z, n):
+    nd = statistics.NormalDist()
+    return z if n == 1 else -nd.inv_cdf(-math.expm1(math.log1p(-nd.cdf(-z)) / n))
+
+
+def search_old(w, n_cand, budget, k_base, workers=1, z=2.0, floor=0.01):
+    """OLD rule, for comparison only (the engine's decide/decide_round before issue 20): best = mean of the K
+    baseline runs; a candidate gets one run and is kept iff best - v1 > max(z_N * sigma, floor * |best|), z_N =
+    Šidák's z for the best of N workers, the best of those passing kept; after a keep one more run, which never
+    revokes it, and best = mean of the two; sigma pooled in absolute units over the baseline and each keep's pair."""
+    S = Search(w, budget)
+    base = [S.inc_run() for _ in range(k_base)]
+    groups, best, zn = [base], sum(base) / k_base, old_sidak_z(z, workers)
+    fresh = iter(range(n_cand))
+    while S.afford():
+        todo = [p for _, p in zip(range(workers), fresh)]
+        if not todo:
+            break
+        sigma = old_pooled_sigma(groups)
+        threshold = max(zn * sigma, floor * abs(best)) if sigma else floor * abs(best)
+        v = {}
+        for p in todo:
+            if S.afford():
+                v[p] = S.cand_run(p, 0, 0)
+        passing = [p for p in v if MC_METRIC.gain(v[p], best) > threshold]
+        winner = max(passing, key=lambda p: MC_METRIC.gain(v[p], best), default=None)
+        for p in v:
+            S.kept[p] = p == winner
+        if winner is not None:
+            pair = [v[winner]] + ([S.cand_run(winner, 0, 1)] if S.afford() else [])
+            S.true_inc *= 1 - w["gain"][winner]
+            groups.append(pair)
+            best = sum(pair) / len(pair)
+            S.final = (v[winner], pair, 1)
+    return S.result(best if S.final else None, old_pooled_sigma(groups) / abs(best))
+
+
+MC_RULES = {   # label -> (search function, keyword arguments; workers None: --mc-workers; plain: no outlier trimming)
+    "OLD: one run, z 2 (today)": (search_old, {}),
+    "screen, then confirm": (search_new, {"rule": "screen"}),
+    "sequential (strict)": (search_new, {"rule": "sequential"}),
+    "screen, plain s (no trimming)": (search_new, {"rule": "screen", "plain": True}),
+    "screen, first runs in s": (search_new, {"rule": "screen", "first_in_s": True}),
+    "OLD workers, Sidak": (search_old, {"workers": None}),
+    "screen, workers": (search_new, {"rule": "screen", "workers": None}),
+    "screen, workers, re-queue": (search_new, {"rule": "screen", "workers": None, "requeue": True}),
+}
+
+
+def mc_task(args):
+    """Searches lo..hi-1 of one (rule, scenario): a list of Search.result dicts."""
+    label, lo, hi, o = args
+    fn, kw = MC_RULES[label]
+    kw = dict(kw)
+    if "rule" in kw:
+        kw["rule"] = RULES[kw["rule"]]
+    if kw.get("workers", 1) is None:
+        kw["workers"] = o["workers"]
+    cut, engine.judge.OUTLIER_T = engine.judge.OUTLIER_T, math.inf if kw.pop("plain", False) else engine.judge.OUTLIER_T
+    try:
+        return [fn(w=mc_world(o["seed"], i, o["n_world"], o["cv"], o["outlier_rate"], o["outlier_factor"]),
+                   n_cand=o["n_cand"], budget=o["budget"], k_base=o["k"], **kw) for i in range(lo, hi)]
+    finally:
+        engine.judge.OUTLIER_T = cut
+
+
+def mc_summary(results, k_base):
+    """Rates over searches: P(keep) per kind of candidate among those that got a verdict, runs per candidate, the mean
+    final true gain (%), and how much better than true the final incumbent looks (%), by its decided mean, the
+    loop's best at the end, and the runs made after its keep (honest); the last three over searches with a keep."""
+    seen, kept = {}, {}
+    runs = cands = 0
+    for r in results:
+        for p, k in r["kept"].items():
+            name = r["kind"][p]
+            seen[name] = seen.get(name, 0) + 1
+            kept[name] = kept.get(name, 0) + k
+        runs += r["runs"] - k_base
+        cands += len(r["kept"])
+    mean = lambda key: statistics.fmean([r[key] for r in results if r[key] is not None] or [math.nan])
+    out = {name: kept.get(name, 0) / seen[name] if seen.get(name) else math.nan for name, _, _ in MIX}
+    out.update(cands=cands / len(results), runs_per_cand=runs / max(cands, 1), gain=mean("gain"),
+               decided=mean("decided"), best=mean("best"), honest=mean("honest"), s=mean("s"))
+    return out
+
+
+def monte_carlo(o, rules, procs=1):
+    """{label: mc_summary} for each label of MC_RULES in `rules`, over searches 0..o["searches"]-1 (common random
+    numbers: search i sees the same world under every rule), in `procs` processes."""
+    step = -(-o["searches"] // max(1, procs * 4))
+    tasks = [(label, lo, min(lo + step, o["searches"]), o) for label in rules for lo in range(0, o["searches"], step)]
+    if procs > 1:
+        import multiprocessing
+        with multiprocessing.get_context("fork").Pool(procs) as pool:
+            parts = pool.map(mc_task, tasks)
+    else:
+        parts = list(map(mc_task, tasks))
+    return {label: mc_summary([r for (lab, *_), part in zip(tasks, parts) if lab == label for r in part], o["k"])
+            for label in rules}
+
+
+def mc_report(a):
+    """The Monte Carlo tables (--mc-searches): for each scenario (noise only; with outlier runs), every rule over a
+    fixed number of candidates, and at equal compute (the same total number of runs, the baseline's included)."""
+    import time
+    t0 = time.time()
+    base = dict(seed=a.mc_seed, searches=a.mc_searches, n_world=max(a.mc_candidates, a.mc_budget), k=a.mc_noise_runs,
+                cv=a.mc_cv, outlier_factor=a.mc_outlier_factor, workers=a.mc_workers)
+    print(f"Monte Carlo of whole searches: {a.mc_searches} searches (seed {a.mc_seed}), a metric to minimize, run "
+          f"noise "
+          f"cv {a.mc_cv:.1%}, baseline K = {a.mc_noise_runs}; candidates: " +
+          ", ".join(f"{p:.0%} {name}" for name, p, _ in MIX) + " (losses 5-20%); workers N = "
+          f"{a.mc_workers}. Rates: P(keep) per candidate that got a verdict. Gains and biases in % of the true value: "
+          "final = the true gain of the final incumbent over the baseline; decided/best/honest - true = how much "
+          "better than its true value the final incumbent looks by the mean its keep was decided on / the loop's "
+          "best at the end / the runs made after its keep (searches with a keep).")
+    scenarios = [("noise only", 0.0, list(MC_RULES)),
+                 (f"{a.mc_outliers:.0%} of runs from a slow machine (value x{a.mc_outlier_factor:g}, worse)",
+                  a.mc_outliers, [r for r in MC_RULES if "workers" not in r])]
+    for title, rate, rules in scenarios:
+        o = dict(base, outlier_rate=rate)
+        fixed = monte_carlo(dict(o, n_cand=a.mc_candidates, budget=math.inf), rules, a.mc_procs)
+        equal = monte_carlo(dict(o, n_cand=max(a.mc_candidates, a.mc_budget), budget=a.mc_budget), rules, a.mc_procs)
+        print(f"\n{title}: {a.mc_candidates} candidates | equal compute, {a.mc_budget} runs in all\n")
+        print("| rule | nulls kept | losses kept | +5% | +10% | +20% | runs/cand | final gain | decided - true | "
+              "best - true | honest - true | s/cv | gain at equal compute | cands seen | nulls kept |")
+        print("|---" * 15 + "|")
+        for r in rules:
+            f, e = fixed[r], equal[r]
+            print(f"| {r} | {f['null']:.2%} | {f['loss']:.2%} | {f['+5%']:.0%} | {f['+10%']:.0%} | {f['+20%']:.0%} | "
+                  f"{f['runs_per_cand']:.2f} | {f['gain']:.1f}% | {f['decided']:.1f}% | {f['best']:.1f}% | "
+                  f"{f['honest']:.1f}% | {f['s'] / a.mc_cv:.2f} | {e['gain']:.1f}% | {e['cands']:.1f} | "
+                  f"{e['null']:.2%} |")
+        old, new = equal["OLD: one run, z 2 (today)"], equal["screen, then confirm"]
+        print(f"\nat equal compute, screen-confirm against today's rule: final gain x{new['gain'] / old['gain']:.2f}, "
+              f"nulls kept {new['null']:.2%} against {old['null']:.2%}, decided - true {new['decided']:.1f}% against "
+              f"{old['decided']:.1f}% (x{new['decided'] / old['decided']:.2f})")
+    print(f"\n({time.time() - t0:.0f} s)")
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -185,13 +421,25 @@ def main():
     ap.add_argument("--gains", nargs="+", default=["expert-off", "lr-x2", "batch-half"])
     ap.add_argument("--nulls", type=int, default=4)
     ap.add_argument("--noise-runs", type=int, default=5)
-    ap.add_argument("--z", type=float, default=2.0)
-    ap.add_argument("--floor", type=float, default=0.01)
-    ap.add_argument("--confirm", action="store_true")
+    ap.add_argument("--rule", default="screen", help="the loop's --rule")
     ap.add_argument("--calibration", help="a JSON file: read the calibration from it if it exists, else write it "
                     "there (to rerun the loop with other keep-rule flags without recalibrating)")
     ap.add_argument("--keep", action="store_true", help="keep the temp folder (repo, logs, results.tsv)")
+    mc = ap.add_argument_group("Monte Carlo of whole searches (issue 20): with --mc-searches, only that runs")
+    mc.add_argument("--mc-searches", type=int, help="searches per rule and scenario (4000: about 4 minutes on 2 cores)")
+    mc.add_argument("--mc-candidates", type=int, default=40, help="candidates per search")
+    mc.add_argument("--mc-budget", type=int, default=47,
+                    help="runs per search at equal compute, the baseline's included")
+    mc.add_argument("--mc-noise-runs", type=int, default=5, help="the baseline's runs (K)")
+    mc.add_argument("--mc-cv", type=float, default=0.075, help="run-to-run noise, relative")
+    mc.add_argument("--mc-outliers", type=float, default=0.02, help="share of runs from a slow machine")
+    mc.add_argument("--mc-outlier-factor", type=float, default=2.0, help="their value, times this (worse)")
+    mc.add_argument("--mc-workers", type=int, default=4, help="N for the workers' rows")
+    mc.add_argument("--mc-seed", type=int, default=0)
+    mc.add_argument("--mc-procs", type=int, default=min(2, os.cpu_count() or 1))
     a = ap.parse_args()
+    if a.mc_searches:
+        return mc_report(a)
     if a.calib_seeds < 2:
         ap.error("--calib-seeds must be at least 2 (3 or more for figures worth reporting)")
     import torch
@@ -233,7 +481,7 @@ def main():
         for cmd in (["init", "-q", "-b", "main"], ["add", "-A"], ["commit", "-q", "-m", "template"]):
             subprocess.run(["git", *cmd], cwd=repo, check=True, env=env, capture_output=True)
         flags = ["--tag", "bench", "--max-experiments", str(len(plan)), "--noise-runs", str(a.noise_runs),
-                 "--z", str(a.z), "--floor", str(a.floor), "--fix-attempts", "0"] + (["--confirm"] if a.confirm else [])
+                 "--rule", a.rule, "--fix-attempts", "0"]
         with FakeOllama({"qwen2.5-coder:7b": 32768}, scripted_agent(repo, [(f"{kind}: {n}", e) for kind, n, e in plan])
                         ) as fake:
             p = subprocess.run([sys.executable, "autoresearch.py", *flags], cwd=repo,
@@ -267,7 +515,6 @@ def main():
         spread = f" (sd {statistics.stdev(same):.3g}; of two independent runs: {statistics.stdev(base) * 2 ** 0.5:.3g})"
         print(f"the same code on the same seeds, the loop's baseline minus the calibration's: "
               f"{' '.join(f'{d:+.3g}' for d in same)}{spread * (len(same) > 1)}")
-        power_table(values, gains, real, a)
         if a.keep:
             print(f"\nkept {tmp}")
     finally:

@@ -9,14 +9,11 @@
 
        python tests/bench_workers.py utilization [--delay 10] [--sleep 60] [--rounds 2] [--workers 1 2 4]
 
-2. False keeps: seed-only candidates (pure noise, sigma known) decided with the round rule (decide_round with the
-   z of sidak_z) at N = 4 per round against N = 1, by simulation: the chance that a round keeps noise.
-
-       python tests/bench_workers.py false-keeps [--trials 200000] [--z 2]
+The keep rule with workers (false keeps, power, the gain per run) is in the Monte Carlo of whole searches:
+python tests/bench_research.py --mc-searches 4000.
 """
 import argparse
 import os
-import random
 import subprocess
 import sys
 import tempfile
@@ -26,7 +23,6 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
-from engine.judge import decide_round, sidak_z
 from engine.project import Metric
 from engine.report import summarize
 from engine.results import append_row, load_results
@@ -83,23 +79,6 @@ def utilization(args):
                   f"({t / (t + n * args.delay):.0%}); statuses {sorted({r['status'] for r in rows})}")
 
 
-def false_keeps(args):
-    """Seed-only candidates: every value is the best's true value plus N(0, sigma) noise; the recorded best is itself
-    a mean of the baseline's runs (here: exact), so a keep is a false keep."""
-    rng = random.Random(0)
-    best, sigma, floor = 100.0, 1.0, 0.0   # floor 0: the z rule alone (the floor would hide the difference)
-    metric = Metric("mean_rank", "minimize")
-    print(f"seed-only candidates, sigma {sigma:g}, z {args.z:g}, floor 0, {args.trials} rounds each")
-    print(f"{'N':>3} {'z used':>7} {'keeps per round':>16} {'keeps per experiment':>21}")
-    for n, z in ((1, args.z), (4, args.z), (4, sidak_z(args.z, 4))):
-        keeps = 0
-        for _ in range(args.trials):
-            values = {e: rng.gauss(best, sigma) for e in range(n)}
-            keeps += decide_round(best, sigma, values, z, floor, metric=metric)[0] is not None
-        label = "z" if z == args.z else "z_4"
-        print(f"{n:>3} {label + f' {z:.3f}':>7} {keeps / args.trials:>16.4f} {keeps / args.trials / n:>21.4f}")
-
-
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="what", required=True)
@@ -108,8 +87,4 @@ if __name__ == "__main__":
     u.add_argument("--sleep", type=float, default=60.0)
     u.add_argument("--rounds", type=int, default=2)
     u.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
-    f = sub.add_parser("false-keeps")
-    f.add_argument("--trials", type=int, default=200000)
-    f.add_argument("--z", type=float, default=2.0)
-    a = p.parse_args()
-    utilization(a) if a.what == "utilization" else false_keeps(a)
+    utilization(p.parse_args())

@@ -16,8 +16,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from engine.agent import (CHARS_PER_TOKEN, TOKEN_RESERVE, TOOLS, LLMAgent, apply_edit, build_system_prompt,
     build_user_message, check_path, parse_error, parse_phases, parse_tool_calls, phase_index, train_limit, unwritable)
-from engine.judge import (baseline_failure, budget_allowance, classify_run, decide, last_loss, parse_metrics,
-    pooled_sigma)
+from engine.branch import commit_keep, prepare, save_notes
+from engine.judge import baseline_failure, budget_allowance, classify_run, last_loss, parse_metrics, pooled_cv
 from engine.loop import Loop
 from engine.project import MORE_COLUMNS, Metric, project_metric
 from engine.repo import check_argv, spawn
@@ -222,67 +222,7 @@ def test_allowlist():
         spawn("git status")
 
 
-# ---------------------------------------------------------------- deciding (noise-aware)
-
-def test_decide_threshold_is_max_of_noise_and_floor():
-    # sigma 2, z 2 -> threshold 4 > floor 1% of 100
-    assert decide([97.0], 100.0, 2.0, z=2, floor=0.01)[0] == "discard"     # 3 < 4: inside the noise
-    status, delta, thr, why = decide([95.0], 100.0, 2.0, z=2, floor=0.01)
-    assert (status, delta, thr) == ("keep", -5.0, 4.0) and "sigma 2" in why
-    # tiny sigma: the floor rules
-    assert decide([99.5], 100.0, 0.01, floor=0.01)[:3] == ("discard", -0.5, 1.0)
-    assert decide([98.9], 100.0, 0.01, floor=0.01)[0] == "keep"
-    assert decide([101.0], 100.0, 2.0)[0] == "discard"                    # worse
-    assert decide([95.0], 100.0, None, floor=0.01)[0] == "keep"          # unknown sigma: floor only
-
-
-def test_decide_more_runs_average_the_noise():
-    # mean 96.5 over 2 runs: threshold 2*2/sqrt(2) = 2.83 < 3.5
-    assert decide([96.0, 97.0], 100.0, 2.0)[0] == "keep"
-    assert decide([96.5], 100.0, 2.0)[0] == "discard"
-
-
-def test_decide_confirm():
-    assert decide([98.0], 100.0, 2.0, confirm=True)[0] == "confirm"       # beats the floor: run again
-    assert decide([99.5], 100.0, 2.0, confirm=True)[0] == "discard"
-    assert decide([96.0, 96.5], 100.0, 2.0, confirm=True)[0] == "keep"
-    status, *_, why = decide([94.0, 99.5], 100.0, 2.0, confirm=True)       # second seed disagrees
-    assert status == "discard" and "disagree" in why
-    with pytest.raises(ValueError):
-        decide([], 100.0, 1.0)
-
-
-def test_decide_maximize():
-    # higher is better: the same rule with the improvement mean - best; delta stays mean - best
-    status, delta, thr, _ = decide([0.85], 0.80, 0.01, z=2, floor=0.01, metric=ACC)
-    assert (status, delta, thr) == ("keep", pytest.approx(0.05), pytest.approx(0.02))
-    assert decide([0.75], 0.80, 0.01, metric=ACC)[0] == "discard"                   # worse
-    assert decide([0.81], 0.80, 0.01, metric=ACC)[0] == "discard"                   # inside the noise
-    assert decide([0.85], 0.80, 0.01, confirm=True, metric=ACC)[0] == "confirm"
-    assert decide([0.85, 0.79], 0.80, 0.01, confirm=True, metric=ACC)[0] == "discard"
-
-
-def test_pooled_sigma():
-    assert pooled_sigma([]) is None
-    assert pooled_sigma([[5.0]]) is None
-    assert pooled_sigma([[1.0, 3.0]]) == pytest.approx(math.sqrt(2))
-    # groups pool their squared deviations: (2 + 0) / (1 + 1)
-    assert pooled_sigma([[1.0, 3.0], [7.0, 7.0]]) == pytest.approx(1.0)
-
-
-def test_seed_noise_naive_vs_noise_aware():
-    """Pure seed changes around a true value of 100 with sigma 3: the naive rule keeps ~half, ours ~1 in 8."""
-    import random
-    rng = random.Random(0)
-    naive = ours = 0
-    for _ in range(500):
-        base = [rng.gauss(100, 3) for _ in range(3)]
-        sigma = pooled_sigma([base])
-        cand = rng.gauss(100, 3)
-        naive += cand < sum(base) / 3
-        ours += decide([cand], sum(base) / 3, sigma, z=2, floor=0.01)[0] == "keep"
-    assert naive > 200 and ours < naive / 3   # K=3 sigma estimates are themselves noisy
-
+# ---------------------------------------------------------------- deciding: tests/test_keep_rule.py
 
 # ---------------------------------------------------------------- phases and prompts
 
@@ -368,7 +308,7 @@ def test_results_round_trip(tmp_path):
     assert [r["status"] for r in rows] == ["baseline", "keep"]
     assert rows[1]["description"] == "tab here newline"
     assert state_from_rows(rows) == (45.5, "def", "1", "0")
-    assert noise_groups(rows) == [[50.0, 51.0], [45.0, 46.0]]
+    assert noise_groups(rows) == [[50.0, 51.0], [46.0]]   # a keep's group without the run that won its screen
     append_row({"experiment": 2, "status": "discard", "description": "d"}, MR, path)
     assert [r["experiment"] for r in load_results(path)] == ["0", "1", "2"]
 
@@ -401,7 +341,9 @@ def test_one_row_builder_typed_rows_exact_in_results_tsv(tmp_path):
     base = Outcome(0, "baseline", description="baseline", commit="c0", values=[48.123456789, 47.98765432],
                       delta=0.0, reason="2 seed(s)", started=100.0, round=0)
     row0 = make_row(base, [], MR, 130.0)
-    assert row0["best"] == (48.123456789 + 47.98765432) / 2 and row0["sigma"] == pooled_sigma([base.values])
+    s = pooled_cv([base.values])
+    assert row0["best"] == (48.123456789 + 47.98765432) / 2 and row0["sigma"] == s * row0["best"]
+    assert row0["honest"] == row0["best"]                    # the baseline's runs: none chosen for looking good
     assert (row0["val_mean_rank"], row0["runs"], row0["best_commit"], row0["wall_seconds"], row0["agent"]) == (
         48.123456789, (48.123456789, 47.98765432), "c0", 30.0, "llm")
     disc = Outcome(1, "discard", commit="c1", base="c0", values=[47.9], delta=47.9 - row0["best"],
@@ -458,7 +400,7 @@ def test_report_png_names_the_metric_and_marks_failures_at_the_worse_end(monkeyp
     the top when lower is better, the bottom when higher is."""
     import matplotlib.figure
     drawn = []
-    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, path: drawn.append(fig))
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **kw: drawn.append(fig))
     for metric, values, label in ((MR, (50.0, 40.0, 45.0), "val_mean_rank (lower is better)"),
                                   (ACC, (0.5, 0.7, 0.6), "val_accuracy (higher is better)")):
         rows = [{"experiment": str(i), "status": st, metric.column: str(v), "best": str(values[0]), "description": "d",
@@ -502,7 +444,7 @@ def llm(**kw):
 
 
 def loop_args(**kw):
-    base = dict(tag="t", resume=True, phase_every=10, phase_plateau=5, z=2.0, floor=0.01, noise_runs=2, num_ctx=16384,
+    base = dict(tag="t", resume=True, phase_every=10, phase_plateau=5, rule="screen", noise_runs=2, num_ctx=16384,
                 time_budget=300, allowance=None)
     base.update(kw)
     return types.SimpleNamespace(**base)
@@ -521,7 +463,7 @@ def test_resume_recovers_keep_commit_without_row(repo):
                                                    {"Runs": "40,41", "Best": "40.5", "Threshold": "2.8"}))
     head = git(repo, "rev-parse", "HEAD")
     loop = Loop(loop_args(), llm())
-    loop.setup()             # killed after the keep commit, before recording: the commit carries the result
+    prepare(loop)            # killed after the keep commit, before recording: the commit carries the result
     rows = load_results()
     assert [r["status"] for r in rows] == ["baseline", "keep"]
     assert rows[1]["commit"] == head and rows[1]["val_mean_rank"] == "40" and rows[1]["best"] == "40.5"
@@ -537,7 +479,7 @@ def test_resume_reverts_unrecorded_candidate_keeps_notes(repo):
     (repo / "runs").mkdir()
     (repo / "runs" / ".running").write_text("999999")                      # stale pid file: ignored
     loop = Loop(loop_args(), llm())
-    loop.setup()
+    prepare(loop)
     rows = load_results()
     assert [r["status"] for r in rows] == ["baseline", "interrupted"] and rows[1]["experiment"] == "1"
     assert (repo / "train.py").read_text() == "LR = 1\n"
@@ -552,7 +494,7 @@ def test_resume_and_report_refuse_results_of_another_metric(repo):
         ["0", "abc", "0.5", "0", "baseline", "baseline"] + [""] * len(MORE_COLUMNS)) + "\n")
     head = git(repo, "rev-parse", "HEAD")
     with pytest.raises(HarnessError) as e:
-        Loop(loop_args(), llm()).setup()
+        prepare(Loop(loop_args(), llm()))
     assert "results.tsv records val_accuracy, but this project's prepare_data.py declares METRIC = 'mean_rank' " \
            "(val_mean_rank)" in str(e.value) and "mv results.tsv" in str(e.value)
     assert git(repo, "rev-parse", "HEAD") == head and git(repo, "status", "--porcelain") == ""
@@ -566,7 +508,7 @@ def test_conclude_keeps_or_reverts_and_records_one_row(repo):
     base = git(repo, "rev-parse", "HEAD")
     append_row(baseline_row(base), MR)
     loop = Loop(loop_args(), llm())
-    loop.setup()
+    prepare(loop)
 
     def candidate(src, notes):
         (repo / "train.py").write_text(src)
@@ -578,29 +520,35 @@ def test_conclude_keeps_or_reverts_and_records_one_row(repo):
     worse = candidate("LR = 2\n", "notes\n- lr 2: worse\n")
     loop.conclude(loop.outcome(1, status="discard", description="lr 2", commit=worse, base=base, values=[53.0],
                                delta=2.0, threshold=1.0, reason="not > threshold", started=time.time()))
+    save_notes("notes\n- lr 2: worse\n", "notes of round 1")
     assert (repo / "train.py").read_text() == "LR = 1\n" and "lr 2: worse" in (repo / "scratchpad.md").read_text()
-    assert git(repo, "log", "-1", "--format=%s") == "scratchpad: notes kept across a revert"
+    assert git(repo, "log", "-1", "--format=%s") == "scratchpad: notes of round 1"
     assert git(repo, "status", "--porcelain") == ""
     # a keep amends its candidate into the keep commit, whose trailers carry the row's numbers exactly
     notes_commit = git(repo, "rev-parse", "HEAD")
     cand = candidate("LR = 3\n", "notes\n- lr 2: worse\n- lr 3: better\n")
     o = loop.outcome(2, status="keep", description="lr 3", phase="Phase 1: Hyperparameters", commit=cand,
-                     base=notes_commit, values=[45.123456, 46.987654], delta=-4.9, threshold=2.5, reason="kept")
+                     base=notes_commit, values=[45.123456, 46.987654, 45.5], inc_runs=[51.5], delta=-4.9, t=3.25,
+                     threshold=2.5, reason="kept")
+    commit_keep(o, MR)
+    o.after = [46.25]
     loop.conclude(o)
     head = git(repo, "rev-parse", "HEAD")
     tr = parse_trailers(git(repo, "log", "-1", "--format=%B"))
-    assert o.commit == head != cand and (tr["Status"], tr["Runs"], tr["Threshold"]) == ("keep", "45.123456,46.987654",
-                                                                                         "2.5")
+    assert o.commit == head != cand and (tr["Status"], tr["Runs"], tr["Incumbent-Runs"], tr["T"], tr["Threshold"]) == (
+        "keep", "45.123456,46.987654,45.5", "51.5", "3.25", "2.5")
     assert (repo / "train.py").read_text() == "LR = 3\n" and git(repo, "status", "--porcelain") == ""
     rows = load_results()
     assert [(r["experiment"], r["status"], r["commit"], r["best_commit"], r["round"], r["worker"]) for r in rows] == [
         ("0", "baseline", base, base, "", ""), ("1", "discard", worse, base, "1", "0"),
         ("2", "keep", head, head, "2", "0")]
-    assert loop.best == (45.123456 + 46.987654) / 2 and loop.sigma() == pooled_sigma([[50, 52],
-                                                                                         [45.123456, 46.987654]])
+    inc, s = loop.noise()
+    assert inc == [45.123456, 46.987654, 45.5, 46.25] and rows[2]["honest"] == "46.25"
+    # the noise pooled over the baseline's runs and its re-measure, and the kept commit's runs less its first
+    assert s == pooled_cv([[50, 52, 51.5], [46.987654, 45.5, 46.25]])
     again = Loop(loop_args(), llm())          # --resume reads back the very numbers
-    again.setup()
-    assert again.best == loop.best and again.sigma() == loop.sigma() and again.rows == loop.rows
+    prepare(again)
+    assert again.noise() == loop.noise() and again.rows == loop.rows
     assert [r["round"] for r in again.rows] == [0, 1, 2]
 
 
@@ -618,20 +566,20 @@ def test_resume_upgrades_a_results_tsv_written_before_rounds_and_workers(repo):
     text = "\t".join(OLD_HEADER) + "\n" + "".join("\t".join(r.get(c, "") for c in OLD_HEADER) + "\n" for r in old)
     (repo / "results.tsv").write_text(text)
     loop = Loop(loop_args(), llm())
-    loop.setup()
+    prepare(loop)
     header = (repo / "results.tsv").read_text().split("\n")[0].split("\t")
     assert header == MR.columns + ["val_median_rank"]          # what it no longer writes stays, at the end
     rows = load_results()
     for r, o in zip(rows, old):                                 # nothing recorded is lost or changed
         assert {c: r[c] for c in OLD_HEADER} == {c: o.get(c, "") for c in OLD_HEADER}
     assert [(r["round"], r["worker"]) for r in rows] == [("0", "0"), ("1", "0")]
-    assert loop.best == 51.0 and [r["round"] for r in loop.rows] == [0, 1]
+    assert state_from_rows(loop.rows)[0] == 51.0 and [r["round"] for r in loop.rows] == [0, 1]
     loop.record(loop.outcome(2, status="invalid", base=base, reason="again"))
     rows = load_results()
     assert (rows[2]["experiment"], rows[2]["reason"], rows[2]["round"], rows[2]["val_median_rank"]) == ("2", "again",
                                                                                                       "2", "")
     text = (repo / "results.tsv").read_text()
-    Loop(loop_args(), llm()).setup()                          # once upgraded, left as it is
+    prepare(Loop(loop_args(), llm()))                        # once upgraded, left as it is
     assert (repo / "results.tsv").read_text() == text
 
 

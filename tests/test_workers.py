@@ -1,5 +1,5 @@
-"""--workers N: the round's pure parts (the N-corrected threshold, the round decision, the merged scratchpad, the
-slots) and its real plumbing (worktrees on real git, the record of runs in flight with real processes)."""
+"""--workers N: the round's pure parts (the merged scratchpad, the slots; the round's keep rule is in
+test_keep_rule.py) and its real plumbing (worktrees on real git, the record of runs in flight with real processes)."""
 import contextlib
 import os
 import signal
@@ -12,49 +12,13 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from engine.judge import decide_round, sidak_z
-from engine.loop import merge_scratchpads
+from engine.branch import merge_scratchpads
 from engine.project import Metric
 from engine.repo import dirty_files, sweep_worktrees, worktree
 from engine.report import summarize, wall_seconds, write_report
 from engine.results import append_row
 from engine.runs import _running, job_name, stop_orphan, track_run, worker_slots
 from engine.util import HarnessError, RUNNING
-
-
-# ---------------------------------------------------------------- the N-corrected threshold (Šidák)
-
-def test_sidak_z():
-    assert sidak_z(2.0, 1) == 2.0 and sidak_z(3.0, 1) == 3.0          # N=1: the rule of today, exactly
-    assert [round(sidak_z(2.0, n), 3) for n in (2, 4, 8)] == [2.275, 2.528, 2.762]
-    nd = statistics.NormalDist()
-    for z in (1.0, 2.0, 3.0, 5.0):
-        for n in (2, 3, 4, 8, 64):
-            zn = sidak_z(z, n)
-            # the chance that the best of n pure-noise candidates passes zn is the chance one candidate passes z
-            assert 1 - nd.cdf(zn) ** n == pytest.approx(1 - nd.cdf(z), rel=1e-9)
-            assert zn > sidak_z(z, n - 1)
-
-
-# ---------------------------------------------------------------- the round decision
-
-def test_decide_round_keeps_the_best_passing_candidate():
-    # best 50, sigma 1, z 2 (N=3: 2.42): 46 and 45 pass, 49 does not
-    winner, out = decide_round(50.0, 1.0, {3: 46.0, 4: 49.0, 5: 45.0}, sidak_z(2.0, 3))
-    assert winner == 5 and out[5][0] == "keep" and out[5][1] == -5.0
-    assert out[3][0] == "discard" and out[3][3].startswith("beaten in round by experiment 5 (delta -4,")
-    assert out[4][0] == "discard" and out[4][3].endswith("not > threshold")
-    # one that passes z but not the round's z_N is not kept
-    winner, out = decide_round(50.0, 1.0, {1: 47.8, 2: 51.0}, sidak_z(2.0, 2))
-    assert winner is None and out[1][0] == "discard" and 2.0 < 50.0 - 47.8 < out[1][2]
-    # ties go to the earlier experiment; a metric to maximize keeps the highest
-    assert decide_round(50.0, 1.0, {7: 40.0, 6: 40.0}, 2.0)[0] == 6
-    up = Metric("accuracy", "maximize")
-    winner, out = decide_round(0.5, None, {1: 0.6, 2: 0.7, 3: 0.4}, 2.0, metric=up)
-    assert winner == 2 and out[1][3].startswith("beaten in round by experiment 2") and out[3][0] == "discard"
-    # with --confirm the best passing candidate goes on to its second seed, the others are beaten
-    winner, out = decide_round(50.0, 1.0, {1: 49.0, 2: 48.0}, 2.0, confirm=True)
-    assert winner == 2 and out[2][0] == "confirm" and out[1][0] == "discard"
 
 
 # ---------------------------------------------------------------- the merged scratchpad
