@@ -66,7 +66,7 @@ def main():
         with FakeOllama({"qwen2.5-coder:7b": 32768}, script) as fake:
             env["OLLAMA_HOST"] = fake.url
             t0 = time.time()
-            p = subprocess.run([sys.executable, "autoresearch.py", "--tag", "bench", "--noise-runs", "1",
+            p = subprocess.run([sys.executable, "autoresearch.py", "--tag", "bench", "--noise-runs", "2",
                                 "--time-budget", str(a.budget), "--max-experiments", str(a.experiments)],
                                cwd=repo, env=env, capture_output=True, text=True)
             total = time.time() - t0

@@ -64,7 +64,7 @@ def utilization(args):
                 env.pop("AUTORESEARCH_SANDBOX", None)
                 t0 = time.time()
                 p = subprocess.run([sys.executable, "autoresearch.py", "--resume", "--workers", str(n),
-                                    "--max-experiments", str(n * args.rounds), "--noise-runs", "1", "--floor", "0.5"],
+                                    "--max-experiments", str(n * args.rounds), "--noise-runs", "2"],
                                    cwd=repo, env=env, capture_output=True, text=True)
                 wall = time.time() - t0
             if p.returncode != 0:

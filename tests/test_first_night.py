@@ -177,7 +177,7 @@ def test_the_random_tuner_runs_on_the_shipped_template(tmp_path, data):
     git(repo, "init", "-q", "-b", "main")
     git(repo, "add", "-A")
     git(repo, "commit", "-q", "-m", "template")
-    p = harness(repo, env_for("http://127.0.0.1:9", data), "--agent", "random", "--tag", "rnd", "--noise-runs", "1",
+    p = harness(repo, env_for("http://127.0.0.1:9", data), "--agent", "random", "--tag", "rnd", "--noise-runs", "2",
                 "--max-experiments", "3", timeout=900)
     assert p.returncode == 0, p.stdout + p.stderr
     space = search_space((repo / "train.py").read_text(), (repo / "program.md").read_text(), False)

@@ -741,7 +741,7 @@ def harness_forgery(repo, data):
     with FakeOllama({"qwen2.5-coder:7b": 32768}, script) as fake:
         env["OLLAMA_HOST"] = fake.url
         p = subprocess.run([sys.executable, "autoresearch.py", "--tag", "forge", "--max-experiments", "1",
-                            "--noise-runs", "1"], cwd=repo, env=env, capture_output=True, text=True, timeout=500)
+                            "--noise-runs", "2"], cwd=repo, env=env, capture_output=True, text=True, timeout=500)
         remaining = fake.remaining
     p.seconds, p.remaining, p.repo = time.time() - t, remaining, repo
     p.rows = load_results(str(repo / "results.tsv")) if (repo / "results.tsv").exists() else []

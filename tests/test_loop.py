@@ -29,6 +29,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, ROOT)
 import engine.runs  # noqa: E402  (monkeypatched below)
 from engine.agent import LLMAgent, make_client
+from engine.judge import pooled_cv
 from engine.loop import Loop
 from engine.project import project_metric
 from engine.results import Outcome, append_row, load_results
@@ -204,12 +205,16 @@ def test_research_loop_end_to_end(tmp_path, data):
     base, keep, worse, crash, invalid = rs
     assert float(base["val_mean_rank"]) == N_VAL and base["runs"] == f"{N_VAL},{N_VAL}" and float(base["sigma"]) == 0
     assert float(keep["val_mean_rank"]) < N_VAL * 0.7 and float(keep["delta"]) < -float(keep["threshold"]) < 0
-    assert len(keep["runs"].split(",")) == 2                  # a keep is repeated with another seed (sigma, best)
+    # the keep rule: one run screens it, the baseline (2 runs) is run once more, two more runs confirm it; once kept
+    # it runs once more (the honest estimate); without noise (the baseline's runs all equal) any gain is real
+    assert len(keep["runs"].split(",")) == 3 and keep["incumbent_runs"] == str(N_VAL) and keep["after_runs"]
+    assert float(keep["honest"]) == float(keep["after_runs"]) and float(keep["t"]) > 0
     assert float(worse["val_mean_rank"]) == (N_VAL + (N_VAL + 1) / 2) / 2      # image->text ~n/2, text->image n
     assert float(worse["delta"]) == pytest.approx(float(worse["val_mean_rank"]) - float(keep["best"]), abs=0.01)
-    assert float(worse["delta"]) > 0 and "not > threshold" in worse["reason"]
-    a, b = map(float, keep["runs"].split(","))   # sigma re-estimated: the baseline's pair (equal) and the keep's
-    assert a != b and float(worse["sigma"]) == pytest.approx(abs(a - b) / 2, rel=1e-3)
+    assert float(worse["delta"]) > 0 and "after 1 run(s)" in worse["reason"] and "not > 1.1" in worse["reason"]
+    runs = [*map(float, keep["runs"].split(",")), float(keep["after_runs"])]   # the noise, pooled and relative:
+    s = pooled_cv([[N_VAL] * 3, runs[1:]])                                     # the baseline's runs, the keep's
+    assert s > 0 and float(worse["sigma"]) == pytest.approx(s * float(worse["best"]), rel=1e-6)
     assert "exit" in crash["reason"] and crash["commit"]
     assert invalid["commit"] == "" and "identical" in invalid["reason"]
     assert crash["description"] == "crash on purpose"
@@ -292,7 +297,7 @@ def test_ctrl_c_then_kill_9_then_resume(tmp_path, data):
                tool_call("run_experiment", description="restore text embeddings")]   # deterministic 36.25
     with FakeOllama({"qwen2.5-coder:7b": 32768}, improve) as fake:
         env = env_for(fake.url, data)
-        args = [sys.executable, "autoresearch.py", "--max-experiments", "1", "--noise-runs", "1"]
+        args = [sys.executable, "autoresearch.py", "--max-experiments", "1", "--noise-runs", "2"]
         # 1) Ctrl-C (SIGINT to the harness) while experiment 1 trains
         p = subprocess.Popen(args + ["--tag", "intr"], cwd=repo, env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
@@ -317,10 +322,9 @@ def test_ctrl_c_then_kill_9_then_resume(tmp_path, data):
         p.communicate(timeout=30)
         assert alive(orphan)          # run.sh lives on in its own session: the next start must stop it
 
-        # 3) resume again: stops the orphan, records experiment 2 as interrupted, runs experiment 3 in --confirm
-        #    mode (kept only once a second seed agrees)
+        # 3) resume again: stops the orphan, records experiment 2 as interrupted, runs experiment 3 to its keep
         fake.add(*improve)
-        r = harness(repo, env, "--max-experiments", "1", "--noise-runs", "1", "--resume", "--confirm")
+        r = harness(repo, env, "--max-experiments", "1", "--noise-runs", "2", "--resume")
         assert r.returncode == 0, r.stdout + r.stderr
         assert not alive(orphan) and containers_of(orphan) == []
         assert fake.remaining == 0
@@ -336,7 +340,8 @@ def test_ctrl_c_then_kill_9_then_resume(tmp_path, data):
     assert "TIMEOUT" in rs[4]["reason"] and "time.sleep(600)" not in (repo / "train.py").read_text()
     rs = rs[:4]
     assert "killed" in rs[2]["reason"] and rs[2]["commit"]
-    assert rs[3]["runs"] == "36.25,36.25" and "n 2" in rs[3]["reason"] and float(rs[3]["best"]) == 36.25
+    assert rs[3]["runs"] == "36.25,36.25,36.25" and rs[3]["after_runs"] == "36.25" and "after 3 run(s)" in \
+        rs[3]["reason"] and float(rs[3]["best"]) == 36.25 == float(rs[3]["honest"])
     assert (repo / "logs" / "3-s2.log").exists()
     assert TXT_OK in (repo / "train.py").read_text() and git(repo, "status", "--porcelain") == ""
     assert git(repo, "rev-parse", "HEAD") == rs[3]["commit"]   # no notes commit: the scratchpad never changed
@@ -510,7 +515,7 @@ def test_serve_starts_ollama_from_path(tmp_path, data):
 # ---------------------------------------------------------------- kill -9 in a keep's second seed; the harness's limits
 
 @pytest.mark.sandbox
-def test_kill_9_during_a_keeps_second_seed_keeps_it_on_one_run(tmp_path, data):
+def test_kill_9_in_the_run_after_a_keep_keeps_it(tmp_path, data):
     repo = make_repo(tmp_path / "repo")
     seed_baseline(repo, "k9")
     improve = [tool_call("edit_file", path="train.py", old_text=TXT_BAD, new_text=TXT_OK),
@@ -520,21 +525,22 @@ def test_kill_9_during_a_keeps_second_seed_keeps_it_on_one_run(tmp_path, data):
         p = subprocess.Popen([sys.executable, "autoresearch.py", "--resume", "--max-experiments", "1",
                               "--noise-runs", "2"], cwd=repo, env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
-        wait_for(training_started(repo / "logs" / "1-s2.log"), 300, "the second seed of experiment 1 to train")
+        wait_for(training_started(repo / "logs" / "1-s4.log"), 600, "the run of experiment 1 after its keep")
         orphan = int((repo / "runs" / ".running").read_text())
         p.kill()
         p.communicate(timeout=30)
-        # decided on its first run, the keep is committed before the second seed runs
+        # decided on its three runs, the keep is committed before the run after it
         assert "Status: keep\n" in git(repo, "log", "-1", "--format=%B") and TXT_OK in (repo / "train.py").read_text()
         r = harness(repo, env, "--resume", "--max-experiments", "1")
         assert r.returncode == 0, r.stdout + r.stderr
     assert not alive(orphan) and containers_of(orphan) == []
     rs = rows(repo)
     assert [(r["experiment"], r["status"]) for r in rs] == [("0", "baseline"), ("1", "keep")]
-    assert rs[1]["runs"] == "36.25" and float(rs[1]["best"]) == 36.25 and "(1 run(s))" in rs[1]["reason"]
+    assert rs[1]["runs"] == "36.25,36.25,36.25" and rs[1]["incumbent_runs"] == str(N_VAL) and float(rs[1]["best"]) \
+        == 36.25 and "(3 run(s))" in rs[1]["reason"] and rs[1]["after_runs"] == ""
     assert git(repo, "rev-parse", "HEAD") == rs[1]["commit"] == rs[1]["best_commit"]
     assert TXT_OK in (repo / "train.py").read_text() and git(repo, "status", "--porcelain") == ""
-    assert sorted(os.listdir(repo / "runs")) == ["1"]           # the cut-short second seed's hand-off is gone
+    assert sorted(os.listdir(repo / "runs")) == ["1"]           # the cut-short run's hand-off is gone
 
 
 @pytest.mark.sandbox

@@ -123,7 +123,7 @@ def slurm_env(c, url, data):
 
 
 def harness_args(*extra):
-    return [sys.executable, "autoresearch.py", "--launcher", "slurm", "--noise-runs", "1", *extra]
+    return [sys.executable, "autoresearch.py", "--launcher", "slurm", "--noise-runs", "2", *extra]
 
 
 def run_sh_pid(repo):

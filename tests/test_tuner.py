@@ -341,7 +341,7 @@ def tuned(tmp_path_factory):
                AUTORESEARCH_TIME_BUDGET="2", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
                GIT_COMMITTER_EMAIL="t@t", PYTHONUNBUFFERED="1")   # nothing listens on port 9: no Ollama
     env.pop("AUTORESEARCH_SANDBOX", None)
-    common = ["--noise-runs", "1", "--max-experiments", "3"]
+    common = ["--noise-runs", "2", "--max-experiments", "3"]
     interrupt_at(repo, env, 2, "--agent", "random", "--tag", "rnd", *common)
     random_rows = [dict(r) for r in load_results(str(repo / "results.tsv"))]
     harness(repo, env, "--resume", *common)               # the agent comes from results.tsv
@@ -350,7 +350,7 @@ def tuned(tmp_path_factory):
     shutil.move(repo / "results.tsv", repo / "results-rnd.tsv")
     shutil.rmtree(repo / "logs")                          # experiment numbers start again at 0
     git(repo, "checkout", "-q", "main")
-    common = ["--noise-runs", "1", "--max-experiments", "2"]
+    common = ["--noise-runs", "2", "--max-experiments", "2"]
     interrupt_at(repo, env, 2, "--agent", "optuna", "--tag", "opt", *common)
     harness(repo, env, "--resume", *common)
     out["optuna"] = load_results(str(repo / "results.tsv"))

@@ -203,7 +203,7 @@ def test_two_workers_round_decision_notes_ctrl_c_kill_9_and_resume(tmp_path, dat
               note(NOTE_B), tool_call("run_experiment", description="restore both encoders")]
     hang = [tool_call("edit_file", path="train.py", old_text=BOOM, new_text=HANG),
             tool_call("run_experiment", description="hang")]
-    args = ["--resume", "--workers", "2", "--noise-runs", "1"]
+    args = ["--resume", "--workers", "2", "--noise-runs", "2"]
     with FakeOllama({"qwen2.5-coder:7b": 32768}, round1) as fake:
         env = env_for(fake.url, data)
         # 1) one round: both candidates pass, the better one is kept, the other is beaten; both notes reach the pad
@@ -317,7 +317,7 @@ def test_two_workers_as_slurm_jobs_cancelled_on_ctrl_c(cluster, tmp_path, data):
             tool_call("run_experiment", description="hang")]
     with FakeOllama({"qwen2.5-coder:7b": 32768}, hang + hang) as fake:
         p = subprocess.Popen([sys.executable, "autoresearch.py", "--launcher", "slurm", "--resume", "--workers", "2",
-                              "--noise-runs", "1"], cwd=repo, env=slurm_env(cluster, fake.url, data),
+                              "--noise-runs", "2"], cwd=repo, env=slurm_env(cluster, fake.url, data),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         wait_for(lambda: job_state(cluster, "1") == job_state(cluster, "2") == "RUNNING", 180, "both jobs to run")
         p.send_signal(signal.SIGINT)
