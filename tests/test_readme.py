@@ -90,3 +90,12 @@ def test_the_environment_table_is_what_run_sh_and_the_harness_read():
 ])
 def test_statements_that_were_not_true_are_gone(claim):
     assert claim not in README
+
+
+def test_the_keep_rule_is_stated_once_and_is_the_code():
+    import inspect
+    from engine.judge import next_step
+    block = README.split("### The rule", 1)[1].split("```\n", 2)[1]
+    assert block.rstrip("\n") == inspect.getdoc(next_step)
+    for stale in ("max(z·σ", "floor·|best|", "--confirm", "z_N"):   # the old rule, written three ways
+        assert stale not in README, stale

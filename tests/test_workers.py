@@ -215,7 +215,7 @@ def test_two_workers_round_decision_notes_ctrl_c_kill_9_and_resume(tmp_path, dat
         assert float(rs[1]["val_mean_rank"]) == 36.25 and float(rs[2]["val_mean_rank"]) < 36.25
         assert rs[1]["reason"].startswith("beaten in round by experiment 2 (")
         assert rs[1]["best_commit"] == rs[0]["commit"] != rs[2]["commit"]
-        assert "threshold" in rs[2]["reason"] and rs[2]["best_commit"] == rs[2]["commit"]
+        assert "after 3 run(s)" in rs[2]["reason"] and rs[2]["best_commit"] == rs[2]["commit"]
         pad = (repo / "scratchpad.md").read_text()
         assert "## Notes of experiment 1\n" + NOTE_A in pad and "## Notes of experiment 2\n" + NOTE_B in pad
         assert git(repo, "log", "-1", "--format=%s") == "scratchpad: notes of round 1"
@@ -268,12 +268,13 @@ def test_two_workers_round_decision_notes_ctrl_c_kill_9_and_resume(tmp_path, dat
 
 
 @pytest.mark.sandbox
-def test_kill_9_in_the_winners_second_seed_keeps_it_on_resume(tmp_path, data):  # noqa: F811
-    """kill -9 while a round's winner runs its second seed: --resume records the keep from its keep commit (round and
-    worker included), the beaten candidate stays recorded, both workers' notes reach the pad, nothing is left."""
+def test_kill_9_in_the_run_after_the_winners_keep_keeps_it_on_resume(tmp_path, data):  # noqa: F811
+    """kill -9 while a round's winner runs once more after its keep: --resume records the keep from its keep commit
+    (round and worker included), the beaten candidate stays recorded, both workers' notes reach the pad, nothing is
+    left."""
     repo = make_repo(tmp_path / "repo")
     seed(repo, "w9")
-    hang2 = "    if SEED == 2:\n        time.sleep(120)\n" + BOOM   # only the second seed hangs
+    hang2 = "    if SEED == 4:\n        time.sleep(120)\n" + BOOM   # only the run after the keep hangs
     round1 = [tool_call("edit_file", path="train.py", old_text=TXT_BAD, new_text=TXT_OK), note(NOTE_A),
               tool_call("run_experiment", description="restore text embeddings"),
               tool_calls(("edit_file", {"path": "train.py", "old_text": TXT_BAD, "new_text": TXT_OK}),
@@ -285,7 +286,7 @@ def test_kill_9_in_the_winners_second_seed_keeps_it_on_resume(tmp_path, data):  
         env = env_for(fake.url, data)
         p = subprocess.Popen([sys.executable, "autoresearch.py", *args], cwd=repo, env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
-        wait_for(training(repo, "2-s2"), 300, "the winner's second seed")
+        wait_for(training(repo, "2-s4"), 600, "the winner's run after its keep")
         orphan = int((repo / "runs" / ".running").read_text().split()[0])
         p.kill()
         p.communicate(timeout=30)
@@ -297,7 +298,7 @@ def test_kill_9_in_the_winners_second_seed_keeps_it_on_resume(tmp_path, data):  
     assert [(r["experiment"], r["status"], r["round"], r["worker"]) for r in rs[1:]] == [
         ("1", "discard", "1", "0"), ("2", "keep", "1", "1")], [(r["status"], r["reason"]) for r in rs]
     assert rs[1]["reason"].startswith("beaten in round by experiment 2 (")
-    assert rs[2]["reason"].startswith("recovered from the keep commit on resume (1 run(s))")
+    assert rs[2]["reason"].startswith("recovered from the keep commit on resume (3 run(s))")
     assert subprocess.run(["git", "merge-base", "--is-ancestor", rs[2]["commit"], "HEAD"], cwd=repo).returncode == 0
     pad = (repo / "scratchpad.md").read_text()
     assert "## Notes of experiment 1\n" + NOTE_A in pad and "## Notes of experiment 2\n" + NOTE_B in pad
