@@ -22,6 +22,7 @@ import signal
 import sys
 
 from engine.agent import EDITABLE, LLMAgent, check_model, make_client
+from engine.hybrid import Hybrid
 from engine.loop import Loop
 from engine.project import project_metric
 from engine.repo import current_tag, dirty_files, git, git_identity, lock_repo
@@ -50,13 +51,57 @@ def startup_checks(args, client):
                            "): commit or stash your changes first (git status)")
     if not os.path.exists(os.path.join(data_dir(), "meta.json")):
         raise HarnessError(f"no prepared data in {data_dir()}/: run python prepare_data.py")
-    if args.agent == "llm":   # a tuner agent proposes without a model
+    if args.agent in ("llm", "hybrid"):   # a tuner agent proposes without a model
         check_model(args, client)
     check_sandbox(args)
 
 
 def _sigterm(signum, frame):
     raise KeyboardInterrupt   # SIGTERM cleans up exactly like Ctrl-C
+
+
+def make_agent(args, client):
+    """The proposer of --agent: the LLM, a tuner, or the two as a hybrid."""
+    metric = project_metric()
+    if args.agent in ("optuna", "random"):
+        return make_tuner(args, metric)
+    llm = LLMAgent(args, client, metric, read_text(PROGRAM))
+    return Hybrid(llm, make_tuner(args, metric, "optuna")) if args.agent == "hybrid" else llm
+
+
+def resources(args):
+    """(each worker's slot, a run alone): its memory, and a worker's share of the GPUs or cores. SLURM places each
+    run with its own resources (a GPU by --gres, on whichever node runs it)."""
+    if on_slurm(args):
+        return [{}] * args.workers, {}
+    alone, slots = run_memory(1, host_memory()), [{}] * args.workers
+    if args.workers > 1:
+        mem = run_memory(args.workers, host_memory())
+        slots = [{**slot, **mem} for slot in worker_slots(args.workers, os.environ.get("AUTORESEARCH_GPUS"),
+                                                          gpu_count(), os.cpu_count())]
+    return slots, alone
+
+
+def research(args):
+    """python autoresearch.py: everything checked, then the loop."""
+    if args.tag is None:
+        args.tag = (current_tag() if args.resume else None) or datetime.date.today().strftime("%b%d").lower()
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", args.tag):
+        raise HarnessError("--tag may only use letters, digits, '.', '_' and '-'")
+    git_identity()
+    recorded = load_results() if args.resume else []
+    if args.agent is None:   # a resumed run keeps its agent, and its budget
+        args.agent = next((r["agent"] for r in reversed(recorded) if r.get("agent")), "llm")
+    args.time_budget = run_budget(args.time_budget or env_int("AUTORESEARCH_TIME_BUDGET", None), recorded)
+    if args.agent in ("optuna", "random"):
+        args.fix_attempts = 0   # nobody to fix a crash: it is a failed trial
+    client = make_client(args.host, args.request_timeout) if args.agent in ("llm", "hybrid") else None
+    startup_checks(args, client)
+    if on_slurm(args):
+        slurm_startup(args)
+    if args.workers > 1 and args.agent != "llm":
+        raise HarnessError(f"--agent {args.agent} proposes one trial at a time: run it with --workers 1")
+    Loop(args, make_agent(args, client), *resources(args)).main()
 
 
 def main(argv=None):
@@ -70,38 +115,7 @@ def main(argv=None):
             return report(args)   # reads only: beside a running loop too
         check_environment()
         lock_repo()               # held until this process ends
-        if args.command == "report":
-            return report(args)
-        if args.tag is None:
-            args.tag = (current_tag() if args.resume else None) or datetime.date.today().strftime("%b%d").lower()
-        if not re.fullmatch(r"[A-Za-z0-9._-]+", args.tag):
-            raise HarnessError("--tag may only use letters, digits, '.', '_' and '-'")
-        git_identity()
-        recorded = load_results() if args.resume else []
-        if args.agent is None:   # a resumed run keeps its agent, and its budget
-            args.agent = next((r["agent"] for r in reversed(recorded) if r.get("agent")), "llm")
-        args.time_budget = run_budget(args.time_budget or env_int("AUTORESEARCH_TIME_BUDGET", None), recorded)
-        if args.agent != "llm":
-            args.fix_attempts = 0   # nobody to fix a crash: it is a failed trial
-        client = make_client(args.host, args.request_timeout) if args.agent == "llm" else None
-        startup_checks(args, client)
-        if on_slurm(args):
-            slurm_startup(args)
-        if args.workers > 1 and args.agent != "llm":
-            raise HarnessError(f"--agent {args.agent} proposes one trial at a time: run it with --workers 1")
-        # under SLURM each job gets its own GPU (--gres) on whichever node runs it
-        alone, slots = {}, [{}] * args.workers
-        if not on_slurm(args):   # SLURM places each run with its own resources
-            alone = run_memory(1, host_memory())
-            if args.workers > 1:
-                mem = run_memory(args.workers, host_memory())
-                slots = [{**slot, **mem} for slot in worker_slots(args.workers, os.environ.get("AUTORESEARCH_GPUS"),
-                                                                  gpu_count(), os.cpu_count())]
-        metric = project_metric()
-        agent = LLMAgent(args, client, metric, read_text(PROGRAM)) if args.agent == "llm" else make_tuner(args, metric)
-        loop = Loop(args, agent, slots, alone)
-        loop.main()
-        return 0
+        return report(args) if args.command == "report" else research(args) or 0
     except HarnessError as e:
         live_clear()
         print(f"autoresearch: {e}", file=sys.stderr)

@@ -9,7 +9,6 @@ import shutil
 import subprocess
 import time
 
-from engine.project import project_metric
 from engine.repo import dirty_files, spawn
 from engine.settings import DEFAULT_MODEL
 from engine.util import (HarnessError, PROGRAM, RESULTS, SCRATCHPAD, TRAIN, clean_text, encodable, fmt, read_text,

@@ -231,7 +231,7 @@ class Loop:
         while queue:
             w = queue.pop(0)
             self.join(w)
-            if w.run.status == "crash" and w.fixes < self.args.fix_attempts:
+            if w.run.status == "crash" and w.conv and w.fixes < self.args.fix_attempts:   # a model to fix it
                 w.fixes += 1
                 say(f"autoresearch: experiment {w.o.experiment} crashed ({w.run.reason}); fix attempt "
                     f"{w.fixes}/{self.args.fix_attempts}")

@@ -9,10 +9,10 @@ from engine.util import HarnessError, read_text
 # results.tsv's columns after the contract's six (experiment commit val_<METRIC> delta status description)
 MORE_COLUMNS = ["runs", "best", "sigma", "threshold", "reason", "phase", "best_commit", "model_seconds", "run_seconds",
                 "wall_seconds", "prompt_tokens", "finished", "agent", "train_wall_seconds", "round", "worker",
-                "time_budget", "t", "incumbent_runs", "after_runs", "honest"]
+                "time_budget", "t", "incumbent_runs", "after_runs", "honest", "proposer"]
 
 
-TEXT_COLUMNS = {"commit", "status", "description", "reason", "phase", "best_commit", "finished", "agent"}
+TEXT_COLUMNS = {"commit", "status", "description", "reason", "phase", "best_commit", "finished", "agent", "proposer"}
 
 
 INT_COLUMNS = {"experiment", "prompt_tokens", "round", "worker", "time_budget"}

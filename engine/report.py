@@ -231,9 +231,21 @@ def compare_line(rows, scores, metric):
         if r["status"] == "keep" and after and before is not None:
             checked += 1
             survived += metric.gain(sum(after) / len(after), before) > 0
+    sides = {}   # who proposed the trials (--agent hybrid has two): {proposer: [trials, keeps]}
+    for r in rows:
+        if r["status"] not in ("baseline", "interrupted"):
+            side = sides.setdefault(r.get("proposer") or r.get("agent") or "llm", [0, 0])
+            side[0], side[1] = side[0] + 1, side[1] + (r["status"] == "keep")
     return {"agent": next((r["agent"] for r in reversed(rows) if r.get("agent")), "llm"), "best": s["best"],
             "test": scores.get(best_commit), "experiments": s["experiments"], "keeps": s["keeps"],
-            "per_hour": s["per_hour"], "survived": survived, "checked": checked}
+            "per_hour": s["per_hour"], "survived": survived, "checked": checked,
+            "sides": sides}
+
+
+def sides_text(sides):
+    """Pure. 'llm 6 (30%), 2 keeps; optuna 14 (70%), 1 keep' from {proposer: [trials, keeps]}."""
+    n = sum(t for t, _ in sides.values()) or 1
+    return "; ".join(f"{p} {t} ({t / n:.0%}), {k} keep{'s' * (k != 1)}" for p, (t, k) in sorted(sides.items()))
 
 
 def run_results(name, metric):
@@ -284,11 +296,12 @@ def compare(names, metric):
     scores = load_test_scores(metric)
     write_compare(runs, scores, metric)
     print(f"{'run':<16}{'agent':<8}{'experiments':>12}{'best val':>10}{'its test':>10}{'keeps':>7}{'exp/hour':>10}"
-          f"  keeps confirmed by a 2nd seed")
+          f"{'confirmed':>11}  by proposer: trials (share), keeps")
     for name, rows in runs:
         c = compare_line(rows, scores, metric)
+        confirmed = f"{c['survived']}/{c['checked']}" if c["checked"] else "-"
         print(f"{name[:15]:<16}{c['agent']:<8}{c['experiments']:>12}{c['best']:>10.4g}{fmt(c['test']) or '-':>10}"
-              f"{c['keeps']:>7}{c['per_hour']:>10.1f}  " + (f"{c['survived']}/{c['checked']}" if c["checked"] else "-"))
+              f"{c['keeps']:>7}{c['per_hour']:>10.1f}{confirmed:>11}  {sides_text(c['sides'])}")
     return 0
 
 

@@ -51,6 +51,7 @@ class Outcome:
     prompt_tokens: int = 0
     started: float = None         # time.time() at its start: wall_seconds
     agent: str = "llm"
+    proposer: str = ""            # who proposed it: the agent, or with --agent hybrid its side (llm, optuna)
     round: int = 0
     worker: int = 0
     time_budget: int = None
@@ -84,7 +85,8 @@ def make_row(o, rows, metric, now):
            "wall_seconds": now - o.started if o.started else None, "prompt_tokens": o.prompt_tokens,
            "finished": datetime.datetime.fromtimestamp(now).isoformat(timespec="seconds"), "agent": o.agent,
            "train_wall_seconds": o.train_wall_seconds, "round": o.round, "worker": o.worker,
-           "time_budget": o.time_budget, "t": o.t, "incumbent_runs": tuple(o.inc_runs), "after_runs": tuple(o.after)}
+           "time_budget": o.time_budget, "t": o.t, "incumbent_runs": tuple(o.inc_runs), "after_runs": tuple(o.after),
+           "proposer": o.proposer or o.agent}
     inc, honest = incumbent(rows + [row])
     s = pooled_cv(noise_groups(rows + [row]))
     best = (incumbent_mean(inc, s)[0] if s else sum(inc) / len(inc)) if inc else None

@@ -16,7 +16,6 @@ import time
 from dataclasses import dataclass
 
 from engine.judge import GRACE_MARGIN, classify_run, last_loss, parse_metrics
-from engine.project import project_metric
 from engine.repo import spawn
 from engine.settings import (EVAL_TIMEOUT, MEMORY_MIN, MEMORY_RESERVE, MEMORY_WAITING, RUN_GRACE, SIZES, env_int,
     env_size)

@@ -98,9 +98,10 @@ def build_parser():
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--request-timeout", type=float, default=900, help="seconds per Ollama request")
     p.add_argument("--serve", action="store_true", help="start `ollama serve` if Ollama is not reachable")
-    p.add_argument("--agent", choices=("llm", "optuna", "random"), default=None,
+    p.add_argument("--agent", choices=("llm", "optuna", "random", "hybrid"), default=None,
                    help="who proposes each experiment: the Ollama model, Optuna's TPE or uniform random samples "
-                        "over the search space (program.md's ## Search space, else train.py's constants); "
+                        "over the search space (program.md's ## Search space, else train.py's constants), or hybrid "
+                        "(TPE owns the search space's constants, the model proposes the other trials: code); "
                         "default: llm, with --resume the run's own agent")
     p.add_argument("--tuner-seed", type=int, default=0, help="seed of the optuna and random agents")
     p.add_argument("--workers", type=int, default=1, help="experiments per round, each in its own git worktree and "

@@ -1,6 +1,5 @@
 """The tuner agents (--agent optuna|random): a search space of train.py's constants, and their proposals."""
 import ast
-import json
 import math
 import os
 import random
@@ -8,7 +7,6 @@ import re
 import time
 from dataclasses import dataclass
 
-from engine.project import project_metric
 from engine.repo import git
 from engine.results import load_results, runs_of
 from engine.util import HarnessError, PROGRAM, RESULTS, TRAIN, num, read_text, write_text
@@ -241,13 +239,14 @@ def random_params(space, seed, k):
 
 
 def tuner_trials(rows, agent, space, metric):
-    """Pure. (done, pending) of one agent from results rows. done: [(params, value)] in order, value None for a
-    crash or timeout (a failed trial), else the mean of the trial's seeded runs. pending: trials that were
-    interrupted and not run to a verdict since; they run again first, so no trial is lost or repeated."""
+    """Pure. (done, pending) of one tuner from results rows (the rows it proposed: its name as their proposer, or as
+    their agent in rows of a harness before proposers). done: [(params, value)] in order, value None for a crash or
+    timeout (a failed trial), else the mean of the trial's seeded runs. pending: trials that were interrupted and not
+    run to a verdict since; they run again first, so no trial is lost or repeated."""
     col = metric.column
     done, pending = [], []
     for r in rows:
-        if r.get("agent") != agent or r["status"] == "baseline":
+        if (r.get("proposer") or r.get("agent")) != agent or r["status"] == "baseline":
             continue
         params = parse_params(r["description"], space)
         if r["status"] == "interrupted":
@@ -275,39 +274,33 @@ class RandomSampler:
 
 
 class OptunaSampler:
-    """TPE through Optuna's ask/tell interface, in the metric's direction; results recorded before this process
-    started are added as trials."""
+    """TPE through Optuna, in the metric's direction. Each proposal comes from a fresh study that holds every result
+    so far, with the seed advanced by their count: the trial is a function of (seed, history), so a resumed run
+    proposes what the uninterrupted one would have."""
     def __init__(self, space, seed, metric):
         try:
             import optuna
         except ImportError:
             raise HarnessError("--agent optuna needs Optuna: pip install optuna") from None
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        self.optuna, self.space, self.seed = optuna, space, seed
-        self.direction = metric.direction
+        self.optuna, self.space, self.seed, self.direction = optuna, space, seed, metric.direction
         D = optuna.distributions
         self.dists = {p.name: D.IntDistribution(p.low, p.high) if p.kind == "int"
                       else D.FloatDistribution(p.low, p.high, log=p.kind == "log") for p in space}
-        self.study, self.asked, self.told = None, {}, 0
+
+    def study(self, done):
+        optuna = self.optuna
+        study = optuna.create_study(direction=self.direction,
+                                    sampler=optuna.samplers.TPESampler(seed=self.seed + len(done)))
+        for params, value in done:
+            state = optuna.trial.TrialState.COMPLETE if value is not None else optuna.trial.TrialState.FAIL
+            study.add_trial(optuna.trial.create_trial(params=params, distributions=self.dists, value=value,
+                                                      state=state))
+        return study
 
     def propose(self, done):
-        optuna = self.optuna
-        if self.study is None:   # a fresh sampler with the run's first seed would propose the first trials again
-            self.study = optuna.create_study(direction=self.direction,
-                                             sampler=optuna.samplers.TPESampler(seed=self.seed + len(done)))
-        for params, value in done[self.told:]:
-            state = optuna.trial.TrialState.COMPLETE if value is not None else optuna.trial.TrialState.FAIL
-            trial = self.asked.pop(json.dumps(params, sort_keys=True), None)
-            if trial is None:
-                self.study.add_trial(optuna.trial.create_trial(params=params, distributions=self.dists,
-                                                               value=value, state=state))
-            else:
-                self.study.tell(trial, value, state=state)
-        self.told = len(done)
-        trial = self.study.ask(self.dists)
-        params = {p.name: p.snap(trial.params[p.name]) for p in self.space}
-        self.asked[json.dumps(params, sort_keys=True)] = trial
-        return params
+        trial = self.study(done).ask(self.dists)
+        return {p.name: p.snap(trial.params[p.name]) for p in self.space}
 
 
 class Tuner:
@@ -320,10 +313,13 @@ class Tuner:
     def open(self, *context, others=()):
         return None   # no conversation
 
+    def history(self, rows):
+        return tuner_trials(rows, self.name, self.space, self.metric)
+
     def propose(self, conv, o, root, base_src, rows, log):
         """The next trial (an interrupted one first), written into root's train.py: ('run', its description)."""
         t0 = time.time()
-        done, pending = tuner_trials(rows, self.name, self.space, self.metric)
+        done, pending = self.history(rows)
         params = pending[0] if pending else self.sampler.propose(done)
         text = {p.name: p.literal(params[p.name]) for p in self.space}
         write_text(os.path.join(root, TRAIN), apply_params(read_text(os.path.join(root, TRAIN)), text, self.cuda))
@@ -331,13 +327,13 @@ class Tuner:
         return "run", format_params(self.space, params)
 
 
-def make_tuner(args, metric):
-    """The tuner of --agent optuna|random over the search space of the run's baseline commit (a resumed run
-    keeps its space). The active preset is the one train.py picks: cuda iff torch sees a GPU."""
+def make_tuner(args, metric, name=None):
+    """The tuner of --agent optuna|random (or `name`) over the search space of the run's baseline commit (a resumed
+    run keeps its space). The active preset is the one train.py picks: cuda iff torch sees a GPU."""
     base = next((r["commit"] for r in load_results() if r["status"] == "baseline"), None) if args.resume else None
     if base:
         train_src, program = git("show", f"{base}:{TRAIN}"), git("show", f"{base}:{PROGRAM}")
     else:
         train_src, program = read_text(TRAIN), read_text(PROGRAM)
     import torch
-    return Tuner(args.agent, train_src, program, torch.cuda.is_available(), args.tuner_seed, metric)
+    return Tuner(name or args.agent, train_src, program, torch.cuda.is_available(), args.tuner_seed, metric)

@@ -24,7 +24,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 from engine.project import Metric, project_metric
-from engine.report import best_so_far, compare_line, load_test_scores
+from engine.report import sides_text, best_so_far, compare_line, load_test_scores
 from engine.results import load_results, state_from_rows, typed_row
 from engine.tuners import (OptunaSampler, Param, _number, apply_params, format_params, hyperparameters, parse_params,
     random_params, search_space, tuner_trials)
@@ -217,17 +217,16 @@ def test_optuna_sees_every_result_and_asks_for_new_trials():
     done = [({"LR": 1e-3, "B": 16}, 40.0), ({"LR": 5e-3, "B": 60}, None)]            # recorded before: --resume
     first = s.propose(done)
     assert 1e-5 <= first["LR"] <= 1e-2 and first == {p.name: p.snap(first[p.name]) for p in space}
-    states = [t.state for t in s.study.trials]
-    assert states == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL,
-                      optuna.trial.TrialState.RUNNING]
-    assert s.study.direction == optuna.study.StudyDirection.MINIMIZE
-    s.propose(done + [(first, 35.0)])                                  # the asked trial is told, not added again
-    assert len(s.study.trials) == 4 and s.study.trials[2].value == 35.0 and s.study.best_value == 35.0
-    again = OptunaSampler(space, 0, MR).propose(done)              # a fresh sampler, as after --resume
-    assert again != OptunaSampler(space, 0, MR).propose([])        # is not seeded like the run's start
+    study = s.study(done + [(first, 35.0)])
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL,
+                                               optuna.trial.TrialState.COMPLETE]
+    assert study.direction == optuna.study.StudyDirection.MINIMIZE and study.best_value == 35.0
+    assert OptunaSampler(space, 0, MR).propose(done) == first      # a fresh sampler, as after --resume: the same
+    assert first != s.propose([])                                  # ... and not seeded like the run's start
+    assert s.propose(done + [(first, 35.0)]) not in (first, s.propose([]))
     up = OptunaSampler(space, 0, Metric("accuracy", "maximize"))   # a fork's metric
-    up.propose(done)
-    assert up.study.direction == optuna.study.StudyDirection.MAXIMIZE and up.study.best_value == 40.0
+    study = up.study(done)
+    assert study.direction == optuna.study.StudyDirection.MAXIMIZE and study.best_value == 40.0
 
 
 def test_optuna_missing_names_the_install_command(monkeypatch):
@@ -236,21 +235,22 @@ def test_optuna_missing_names_the_install_command(monkeypatch):
         OptunaSampler([Param("LR", "log", 1e-5, 1e-2)], 0, MR)
 
 
-def test_compare_line_counts_keeps_confirmed_by_the_second_seed():
-    def row(exp, status, best, runs="", threshold="", wall="1800", agent="optuna", commit="c"):
-        return {"experiment": str(exp), "status": status, "best": best, "runs": runs, "threshold": threshold,
+def test_compare_line_counts_keeps_confirmed_by_the_run_after_them():
+    def row(exp, status, best, runs="", after="", wall="1800", agent="optuna", commit="c"):
+        return {"experiment": str(exp), "status": status, "best": best, "runs": runs, "after_runs": after,
                 "val_mean_rank": runs.split(",")[0], "wall_seconds": wall, "agent": agent, "best_commit": commit,
                 "model_seconds": "0", "run_seconds": "0"}
-    rows = [row(0, "baseline", "50", "49,51", commit="c0"), row(1, "keep", "44", "40,48", "2", commit="c1"),
-            row(2, "discard", "44", "47", "2", commit="c1"), row(3, "keep", "37", "36,38", "2", commit="c3"),
-            row(4, "keep", "30", "30", "2", commit="c4"), row(5, "crash", "30", commit="c4")]
+    rows = [row(0, "baseline", "50", "49,51", commit="c0"), row(1, "keep", "44", "40,48", "51", commit="c1"),
+            row(2, "discard", "44", "47", commit="c1"), row(3, "keep", "37", "36,38", "40", commit="c3"),
+            row(4, "keep", "30", "30", commit="c4"), row(5, "crash", "30", commit="c4")]
     c = compare_line(rows, {"c4": 31.5, "c1": 99.0}, MR)
-    # keep 1: the 2nd seed 48 does not beat 50 by 2; keep 3: 38 beats 44 by 6; keep 4 had one run
+    # keep 1: the run after it, 51, does not beat the 50 before it; keep 3's, 40, beats 44; keep 4 has none
     assert (c["survived"], c["checked"], c["keeps"], c["experiments"]) == (1, 2, 3, 5)
     assert (c["best"], c["test"], c["agent"], c["per_hour"]) == (30.0, 31.5, "optuna", 5 / 3)
+    assert c["sides"] == {"optuna": [5, 3]} and sides_text(c["sides"]) == "optuna 5 (100%), 3 keeps"
     assert best_so_far(rows)[-1] == (5, 3.0, 30.0) and best_so_far(rows)[1] == (1, 1.0, 44.0)
-    # higher is better: keep 1's second seed 53 beats 50 by 3 > 2; keep 2's, 55, beats 54 by only 1
-    up = [row(0, "baseline", "50", "49,51"), row(1, "keep", "54", "55,53", "2"), row(2, "keep", "57.5", "60,55", "2")]
+    # higher is better: keep 1's run after, 52, beats 50; keep 2's, 53, does not beat 54
+    up = [row(0, "baseline", "50", "49,51"), row(1, "keep", "54", "55,53", "52"), row(2, "keep", "57.5", "60,55", "53")]
     c = compare_line(up, {}, Metric("accuracy", "maximize"))
     assert (c["survived"], c["checked"], c["best"]) == (1, 2, 57.5)
 
