@@ -13,6 +13,7 @@ from engine.repo import dirty_files, spawn
 from engine.settings import DEFAULT_MODEL
 from engine.util import (HarnessError, PROGRAM, RESULTS, SCRATCHPAD, TRAIN, clean_text, encodable, fmt, read_text,
     say, write_text)
+from engine.verdicts import Status
 
 
 READABLE = {TRAIN, PROGRAM, SCRATCHPAD, RESULTS}       # + the last run's log, added at run time
@@ -175,10 +176,10 @@ def phase_index(statuses, n_phases, every=10, plateau=5):
     """Pure. Advance after `every` experiments in a phase or `plateau` in a row without a keep."""
     idx = in_phase = since_keep = 0
     for s in statuses:
-        if s in ("baseline", "interrupted"):
+        if s in (Status.BASELINE, Status.INTERRUPTED):
             continue
         in_phase += 1
-        since_keep = 0 if s == "keep" else since_keep + 1
+        since_keep = 0 if s == Status.KEEP else since_keep + 1
         if idx < n_phases - 1 and (in_phase >= every or since_keep >= plateau):
             idx, in_phase, since_keep = idx + 1, 0, 0
     return idx
@@ -352,8 +353,9 @@ class LLMAgent:
         if size > self.train_limit:
             need = math.ceil((size + len(self.system) + PROMPT_OTHER_CHARS) / ((1 - TOKEN_RESERVE) * CHARS_PER_TOKEN))
             raise HarnessError(f"{TRAIN} has {size} characters, more than fit in the model's context beside "
-                               f"{PROGRAM} and the rules at --num-ctx {args.num_ctx} (at most {max(0, self.train_limit)})"
-                               f": pass --num-ctx {need} or more (the model must support it), or shorten {TRAIN}")
+                               f"{PROGRAM} and the rules at --num-ctx {args.num_ctx} (at most "
+                               f"{max(0, self.train_limit)}): pass --num-ctx {need} or more (the model must support it), "
+                               f"or shorten {TRAIN}")
 
     def open(self, train_src, rows, best_line, phase, log, others=()):
         """A new conversation: the system prompt and the experiment's one user message, cut to fit the context (fewer
@@ -362,7 +364,7 @@ class LLMAgent:
         also = "".join(f"\n- {d}" for d in others)
         also = also and ("\n\nOther workers of this round are already trying these changes, each on the same train.py; "
                          "make a different one:" + also)
-        rows = [r for r in rows if r["status"] != "interrupted"]
+        rows = [r for r in rows if r["status"] != Status.INTERRUPTED]
         budget = self.args.num_ctx * (1 - TOKEN_RESERVE)
         for max_rows, scratch_chars in ((15, SCRATCHPAD_MAX_CHARS), (8, 3000), (4, 1500), (2, 600)):
             msg = build_user_message(self.metric, train_src, scratch, rows, best_line, phase, log, max_rows,
@@ -436,7 +438,7 @@ class LLMAgent:
             if not calls:
                 nudges += 1
                 if nudges > a.max_nudges:
-                    return "invalid", "no tool call after repeated nudges"
+                    return Status.INVALID, "no tool call after repeated nudges"
                 messages.append({"role": "user", "content":
                                  "You did not call a tool. Call edit_file to change train.py, then "
                                  "run_experiment(description). Reply with a tool call only."})
@@ -444,7 +446,7 @@ class LLMAgent:
             for name, targs in calls:
                 calls_made += 1
                 if calls_made > a.max_tool_calls:
-                    return "invalid", f"more than {a.max_tool_calls} tool calls"
+                    return Status.INVALID, f"more than {a.max_tool_calls} tool calls"
                 why = unwritable(targs)
                 if why:
                     result = f"ERROR: {why}"
@@ -454,12 +456,12 @@ class LLMAgent:
                         return "run", clean_text(targs.get("description") or "no description given")
                     bad_runs += 1
                     if bad_runs > a.max_invalid:
-                        return "invalid", why
+                        return Status.INVALID, why
                     result = f"ERROR: cannot run: {why}"
                 else:
                     result = self.tool(root, log, name, targs)
                 messages.append({"role": "tool", "content": result[:TOOL_RESULT_MAX], "tool_name": name})
-        return "invalid", f"no run_experiment within {a.max_turns} turns"
+        return Status.INVALID, f"no run_experiment within {a.max_turns} turns"
 
     def tool(self, root, log, name, targs):
         """read_file or edit_file in `root`. Whatever goes wrong in one is the model's error message, never the loop's

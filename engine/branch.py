@@ -8,9 +8,11 @@ import shutil
 
 from engine.agent import read_scratchpad
 from engine.repo import git, sweep_worktrees
-from engine.results import (cell, commit_message, load_results, parse_trailers, pending_baseline, runs_of, state_from_rows, typed_row, upgrade_results)
+from engine.results import (cell, commit_message, load_results, parse_trailers, pending_baseline, runs_of,
+                            state_from_rows, typed_row, upgrade_results)
 from engine.runs import stop_orphan
 from engine.util import HarnessError, RESULTS, SCRATCHPAD, TRAIN, WORKTREES, num, read_text, say, write_text
+from engine.verdicts import Status
 
 
 def commit_candidate(o, path, metric):
@@ -30,7 +32,7 @@ def commit_keep(o, metric):
     trailers = {"Runs": cell(o.values), "Incumbent-Runs": cell(o.inc_runs), "T": cell(o.t),
                 "Threshold": cell(o.threshold), "Round": o.round, "Worker": o.worker}
     git("commit", "-q", "--no-verify", "--amend", "-m", commit_message(
-        o.experiment, o.description, o.phase, "keep", metric, o.values[0], o.delta, trailers))
+        o.experiment, o.description, o.phase, Status.KEEP, metric, o.values[0], o.delta, trailers))
     o.commit = git("rev-parse", "HEAD")
 
 
@@ -129,13 +131,13 @@ def recover_head(loop, head, target):
     if tr.get("Status") == "keep":
         o.values, o.inc_runs = runs_of({"runs": tr.get("Runs")}), runs_of({"runs": tr.get("Incumbent-Runs")})
         o.delta, o.t, o.threshold = num(tr.get("Delta")), num(tr.get("T")), num(tr.get("Threshold"))
-        o.status, o.reason = "keep", f"recovered from the keep commit on resume ({len(o.values)} run(s))"
+        o.status, o.reason = Status.KEEP, f"recovered from the keep commit on resume ({len(o.values)} run(s))"
     elif tr.get("Status") == "candidate":
         o.base, o.reason = target, "killed during the run; recovered on resume"
     else:
         return False
     loop.record(o)
-    return o.status == "keep"
+    return o.status == Status.KEEP
 
 
 def recover_workers(loop, base):

@@ -11,12 +11,13 @@ constants mean what they meant, only the code around them changed.
 """
 from engine.tuners import format_params
 from engine.util import fmt, say
+from engine.verdicts import Status
 
 LLM_SHARE = 0.3             # the LLM's share of the trials at the start
 SHARE_RANGE = (0.1, 0.6)    # ... and how far its record may move it
 PRIOR = 4                   # trials' worth of the pooled keep rate in each side's rate
 RECENT = 3                  # the LLM's latest trials that decide whether it is failing
-FAILED = ("invalid", "crash", "timeout")
+FAILED = (Status.INVALID, Status.CRASH, Status.TIMEOUT)
 
 
 def trials(rows):
@@ -24,7 +25,7 @@ def trials(rows):
     left out, so a resumed run asks the side it asked before."""
     out = {"llm": [], "tuner": []}
     for r in rows:
-        if r["status"] not in ("baseline", "interrupted"):
+        if r["status"] not in (Status.BASELINE, Status.INTERRUPTED):
             out["llm" if r.get("proposer") == "llm" else "tuner"].append(r)
     return out
 
@@ -35,7 +36,7 @@ def llm_share(rows):
     records leave it at LLM_SHARE), times the share of its RECENT latest trials that did not fail, within
     SHARE_RANGE."""
     side = trials(rows)
-    keeps = {k: sum(r["status"] == "keep" for r in v) for k, v in side.items()}
+    keeps = {k: sum(r["status"] == Status.KEEP for r in v) for k, v in side.items()}
     pooled = sum(keeps.values()) / max(1, sum(map(len, side.values())))
     rate = {k: (keeps[k] + PRIOR * pooled) / (len(side[k]) + PRIOR) for k in side}
     ratio = rate["llm"] / rate["tuner"] if pooled else 1.0

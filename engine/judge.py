@@ -148,7 +148,7 @@ OUTLIER_T = 5.0     # a run this many SDs from its group's other runs is an outl
 
 
 class Step(NamedTuple):
-    action: str     # "candidate" (run it once more) | "incumbent" (run the incumbent once more) | "keep" | "discard"
+    action: str     # "candidate" (run it once more) | "incumbent" (run the incumbent once more) | keep | discard
     stat: float     # t, the decision's statistic (None before the candidate's first run)
     reason: str
 
@@ -240,9 +240,9 @@ def next_step(rule, metric, incumbent, candidate, s, remeasured):
     why = f"t {t:.3g} after {n} run(s) against {fmt(best)} ({m} run(s)), s {s:.3g}"
     low, high = rule.low[min(n, len(rule.low)) - 1], rule.high[min(n, len(rule.high)) - 1]
     if t > high:
-        return Step("keep", t, f"{why}: > {high:g}")
+        return Step(Status.KEEP, t, f"{why}: > {high:g}")
     if t <= low or n >= len(rule.low):
-        return Step("discard", t, f"{why}: not > {high if n >= len(rule.low) else low:g}")
+        return Step(Status.DISCARD, t, f"{why}: not > {high if n >= len(rule.low) else low:g}")
     if int(remeasured) < min(rule.remeasure, n) and len(incumbent) < rule.max_incumbent:
         return Step("incumbent", t, f"{why}: > {low:g}, the incumbent once more first")
     return Step("candidate", t, f"{why}: > {low:g}, once more" if low > -math.inf else f"{why}: once more")
@@ -264,7 +264,7 @@ def baseline_failure(run, seed, values, wall, budget, grace):
     """Pure. Why baseline seed `seed` failed, in words a user can act on. A timeout after seeds that finished well
     within the limit is the machine's (busy), not train.py's."""
     limit = f"its limit of budget {budget}s + grace {grace}s (AUTORESEARCH_GRACE)"
-    if run.status == "timeout" and values:
+    if run.status == Status.TIMEOUT and values:
         return (f"baseline seed {seed} ran out of time ({limit}), where seeds 1-{seed - 1} finished (the slowest "
                 f"training container took {wall:.0f}s): the machine was slower this time (busy?), not train.py over "
                 f"its budget. The {len(values)} finished seeds are recorded. Free the machine, or export "

@@ -26,6 +26,7 @@ from engine.report import report_test, summary, write_report
 from engine.results import Outcome, append_row, decision_line, incumbent, make_row, noise_groups, pending_baseline
 from engine.runs import Run, cancel_run, on_slurm, run_grace, run_sandbox, start_run
 from engine.util import HarnessError, PROGRAM, TRAIN, fmt, read_text, say
+from engine.verdicts import Status
 
 
 @dataclass
@@ -65,7 +66,7 @@ class Loop:
 
     def done(self):
         """Model experiments that ran to a verdict (interrupted ones don't count against --max-experiments)."""
-        return sum(r["status"] not in ("baseline", "interrupted") for r in self.rows)
+        return sum(r["status"] not in (Status.BASELINE, Status.INTERRUPTED) for r in self.rows)
 
     def next_exp(self):
         return max([int(r["experiment"]) for r in self.rows], default=-1) + 1
@@ -85,7 +86,7 @@ class Loop:
         """The one ending of every experiment: its row, then, unless kept, the branch back to where it started. The row
         comes first, so that a kill -9 anywhere leaves what --resume recovers it from."""
         self.record(o)
-        if o.status != "keep" and o.base:
+        if o.status != Status.KEEP and o.base:
             git("reset", "-q", "--hard", o.base)
         say("autoresearch: " + decision_line(self.rows[-1], self.metric))
 
@@ -116,9 +117,9 @@ class Loop:
 
     # --- the baseline -------------------------------------------------------------------------------------
     def baseline(self):
-        """train.py as it is, --noise-runs times with seeds 1..K: the first best and the noise. However it stops (a failed
-        seed, Ctrl-C), the seeds that finished are recorded (an interrupted row of round 0), and --resume runs only
-        the missing ones, as long as the commit is the same."""
+        """train.py as it is, --noise-runs times with seeds 1..K: the first best and the noise. However it stops (a
+        failed seed, Ctrl-C), the seeds that finished are recorded (an interrupted row of round 0), and --resume runs
+        only the missing ones, as long as the commit is the same."""
         a, head = self.args, git("rev-parse", "HEAD")
         o = self.outcome(self.next_exp(), round=0, description="baseline", phase=self.phases[0], commit=head,
                          started=time.time())
@@ -145,14 +146,15 @@ class Loop:
                 str(e).split("\n")[0] if isinstance(e, HarnessError) else "Ctrl-C / SIGTERM")
             self.conclude(o)
             raise
-        o.status, o.delta, o.reason = "baseline", 0.0, f"{len(o.values)} seeds"
+        o.status, o.delta, o.reason = Status.BASELINE, 0.0, f"{len(o.values)} seeds"
         self.conclude(o)
         branch.cleanup_runs(self.rows)
         if (over := o.train_wall_seconds - a.time_budget) > self.allowance():
             say(f"autoresearch: WARNING: the baseline's training container ran {over:.0f}s past the {a.time_budget}s "
                 f"budget (start-up, data loading, export), more than the {self.allowance():.0f}s a candidate may "
                 f"(max({ALLOWANCE_SHARE:.0%} of the budget, {ALLOWANCE_MIN:g}s)): candidates like it will be recorded "
-                f"invalid: a busy machine, or a start-up to shorten; or allow more with --allowance {round(over * 1.5)}")
+                f"invalid: a busy machine, or a start-up to shorten; or allow more with "
+                f"--allowance {round(over * 1.5)}")
 
     # --- a round of experiments ---------------------------------------------------------------------------
     def round(self, n):
@@ -174,7 +176,7 @@ class Loop:
                                          others=[x.o.description for x in workers if x.o.description])
                 self.propose(w, base_src, cancel)
             self.screen(workers, cancel)
-            self.judge([w for w in workers if w.run and w.run.status == "ok"], cancel)
+            self.judge([w for w in workers if w.run and w.run.status == Status.OK], cancel)
             winner = self.pick(workers)
             for w in sorted(workers, key=lambda w: w is winner):   # the winner last: its keep moves the branch
                 if w is winner:
@@ -198,8 +200,8 @@ class Loop:
                 w.thread.join()
             cancel_run(str(w.o.experiment), w.started)
         for w in [w for w in workers if not w.concluded]:
-            if w is not winner and w.o.status in ("keep", "interrupted"):
-                w.o.status, w.o.reason = "interrupted", str(e) or "Ctrl-C / SIGTERM"
+            if w is not winner and w.o.status in (Status.KEEP, Status.INTERRUPTED):
+                w.o.status, w.o.reason = Status.INTERRUPTED, str(e) or "Ctrl-C / SIGTERM"
             self.conclude(w.o)
 
     def prestart(self, w):
@@ -215,7 +217,7 @@ class Loop:
         verdict, info = self.agent.propose(w.conv, w.o, w.path, base_src, self.rows, self.last_log)
         if verdict != "run":
             if w.run is None:
-                w.o.status, w.o.description, w.o.reason = "invalid", "(no valid run)", info
+                w.o.status, w.o.description, w.o.reason = Status.INVALID, "(no valid run)", info
             cancel_run(str(w.o.experiment), w.started)
             w.started = None
             return
@@ -231,7 +233,7 @@ class Loop:
         while queue:
             w = queue.pop(0)
             self.join(w)
-            if w.run.status == "crash" and w.conv and w.fixes < self.args.fix_attempts:   # a model to fix it
+            if w.run.status == Status.CRASH and w.conv and w.fixes < self.args.fix_attempts:   # a model to fix it
                 w.fixes += 1
                 say(f"autoresearch: experiment {w.o.experiment} crashed ({w.run.reason}); fix attempt "
                     f"{w.fixes}/{self.args.fix_attempts}")
@@ -250,7 +252,7 @@ class Loop:
         while going:
             inc, s = self.noise(again)
             steps = {id(w): next_step(self.rule, self.metric, inc, w.o.values, s, remeasured) for w in going}
-            for w in [w for w in going if steps[id(w)].action in ("keep", "discard")]:
+            for w in [w for w in going if steps[id(w)].action in (Status.KEEP, Status.DISCARD)]:
                 self.decided(w.o, steps[id(w)], inc, s)
                 going.remove(w)
             asking = [w for w in going if steps[id(w)].action == "incumbent"]
@@ -279,16 +281,16 @@ class Loop:
         n = len(o.values)
         o.status, o.t, o.reason = step.action, step.stat, step.reason
         o.delta = sum(o.values) / n - best
-        o.threshold = self.rule.bound(n, step.action == "keep") * s * abs(best) * (1 / n + 1 / m) ** 0.5
+        o.threshold = self.rule.bound(n, step.action == Status.KEEP) * s * abs(best) * (1 / n + 1 / m) ** 0.5
 
     def pick(self, workers):
         """The round's kept candidate with the best mean (judge.round_winner); any other kept one is beaten."""
-        kept = {w.index: w.o.values for w in workers if w.o.status == "keep"}
+        kept = {w.index: w.o.values for w in workers if w.o.status == Status.KEEP}
         winner = round_winner(self.metric, kept)
         for w in workers:
-            if w.o.status == "keep" and w.index != winner:
-                w.o.status, w.o.reason = "discard", f"beaten in round by experiment {workers[winner].o.experiment} " \
-                                                    f"({w.o.reason})"
+            if w.o.status == Status.KEEP and w.index != winner:
+                w.o.status = Status.DISCARD
+                w.o.reason = f"beaten in round by experiment {workers[winner].o.experiment} ({w.o.reason})"
         return None if winner is None else workers[winner]
 
     def keep(self, w):
@@ -297,7 +299,7 @@ class Loop:
         branch.commit_keep(w.o, self.metric)
         run = self.run(f"{w.o.experiment}-s{len(w.o.values) + 1}", len(w.o.values) + 1, allowance=self.allowance())
         w.o.run_seconds += run.seconds
-        w.o.after = [run.value] if run.status == "ok" else []
+        w.o.after = [run.value] if run.status == Status.OK else []
 
     def best_line(self, inc, s):
         """What the model is told of the best and of the keep rule."""
@@ -308,7 +310,7 @@ class Loop:
     def main(self):
         branch.prepare(self)
         try:
-            if not any(r["status"] == "baseline" for r in self.rows):
+            if not any(r["status"] == Status.BASELINE for r in self.rows):
                 self.baseline()
                 write_report(self.rows, self.metric, quiet=True)
             while not self.args.max_experiments or self.done() < self.args.max_experiments:

@@ -10,6 +10,7 @@ from engine.repo import current_tag, spawn
 from engine.results import load_results, runs_of, state_from_rows
 from engine.runs import launch_argv
 from engine.util import HarnessError, RESULTS, TEST_SCORES, fmt, num, read_text, write_text
+from engine.verdicts import Status
 
 
 def round_of(row):
@@ -35,12 +36,12 @@ def wall_seconds(rows):
 
 def summarize(rows):
     """Pure. Figures for the terminal summary; slots: each worker's training seconds over the wall seconds."""
-    base = next((r for r in rows if r["status"] == "baseline"), None)
+    base = next((r for r in rows if r["status"] == Status.BASELINE), None)
     if not base:
         return None
     best, _, best_exp, _ = state_from_rows(rows)
-    model_rows = [r for r in rows if r["status"] not in ("baseline", "interrupted")]
-    keeps = sum(r["status"] == "keep" for r in model_rows)
+    model_rows = [r for r in rows if r["status"] not in (Status.BASELINE, Status.INTERRUPTED)]
+    keeps = sum(r["status"] == Status.KEEP for r in model_rows)
     wall = wall_seconds(rows)
     train = sum(num(r["run_seconds"]) or 0 for r in rows)
     slots = {}
@@ -55,7 +56,7 @@ def summarize(rows):
             "keep_rate": keeps / len(model_rows) if model_rows else 0.0,
             "per_hour": len(model_rows) / (wall / 3600) if wall else 0.0,
             "train_share": train / wall if wall else 0.0, "model_share": model / wall if wall else 0.0,
-            "crashes": sum(r["status"] in ("crash", "timeout") for r in model_rows),
+            "crashes": sum(r["status"] in (Status.CRASH, Status.TIMEOUT) for r in model_rows),
             "slots": {k: v / wall if wall else 0.0 for k, v in slots.items()}}
 
 
@@ -120,17 +121,17 @@ def shade_rounds(ax, pts):
 
 
 def draw_points(ax, pts, metric):
-    dis = [(x, y) for x, y, r in pts if y is not None and r["status"] == "discard"]
+    dis = [(x, y) for x, y, r in pts if y is not None and r["status"] == Status.DISCARD]
     if dis:
         ax.scatter(*zip(*dis), c="#b0b0b0", s=22, label="discarded", zorder=2)
-    kept = [(x, y, r) for x, y, r in pts if y is not None and r["status"] in ("keep", "baseline")]
+    kept = [(x, y, r) for x, y, r in pts if y is not None and r["status"] in (Status.KEEP, Status.BASELINE)]
     if kept:
         ax.scatter([k[0] for k in kept], [k[1] for k in kept], c="#2ca02c", s=40, label="kept", zorder=3)
         for x, y, r in kept:
             ax.annotate(r["description"][:40], (x, y), textcoords="offset points", xytext=(4, 6), fontsize=7,
                         color="#1b6e1b", rotation=20)
     ys = [y for _, y, _ in pts if y is not None]
-    fails = [x for x, y, r in pts if r["status"] in ("crash", "timeout", "invalid")]
+    fails = [x for x, y, r in pts if r["status"] in (Status.CRASH, Status.TIMEOUT, Status.INVALID)]
     if fails:
         worst = (max if metric.direction == "minimize" else min)(ys) if ys else 1.0
         ax.scatter(fails, [worst] * len(fails), marker="x", c="#d62728", s=36, label="crash / timeout / invalid",
@@ -228,14 +229,14 @@ def compare_line(rows, scores, metric):
     for i, r in enumerate(rows):
         after = runs_of(r, "after_runs")
         before = next((num(p["best"]) for p in reversed(rows[:i]) if num(p["best"]) is not None), None)
-        if r["status"] == "keep" and after and before is not None:
+        if r["status"] == Status.KEEP and after and before is not None:
             checked += 1
             survived += metric.gain(sum(after) / len(after), before) > 0
     sides = {}   # who proposed the trials (--agent hybrid has two): {proposer: [trials, keeps]}
     for r in rows:
-        if r["status"] not in ("baseline", "interrupted"):
+        if r["status"] not in (Status.BASELINE, Status.INTERRUPTED):
             side = sides.setdefault(r.get("proposer") or r.get("agent") or "llm", [0, 0])
-            side[0], side[1] = side[0] + 1, side[1] + (r["status"] == "keep")
+            side[0], side[1] = side[0] + 1, side[1] + (r["status"] == Status.KEEP)
     return {"agent": next((r["agent"] for r in reversed(rows) if r.get("agent")), "llm"), "best": s["best"],
             "test": scores.get(best_commit), "experiments": s["experiments"], "keeps": s["keeps"],
             "per_hour": s["per_hour"], "survived": survived, "checked": checked,

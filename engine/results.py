@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 from engine.judge import incumbent_mean, pooled_cv
 from engine.project import INT_COLUMNS, LIST_COLUMNS, TEXT_COLUMNS
 from engine.util import HarnessError, RESULTS, clean_text, fmt, num, read_text, write_text
+from engine.verdicts import STATUSES, Status
 
 
-STATUSES = ("baseline", "keep", "discard", "crash", "timeout", "invalid", "interrupted")
 
 
 def parse_trailers(message):
@@ -33,7 +33,7 @@ def commit_message(exp, description, phase_line, status, metric, value=None, del
 class Outcome:
     """How one experiment ended, filled in as it runs: Loop.conclude() keeps or reverts its commit and records it."""
     experiment: int
-    status: str = "interrupted"   # until decided: baseline keep discard crash timeout invalid interrupted
+    status: str = Status.INTERRUPTED   # until decided: baseline keep discard crash timeout invalid interrupted
     description: str = ""
     reason: str = ""
     phase: str = ""
@@ -80,7 +80,7 @@ def make_row(o, rows, metric, now):
     row = {"experiment": o.experiment, "commit": o.commit, metric.column: o.values[0] if o.values else None,
            "delta": o.delta, "status": o.status, "description": o.description, "runs": tuple(o.values),
            "threshold": o.threshold, "reason": o.reason, "phase": o.phase,
-           "best_commit": o.commit if o.status in ("baseline", "keep") else o.base,
+           "best_commit": o.commit if o.status in (Status.BASELINE, Status.KEEP) else o.base,
            "model_seconds": o.model_seconds, "run_seconds": o.run_seconds,
            "wall_seconds": now - o.started if o.started else None, "prompt_tokens": o.prompt_tokens,
            "finished": datetime.datetime.fromtimestamp(now).isoformat(timespec="seconds"), "agent": o.agent,
@@ -104,7 +104,7 @@ def typed_row(cells, metric):
         if c in INT_COLUMNS and row[c] is not None:
             row[c] = int(row[c])
     if row["round"] is None:
-        row["round"] = 0 if row["status"] == "baseline" else row["experiment"]
+        row["round"] = 0 if row["status"] == Status.BASELINE else row["experiment"]
     if row["worker"] is None:
         row["worker"] = 0
     return row
@@ -227,10 +227,10 @@ def noise_groups(rows, extra=()):
     groups, current = [], []
     for r in rows:
         current += runs_of(r, "incumbent_runs")   # the same list as the incumbent's group in groups
-        if r["status"] in ("baseline", "keep"):
+        if r["status"] in (Status.BASELINE, Status.KEEP):
             current = runs_of(r)[r["status"] == "keep":] + runs_of(r, "after_runs")
             groups.append(current)
-        elif r["status"] == "discard" and len(runs_of(r)) >= 2:
+        elif r["status"] == Status.DISCARD and len(runs_of(r)) >= 2:
             groups.append(runs_of(r)[1:])
     current += list(extra)
     return groups
@@ -239,9 +239,9 @@ def noise_groups(rows, extra=()):
 def pending_baseline(rows):
     """Pure. The row of a baseline that stopped part-way (interrupted, round 0: its runs are the seeds that finished)
     while no baseline is recorded, else None."""
-    if any(r["status"] == "baseline" for r in rows):
+    if any(r["status"] == Status.BASELINE for r in rows):
         return None
-    return next((r for r in reversed(rows) if r["status"] == "interrupted" and r["round"] == 0), None)
+    return next((r for r in reversed(rows) if r["status"] == Status.INTERRUPTED and r["round"] == 0), None)
 
 
 def state_from_rows(rows):
@@ -249,9 +249,9 @@ def state_from_rows(rows):
     row left it (the incumbent's mean, which re-measures move)."""
     best = best_commit = best_exp = base_exp = None
     for r in rows:
-        if r["status"] in ("baseline", "keep"):
+        if r["status"] in (Status.BASELINE, Status.KEEP):
             best_exp = r["experiment"]
-            base_exp = r["experiment"] if r["status"] == "baseline" else base_exp
+            base_exp = r["experiment"] if r["status"] == Status.BASELINE else base_exp
         best = num(r.get("best")) if num(r.get("best")) is not None else best
         best_commit = r.get("best_commit") or best_commit
     return best, best_commit, best_exp, base_exp

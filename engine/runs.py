@@ -19,7 +19,7 @@ from engine.judge import GRACE_MARGIN, classify_run, last_loss, parse_metrics
 from engine.repo import spawn
 from engine.settings import (EVAL_TIMEOUT, MEMORY_MIN, MEMORY_RESERVE, MEMORY_WAITING, RUN_GRACE, SIZES, env_int,
     env_size)
-from engine.verdicts import SLURM_LOST
+from engine.verdicts import Status, SLURM_LOST
 from engine.util import HarnessError, RUNNING, TRAIN, data_dir, fmt, live, live_clear, read_text, say, write_text
 
 
@@ -315,8 +315,8 @@ def slurm_startup(args):
     os.makedirs("runs", exist_ok=True)
     token = f"runs/.slurm-check-{secrets.token_hex(8)}"   # new content: a stale copy of the tree cannot have it
     write_text(token, secrets.token_hex(16))
-    paths = [os.path.abspath(f) for f in ("run.sh", "evaluator.py", TRAIN, "prepare_data.py", os.path.join(data_dir(), "meta.json"),
-                                          token)]
+    paths = [os.path.abspath(f) for f in ("run.sh", "evaluator.py", TRAIN, "prepare_data.py",
+                                          os.path.join(data_dir(), "meta.json"), token)]
     say("autoresearch: checking that a SLURM job sees this repository and the data (one short job)")
     try:
         p = spawn(launch_argv(args, "check", ["sha256sum", "--", *paths]), stdin=subprocess.DEVNULL)
@@ -398,7 +398,7 @@ def watch(args, label, p, log, limit, cancel, phase_short):
         elapsed = time.time() - t0
         if elapsed > limit or cancel is not None and cancel.is_set():
             stop_run(args, label, p)
-            return ("timeout" if elapsed > limit else "interrupted"), elapsed
+            return (Status.TIMEOUT if elapsed > limit else Status.INTERRUPTED), elapsed
         if select.select([fd], [], [], 0.5)[0]:
             chunk = os.read(fd, 65536)
             if not chunk:
@@ -448,14 +448,14 @@ def verdict(args, label, returncode, log, stopped, limit, allowance, metric, sec
     out, log_path = log.tail.decode("utf-8", "replace"), f"logs/{label}.log"
     metrics = parse_metrics(out)
     if stopped:
-        status, reason = stopped, (f"harness wall-clock limit {limit}s exceeded" if stopped == "timeout" else
+        status, reason = stopped, (f"harness wall-clock limit {limit}s exceeded" if stopped == Status.TIMEOUT else
                                    "stopped: its round was interrupted")
     else:
         status, reason = run_verdict(args, label, returncode, out, metrics, allowance, metric)
         if status == "setup":
             raise HarnessError(f"./run.sh could not run the sandbox: {reason} (full output: {log_path}). "
                                f"Fix the set-up, then continue with --resume.")
-    if status in ("crash", "timeout", "invalid"):
+    if status in (Status.CRASH, Status.TIMEOUT, Status.INVALID):
         reason = f"{reason}; log: {log_path}"
     lines = [line for line in out.split("\n") if line.strip()]
     return Run(status, reason, metrics, metrics.get(metric.column), seconds, log_path,

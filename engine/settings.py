@@ -73,7 +73,8 @@ def build_parser():
                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL, help="Ollama model (a 7B coder fits next to training on 24 GB)")
     p.add_argument("--host", default=os.environ.get("OLLAMA_HOST") or DEFAULT_HOST, help="Ollama server")
-    p.add_argument("--tag", default=None, help="run on branch autoresearch/TAG; default: today's date, e.g. nov27 (with --resume: the current branch)")
+    p.add_argument("--tag", default=None, help="run on branch autoresearch/TAG; default: today's date, e.g. nov27 "
+                                                "(with --resume: the current branch)")
     p.add_argument("--max-experiments", type=int, default=0, help="model experiments after the baseline, "
                    "counted across resumes, interrupted ones excepted; 0 = until stopped")
     p.add_argument("--resume", action="store_true", help="continue from results.tsv and the branch")
@@ -136,6 +137,7 @@ def run_budget(asked, rows):
     run's own, else DEFAULT_BUDGET. A resumed run asked for another budget is refused: its results would not compare."""
     done = next((int(num(r["time_budget"])) for r in reversed(rows) if num(r.get("time_budget"))), None)
     if asked and done and asked != done:
-        raise HarnessError(f"{RESULTS} was recorded with a {done}s time budget, not the {asked}s asked for (--time-budget "
-                           f"or AUTORESEARCH_TIME_BUDGET): resume with --time-budget {done}, or start a new --tag")
+        raise HarnessError(f"{RESULTS} was recorded with a {done}s time budget, not the {asked}s asked for "
+                           f"(--time-budget or AUTORESEARCH_TIME_BUDGET): resume with --time-budget {done}, or start "
+                           f"a new --tag")
     return asked or done or DEFAULT_BUDGET

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from engine.repo import git
 from engine.results import load_results, runs_of
 from engine.util import HarnessError, PROGRAM, RESULTS, TRAIN, num, read_text, write_text
+from engine.verdicts import Status
 
 
 FRACTIONS = ("_FRAC", "_PROB")    # constants named so are fractions or probabilities: searched within [0, 1]
@@ -259,7 +260,7 @@ def tuner_trials(rows, agent, space, metric):
         if params in pending:
             pending.remove(params)
         runs = runs_of(r)
-        value = None if r["status"] in ("crash", "timeout", "invalid") else (
+        value = None if r["status"] in (Status.CRASH, Status.TIMEOUT, Status.INVALID) else (
             sum(runs) / len(runs) if runs else num(r[col]))
         done.append((params, value))
     return done, pending
@@ -330,7 +331,7 @@ class Tuner:
 def make_tuner(args, metric, name=None):
     """The tuner of --agent optuna|random (or `name`) over the search space of the run's baseline commit (a resumed
     run keeps its space). The active preset is the one train.py picks: cuda iff torch sees a GPU."""
-    base = next((r["commit"] for r in load_results() if r["status"] == "baseline"), None) if args.resume else None
+    base = next((r["commit"] for r in load_results() if r["status"] == Status.BASELINE), None) if args.resume else None
     if base:
         train_src, program = git("show", f"{base}:{TRAIN}"), git("show", f"{base}:{PROGRAM}")
     else:

@@ -95,9 +95,9 @@ def read_text(path):
 
 
 def write_text(path, text):
-    """The one way the harness writes a file (text, or bytes): whole, or not at all. Encoded first (a lone surrogate raises here, before
-    anything is touched), written to PATH.tmp beside it, fsync'd and renamed over it, so that a crash or kill -9
-    leaves the old file or the new one, never half of either (nor an empty train.py)."""
+    """The one way the harness writes a file (text, or bytes): whole, or not at all. Encoded first (a lone surrogate
+    raises here, before anything is touched), written to PATH.tmp beside it, fsync'd and renamed over it, so that a
+    crash or kill -9 leaves the old file or the new one, never half of either (nor an empty train.py)."""
     data = text.encode("utf-8") if isinstance(text, str) else text
     with open(path + TMP, "wb") as f:
         f.write(data)
