@@ -269,9 +269,35 @@ def baseline_failure(run, seed, values, wall, budget, grace):
                 f"training container took {wall:.0f}s): the machine was slower this time (busy?), not train.py over "
                 f"its budget. The {len(values)} finished seeds are recorded. Free the machine, or export "
                 f"AUTORESEARCH_GRACE={2 * grace} for more time.")
-    if run.status == "timeout":
+    if run.status == Status.TIMEOUT:
         return (f"baseline seed 1 ran out of time ({limit}): does train.py stop at TIME_BUDGET? If its start-up and "
                 f"export take that long, export AUTORESEARCH_GRACE={2 * grace}; on a busy machine, free it first.")
     return (f"baseline seed {seed} failed ({run.status}: {run.reason}); see {run.log}"
             + (f" (the {len(values)} finished seeds are recorded)" if values else "") +
             ". Fix train.py or the sandbox, and commit the fix on this branch (a new commit runs every seed again).")
+
+
+def allowance_warning(over, allowance, budget):
+    """Pure. When the baseline's training container ran `over` seconds past the budget, more than a candidate may:
+    the warning that says what will happen and what to do; else None."""
+    if over <= allowance:
+        return None
+    return (f"WARNING: the baseline's training container ran {over:.0f}s past the {budget}s budget (start-up, data "
+            f"loading, export), more than the {allowance:.0f}s a candidate may (max({ALLOWANCE_SHARE:.0%} of the "
+            f"budget, {ALLOWANCE_MIN:g}s)): candidates like it will be recorded invalid: a busy machine, or a start-up "
+            f"to shorten; or allow more with --allowance {round(over * 1.5)}")
+
+
+def decision(rule, step, values, inc, s):
+    """Pure. The fields a decided experiment records: (delta, threshold), the threshold in the metric's units at
+    the step's bound (the keep bound for a keep, the one it fell short of for a discard)."""
+    best, m = incumbent_mean(inc, s)
+    n = len(values)
+    return sum(values) / n - best, rule.bound(n, step.action == Status.KEEP) * s * abs(best) * (1 / n + 1 / m) ** 0.5
+
+
+def best_line(metric, rule, inc, s):
+    """Pure. What the model is told of the best and of the keep rule."""
+    best, m = incumbent_mean(inc, s)
+    return (f"{metric.column} {fmt(best)}, the mean of {m} runs (run-to-run noise {s:.1%} of it). A change is kept "
+            f"only if it beats this by more than the noise: {rule.summary}")

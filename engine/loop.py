@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 from engine import branch
 from engine.agent import parse_phases, phase_index, read_scratchpad
-from engine.judge import (ALLOWANCE_MIN, ALLOWANCE_SHARE, RULES, baseline_failure, budget_allowance, incumbent_mean,
-                          next_step, pooled_cv, round_winner)
+from engine.judge import (RULES, allowance_warning, baseline_failure, best_line, budget_allowance, decision,
+                          incumbent_mean, next_step, pooled_cv, round_winner)
 from engine.repo import git, sweep_worktrees, worktree
 from engine.report import report_test, summary, write_report
 from engine.results import Outcome, append_row, decision_line, incumbent, make_row, noise_groups, pending_baseline
@@ -43,6 +43,23 @@ class Worker:
     thread: threading.Thread = None
     error: BaseException = None
     concluded: bool = False
+
+    def start(self, run, *args, **kw):
+        """run(*args, **kw) in a thread of its own: its Run in self.run; an exception is raised by join()."""
+        def target():
+            try:
+                self.run = run(*args, **kw)
+                self.o.run_seconds += self.run.seconds
+            except BaseException as e:  # noqa: BLE001 -- handed to the main thread, which raises it
+                self.error = e
+        self.thread = threading.Thread(target=target, name=f"worker-{self.index}", daemon=True)
+        self.thread.start()
+
+    def join(self):
+        self.thread.join()
+        self.thread = None
+        if self.error:
+            raise self.error
 
 
 class Loop:
@@ -97,24 +114,6 @@ class Loop:
         self.last_log = run.log
         return run
 
-    def in_thread(self, w, *run_args, **run_kw):
-        """Worker w's run in a thread of its own (its Run in w.run; an exception is raised by join)."""
-        def target():
-            try:
-                w.run = self.run(*run_args, **run_kw)
-                w.o.run_seconds += w.run.seconds
-            except BaseException as e:  # noqa: BLE001 -- handed to the main thread, which raises it
-                w.error = e
-        w.thread = threading.Thread(target=target, name=f"worker-{w.index}", daemon=True)
-        w.thread.start()
-
-    @staticmethod
-    def join(w):
-        w.thread.join()
-        w.thread = None
-        if w.error:
-            raise w.error
-
     # --- the baseline -------------------------------------------------------------------------------------
     def baseline(self):
         """train.py as it is, --noise-runs times with seeds 1..K: the first best and the noise. However it stops (a
@@ -149,12 +148,9 @@ class Loop:
         o.status, o.delta, o.reason = Status.BASELINE, 0.0, f"{len(o.values)} seeds"
         self.conclude(o)
         branch.cleanup_runs(self.rows)
-        if (over := o.train_wall_seconds - a.time_budget) > self.allowance():
-            say(f"autoresearch: WARNING: the baseline's training container ran {over:.0f}s past the {a.time_budget}s "
-                f"budget (start-up, data loading, export), more than the {self.allowance():.0f}s a candidate may "
-                f"(max({ALLOWANCE_SHARE:.0%} of the budget, {ALLOWANCE_MIN:g}s)): candidates like it will be recorded "
-                f"invalid: a busy machine, or a start-up to shorten; or allow more with "
-                f"--allowance {round(over * 1.5)}")
+        warning = allowance_warning(o.train_wall_seconds - a.time_budget, self.allowance(), a.time_budget)
+        if warning:
+            say(f"autoresearch: {warning}")
 
     # --- a round of experiments ---------------------------------------------------------------------------
     def round(self, n):
@@ -172,7 +168,7 @@ class Loop:
                     first + k, round=rnd, worker=k, phase=phase, base=base, started=time.time()))
                 workers.append(w)
                 w.started = self.prestart(w)
-                w.conv = self.agent.open(base_src, self.rows, self.best_line(inc, s), phase, self.last_log,
+                w.conv = self.agent.open(base_src, self.rows, best_line(self.metric, self.rule, inc, s), phase, self.last_log,
                                          others=[x.o.description for x in workers if x.o.description])
                 self.propose(w, base_src, cancel)
             self.screen(workers, cancel)
@@ -224,7 +220,7 @@ class Loop:
         w.o.description = info
         branch.commit_candidate(w.o, w.path, self.metric)
         started, w.started = w.started, None
-        self.in_thread(w, str(w.o.experiment), 1, w.path, w.slot, self.allowance(), cancel, started=started)
+        w.start(self.run, str(w.o.experiment), 1, w.path, w.slot, self.allowance(), cancel, started=started)
 
     def screen(self, workers, cancel):
         """Each worker's first run, in worker order (so the model's fix conversations come in a fixed order): a crash
@@ -232,7 +228,7 @@ class Loop:
         queue = [w for w in workers if w.thread]
         while queue:
             w = queue.pop(0)
-            self.join(w)
+            w.join()
             if w.run.status == Status.CRASH and w.conv and w.fixes < self.args.fix_attempts:   # a model to fix it
                 w.fixes += 1
                 say(f"autoresearch: experiment {w.o.experiment} crashed ({w.run.reason}); fix attempt "
@@ -253,7 +249,9 @@ class Loop:
             inc, s = self.noise(again)
             steps = {id(w): next_step(self.rule, self.metric, inc, w.o.values, s, remeasured) for w in going}
             for w in [w for w in going if steps[id(w)].action in (Status.KEEP, Status.DISCARD)]:
-                self.decided(w.o, steps[id(w)], inc, s)
+                step = steps[id(w)]
+                w.o.status, w.o.t, w.o.reason = step.action, step.stat, step.reason
+                w.o.delta, w.o.threshold = decision(self.rule, step, w.o.values, inc, s)
                 going.remove(w)
             asking = [w for w in going if steps[id(w)].action == "incumbent"]
             if asking:
@@ -266,22 +264,15 @@ class Loop:
                 remeasured += 1
                 continue
             for w in going:
-                self.in_thread(w, f"{w.o.experiment}-s{len(w.o.values) + 1}", len(w.o.values) + 1, w.path, w.slot,
+                w.start(self.run, f"{w.o.experiment}-s{len(w.o.values) + 1}", len(w.o.values) + 1, w.path, w.slot,
                                self.allowance(), cancel)
             for w in list(going):
-                self.join(w)
+                w.join()
                 if w.run.status == "ok":
                     w.o.values.append(w.run.value)
                 else:   # a candidate that fails a later run is not one to build on
                     w.o.status, w.o.reason = w.run.status, f"run {len(w.o.values) + 1}: {w.run.reason}"
                     going.remove(w)
-
-    def decided(self, o, step, inc, s):
-        best, m = incumbent_mean(inc, s)
-        n = len(o.values)
-        o.status, o.t, o.reason = step.action, step.stat, step.reason
-        o.delta = sum(o.values) / n - best
-        o.threshold = self.rule.bound(n, step.action == Status.KEEP) * s * abs(best) * (1 / n + 1 / m) ** 0.5
 
     def pick(self, workers):
         """The round's kept candidate with the best mean (judge.round_winner); any other kept one is beaten."""
@@ -300,12 +291,6 @@ class Loop:
         run = self.run(f"{w.o.experiment}-s{len(w.o.values) + 1}", len(w.o.values) + 1, allowance=self.allowance())
         w.o.run_seconds += run.seconds
         w.o.after = [run.value] if run.status == Status.OK else []
-
-    def best_line(self, inc, s):
-        """What the model is told of the best and of the keep rule."""
-        best, m = incumbent_mean(inc, s)
-        return (f"{self.metric.column} {fmt(best)}, the mean of {m} runs (run-to-run noise {s:.1%} of it). A change is "
-                f"kept only if it beats this by more than the noise: {self.rule.summary}")
 
     def main(self):
         branch.prepare(self)
