@@ -61,44 +61,24 @@ def check_environment(environ=os.environ):
         raise HarnessError(f"AUTORESEARCH_CPUS must be a positive number of cores like 2 or 0.5, got {cpus!r}")
 
 
+class Help(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):   # no "(default: None)" where the help says what the default is
+        return action.help if action.default in (None, False) else super()._get_help_string(action)
+
+
 class Parser(argparse.ArgumentParser):
     def error(self, message):
         """A wrong flag is one line, as every other mistake (no usage block)."""
         self.exit(2, f"{self.prog}: error: {message} (python autoresearch.py --help lists the flags)\n")
 
 
-def build_parser():
-    p = Parser(prog="autoresearch.py", description="An offline research loop: a local LLM served by Ollama improves "
-               "a model's metric by itself.",
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default=DEFAULT_MODEL, help="Ollama model (a 7B coder fits next to training on 24 GB)")
-    p.add_argument("--host", default=os.environ.get("OLLAMA_HOST") or DEFAULT_HOST, help="Ollama server")
+def _run_flags(p):
+    """Which run, who proposes, and how long each experiment trains."""
     p.add_argument("--tag", default=None, help="run on branch autoresearch/TAG; default: today's date, e.g. nov27 "
                                                 "(with --resume: the current branch)")
+    p.add_argument("--resume", action="store_true", help="continue from results.tsv and the branch")
     p.add_argument("--max-experiments", type=int, default=0, help="model experiments after the baseline, "
                    "counted across resumes, interrupted ones excepted; 0 = until stopped")
-    p.add_argument("--resume", action="store_true", help="continue from results.tsv and the branch")
-    p.add_argument("--num-ctx", type=int, default=16384, help="context size sent on every Ollama request")
-    p.add_argument("--time-budget", type=int, default=None, help="training seconds per experiment; default: "
-                   "$AUTORESEARCH_TIME_BUDGET if exported, else 300 (with --resume: the run's own)")
-    p.add_argument("--allowance", type=int, default=None, help="seconds a candidate's training container may run past "
-                   "the budget (start-up, data loading, export) before it is invalid; default: max(10%% of the budget, "
-                   "30)")
-    p.add_argument("--noise-runs", type=int, default=5, help="runs of the baseline, with different seeds: the first "
-                   "measure of the run-to-run noise (at least 2)")
-    p.add_argument("--rule", choices=("screen", "sequential"), default="screen", help="the keep rule: screen (one run "
-                   "screens a candidate, two more confirm it; about 1.4 runs a candidate) or sequential (strict: a "
-                   "sequential test of up to 10 runs, about 5 a candidate); see judge.next_step")
-    p.add_argument("--phase-every", type=int, default=10, help="advance the phase after N experiments in it")
-    p.add_argument("--phase-plateau", type=int, default=5, help="... or after K experiments without a keep")
-    p.add_argument("--fix-attempts", type=int, default=2, help="attempts to fix a crashing experiment")
-    p.add_argument("--max-turns", type=int, default=12, help="model replies per experiment")
-    p.add_argument("--max-tool-calls", type=int, default=24, help="tool calls per experiment")
-    p.add_argument("--max-nudges", type=int, default=2, help="nudges for replies without a tool call")
-    p.add_argument("--max-invalid", type=int, default=3, help="rejected run_experiment calls before `invalid`")
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--request-timeout", type=float, default=900, help="seconds per Ollama request")
-    p.add_argument("--serve", action="store_true", help="start `ollama serve` if Ollama is not reachable")
     p.add_argument("--agent", choices=("llm", "optuna", "random", "hybrid"), default=None,
                    help="who proposes each experiment: the Ollama model, Optuna's TPE or uniform random samples "
                         "over the search space (program.md's ## Search space, else train.py's constants), or hybrid "
@@ -109,6 +89,46 @@ def build_parser():
                    "slot (a GPU of $AUTORESEARCH_GPUS, or a share of the cores); at most one kept per round")
     p.add_argument("--launcher", choices=("local", "slurm"), default="local", help="where runs execute: here, or "
                    "each as a SLURM job (srun; site options in $AUTORESEARCH_SLURM_ARGS; needs a shared filesystem)")
+    p.add_argument("--time-budget", type=int, default=None, help="training seconds per experiment; default: "
+                   "$AUTORESEARCH_TIME_BUDGET if exported, else 300 (with --resume: the run's own)")
+    p.add_argument("--allowance", type=int, default=None, help="seconds a candidate's training container may run past "
+                   "the budget (start-up, data loading, export) before it is invalid; default: max(10%% of the budget, "
+                   "30)")
+    p.add_argument("--phase-every", type=int, default=10, help="advance the phase after N experiments in it")
+    p.add_argument("--phase-plateau", type=int, default=5, help="... or after K experiments without a keep")
+
+
+def _keep_flags(p):
+    """The keep rule (judge.next_step)."""
+    p.add_argument("--rule", choices=("screen", "sequential"), default="screen", help="the keep rule: screen (one run "
+                   "screens a candidate, two more confirm it; about 1.4 runs a candidate) or sequential (strict: a "
+                   "sequential test of up to 10 runs, about 5 a candidate); see judge.next_step")
+    p.add_argument("--noise-runs", type=int, default=5, help="runs of the baseline, with different seeds: the first "
+                   "measure of the run-to-run noise (at least 2)")
+
+
+def _model_flags(p):
+    """The Ollama model and what it may do in one experiment."""
+    p.add_argument("--model", default=DEFAULT_MODEL, help="Ollama model (a 7B coder fits next to training on 24 GB)")
+    p.add_argument("--host", default=os.environ.get("OLLAMA_HOST") or DEFAULT_HOST, help="Ollama server")
+    p.add_argument("--num-ctx", type=int, default=16384, help="context size sent on every Ollama request")
+    p.add_argument("--temperature", type=float, default=0.7, help="the model's sampling temperature")
+    p.add_argument("--request-timeout", type=float, default=900, help="seconds per Ollama request")
+    p.add_argument("--serve", action="store_true", help="start `ollama serve` if Ollama is not reachable")
+    p.add_argument("--fix-attempts", type=int, default=2, help="attempts to fix a crashing experiment")
+    p.add_argument("--max-turns", type=int, default=12, help="model replies per experiment")
+    p.add_argument("--max-tool-calls", type=int, default=24, help="tool calls per experiment")
+    p.add_argument("--max-nudges", type=int, default=2, help="nudges for replies without a tool call")
+    p.add_argument("--max-invalid", type=int, default=3, help="rejected run_experiment calls before `invalid`")
+
+
+def build_parser():
+    p = Parser(prog="autoresearch.py", description="An offline research loop: a local LLM served by Ollama improves "
+               "a model's metric by itself.",
+               formatter_class=Help)
+    _run_flags(p.add_argument_group("the run"))
+    _keep_flags(p.add_argument_group("the keep rule"))
+    _model_flags(p.add_argument_group("the model (--agent llm, hybrid)"))
     sub = p.add_subparsers(dest="command", title="subcommand")
     rp = sub.add_parser("report", help="progress.png and a summary; see report -h")
     how = rp.add_mutually_exclusive_group()

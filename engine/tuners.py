@@ -118,6 +118,32 @@ def derived_space(consts):
     return space
 
 
+def parse_space_line(line, consts, preset):
+    """Pure. One line of the ## Search space block as a Param; a ValueError says what is wrong with it."""
+    m = SPACE_LINE.fullmatch(line)
+    if not m:
+        raise ValueError("not a search-space line")
+    name, kind, lo, hi = m.groups()
+    if kind not in ("log", "float", "int"):
+        raise ValueError(f"unknown kind {kind!r} (log, float or int)")
+    try:
+        low, high = float(lo), float(hi)
+    except ValueError:
+        raise ValueError("LOW and HIGH must be numbers") from None
+    if not (math.isfinite(low) and math.isfinite(high)) or low >= high:
+        raise ValueError("LOW must be a finite number below HIGH")
+    if kind == "log" and low <= 0:
+        raise ValueError("a log range needs LOW > 0")
+    if kind == "int":
+        if low != int(low) or high != int(high):
+            raise ValueError("int bounds must be whole numbers")
+        low, high = int(low), int(high)
+    if name not in consts:
+        raise ValueError(f"{name} is not a numeric constant of train.py's {preset} preset (those are: "
+                         f"{', '.join(consts) or 'none'})")
+    return Param(name, kind, low, high)
+
+
 def parse_search_space(program_text, consts, preset="active"):
     """Pure. The `## Search space` block of program.md as [Param], or None without one.
 
@@ -130,43 +156,21 @@ def parse_search_space(program_text, consts, preset="active"):
                            f"{', '.join(str(i + 1) for i in starts)}): keep one")
     if not starts:
         return None
-    start = starts[0]
     space = []
-    for i in range(start + 1, len(lines)):
+    for i in range(starts[0] + 1, len(lines)):
         raw = lines[i].strip()
         if raw.startswith("#"):
             break
         line = raw.lstrip("-* ").strip("`").strip()
         if not line or raw.startswith("```"):
             continue
-
-        def bad(why):
-            return HarnessError(f"{PROGRAM} line {i + 1} ({raw!r}) in ## Search space: {why}; "
-                                f"expected {SPACE_FORMAT}")
-        m = SPACE_LINE.fullmatch(line)
-        if not m:
-            raise bad("not a search-space line")
-        name, kind, lo, hi = m.groups()
-        if kind not in ("log", "float", "int"):
-            raise bad(f"unknown kind {kind!r} (log, float or int)")
         try:
-            low, high = float(lo), float(hi)
-        except ValueError:
-            raise bad("LOW and HIGH must be numbers") from None
-        if not (math.isfinite(low) and math.isfinite(high)) or low >= high:
-            raise bad("LOW must be a finite number below HIGH")
-        if kind == "log" and low <= 0:
-            raise bad("a log range needs LOW > 0")
-        if kind == "int":
-            if low != int(low) or high != int(high):
-                raise bad("int bounds must be whole numbers")
-            low, high = int(low), int(high)
-        if name not in consts:
-            raise bad(f"{name} is not a numeric constant of train.py's {preset} preset (those are: "
-                      f"{', '.join(consts) or 'none'})")
-        if any(p.name == name for p in space):
-            raise bad(f"{name} is listed twice")
-        space.append(Param(name, kind, low, high))
+            p = parse_space_line(line, consts, preset)
+            if any(q.name == p.name for q in space):
+                raise ValueError(f"{p.name} is listed twice")
+        except ValueError as e:
+            raise HarnessError(f"{PROGRAM} line {i + 1} ({raw!r}) in ## Search space: {e}; expected {SPACE_FORMAT}") from None
+        space.append(p)
     if not space:
         raise HarnessError(f"{PROGRAM}'s ## Search space block lists no constants; expected lines like {SPACE_FORMAT}")
     return space
