@@ -169,7 +169,8 @@ def parse_search_space(program_text, consts, preset="active"):
             if any(q.name == p.name for q in space):
                 raise ValueError(f"{p.name} is listed twice")
         except ValueError as e:
-            raise HarnessError(f"{PROGRAM} line {i + 1} ({raw!r}) in ## Search space: {e}; expected {SPACE_FORMAT}") from None
+            raise HarnessError(f"{PROGRAM} line {i + 1} ({raw!r}) in ## Search space: {e}; "
+                               f"expected {SPACE_FORMAT}") from None
         space.append(p)
     if not space:
         raise HarnessError(f"{PROGRAM}'s ## Search space block lists no constants; expected lines like {SPACE_FORMAT}")
