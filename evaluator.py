@@ -418,6 +418,55 @@ def _strict_json(b):
     return json.loads(b, object_pairs_hook=unique)
 
 
+def _zip_entries(raw):
+    """{name below the archive's root folder: bytes} of what train.py wrote, each entry checked as it is read."""
+    z = zipfile.ZipFile(io.BytesIO(raw))
+    infos = z.infolist()
+    root = infos[0].orig_filename.split("/", 1)[0] + "/" if infos else ""
+    entries = {}
+    for info in infos:
+        name = info.orig_filename  # zipfile's .filename stops at a NUL byte; torch reads the whole name
+        if not (name.isascii() and name.isprintable()):
+            raise Refused(f"entry name {name[:80]!r} has a non-printable character")
+        rel = name[len(root):]
+        if rel in entries:
+            raise Refused(f"duplicate entry {name[:80]!r}")
+        if not name.startswith(root) or not ARCHIVE_ENTRIES.fullmatch(rel):
+            raise Refused(f"unexpected entry {name[:80]!r}: only what torch.export.save writes is allowed")
+        if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 1:
+            raise Refused(f"entry {name[:80]!r} is compressed or encrypted; torch.export.save stores entries")
+        entries[rel] = z.read(info)  # checks the local header's name against the central directory's
+    if entries.get("archive_format") != b"pt2" or "models/model.json" not in entries:
+        raise Refused("not a torch.export archive (save it with torch.export.save)")
+    return entries
+
+
+def _checked_entries(entries):
+    """The entries torch will read, each checked or rewritten from what was parsed."""
+    out = {}
+    for name, pattern in ARCHIVE_HEADER.items():
+        if not re.fullmatch(pattern, entries[name]):
+            raise Refused(f"unexpected {name} {entries[name][:20]!r}")
+        out[name] = entries[name]
+    for cfg, folder, prefix in (("data/weights/model_weights_config.json", "data/weights/", "weight_"),
+                                ("data/constants/model_constants_config.json", "data/constants/", "tensor_")):
+        config = _strict_json(entries[cfg])
+        if set(config) != {"config"}:
+            raise Refused(f"unexpected keys {sorted(config)[:5]} in {cfg}")
+        for fqn, pm in config["config"].items():
+            if pm.get("use_pickle") is not False or not pm.get("tensor_meta") or not FQN.fullmatch(fqn) \
+                    or not re.fullmatch(prefix + r"\d+", str(pm.get("path_name"))):
+                raise Refused(f"{fqn[:60]!r} is not a plain tensor (pickled or custom objects are refused)")
+            _check_program(pm)
+            out[folder + pm["path_name"]] = entries[folder + pm["path_name"]]
+        out[cfg] = json.dumps(config).encode()
+    program = _strict_json(entries["models/model.json"])
+    _check_program(program)
+    out["models/model.json"] = json.dumps(program).encode()
+    out["data/sample_inputs/model.pt"] = b""  # read as "no sample inputs": nothing for torch to unpickle
+    return out
+
+
 def check_archive(raw):
     """The archive torch will load, rebuilt in memory from the checked entries of `raw` (what train.py wrote),
     else Refused. Only what torch.export.save writes for a plain nn.Module: plain, unique entry names, raw
@@ -425,45 +474,7 @@ def check_archive(raw):
     reads `raw` itself, so where two zip readers disagree (NUL bytes in names, duplicate names, a local header
     that differs from the central directory) only the checked reading counts."""
     try:
-        z = zipfile.ZipFile(io.BytesIO(raw))
-        infos = z.infolist()
-        root = infos[0].orig_filename.split("/", 1)[0] + "/" if infos else ""
-        entries = {}
-        for info in infos:
-            name = info.orig_filename  # zipfile's .filename stops at a NUL byte; torch reads the whole name
-            if not (name.isascii() and name.isprintable()):
-                raise Refused(f"entry name {name[:80]!r} has a non-printable character")
-            rel = name[len(root):]
-            if rel in entries:
-                raise Refused(f"duplicate entry {name[:80]!r}")
-            if not name.startswith(root) or not ARCHIVE_ENTRIES.fullmatch(rel):
-                raise Refused(f"unexpected entry {name[:80]!r}: only what torch.export.save writes is allowed")
-            if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 1:
-                raise Refused(f"entry {name[:80]!r} is compressed or encrypted; torch.export.save stores entries")
-            entries[rel] = z.read(info)  # checks the local header's name against the central directory's
-        if entries.get("archive_format") != b"pt2" or "models/model.json" not in entries:
-            raise Refused("not a torch.export archive (save it with torch.export.save)")
-        out = {}
-        for name, pattern in ARCHIVE_HEADER.items():
-            if not re.fullmatch(pattern, entries[name]):
-                raise Refused(f"unexpected {name} {entries[name][:20]!r}")
-            out[name] = entries[name]
-        for cfg, folder, prefix in (("data/weights/model_weights_config.json", "data/weights/", "weight_"),
-                                    ("data/constants/model_constants_config.json", "data/constants/", "tensor_")):
-            config = _strict_json(entries[cfg])
-            if set(config) != {"config"}:
-                raise Refused(f"unexpected keys {sorted(config)[:5]} in {cfg}")
-            for fqn, pm in config["config"].items():
-                if pm.get("use_pickle") is not False or not pm.get("tensor_meta") or not FQN.fullmatch(fqn) \
-                        or not re.fullmatch(prefix + r"\d+", str(pm.get("path_name"))):
-                    raise Refused(f"{fqn[:60]!r} is not a plain tensor (pickled or custom objects are refused)")
-                _check_program(pm)
-                out[folder + pm["path_name"]] = entries[folder + pm["path_name"]]
-            out[cfg] = json.dumps(config).encode()
-        program = _strict_json(entries["models/model.json"])
-        _check_program(program)
-        out["models/model.json"] = json.dumps(program).encode()
-        out["data/sample_inputs/model.pt"] = b""  # read as "no sample inputs": nothing for torch to unpickle
+        out = _checked_entries(_zip_entries(raw))
     except (zipfile.BadZipFile, KeyError, ValueError, TypeError, AttributeError, RecursionError) as e:
         raise Refused(f"not a torch.export archive ({type(e).__name__}: {str(e)[:200]})")
     buf = io.BytesIO()
@@ -625,6 +636,49 @@ class Child:
         os.close(self.from_child)
 
 
+def _deterministic(torch):
+    """Full float32 on a GPU too, and the same kernels for the same shapes: TF32 rounds the inputs of matmuls and
+    convolutions to 10 bits, and a kernel picked anew may add in another order (BATCH_TOLERANCE is 0: bitwise)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def _load_program(torch, raw, device):
+    """(module, its device, its state, a copy of that state) of one checked archive; its graph on `device` where
+    torch can move it, else on the CPU."""
+    ep = torch.export.load(io.BytesIO(raw))
+    check_graphs(ep)
+    dev = device
+    if device != "cpu":
+        try:
+            from torch.export.passes import move_to_device_pass
+            ep = move_to_device_pass(ep, device)
+        except Exception:
+            dev = "cpu"
+    module = ep.module()
+    # Everything the graph could write to and read back in its next call: weights, buffers, constants.
+    state = [t for t in itertools.chain(module.parameters(), module.buffers(), (
+        v for m in module.modules() for v in vars(m).values())) if isinstance(t, torch.Tensor)]
+    return module, dev, state, [t.clone() for t in state]
+
+
+def _answer(torch, model, request):
+    """One batch through one program: its output as little-endian float32 [batch, D], checked first."""
+    module, dev, state, pristine = model
+    f = io.BytesIO(request[2:])
+    with torch.no_grad():
+        out = module(*[torch.from_numpy(np.load(f, allow_pickle=False)).to(dev) for _ in range(request[1])])
+    if not all(torch.equal(a, b) for a, b in zip(state, pristine)):
+        raise Refused("the graph changed its own weights, buffers or constants; nothing may carry over "
+                      "from one batch to the next")
+    if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[1] > MAX_DIM:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise Refused(f"it returned {shape}, expected a tensor [batch, D] with D <= {MAX_DIM}")
+    return out.detach().float().cpu().contiguous().numpy().astype("<f4", copy=False)
+
+
 def encoder_child(reply_fd, programs):
     """The child: loads the archives sent on stdin, then answers each batch with the program's outputs on reply_fd.
     It runs the untrusted graphs, so what it sends is checked by the parent, never believed. Inputs reach a program
@@ -632,49 +686,20 @@ def encoder_child(reply_fd, programs):
     import torch
     with contextlib.suppress(ImportError):
         import torch._export.serde.serialize  # noqa: F401 -- what the first load imports (1 s), imported while we wait
-    # Full float32 on a GPU too, and the same kernels for the same shapes: TF32 rounds the inputs of matmuls and
-    # convolutions to 10 bits, and a kernel picked anew may add in another order (BATCH_TOLERANCE is 0: bitwise)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False   # the same kernels each call
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    _deterministic(torch)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    models, fell_back, stage = [], [], programs[0]
+    models, stage = [], programs[0]
     try:
         for stage in programs:
-            ep = torch.export.load(io.BytesIO(_recv(0)))
-            check_graphs(ep)
-            dev = device
-            if device != "cpu":
-                try:
-                    from torch.export.passes import move_to_device_pass
-                    ep = move_to_device_pass(ep, device)
-                except Exception:
-                    dev = "cpu"
-            module = ep.module()
-            # Everything the graph could write to and read back in its next call: weights, buffers, constants.
-            state = [t for t in itertools.chain(module.parameters(), module.buffers(), (
-                v for m in module.modules() for v in vars(m).values())) if isinstance(t, torch.Tensor)]
-            models.append((module, dev, state, [t.clone() for t in state]))
-            fell_back.append(dev != device)
-        _send(reply_fd, b"R" + bytes(fell_back))
+            models.append(_load_program(torch, _recv(0), device))
+        _send(reply_fd, b"R" + bytes(m[1] != device for m in models))   # which fell back to the CPU
         while True:
             try:
                 request = _recv(0)
             except EOFError:
                 return
-            which, f = request[0], io.BytesIO(request[2:])
-            model, dev, state, pristine = models[which]
-            stage = programs[which]
-            with torch.no_grad():
-                out = model(*[torch.from_numpy(np.load(f, allow_pickle=False)).to(dev) for _ in range(request[1])])
-            if not all(torch.equal(a, b) for a, b in zip(state, pristine)):
-                raise Refused("the graph changed its own weights, buffers or constants; nothing may carry over "
-                              "from one batch to the next")
-            if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[1] > MAX_DIM:
-                shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-                raise Refused(f"it returned {shape}, expected a tensor [batch, D] with D <= {MAX_DIM}")
-            out = out.detach().float().cpu().contiguous().numpy().astype("<f4", copy=False)
+            stage = programs[request[0]]
+            out = _answer(torch, models[request[0]], request)
             _send(reply_fd, b"A" + struct.pack("<II", *out.shape) + out.tobytes())
     except Exception as e:
         what = f"cannot load {stage}" if len(models) < len(programs) else f"{stage} failed on the evaluation data"
@@ -807,6 +832,17 @@ def trusted_lines(result, metric, split):
                                 f"{float(result[k]):.6g}") for k in [metric, *(k for k in result if k != metric)]]
 
 
+def checked_program(run_dir, name):
+    """The hand-off's program `name`, checked and rebuilt (check_archive), else Refused naming it."""
+    raw = read_handoff(run_dir, name)
+    if raw is None:
+        raise Refused(f"missing model file {Path(run_dir) / name} (train.py must export it with torch.export.save)")
+    try:
+        return check_archive(raw)
+    except Refused as e:
+        raise Refused(f"cannot load {Path(run_dir) / name}: {e}")
+
+
 def evaluate(run_dir, data, split="val"):
     """Prints the trusted block on stdout, all at the end and in whole lines: the project's metrics (METRIC first),
     notes, the training stats and eval_seconds."""
@@ -821,16 +857,7 @@ def evaluate(run_dir, data, split="val"):
         inputs = read_split(data, split, project["EVAL_FILES"])
         t0 = time.monotonic()
         child.deadline = t0 + 0.9 * float(os.environ.get("AUTORESEARCH_EVAL_TIMEOUT") or 600)  # our message first
-        archives = []
-        for name in programs:
-            raw = read_handoff(run_dir, name)
-            if raw is None:
-                raise Refused(f"missing model file {Path(run_dir) / name} (train.py must export it with "
-                              "torch.export.save)")
-            try:
-                archives.append(check_archive(raw))
-            except Refused as e:
-                raise Refused(f"cannot load {Path(run_dir) / name}: {e}")
+        archives = [checked_program(run_dir, name) for name in programs]
         notes = []
         stats = read_train_stats(read_handoff(run_dir, STATS), notes)
         fell_back = child.talk(archives, b"R", len(programs))[:len(programs)]
