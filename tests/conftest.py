@@ -156,3 +156,30 @@ def color_pixels(png, color, tol=25):
     img = np.asarray(Image.open(png).convert("RGB")).astype(int)
     rgb = np.array([int(color[i:i + 2], 16) for i in (1, 3, 5)])
     return int((np.abs(img - rgb).max(axis=2) <= tol).sum())
+
+
+GIT_IDENTITY = dict(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
+
+
+def git(cwd, *args):
+    """git in cwd, its output; with an identity: a normal user's HOME may have no git config."""
+    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True,
+                          env=dict(os.environ, **GIT_IDENTITY)).stdout.strip()
+
+
+@pytest.fixture
+def scripted_project(tmp_path, monkeypatch):
+    """A committed project of one constant (train.py is `LR = 1.0`, program.md's ## Search space ranges over it, the
+    metric a loss to minimize) on main, as the current directory: for the loop with its runs scripted."""
+    for k, v in GIT_IDENTITY.items():
+        monkeypatch.setenv(k, v)   # the engine's own commits
+    git(tmp_path, "init", "-q", "-b", "main")
+    (tmp_path / "train.py").write_text("LR = 1.0\n")
+    (tmp_path / "scratchpad.md").write_text("notes\n")
+    (tmp_path / "program.md").write_text("# x\n## Phase 1: a\n\n## Search space\nLR: log 0.25 4\n")
+    (tmp_path / "prepare_data.py").write_text('METRIC = "loss"\nDIRECTION = "minimize"\n')
+    (tmp_path / ".gitignore").write_text("results.tsv\nruns/\nlogs/\nprogress.png\n.worktrees/\n")
+    git(tmp_path, "add", "-A")
+    git(tmp_path, "commit", "-q", "-m", "init")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path

@@ -10,7 +10,7 @@ import types
 
 import pytest
 from pathlib import Path
-from conftest import assert_plot_marks
+from conftest import assert_plot_marks, git
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -415,8 +415,6 @@ def test_report_png_names_the_metric_and_marks_failures_at_the_worse_end(monkeyp
 
 # ---------------------------------------------------------------- resume reconciliation on real git
 
-def git(cwd, *args):
-    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
 
 
 @pytest.fixture

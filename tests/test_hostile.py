@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import TINY_TRAINER, copy_into
+from conftest import TINY_TRAINER, copy_into, git
 from test_sandbox import EXPORT_MODEL, containers_of, data, host_processes_with, make_repo, run  # noqa: F401  (data: a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -494,8 +494,6 @@ LOOP_FILES = ["autoresearch.py", "engine", "train.py", "run.sh", "evaluator.py",
 ANCHOR = "    torch.manual_seed(SEED)\n"
 
 
-def git(cwd, *args):
-    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
 
 
 def test_loop_survives_out_of_memory_and_stops_on_a_setup_error(tmp_path):

@@ -15,6 +15,7 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
+from conftest import git  # noqa: E402
 from engine.agent import LLMAgent  # noqa: E402
 from engine.hybrid import (LLM_SHARE, SHARE_RANGE, Hybrid, llm_share, next_side, shift_note,  # noqa: E402
                            tuner_notes)
@@ -122,25 +123,11 @@ class Scripted(Loop):
         return Run("ok", "", {}, value(read_text(os.path.join(cwd, "train.py")), seed), 1.0, f"logs/{label}.log", "")
 
 
-def git(cwd, *args):
-    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
 
 
 @pytest.fixture
-def repo(tmp_path, monkeypatch):
-    for k in ("AUTHOR", "COMMITTER"):
-        monkeypatch.setenv(f"GIT_{k}_NAME", "t")
-        monkeypatch.setenv(f"GIT_{k}_EMAIL", "t@t")
-    git(tmp_path, "init", "-q", "-b", "main")
-    (tmp_path / "train.py").write_text("LR = 1.0\n")
-    (tmp_path / "scratchpad.md").write_text("notes\n")
-    (tmp_path / "program.md").write_text("# x\n## Phase 1: a\n\n## Search space\nLR: log 0.25 4\n")
-    (tmp_path / "prepare_data.py").write_text('METRIC = "loss"\nDIRECTION = "minimize"\n')
-    (tmp_path / ".gitignore").write_text("results.tsv\nruns/\nlogs/\nprogress.png\n.worktrees/\n")
-    git(tmp_path, "add", "-A")
-    git(tmp_path, "commit", "-q", "-m", "init")
-    monkeypatch.chdir(tmp_path)
-    yield tmp_path
+def repo(scripted_project):
+    yield scripted_project
     signal.signal(signal.SIGINT, signal.default_int_handler)   # an interrupted round ignores a second Ctrl-C
 
 

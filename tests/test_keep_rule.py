@@ -3,7 +3,6 @@ real next_step (tests/bench_research.py) against the old one-run rule."""
 import math
 import os
 import random
-import subprocess
 import sys
 import types
 
@@ -12,6 +11,7 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
+from conftest import git  # noqa: E402
 from engine.judge import (RULES, T_KEEP, T_SCREEN, incumbent_after_keep, incumbent_mean, next_step,  # noqa: E402
                           pooled_cv, round_winner)
 from engine.loop import Loop  # noqa: E402
@@ -214,8 +214,6 @@ def test_docstring_states_the_rules_numbers():
 # The loop with its runs scripted (no sandbox: each label's value is given), on a real git repository, with the random
 # tuner as the agent: which runs the rule asks for, in which checkout, what results.tsv and the branch hold after.
 
-def git(cwd, *args):
-    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
 
 
 class Scripted(Loop):
@@ -234,20 +232,8 @@ class Scripted(Loop):
 
 
 @pytest.fixture
-def repo(tmp_path, monkeypatch):
-    for k in ("AUTHOR", "COMMITTER"):
-        monkeypatch.setenv(f"GIT_{k}_NAME", "t")
-        monkeypatch.setenv(f"GIT_{k}_EMAIL", "t@t")
-    git(tmp_path, "init", "-q", "-b", "main")
-    (tmp_path / "train.py").write_text("LR = 1.0\n")
-    (tmp_path / "scratchpad.md").write_text("notes\n")
-    (tmp_path / "program.md").write_text("# x\n## Phase 1: a\n\n## Search space\nLR: log 0.5 2\n")
-    (tmp_path / "prepare_data.py").write_text('METRIC = "loss"\nDIRECTION = "minimize"\n')
-    (tmp_path / ".gitignore").write_text("results.tsv\nruns/\nlogs/\nprogress.png\n.worktrees/\n")
-    git(tmp_path, "add", "-A")
-    git(tmp_path, "commit", "-q", "-m", "init")
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
+def repo(scripted_project):
+    return scripted_project
 
 
 def scripted(values, **args):

@@ -21,7 +21,7 @@ import time
 import types
 
 import pytest
-from conftest import TINY_TRAINER, TINY_TRAINER_MAIN, assert_plot_marks, copy_into
+from conftest import GIT_IDENTITY, TINY_TRAINER, TINY_TRAINER_MAIN, assert_plot_marks, copy_into, git  # noqa: F401
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -47,12 +47,8 @@ FILES = ["autoresearch.py", "engine", "train.py", "run.sh", "evaluator.py", "pre
          "scratchpad.md", ".gitignore"]
 
 
-GIT_IDENTITY = dict(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
 
 
-def git(cwd, *args):   # with an identity: a normal user's HOME may have no git config
-    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True,
-                          env=dict(os.environ, **GIT_IDENTITY)).stdout.strip()
 
 
 @pytest.fixture(scope="module")

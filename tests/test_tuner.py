@@ -18,7 +18,7 @@ import textwrap
 import time
 
 import pytest
-from conftest import copy_into
+from conftest import copy_into, git
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -257,8 +257,6 @@ def test_compare_line_counts_keeps_confirmed_by_the_run_after_them():
 
 # ---------------------------------------------------------------- through the real loop
 
-def git(cwd, *args):
-    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
 
 
 def harness(repo, env, *args, timeout=600):

@@ -12,6 +12,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from conftest import git  # noqa: E402
 from engine.branch import merge_scratchpads
 from engine.project import Metric
 from engine.repo import dirty_files, sweep_worktrees, worktree
@@ -63,8 +64,6 @@ def test_worker_slots():
 
 # ---------------------------------------------------------------- worktrees (real git)
 
-def git(cwd, *args):
-    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
 
 
 @pytest.fixture
