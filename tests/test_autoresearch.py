@@ -1,9 +1,7 @@
 """Unit tests of autoresearch.py's pure functions (plus results.tsv I/O and resume reconciliation on real git)."""
 import json
-import math
 import os
 import re
-import subprocess
 import sys
 import time
 import types
