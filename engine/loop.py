@@ -217,7 +217,7 @@ class Loop:
             cancel_run(str(w.o.experiment), w.started)
             w.started = None
             return
-        w.o.description = info
+        w.o.description = w.o.description or info   # a fix attempt keeps the idea it fixes
         branch.commit_candidate(w.o, w.path, self.metric)
         started, w.started = w.started, None
         w.start(self.run, str(w.o.experiment), 1, w.path, w.slot, self.allowance(), cancel, started=started)

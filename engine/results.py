@@ -90,7 +90,7 @@ def make_row(o, rows, metric, now):
     inc, honest = incumbent(rows + [row])
     s = pooled_cv(noise_groups(rows + [row]))
     best = (incumbent_mean(inc, s)[0] if s else sum(inc) / len(inc)) if inc else None
-    return dict(row, best=best, sigma=s * abs(best) if s and best is not None else None,
+    return dict(row, best=best, sigma=s * abs(best) if s is not None and best is not None else None,
                 honest=sum(honest) / len(honest) if honest else None)
 
 
@@ -161,7 +161,7 @@ def _cell_ok(column, v):
         return v.isdigit()
     if column == "status":
         return v in STATUSES
-    if column in TEXT_COLUMNS or not v:
+    if column in TEXT_COLUMNS or not v or (column == "t" and v in ("inf", "-inf")):   # t without noise: any gain
         return True
     return all(num(x) is not None for x in v.split(",")) if column in LIST_COLUMNS else num(v) is not None
 

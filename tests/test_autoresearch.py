@@ -308,7 +308,8 @@ def test_results_round_trip(tmp_path):
     assert state_from_rows(rows) == (45.5, "def", "1", "0")
     assert noise_groups(rows) == [[50.0, 51.0], [46.0]]   # a keep's group without the run that won its screen
     append_row({"experiment": 2, "status": "discard", "description": "d"}, MR, path)
-    assert [r["experiment"] for r in load_results(path)] == ["0", "1", "2"]
+    append_row({"experiment": 3, "status": "keep", "t": float("inf"), "sigma": 0.0}, MR, path)   # no noise: any gain
+    assert [r["experiment"] for r in load_results(path)] == ["0", "1", "2", "3"] and load_results(path)[3]["t"] == "inf"
 
 
 @pytest.mark.parametrize("damage, message", [

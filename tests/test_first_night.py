@@ -6,7 +6,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 from engine.project import Metric
@@ -15,6 +14,7 @@ from engine.tuners import parse_params, random_params, search_space
 from test_loop import (FILES, GIT_IDENTITY, ROOT, alive, containers_of, data, env_for, git, harness,  # noqa: F401
                        make_repo, rows, seed_baseline, training_started, wait_for)
 from fake_ollama import FakeOllama, delay, tool_call
+from conftest import copy_into
 
 UNCHANGED = tool_call("run_experiment", description="unchanged")
 
@@ -172,8 +172,7 @@ def test_the_random_tuner_runs_on_the_shipped_template(tmp_path, data):
     nothing but complete runs (no crash from a configuration that cannot be built)."""
     repo = tmp_path / "repo"
     repo.mkdir()
-    for f in FILES:
-        shutil.copy2(os.path.join(ROOT, f), repo / f)
+    copy_into(repo, FILES)
     git(repo, "init", "-q", "-b", "main")
     git(repo, "add", "-A")
     git(repo, "commit", "-q", "-m", "template")

@@ -267,3 +267,17 @@ def test_a_real_gain_is_kept_after_three_runs_then_run_once_more(repo):
     head = git(repo, "log", "-1", "--format=%B")
     assert "Status: keep" in head and "Runs: 80,82,81" in head and open("train.py").read() != "LR = 1.0\n"
     assert git(repo, "status", "--porcelain") == "" and not os.path.exists(".worktrees")
+
+
+def test_a_deterministic_project_keeps_any_gain_and_resumes(repo):
+    """Identical runs (a project with no noise): s is 0, t is infinite for any gain, and results.tsv, which records it,
+    reads back on --resume."""
+    values = {"0": 100.0, "0-s2": 100.0, "0-s3": 100.0, "0-s4": 100.0, "1": 99.0, "1-s2": 99.0, "1-s3": 99.0,
+              "1-s4": 99.0, "1-i5": 100.0, "2": 99.5, "2-i6": 100.0}
+    scripted(values).main()
+    row = load_results(metric=MIN)[-1]
+    assert (row["status"], row["t"], row["sigma"], row["runs"]) == ("keep", "inf", "0", "99,99,99")
+    loop = scripted(values)
+    loop.args.resume, loop.args.max_experiments = True, 2
+    loop.main()
+    assert [r["status"] for r in load_results(metric=MIN)] == ["baseline", "keep", "discard"]
