@@ -46,17 +46,24 @@ class Worker:
 
     def start(self, run, *args, **kw):
         """run(*args, **kw) in a thread of its own: its Run in self.run; an exception is raised by join()."""
+        done = threading.Event()
+
         def target():
             try:
                 self.run = run(*args, **kw)
                 self.o.run_seconds += self.run.seconds
             except BaseException as e:  # noqa: BLE001 -- handed to the main thread, which raises it
                 self.error = e
+            finally:
+                done.set()
         self.thread = threading.Thread(target=target, name=f"worker-{self.index}", daemon=True)
+        self.thread.done = done
         self.thread.start()
 
     def join(self):
-        self.thread.join()
+        # An Event, not Thread.join: a Ctrl-C that interrupts Thread.join (CPython < 3.13) marks the thread as
+        # stopped while it still runs, and the next join returns at once: the harness would exit mid-clean-up.
+        self.thread.done.wait()
         self.thread = None
         if self.error:
             raise self.error
@@ -193,7 +200,7 @@ class Loop:
         cancel.set()
         for w in workers:
             if w.thread:
-                w.thread.join()
+                w.thread.done.wait()
             cancel_run(str(w.o.experiment), w.started)
         for w in [w for w in workers if not w.concluded]:
             if w is not winner and w.o.status in (Status.KEEP, Status.INTERRUPTED):

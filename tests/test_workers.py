@@ -80,6 +80,37 @@ def repo(tmp_path, monkeypatch):
     return tmp_path
 
 
+
+def test_a_ctrl_c_during_a_workers_join_still_waits_for_its_run_to_stop():
+    """Ctrl-C interrupts the main thread's wait for a worker's run; the clean-up then waits again, and must wait until
+    the run has stopped (CPython before 3.13 marks a thread whose join was interrupted as stopped while it runs)."""
+    import threading
+    from engine.loop import Worker
+    from engine.results import Outcome
+    cancel, stopped = threading.Event(), threading.Event()
+
+    def run():
+        cancel.wait()        # the run stops once its round is cancelled, taking its time (containers removed)
+        time.sleep(0.5)
+        stopped.set()
+        raise KeyboardInterrupt
+    w = Worker(0, ".", {}, Outcome(1))
+    w.start(run)
+
+    def ctrl_c(*_):
+        raise KeyboardInterrupt
+    old = signal.signal(signal.SIGALRM, ctrl_c)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        with pytest.raises(KeyboardInterrupt):
+            w.join()
+    finally:
+        signal.signal(signal.SIGALRM, old)
+    cancel.set()
+    with pytest.raises(KeyboardInterrupt):   # the run's own end, raised by the second wait
+        w.join()
+    assert stopped.is_set()
+
 def test_worktrees_are_made_reset_and_swept(repo):
     first = git(repo, "rev-parse", "HEAD")
     path = worktree(1, first)
