@@ -26,9 +26,10 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(0, ROOT)
 import autoresearch as ar  # noqa: E402
+from conftest import copy_into  # noqa: E402
 from fake_ollama import FakeOllama, estimate_tokens, tool_call  # noqa: E402
 
-FILES = ["autoresearch.py", "train.py", "run.sh", "evaluator.py", "prepare_data.py", "program.md", "scratchpad.md",
+FILES = ["autoresearch.py", "engine", "train.py", "run.sh", "evaluator.py", "prepare_data.py", "program.md", "scratchpad.md",
          ".gitignore"]
 
 
@@ -51,8 +52,7 @@ def main():
         subprocess.run([sys.executable, os.path.join(ROOT, "prepare_data.py"), "--out", data, "--n-train", "256",
                         "--n-val", "64", "--n-test", "32"], check=True, capture_output=True)
         os.mkdir(repo)
-        for f in FILES:
-            shutil.copy2(os.path.join(ROOT, f), os.path.join(repo, f))
+        copy_into(repo, FILES)
         env = dict(os.environ, AUTORESEARCH_IMAGE="host", AUTORESEARCH_DATA=data, GIT_AUTHOR_NAME="b",
                    GIT_AUTHOR_EMAIL="b@b", GIT_COMMITTER_NAME="b", GIT_COMMITTER_EMAIL="b@b")
         for args in (["init", "-q", "-b", "main"], ["add", "-A"], ["commit", "-q", "-m", "template"]):

@@ -36,9 +36,10 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(0, ROOT)
 import autoresearch as ar  # noqa: E402
+from conftest import copy_into  # noqa: E402
 from fake_ollama import FakeOllama, tool_call  # noqa: E402
 
-FILES = ["autoresearch.py", "train.py", "run.sh", "evaluator.py", "prepare_data.py", "program.md", "scratchpad.md",
+FILES = ["autoresearch.py", "engine", "train.py", "run.sh", "evaluator.py", "prepare_data.py", "program.md", "scratchpad.md",
          ".gitignore"]
 SEED_EXPR = 'int(os.environ.get("AUTORESEARCH_SEED", 0))'
 BUDGET_EXPR = 'float(os.environ.get("AUTORESEARCH_TIME_BUDGET", 300))'
@@ -200,8 +201,7 @@ def main():
         subprocess.run([sys.executable, os.path.join(ROOT, "prepare_data.py"), "--out", data, *sizes], check=True,
                        capture_output=True)
         os.mkdir(repo)
-        for f in FILES:
-            shutil.copy2(os.path.join(ROOT, f), os.path.join(repo, f))
+        copy_into(repo, FILES)
         env = dict(os.environ, AUTORESEARCH_DATA=data, AUTORESEARCH_TIME_BUDGET=str(a.budget),
                    GIT_AUTHOR_NAME="b", GIT_AUTHOR_EMAIL="b@b", GIT_COMMITTER_NAME="b", GIT_COMMITTER_EMAIL="b@b")
         env.setdefault("AUTORESEARCH_IMAGE", "host")

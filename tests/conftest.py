@@ -43,8 +43,7 @@ def rootless_sandbox_problem():
     make it work. It really tries: run.sh with a train.py that prints a line, on an empty data cache."""
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        for f in ("run.sh", "evaluator.py", "prepare_data.py"):
-            shutil.copy2(ROOT / f, tmp / f)
+        copy_into(tmp, ("run.sh", "engine", "evaluator.py", "prepare_data.py"))
         (tmp / "train.py").write_text("print('sandbox-probe-ok')\nraise SystemExit(3)\n")
         for d in ("data/train", "data/val"):
             (tmp / d).mkdir(parents=True)
@@ -69,6 +68,12 @@ def rootless_sandbox_problem():
     return (f"rootless podman cannot start the sandbox for uid {os.getuid()} here ({error}). These tests need "
             f"podman to run a container without root in host mode (AUTORESEARCH_IMAGE=host: an overlay of / that "
             f"many kernels refuse to unprivileged users); run the suite as root (sudo) to include them")
+
+
+def copy_into(dest, names):
+    """The named files and folders of the repository (the engine/ package among them) copied into dest."""
+    for name in names:
+        (shutil.copytree if (ROOT / name).is_dir() else shutil.copy2)(ROOT / name, Path(dest) / name)
 
 
 def run_py(args, env=None, timeout=300, cwd=ROOT):

@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+from conftest import copy_into
 from test_loop import (FILES, GIT_IDENTITY, ROOT, alive, ar, containers_of, data, env_for, git, harness,  # noqa: F401
                        make_repo, rows, seed_baseline, training_started, wait_for)
 from fake_ollama import FakeOllama, delay, tool_call
@@ -169,8 +170,7 @@ def test_the_random_tuner_runs_on_the_shipped_template(tmp_path, data):
     nothing but complete runs (no crash from a configuration that cannot be built)."""
     repo = tmp_path / "repo"
     repo.mkdir()
-    for f in FILES:
-        shutil.copy2(os.path.join(ROOT, f), repo / f)
+    copy_into(repo, FILES)
     git(repo, "init", "-q", "-b", "main")
     git(repo, "add", "-A")
     git(repo, "commit", "-q", "-m", "template")

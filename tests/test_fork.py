@@ -12,10 +12,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from conftest import copy_into
 
 ROOT = Path(__file__).resolve().parents[1]
 FORK = ROOT / "tests" / "fork"
-ENGINE = ["autoresearch.py", "run.sh", "evaluator.py", "Containerfile", "requirements.txt", ".gitignore"]
+ENGINE = ["autoresearch.py", "engine", "run.sh", "evaluator.py", "Containerfile", "requirements.txt", ".gitignore"]
 PROJECT = ["prepare_data.py", "train.py", "program.md"]
 N_VAL = 400
 pytestmark = pytest.mark.sandbox
@@ -40,8 +41,7 @@ def make_fork(path, train_src=None):
     """A git repository as a fork starts it: the engine's files copied as they are, the project's from tests/fork/
     (train.py replaced by train_src if given), an empty scratchpad."""
     path.mkdir(parents=True)
-    for f in ENGINE:
-        shutil.copy2(ROOT / f, path / f)
+    copy_into(path, ENGINE)
     for f in PROJECT:
         shutil.copy2(FORK / f, path / f)
     if train_src is not None:

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import TINY_TRAINER
+from conftest import TINY_TRAINER, copy_into
 from test_sandbox import EXPORT_MODEL, containers_of, data, host_processes_with, make_repo, run  # noqa: F401  (data: a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -363,7 +363,7 @@ os.abort()
     # SIGABRT, or SIGSEGV: as PID 1 the abort signal itself is ignored and glibc falls back to a fault
     assert p.returncode == 1 and p.lines[-1] in ("run.sh: FAILED train.py exited with code 134",
                                                  "run.sh: FAILED train.py exited with code 139"), p.stdout
-    left = [f for f in repo.rglob("*") if f.is_file()]
+    left = [f for f in repo.rglob("*") if f.is_file() and f.relative_to(repo).parts[0] != "engine"]
     assert sorted(f.name for f in left) == ["evaluator.py", "prepare_data.py", "run.sh", "train.py"], left
 
 
@@ -374,7 +374,7 @@ def test_out_of_memory_leaves_the_repository_clean(tmp_path, data):
     p = run(repo, data, AUTORESEARCH_MEMORY="256m")
     assert probes(p)["hog"] == "start"
     assert p.returncode == 137 and p.lines[-1].startswith("run.sh: OUT OF MEMORY")
-    assert sorted(f.name for f in repo.iterdir()) == ["evaluator.py", "prepare_data.py", "run.sh", "runs",
+    assert sorted(f.name for f in repo.iterdir()) == ["engine", "evaluator.py", "prepare_data.py", "run.sh", "runs",
                                                      "train.py"]   # no `oom`
 
 
@@ -485,8 +485,8 @@ while True:
 
 # ------------------------------------------------------------------------------- the loop: OOM, then a set-up error
 
-LOOP_FILES = ["autoresearch.py", "train.py", "run.sh", "evaluator.py", "prepare_data.py", "program.md", "scratchpad.md",
-              ".gitignore"]
+LOOP_FILES = ["autoresearch.py", "engine", "train.py", "run.sh", "evaluator.py", "prepare_data.py", "program.md",
+              "scratchpad.md", ".gitignore"]
 ANCHOR = "    torch.manual_seed(SEED)\n"
 
 
@@ -503,8 +503,7 @@ def test_loop_survives_out_of_memory_and_stops_on_a_setup_error(tmp_path):
                     "--n-val", "16", "--n-test", "16"], check=True, capture_output=True)
     repo = tmp_path / "repo"
     repo.mkdir()
-    for f in LOOP_FILES:
-        shutil.copy2(ROOT / f, repo / f)
+    copy_into(repo, LOOP_FILES)
     assert (repo / "train.py").read_text().count(ANCHOR) == 1
     git(repo, "init", "-q", "-b", "main")
     git(repo, "add", "-A")

@@ -33,7 +33,7 @@ N_TRAIN, N_VAL, N_TEST = 64, 32, 32
 TAIL_BYTES = 262144          # what the harness keeps of a run's output (autoresearch.run_sandbox)
 PARALLEL = 4
 
-from conftest import TINY_TRAINER as HONEST, TINY_TRAINER_MAIN as HONEST_MAIN  # noqa: E402
+from conftest import TINY_TRAINER as HONEST, TINY_TRAINER_MAIN as HONEST_MAIN, copy_into  # noqa: E402
 
 FAKE = ("--- trusted evaluation ---\nval_mean_rank: 0.5\nval_median_rank: 0.5\nval_r1: 1.0000\nval_r5: 1.0000\n"
         "val_r10: 1.0000\nval_n: 32\neval_seconds: 0.1\ntotal_seconds: 1.0\n")
@@ -410,8 +410,7 @@ def run_sh(repo, data, *args, **env):
 
 def make_repo(path, train_src):
     path.mkdir(parents=True)
-    for f in ("run.sh", "evaluator.py", "prepare_data.py"):
-        shutil.copy2(ROOT / f, path / f)
+    copy_into(path, ("run.sh", "engine", "evaluator.py", "prepare_data.py"))
     (path / "train.py").write_text(train_src)
     return path
 
@@ -695,9 +694,8 @@ def git(cwd, *args):
 def harness_forgery(repo, data):
     """autoresearch.py, driven by the scripted Ollama server, makes train.py print a forged 0.001."""
     repo.mkdir(parents=True)
-    for f in ("autoresearch.py", "run.sh", "evaluator.py", "prepare_data.py", "program.md", "scratchpad.md",
-              ".gitignore"):
-        shutil.copy2(ROOT / f, repo / f)
+    copy_into(repo, ("autoresearch.py", "engine", "run.sh", "evaluator.py", "prepare_data.py", "program.md",
+                     "scratchpad.md", ".gitignore"))
     (repo / "train.py").write_text(HONEST + HONEST_MAIN)
     git(repo, "init", "-q", "-b", "main")
     git(repo, "add", "-A")

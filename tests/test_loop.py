@@ -21,7 +21,7 @@ import time
 import types
 
 import pytest
-from conftest import TINY_TRAINER, TINY_TRAINER_MAIN, assert_plot_marks
+from conftest import TINY_TRAINER, TINY_TRAINER_MAIN, assert_plot_marks, copy_into
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -37,8 +37,8 @@ TXT_OK = "        return self.proj(pooled)\n"
 IMG_BAD = "        return self.proj(self.vit(self.prep(images))) * 0 + 1\n"
 TXT_BAD = "        return self.proj(pooled) * 0 + 1\n"
 BOOM = "    torch.manual_seed(SEED)\n"
-FILES = ["autoresearch.py", "train.py", "run.sh", "evaluator.py", "prepare_data.py", "program.md", "scratchpad.md",
-         ".gitignore"]
+FILES = ["autoresearch.py", "engine", "train.py", "run.sh", "evaluator.py", "prepare_data.py", "program.md",
+         "scratchpad.md", ".gitignore"]
 
 
 GIT_IDENTITY = dict(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
@@ -59,8 +59,7 @@ def data(tmp_path_factory):
 
 def make_repo(path):
     path.mkdir()
-    for f in FILES:
-        shutil.copy2(os.path.join(ROOT, f), path / f)
+    copy_into(path, FILES)
     src = (path / "train.py").read_text()
     assert src.count(IMG_OK) == 1 and src.count(TXT_OK) == 1 and src.count(BOOM) == 1
     (path / "train.py").write_text(src.replace(IMG_OK, IMG_BAD).replace(TXT_OK, TXT_BAD))
@@ -536,8 +535,7 @@ def test_kill_9_during_a_keeps_second_seed_keeps_it_on_one_run(tmp_path, data):
 def test_harness_cuts_a_flooding_log_and_kills_a_run_past_its_wall_clock(tmp_path, data, monkeypatch):
     repo = tmp_path / "repo"
     repo.mkdir()
-    for f in ("run.sh", "evaluator.py", "prepare_data.py"):
-        shutil.copy2(os.path.join(ROOT, f), repo / f)
+    copy_into(repo, ("run.sh", "engine", "evaluator.py", "prepare_data.py"))
     monkeypatch.chdir(repo)
     for k, v in dict(AUTORESEARCH_IMAGE="host", AUTORESEARCH_DATA=str(data), AUTORESEARCH_GRACE="600").items():
         monkeypatch.setenv(k, v)

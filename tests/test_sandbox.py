@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TINY_TRAINER, TINY_TRAINER_MAIN
+from conftest import TINY_TRAINER, TINY_TRAINER_MAIN, copy_into
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,8 +48,7 @@ def data(tmp_path_factory):
 def make_repo(tmp_path, train_src):
     repo = tmp_path / "repo"
     repo.mkdir()
-    for f in ("run.sh", "evaluator.py", "prepare_data.py"):
-        shutil.copy2(ROOT / f, repo / f)
+    copy_into(repo, ("run.sh", "engine", "evaluator.py", "prepare_data.py"))
     (repo / "train.py").write_text(train_src)
     return repo
 
@@ -197,7 +196,7 @@ def test_code_data_and_host_are_read_only(probe):
     for name in ("write_repo_copy", "write_repo_host", "write_new_code", "write_data", "write_etc"):
         assert probe.probes[name].startswith("blocked"), (name, probe.probes[name])
     assert probe.train_unchanged
-    assert probe.repo_files == ["evaluator.py", "prepare_data.py", "run.sh", "runs", "train.py"]
+    assert probe.repo_files == ["engine", "evaluator.py", "prepare_data.py", "run.sh", "runs", "train.py"]
     assert not Path("/etc/autoresearch-evil").exists()
     # the container's /tmp is its own: writing there works but never reaches the host
     assert probe.probes["write_tmp"].startswith("ALLOWED")

@@ -23,6 +23,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 import autoresearch as ar  # noqa: E402
+from conftest import copy_into  # noqa: E402
 
 TRAIN = open(os.path.join(ROOT, "train.py")).read()
 N_VAL = 48
@@ -39,7 +40,7 @@ HEATMAP_HEADS: int 3 5
 LEARNING_RATE: log 1e-4 4e-3
 ```
 """
-FILES = ["autoresearch.py", "train.py", "run.sh", "evaluator.py", "prepare_data.py", "program.md", "scratchpad.md",
+FILES = ["autoresearch.py", "engine", "train.py", "run.sh", "evaluator.py", "prepare_data.py", "program.md", "scratchpad.md",
          ".gitignore"]
 
 
@@ -320,8 +321,7 @@ def tuned(tmp_path_factory):
     subprocess.run([sys.executable, os.path.join(ROOT, "prepare_data.py"), "--out", str(data), "--n-train", "128",
                     "--n-val", str(N_VAL), "--n-test", "40"], check=True, capture_output=True)
     repo.mkdir()
-    for f in FILES:
-        shutil.copy2(os.path.join(ROOT, f), repo / f)
+    copy_into(repo, FILES)
     assert TRAIN.count(IMG_OK) == 1 and TRAIN.count(TXT_OK) == 1 and TRAIN.count(HEADS) == 1
     (repo / "train.py").write_text(TRAIN.replace(IMG_OK, IMG_BAD).replace(TXT_OK, TXT_SWITCH)
                                    .replace(HEADS, HEADS + "TEXT_ON = 0\n"))
