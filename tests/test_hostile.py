@@ -189,13 +189,14 @@ os._exit(0)   # at once: the writer is still asleep
 
 
 def rss_of_shells(session):
-    """Total resident KiB of the bash processes in run.sh's session (run.sh and its output filters)."""
+    """Total resident KiB of run.sh's own processes in its session: run.sh itself (engine/sandbox.py, whose threads
+    filter the output) and any bash process."""
     total = 0
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             stat = Path(f"/proc/{pid}/stat").read_text()
             fields = stat.rsplit(")", 1)[1].split()
-            if stat[stat.index("(") + 1:stat.rindex(")")] == "bash" and int(fields[3]) == session:
+            if (stat[stat.index("(") + 1:stat.rindex(")")] == "bash" or int(pid) == session) and int(fields[3]) == session:
                 total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
         except (OSError, IndexError, ValueError):
             pass

@@ -400,6 +400,7 @@ def test_refuses_without_podman(tmp_path, data):
     bindir.mkdir()
     for tool in ("bash", "dirname", "mkdir", "cat", "cut", "date", "id", "mktemp", "numfmt", "rm"):
         os.symlink(shutil.which(tool), bindir / tool)
+    os.symlink(sys.executable, bindir / "python3")   # run.sh's engine (a pyenv shim would need the whole PATH)
     p = run(repo, data, PATH=str(bindir))
     assert p.returncode == 2
     assert "podman is not installed" in p.stderr and "AUTORESEARCH_SANDBOX=none" in p.stderr
@@ -468,4 +469,4 @@ def test_containerfile_installs_exactly_the_requirements():
     assert user and user[-1] not in ("root", "0", "0:0")
     assert re.search(r"^WORKDIR /workspace", text, re.M)
     # run.sh runs the image as the Containerfile's user
-    assert f"SB_USER={user[-1]}" in (ROOT / "run.sh").read_text()
+    assert f'IMAGE_USER = "{user[-1]}"' in (ROOT / "engine" / "sandbox.py").read_text()
