@@ -315,8 +315,8 @@ def slurm_startup(args):
     os.makedirs("runs", exist_ok=True)
     token = f"runs/.slurm-check-{secrets.token_hex(8)}"   # new content: a stale copy of the tree cannot have it
     write_text(token, secrets.token_hex(16))
-    paths = [os.path.abspath(f) for f in ("run.sh", "evaluator.py", TRAIN, "prepare_data.py",
-                                          os.path.join(data_dir(), "meta.json"), token)]
+    paths = [os.path.abspath(f) for f in ("run.sh", "engine/sandbox.py", "engine/verdicts.py", "evaluator.py", TRAIN,
+                                          "prepare_data.py", os.path.join(data_dir(), "meta.json"), token)]
     say("autoresearch: checking that a SLURM job sees this repository and the data (one short job)")
     try:
         p = spawn(launch_argv(args, "check", ["sha256sum", "--", *paths]), stdin=subprocess.DEVNULL)

@@ -4,7 +4,6 @@ mode (two containers: training and evaluation) versus AUTORESEARCH_SANDBOX=none.
     python tests/bench_sandbox.py [N]
 """
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -14,6 +13,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+from conftest import copy_into  # noqa: E402
 from test_sandbox import EXPORT_MODEL  # noqa: E402  (the same do-nothing train.py the tests use)
 
 
@@ -24,8 +24,7 @@ def main(n=5):
                         "--n-val", "16", "--n-test", "16"], check=True, capture_output=True)
         repo = tmp / "repo"
         repo.mkdir()
-        for f in ("run.sh", "evaluator.py", "prepare_data.py"):
-            shutil.copy2(ROOT / f, repo / f)
+        copy_into(repo, ("run.sh", "engine", "evaluator.py", "prepare_data.py"))
         (repo / "train.py").write_text(EXPORT_MODEL)
         times = {"host": [], "none": []}
         for i in range(n):

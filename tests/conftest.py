@@ -43,8 +43,7 @@ def rootless_sandbox_problem():
     make it work. It really tries: run.sh with a train.py that prints a line, on an empty data cache."""
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        for f in ("run.sh", "evaluator.py", "prepare_data.py"):
-            shutil.copy2(ROOT / f, tmp / f)
+        copy_into(tmp, ("run.sh", "engine", "evaluator.py", "prepare_data.py"))
         (tmp / "train.py").write_text("print('sandbox-probe-ok')\nraise SystemExit(3)\n")
         for d in ("data/train", "data/val"):
             (tmp / d).mkdir(parents=True)

@@ -193,13 +193,14 @@ os._exit(0)   # at once: the writer is still asleep
 
 
 def rss_of_shells(session):
-    """Total resident KiB of the bash processes in run.sh's session (run.sh and its output filters)."""
+    """Total resident KiB of run.sh's own processes in its session: run.sh itself (engine/sandbox.py, whose threads
+    filter the output) and any bash process."""
     total = 0
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             stat = Path(f"/proc/{pid}/stat").read_text()
             fields = stat.rsplit(")", 1)[1].split()
-            if stat[stat.index("(") + 1:stat.rindex(")")] == "bash" and int(fields[3]) == session:
+            if (stat[stat.index("(") + 1:stat.rindex(")")] == "bash" or int(pid) == session) and int(fields[3]) == session:
                 total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
         except (OSError, IndexError, ValueError):
             pass
@@ -367,7 +368,7 @@ os.abort()
     # SIGABRT, or SIGSEGV: as PID 1 the abort signal itself is ignored and glibc falls back to a fault
     assert p.returncode == 1 and p.lines[-1] in ("run.sh: FAILED train.py exited with code 134",
                                                  "run.sh: FAILED train.py exited with code 139"), p.stdout
-    left = [f for f in repo.rglob("*") if f.is_file()]
+    left = [f for f in repo.rglob("*") if f.is_file() and f.relative_to(repo).parts[0] != "engine"]
     assert sorted(f.name for f in left) == ["evaluator.py", "prepare_data.py", "run.sh", "train.py"], left
 
 
@@ -378,7 +379,7 @@ def test_out_of_memory_leaves_the_repository_clean(tmp_path, data):
     p = run(repo, data, AUTORESEARCH_MEMORY="256m")
     assert probes(p)["hog"] == "start"
     assert p.returncode == 137 and p.lines[-1].startswith("run.sh: OUT OF MEMORY")
-    assert sorted(f.name for f in repo.iterdir()) == ["evaluator.py", "prepare_data.py", "run.sh", "runs",
+    assert sorted(f.name for f in repo.iterdir()) == ["engine", "evaluator.py", "prepare_data.py", "run.sh", "runs",
                                                      "train.py"]   # no `oom`
 
 

@@ -433,8 +433,7 @@ def run_sh(repo, data, *args, **env):
 
 def make_repo(path, train_src):
     path.mkdir(parents=True)
-    for f in ("run.sh", "evaluator.py", "prepare_data.py"):
-        shutil.copy2(ROOT / f, path / f)
+    copy_into(path, ("run.sh", "engine", "evaluator.py", "prepare_data.py"))
     (path / "train.py").write_text(train_src)
     return path
 

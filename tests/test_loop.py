@@ -543,8 +543,7 @@ def test_kill_9_in_the_run_after_a_keep_keeps_it(tmp_path, data):
 def test_harness_cuts_a_flooding_log_and_kills_a_run_past_its_wall_clock(tmp_path, data, monkeypatch):
     repo = tmp_path / "repo"
     repo.mkdir()
-    for f in ("run.sh", "evaluator.py", "prepare_data.py"):
-        shutil.copy2(os.path.join(ROOT, f), repo / f)
+    copy_into(repo, ("run.sh", "engine", "evaluator.py", "prepare_data.py"))
     monkeypatch.chdir(repo)
     for k, v in dict(AUTORESEARCH_IMAGE="host", AUTORESEARCH_DATA=str(data), AUTORESEARCH_GRACE="600").items():
         monkeypatch.setenv(k, v)

@@ -62,7 +62,9 @@ def test_the_flag_table_is_the_parser():
 def read_by_the_engine():
     """{AUTORESEARCH_*: run.sh's default or None} for every variable run.sh or the harness reads."""
     run_sh = (ROOT / "run.sh").read_text()
-    names = dict(re.findall(r"\$\{(AUTORESEARCH_[A-Z_]+):-([^}]*)\}", run_sh))
+    sandbox = (ROOT / "engine" / "sandbox.py").read_text()   # run.sh's engine: env("AUTORESEARCH_...", "default")
+    names = dict(re.findall(r"\$\{(AUTORESEARCH_[A-Z_]+):-([^}]*)\}", run_sh) +
+                 re.findall(r"env\(\"(AUTORESEARCH_[A-Z_]+)\"(?:, \"([^\"]*)\")?\)", sandbox))
     for n in re.findall(r"\$\{?!?(AUTORESEARCH_[A-Z_]+)", run_sh) + re.findall(
             r"\"(AUTORESEARCH_[A-Z_]+)\"", "".join(p.read_text() for p in [ROOT / "evaluator.py", *(ROOT / "engine").glob("*.py")])):
         names.setdefault(n, None)

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TINY_TRAINER, TINY_TRAINER_MAIN
+from conftest import TINY_TRAINER, TINY_TRAINER_MAIN, copy_into
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,8 +48,7 @@ def data(tmp_path_factory):
 def make_repo(tmp_path, train_src):
     repo = tmp_path / "repo"
     repo.mkdir()
-    for f in ("run.sh", "evaluator.py", "prepare_data.py"):
-        shutil.copy2(ROOT / f, repo / f)
+    copy_into(repo, ("run.sh", "engine", "evaluator.py", "prepare_data.py"))
     (repo / "train.py").write_text(train_src)
     return repo
 
@@ -197,7 +196,7 @@ def test_code_data_and_host_are_read_only(probe):
     for name in ("write_repo_copy", "write_repo_host", "write_new_code", "write_data", "write_etc"):
         assert probe.probes[name].startswith("blocked"), (name, probe.probes[name])
     assert probe.train_unchanged
-    assert probe.repo_files == ["evaluator.py", "prepare_data.py", "run.sh", "runs", "train.py"]
+    assert probe.repo_files == ["engine", "evaluator.py", "prepare_data.py", "run.sh", "runs", "train.py"]
     assert not Path("/etc/autoresearch-evil").exists()
     # the container's /tmp is its own: writing there works but never reaches the host
     assert probe.probes["write_tmp"].startswith("ALLOWED")
@@ -401,6 +400,7 @@ def test_refuses_without_podman(tmp_path, data):
     bindir.mkdir()
     for tool in ("bash", "dirname", "mkdir", "cat", "cut", "date", "id", "mktemp", "numfmt", "rm"):
         os.symlink(shutil.which(tool), bindir / tool)
+    os.symlink(sys.executable, bindir / "python3")   # run.sh's engine (a pyenv shim would need the whole PATH)
     p = run(repo, data, PATH=str(bindir))
     assert p.returncode == 2
     assert "podman is not installed" in p.stderr and "AUTORESEARCH_SANDBOX=none" in p.stderr
@@ -469,4 +469,4 @@ def test_containerfile_installs_exactly_the_requirements():
     assert user and user[-1] not in ("root", "0", "0:0")
     assert re.search(r"^WORKDIR /workspace", text, re.M)
     # run.sh runs the image as the Containerfile's user
-    assert f"SB_USER={user[-1]}" in (ROOT / "run.sh").read_text()
+    assert f'IMAGE_USER = "{user[-1]}"' in (ROOT / "engine" / "sandbox.py").read_text()

@@ -127,12 +127,14 @@ def harness_args(*extra):
 
 
 def run_sh_pid(repo):
-    """The run.sh of this repository's job (on this one-node cluster the compute node is this machine)."""
+    """The run.sh of this repository's job, in its checkout or a worker's worktree (on this one-node cluster the compute
+    node is this machine)."""
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             argv = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")   # run.sh works in a private dir
-            if os.path.normpath(argv[1]) == str(repo / "run.sh").encode():
+            if os.path.normpath(argv[1]) in (str(repo / "run.sh").encode(),
+                                             str(repo / ".worktrees" / "w0" / "run.sh").encode()):
                 found.append(int(pid))
         except (OSError, IndexError):
             pass
