@@ -4,10 +4,10 @@
     python prepare_data.py --ukiyoe-vg DIR       ingest a local copy of Ukiyo-eVG instead
     python prepare_data.py --download-weights    cache the pretrained ViT-S/16 and DistilBERT in ./weights (internet)
     python prepare_data.py --preview 8           PNGs of validation images with their heatmaps, into ./previews
-    python prepare_data.py --evaluate RUN_DIR    the trusted evaluation of an exported model (evaluator.py's)
+    python prepare_data.py --evaluate RUN_DIR    the trusted evaluation of an exported model (engine/evaluator.py's)
 
 The evaluation is split in two: this file declares what is scored (METRIC, DIRECTION, PROGRAMS, EVAL_FILES) and
-scores it (score(), the retrieval metrics); evaluator.py, the engine a fork keeps, checks and runs the hand-off.
+scores it (score(), the retrieval metrics); engine/evaluator.py, the engine a fork keeps, checks and runs the hand-off.
 
 The synthetic train split is a pure function of --seed (public: meta.json records it). The val and test splits
 come from a separate secret --heldout-seed, drawn at random on the first build and recorded only in
@@ -469,7 +469,7 @@ def preview(data_dir, n, out_dir):
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
-# The project's half of the trusted evaluation; evaluator.py (the engine) does the rest (README: Fork it). These
+# The project's half of the trusted evaluation; engine/evaluator.py does the rest (README: Fork it). These
 # four declarations are literals, read without importing this file: METRIC and DIRECTION by the harness, all four
 # by the engine and run.sh.
 METRIC = "mean_rank"
@@ -480,7 +480,7 @@ EVAL_FILES = ["images.npy", "tokens.npy"]              # what score() reads of D
 
 def score(encode, split):
     """Retrieval on one split: image i goes with caption i, a pairing that never leaves this function.
-    encode(program, *inputs) runs one of PROGRAMS on every row (see evaluator.py); the two encoders give
+    encode(program, *inputs) runs one of PROGRAMS on every row (see engine/evaluator.py); the two encoders give
     embeddings of one size, compared by cosine similarity."""
     images, tokens = split["images"], split["tokens"].astype(np.int64)
     emb_i = encode("image_encoder.pt2", images.transpose(0, 3, 1, 2).astype(np.float32) / 255)
@@ -517,7 +517,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", "--data", dest="out", type=Path, default=None,
                    help="data directory (default: $AUTORESEARCH_DATA, else ./data); for --evaluate, '-' reads the "
-                        "split from stdin (see evaluator.py)")
+                        "split from stdin (see engine/evaluator.py)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic train split (public: in meta.json)")
     p.add_argument("--heldout-seed", type=int, default=None,
                    help="seed of the synthetic val and test splits (secret; default: the one recorded in "
@@ -530,13 +530,13 @@ def main(argv=None):
     p.add_argument("--weights", type=Path, default=None, help="weights cache (default: $AUTORESEARCH_WEIGHTS, else ./weights)")
     p.add_argument("--download-weights", action="store_true", help="cache the pretrained models (needs internet)")
     p.add_argument("--preview", type=int, default=None, metavar="N", help="write N validation previews to ./previews")
-    p.add_argument("--evaluate", type=Path, default=None, metavar="RUN_DIR", help="evaluator.py --evaluate RUN_DIR")
+    p.add_argument("--evaluate", type=Path, default=None, metavar="RUN_DIR", help="engine/evaluator.py --evaluate RUN_DIR")
     p.add_argument("--split", choices=["val", "test"], default="val")
     args = p.parse_args(argv)
     data_dir = args.out or default_data_dir()
     weights_dir = args.weights or default_weights_dir()
     if args.evaluate is not None:
-        import evaluator
+        from engine import evaluator
         return evaluator.main(["--evaluate", str(args.evaluate), "--data", str(data_dir), "--split", args.split])
     try:
         if args.download_weights:

@@ -26,28 +26,8 @@
 # into the run directory, which the sandbox never sees. Files are capped at that size too (ulimit fsize); core dumps
 # are off.
 #
-# Environment (defaults in brackets):
-#   AUTORESEARCH_TIME_BUDGET  training seconds, passed to train.py [300]
-#   AUTORESEARCH_GRACE        extra seconds train.py gets for start-up and export before it is killed [120]
-#                             (generous for a baseline or a manual run; the loop gives candidates 10 s more than
-#                             the overhead it allows them, measured on the baseline: see autoresearch.py)
-#   AUTORESEARCH_EVAL_TIMEOUT hard limit for the evaluation container, seconds [600]
-#   AUTORESEARCH_MEMORY       podman --memory (no swap on top) [16g]
-#   AUTORESEARCH_PIDS         podman --pids-limit, threads count too [1024]
-#   AUTORESEARCH_SHM_SIZE     podman --shm-size, for data-loader workers [2g]
-#   AUTORESEARCH_HANDOFF_SIZE size of the hand-off tmpfs and the largest file train.py may write [2g]
-#                             (the GPU preset exports ~350 MB at fp32)
-#   AUTORESEARCH_SEED         passed to train.py [unset]
-#   AUTORESEARCH_GPUS         comma-separated GPU ids or "all", used when an NVIDIA CDI spec exists [all]
-#   AUTORESEARCH_CPUS         cores for each container (podman --cpus, e.g. 1.5) and its threads (OMP_NUM_THREADS,
-#                             the whole part, at least 1); autoresearch --workers N splits the cores so [all]
-#   AUTORESEARCH_IMAGE        unset: image built from Containerfile; "host": the host's / as a throw-away overlay;
-#                             anything else: that image, used as is
-#   AUTORESEARCH_SANDBOX      "none": run without podman (development only, loud warning)
-#   AUTORESEARCH_DATA         data cache written by prepare_data.py [./data]
-#   AUTORESEARCH_RUN_DIR      host directory for the model hand-off [./runs/last]
-#   AUTORESEARCH_WEIGHTS      HF cache, mounted read-only with HF offline mode [./weights]
-#   AUTORESEARCH_PODMAN_ARGS  replaces the detected podman set-up flags (word-split)
+# Environment: the AUTORESEARCH_* variables, each with its default and meaning in engine/settings.py (ENV), which
+# the README's table and `python autoresearch.py --help` print.
 # The process control (podman, the hand-off, the gates, the watchdogs, the output filter, signals, the verdict) is
 # engine/sandbox.py, run on the host's python3 (standard library only). run.sh's own path goes along as the first
 # argument, so that the process keeps "run.sh" in its command line: a harness restarted after kill -9 finds by it a

@@ -2,7 +2,7 @@
 
 Trains an image encoder (timm ViT) and a text encoder (DistilBERT) contrastively for a fixed wall-clock budget,
 with an expert loss that uses box heatmaps, then exports both encoders with torch.export for the trusted evaluator
-(evaluator.py). Reads only DATA/meta.json and DATA/train/.
+(engine/evaluator.py). Reads only DATA/meta.json and DATA/train/.
 """
 import json
 import math

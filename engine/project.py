@@ -56,7 +56,7 @@ def project_metric(root="."):
 
 @functools.lru_cache(maxsize=8)   # parsing takes ~15 ms; pure functions given no metric ask for it on every call
 def _declared_metric(path, text):
-    import evaluator   # the engine, beside this file; only a project needs it
+    from engine import evaluator   # only a project needs it (numpy)
     try:
         c = evaluator.project_constants(path, ("METRIC", "DIRECTION"), text)
     except evaluator.SetupError as e:

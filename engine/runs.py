@@ -17,8 +17,7 @@ from dataclasses import dataclass
 
 from engine.judge import GRACE_MARGIN, classify_run, last_loss, parse_metrics
 from engine.repo import spawn
-from engine.settings import (EVAL_TIMEOUT, MEMORY_MIN, MEMORY_RESERVE, MEMORY_WAITING, RUN_GRACE, SIZES, env_int,
-    env_size)
+from engine.settings import EVAL_TIMEOUT, MEMORY_MIN, MEMORY_RESERVE, MEMORY_WAITING, RUN_GRACE, env_int, env_size
 from engine.verdicts import Status, SLURM_LOST
 from engine.util import HarnessError, RUNNING, TRAIN, data_dir, fmt, live, live_clear, read_text, say, write_text
 
@@ -157,7 +156,7 @@ def run_memory(n, host_bytes, environ=os.environ):
     to fit (the hand-off to a quarter of a run's share); values the user set are checked as they are."""
     room = host_bytes - max(MEMORY_RESERVE, host_bytes // 10)
     share = room // n - MEMORY_WAITING
-    mem, hand = (env_size(k, SIZES[k], environ) for k in ("AUTORESEARCH_MEMORY", "AUTORESEARCH_HANDOFF_SIZE"))
+    mem, hand = (env_size(k, environ) for k in ("AUTORESEARCH_MEMORY", "AUTORESEARCH_HANDOFF_SIZE"))
     if mem + hand > share and not environ.get("AUTORESEARCH_HANDOFF_SIZE", "").strip():
         hand = min(hand, max(share, 0) // 4)
     if mem + hand > share and not environ.get("AUTORESEARCH_MEMORY", "").strip():
@@ -315,8 +314,8 @@ def slurm_startup(args):
     os.makedirs("runs", exist_ok=True)
     token = f"runs/.slurm-check-{secrets.token_hex(8)}"   # new content: a stale copy of the tree cannot have it
     write_text(token, secrets.token_hex(16))
-    paths = [os.path.abspath(f) for f in ("run.sh", "engine/sandbox.py", "engine/verdicts.py", "evaluator.py", TRAIN,
-                                          "prepare_data.py", os.path.join(data_dir(), "meta.json"), token)]
+    paths = [os.path.abspath(f) for f in ("run.sh", "engine/sandbox.py", "engine/verdicts.py", "engine/evaluator.py",
+                                          TRAIN, "prepare_data.py", os.path.join(data_dir(), "meta.json"), token)]
     say("autoresearch: checking that a SLURM job sees this repository and the data (one short job)")
     try:
         p = spawn(launch_argv(args, "check", ["sha256sum", "--", *paths]), stdin=subprocess.DEVNULL)

@@ -22,10 +22,11 @@ import threading
 import time
 from subprocess import DEVNULL, PIPE, STDOUT
 
+from engine.settings import env_problems, setting
 from engine.verdicts import EVALUATOR, Exit
 
 REPO = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
-EVALUATOR_FILE = "evaluator.py"   # the trusted evaluator, relative to the repository (the evaluation mounts it)
+EVALUATOR = ["-m", "engine.evaluator"]   # the trusted evaluator, run from the repository (the evaluation mounts engine/)
 USAGE = "usage: ./run.sh [--wait]  |  ./run.sh --test RUN_DIR  |  ./run.sh --build"
 C_CODE, C_DATA, C_OUT, C_WEIGHTS = "/workspace", "/data", "/out", "/weights"   # paths in the containers
 IMAGE_USER = "1000:1000"   # the Containerfile's USER
@@ -158,19 +159,9 @@ def iec_bytes(size):
 
 
 def check_env():
-    """The numbers a user sets, each checked as the user named it (autoresearch.py checks the same before it starts)."""
-    for n in ("AUTORESEARCH_TIME_BUDGET", "AUTORESEARCH_GRACE", "AUTORESEARCH_EVAL_TIMEOUT", "AUTORESEARCH_PIDS"):
-        if env(n) and not re.fullmatch(r"[1-9][0-9]*", env(n)):
-            die(f"{n} must be a whole number above 0, got '{env(n)}'")
-    for n in ("AUTORESEARCH_MEMORY", "AUTORESEARCH_SHM_SIZE", "AUTORESEARCH_HANDOFF_SIZE"):
-        if env(n) and not (re.fullmatch(r"[0-9]+(\.[0-9]+)?[kmgt]?", env(n).lower()) and re.search("[1-9]", env(n))):
-            die(f"{n} must be a size like 16g or 500m, got '{env(n)}'")
-    cpus = env("AUTORESEARCH_CPUS")
-    if cpus and not (re.fullmatch(r"[0-9]*\.?[0-9]+", cpus) and re.search("[1-9]", cpus)):
-        die(f"AUTORESEARCH_CPUS must be a positive number of cores like 2 or 0.5, got '{cpus}'")
-    if not re.fullmatch(r"[0-9]*\.?[0-9]+([eE]-?[0-9]+)?", env("AUTORESEARCH_BATCH_TOLERANCE", "0")):
-        die(f"AUTORESEARCH_BATCH_TOLERANCE must be a number of 0 or more like 1e-4, got "
-            f"'{env('AUTORESEARCH_BATCH_TOLERANCE')}'")
+    """The variables a user sets, each checked as the user named it (autoresearch.py checks the same before it starts)."""
+    for problem in env_problems()[:1]:
+        die(problem)
 
 
 def read_preload():
@@ -195,8 +186,8 @@ def podman_setup():
     (crun fails under hybrid cgroups) and explicit ulimits (podman's defaults exceed what the host allows and are
     refused). Rootless (a workstation): --userns=keep-id makes the container user the invoking user, who owns the
     hand-off; its memory and pids limits need cgroups v2 with delegation, so v1 gets a warning."""
-    if env("AUTORESEARCH_PODMAN_ARGS"):
-        return env("AUTORESEARCH_PODMAN_ARGS").split(), []
+    if setting("AUTORESEARCH_PODMAN_ARGS"):
+        return setting("AUTORESEARCH_PODMAN_ARGS").split(), []
     if not ROOTLESS:
         hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
         hard = "unlimited" if hard == resource.RLIM_INFINITY else hard
@@ -212,7 +203,7 @@ def gpu_args():
     SLURM job only the GPUs it was granted (podman's containers run outside the job's cgroup)."""
     if not shutil.which("nvidia-smi") or not glob.glob("/etc/cdi/nvidia*.yaml") + glob.glob("/var/run/cdi/nvidia*.yaml"):
         return []
-    ids = env("SLURM_STEP_GPUS") or env("SLURM_JOB_GPUS") or env("AUTORESEARCH_GPUS", "all")
+    ids = env("SLURM_STEP_GPUS") or env("SLURM_JOB_GPUS") or setting("AUTORESEARCH_GPUS")
     return [arg for i in ids.split(",") if i for arg in ("--device", f"nvidia.com/gpu={i}")]
 
 
@@ -328,7 +319,7 @@ class Run:
         self.work = self.train_ms = self.signum = None
         self.mounted = self.closing = self.deferred = self.wait = self.test_split = self.build_only = False
         self.hold = 0
-        self.sandbox = env("AUTORESEARCH_SANDBOX") != "none"
+        self.sandbox = setting("AUTORESEARCH_SANDBOX") != "none"
 
     # ------------------------------------------------------------------------------------------------------ signals
     def on_signal(self, signum, _frame):
@@ -421,7 +412,7 @@ class Run:
         else:
             if argv not in ([], ["--wait"]):
                 die(USAGE)
-            self.wait, self.run_dir = bool(argv), env("AUTORESEARCH_RUN_DIR", "runs/last")
+            self.wait, self.run_dir = bool(argv), setting("AUTORESEARCH_RUN_DIR")
             try:
                 os.makedirs(self.run_dir, exist_ok=True)
             except OSError as e:
@@ -430,23 +421,23 @@ class Run:
 
     def settings(self):
         check_env()
-        self.budget = int(env("AUTORESEARCH_TIME_BUDGET", "300"))
-        self.grace = int(env("AUTORESEARCH_GRACE", "120"))
-        self.eval_timeout = int(env("AUTORESEARCH_EVAL_TIMEOUT", "600"))
-        self.memory = env("AUTORESEARCH_MEMORY", "16g")
-        self.pids = env("AUTORESEARCH_PIDS", "1024")
-        self.shm = env("AUTORESEARCH_SHM_SIZE", "2g")
-        self.handoff_bytes = iec_bytes(env("AUTORESEARCH_HANDOFF_SIZE", "2g"))
-        self.cpus = env("AUTORESEARCH_CPUS")   # podman --cpus, and its whole part (at least 1) as OMP_NUM_THREADS
+        self.budget = int(setting("AUTORESEARCH_TIME_BUDGET"))
+        self.grace = int(setting("AUTORESEARCH_GRACE"))
+        self.eval_timeout = int(setting("AUTORESEARCH_EVAL_TIMEOUT"))
+        self.memory = setting("AUTORESEARCH_MEMORY")
+        self.pids = setting("AUTORESEARCH_PIDS")
+        self.shm = setting("AUTORESEARCH_SHM_SIZE")
+        self.handoff_bytes = iec_bytes(setting("AUTORESEARCH_HANDOFF_SIZE"))
+        self.cpus = setting("AUTORESEARCH_CPUS")   # podman --cpus, and its whole part (at least 1) as OMP_NUM_THREADS
         self.threads = str(max(1, int(self.cpus.partition(".")[0] or 0))) if self.cpus else ""
         self.train_limit = self.budget + self.grace
         self.split = "test" if self.test_split else "val"
-        self.data = env("AUTORESEARCH_DATA", "data")
+        self.data = setting("AUTORESEARCH_DATA")
         if not self.build_only:
             if not os.path.isdir(self.data):
                 die(f"no data cache at '{self.data}'. Run: python prepare_data.py")
             self.data = os.path.realpath(self.data)
-        weights = env("AUTORESEARCH_WEIGHTS", "weights")
+        weights = setting("AUTORESEARCH_WEIGHTS")
         self.weights = os.path.realpath(weights) if os.path.isdir(weights) else ""
 
     def make_work(self):
@@ -462,8 +453,8 @@ class Run:
         """The environment train.py and the evaluator see, in every mode."""
         e = {"PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
              "AUTORESEARCH_OUT": out, "AUTORESEARCH_DATA": data, "AUTORESEARCH_TIME_BUDGET": str(self.budget)}
-        if env("AUTORESEARCH_SEED"):
-            e["AUTORESEARCH_SEED"] = env("AUTORESEARCH_SEED")
+        if setting("AUTORESEARCH_SEED"):
+            e["AUTORESEARCH_SEED"] = setting("AUTORESEARCH_SEED")
         if self.threads:
             e["OMP_NUM_THREADS"] = self.threads
         if weights:
@@ -481,9 +472,9 @@ class Run:
         self.train_env = {**os.environ, **self.common_env(self.run_dir, self.data, self.weights)}
         self.eval_env = {**self.train_env, "TORCH_FORCE_WEIGHTS_ONLY_LOAD": "1",
                          "AUTORESEARCH_EVAL_TIMEOUT": str(self.eval_timeout),
-                         "AUTORESEARCH_BATCH_TOLERANCE": env("AUTORESEARCH_BATCH_TOLERANCE", "0")}
+                         "AUTORESEARCH_BATCH_TOLERANCE": setting("AUTORESEARCH_BATCH_TOLERANCE")}
         self.train_cmd = [py, "-c", LAUNCHER, f"{self.work}/code/train.py", *preload]
-        self.eval_cmd = [py, EVALUATOR_FILE, "--evaluate", self.run_dir, "--split", self.split, "--data", "-"]
+        self.eval_cmd = [py, *EVALUATOR, "--evaluate", self.run_dir, "--split", self.split, "--data", "-"]
 
     def setup_sandbox(self, preload):
         """The sandbox: podman, run from the private working directory, in image mode or host mode."""
@@ -494,7 +485,7 @@ class Run:
         os.chdir(self.work)
         setup, build_setup = podman_setup()
         self.clean_stale()
-        host = env("AUTORESEARCH_IMAGE") == "host"
+        host = setting("AUTORESEARCH_IMAGE") == "host"
         rootfs = ["--rootfs", "/:O"] if host else [self.image(build_setup)]   # LAST: with --rootfs, the path takes
         if self.build_only:                                                     # the image's place
             raise Verdict(Exit.OK, f"run.sh: sandbox image ready: {' '.join(rootfs)}")
@@ -548,8 +539,8 @@ class Run:
         """AUTORESEARCH_IMAGE, else the one built from Containerfile, rebuilt only when Containerfile or
         requirements.txt change (the tag is a hash of both) and from only these two files: data/, runs/ and weights/
         never enter it."""
-        if env("AUTORESEARCH_IMAGE"):
-            return env("AUTORESEARCH_IMAGE")
+        if setting("AUTORESEARCH_IMAGE"):
+            return setting("AUTORESEARCH_IMAGE")
         files = [os.path.join(REPO, f) for f in ("Containerfile", "requirements.txt")]
         try:
             digest = hashlib.sha256(b"".join(open(f, "rb").read() for f in files)).hexdigest()
@@ -591,17 +582,17 @@ class Run:
         # trusted evaluator has it, never the child process that runs the graphs.
         self.eval_cmd = [*base, "-e", "TORCH_FORCE_WEIGHTS_ONLY_LOAD=1", "-e",
                          f"AUTORESEARCH_EVAL_TIMEOUT={self.eval_timeout}", "-e",
-                         f"AUTORESEARCH_BATCH_TOLERANCE={env('AUTORESEARCH_BATCH_TOLERANCE', '0')}",
-                         "-v", f"{REPO}/{EVALUATOR_FILE}:{C_CODE}/evaluator.py:ro",
+                         f"AUTORESEARCH_BATCH_TOLERANCE={setting('AUTORESEARCH_BATCH_TOLERANCE')}",
+                         "-v", f"{REPO}/engine:{C_CODE}/engine:ro",
                          "-v", f"{REPO}/prepare_data.py:{C_CODE}/prepare_data.py:ro",
                          "-v", f"{self.run_dir}:{C_OUT}:ro,noexec,nosuid,nodev", *mode,
-                         py, "evaluator.py", "--evaluate", C_OUT, "--split", self.split, "--data", "-"]
+                         py, *EVALUATOR, "--evaluate", C_OUT, "--split", self.split, "--data", "-"]
 
     # ------------------------------------------------------------------------------------------------------ the data
     def names(self):
         """The project's declarations, read by the evaluator without importing prepare_data.py: the programs train.py
         hands off, and the split's files the evaluator reads."""
-        p = subprocess.run([sys.executable, os.path.join(REPO, EVALUATOR_FILE), "--names", self.split], stdin=DEVNULL,
+        p = subprocess.run([sys.executable, *EVALUATOR, "--names", self.split], cwd=REPO, stdin=DEVNULL,
                            stdout=PIPE, text=True, errors="replace")
         if p.returncode:
             die("cannot read the project's declarations in prepare_data.py (the engine's error is above)")

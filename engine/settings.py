@@ -2,6 +2,7 @@
 import argparse
 import os
 import re
+from dataclasses import dataclass
 
 from engine.util import HarnessError, RESULTS, num
 
@@ -14,10 +15,81 @@ DEFAULT_MODEL = "qwen2.5-coder:7b"
 DEFAULT_HOST = "http://127.0.0.1:11434"
 
 
-DEFAULT_BUDGET = 300               # training seconds per run (run.sh's default for AUTORESEARCH_TIME_BUDGET too)
+@dataclass(frozen=True)
+class Var:
+    """An AUTORESEARCH_* variable: its default where unset or empty ("": none), how it is checked, what it means. The
+    README's table is env_table() word for word (tests/test_readme.py)."""
+    name: str
+    default: str
+    kind: str       # count (a whole number above 0), size (16g, 500m), cores, tolerance, or text
+    meaning: str
 
 
-RUN_GRACE, EVAL_TIMEOUT = 120, 600  # run.sh's defaults for AUTORESEARCH_GRACE and AUTORESEARCH_EVAL_TIMEOUT
+ENV = {v.name: v for v in (
+    Var("AUTORESEARCH_TIME_BUDGET", "300", "count", "training seconds (train.py's schedules follow the fraction of it "
+        "used)"),
+    Var("AUTORESEARCH_GRACE", "120", "count", "seconds on top of the budget for start-up and export before the "
+        "training container is killed (the harness passes candidates their allowance + 10 s)"),
+    Var("AUTORESEARCH_HANDOFF_SIZE", "2g", "size", "size of the hand-off tmpfs and the largest file `train.py` may "
+        "write (1000 files at most)"),
+    Var("AUTORESEARCH_EVAL_TIMEOUT", "600", "count", "hard limit for the evaluation container, seconds"),
+    Var("AUTORESEARCH_BATCH_TOLERANCE", "0", "tolerance", "how far a row's output may move when its batch-mates "
+        "change, relative to its norm; 0: not one bit (see the trust boundary's batch independence). Only for "
+        "hardware that does not repeat its results"),
+    Var("AUTORESEARCH_MEMORY", "16g", "size", "`podman --memory` (no swap on top); an OOM kill is reported as such. "
+        "The loop checks that what its runs may hold at once fits the host (see [The sandbox](#the-sandbox))"),
+    Var("AUTORESEARCH_PIDS", "1024", "count", "`podman --pids-limit` (threads count too)"),
+    Var("AUTORESEARCH_SHM_SIZE", "2g", "size", "`podman --shm-size`, for data-loader workers"),
+    Var("AUTORESEARCH_GPUS", "all", "text", "GPU ids passed as `--device nvidia.com/gpu=ID`, used when `nvidia-smi` "
+        "and an NVIDIA CDI spec exist"),
+    Var("AUTORESEARCH_IMAGE", "", "text", "unset: the image built from `Containerfile`; `host`: the host's root "
+        "filesystem as a throw-away overlay; any other value: that image"),
+    Var("AUTORESEARCH_SANDBOX", "", "text", "`none`: run without podman, development only, with a loud warning"),
+    Var("AUTORESEARCH_DATA", "data", "text", "the data cache"),
+    Var("AUTORESEARCH_RUN_DIR", "runs/last", "text", "host directory for the model hand-off (the harness uses "
+        "`runs/<experiment>`)"),
+    Var("AUTORESEARCH_WEIGHTS", "weights", "text", "pretrained-weights cache, mounted read-only with HF offline mode"),
+    Var("AUTORESEARCH_SEED", "", "text", "seed passed to train.py (the harness sets it for noise runs)"),
+    Var("AUTORESEARCH_PODMAN_ARGS", "", "text", "replaces the detected podman set-up flags (see below)"),
+    Var("AUTORESEARCH_SLURM_ARGS", "", "text", "site options for `--launcher slurm` (partition, account, ...)"),
+    Var("AUTORESEARCH_CPUS", "", "cores", "cores for each container (`podman --cpus`) and its `OMP_NUM_THREADS`; "
+        "`--workers N` sets cores/N on a CPU-only machine"),
+)}
+
+
+CHECKS = {  # kind: (the pattern a value must match, what to write instead)
+    "count": (r"[1-9][0-9]*", "a whole number above 0"),
+    "size": (r"(?=.*[1-9])[0-9]+(\.[0-9]+)?[kmgtKMGT]?", "a size like 16g or 500m"),
+    "cores": (r"(?=.*[1-9])[0-9]*\.?[0-9]+", "a positive number of cores like 2 or 0.5"),
+    "tolerance": (r"[0-9]*\.?[0-9]+([eE]-?[0-9]+)?", "a number of 0 or more like 1e-4"),
+}
+
+
+def setting(name, environ=os.environ):
+    """An AUTORESEARCH_* variable's value: as exported, else its default (empty counts as unset, as in the shell)."""
+    return environ.get(name, "").strip() or ENV[name].default
+
+
+def env_problems(environ=os.environ):
+    """Pure. One line for each exported variable that is not what it must be, naming it as the user wrote it."""
+    out = []
+    for v in ENV.values():
+        value = environ.get(v.name, "").strip()
+        if value and v.kind in CHECKS and not re.fullmatch(CHECKS[v.kind][0], value):
+            out.append(f"{v.name} must be {CHECKS[v.kind][1]}, got {value!r}")
+    return out
+
+
+def env_table():
+    """The README's table of the variables."""
+    rows = [f"| `{v.name}` | {v.default and f'`{v.default}`'} | {v.meaning} |" for v in ENV.values()]
+    return "\n".join(["| variable | default | meaning |", "|---|---|---|", *rows])
+
+
+DEFAULT_BUDGET = int(ENV["AUTORESEARCH_TIME_BUDGET"].default)   # training seconds per run
+
+
+RUN_GRACE, EVAL_TIMEOUT = int(ENV["AUTORESEARCH_GRACE"].default), int(ENV["AUTORESEARCH_EVAL_TIMEOUT"].default)
 
 
 MEMORY_RESERVE = 2 << 30          # host memory kept for the harness, Ollama and the system (or 10%, if more)
@@ -29,39 +101,32 @@ MEMORY_WAITING = 512 << 20        # what an evaluation container holds while its
 MEMORY_MIN = 256 << 20            # less than this per run trains nothing
 
 
-SIZES = {"AUTORESEARCH_MEMORY": "16g", "AUTORESEARCH_HANDOFF_SIZE": "2g", "AUTORESEARCH_SHM_SIZE": "2g"}   # run.sh's
-
-
-def env_int(name, default, environ=os.environ):
+def env_int(name, default=None, environ=os.environ):
     """A whole number above 0 from the environment, `default` where unset or empty."""
     v = environ.get(name, "").strip()
-    if v and not re.fullmatch(r"[1-9][0-9]*", v):
-        raise HarnessError(f"{name} must be a whole number above 0, got {v!r}")
+    if v and not re.fullmatch(CHECKS["count"][0], v):
+        raise HarnessError(f"{name} must be {CHECKS['count'][1]}, got {v!r}")
     return int(v) if v else default
 
 
-def env_size(name, default, environ=os.environ):
-    """Bytes of a size from the environment written as podman and run.sh take it (16g, 500m, 2G, 1048576)."""
-    v = environ.get(name, "").strip() or default
+def env_size(name, environ=os.environ):
+    """Bytes of a size variable (16g, 500m, 2G, 1048576), its default where unset."""
+    v = setting(name, environ)
+    if not re.fullmatch(CHECKS["size"][0], v):
+        raise HarnessError(f"{name} must be {CHECKS['size'][1]}, got {v!r}")
     m = re.fullmatch(r"(\d+(?:\.\d+)?)([kmgt]?)", v.lower())
-    if not m or float(m.group(1)) <= 0:
-        raise HarnessError(f"{name} must be a size like 16g or 500m, got {v!r}")
     return int(float(m.group(1)) * 1024 ** " kmgt".index(m.group(2) or " "))
 
 
 def check_environment(environ=os.environ):
-    """Every number the user may set for the loop and run.sh, checked before anything changes: one error naming the
-    variable as the user wrote it."""
-    for name in ("AUTORESEARCH_TIME_BUDGET", "AUTORESEARCH_GRACE", "AUTORESEARCH_EVAL_TIMEOUT", "AUTORESEARCH_PIDS"):
-        env_int(name, 1, environ)
-    for name, default in SIZES.items():
-        env_size(name, default, environ)
-    cpus = environ.get("AUTORESEARCH_CPUS", "").strip()
-    if cpus and (num(cpus) is None or num(cpus) <= 0):
-        raise HarnessError(f"AUTORESEARCH_CPUS must be a positive number of cores like 2 or 0.5, got {cpus!r}")
+    """Every variable the user may set for the loop and run.sh, checked before anything changes: one error naming
+    the variable as the user wrote it."""
+    problems = env_problems(environ)
+    if problems:
+        raise HarnessError(problems[0])
 
 
-class Help(argparse.ArgumentDefaultsHelpFormatter):
+class Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     def _get_help_string(self, action):   # no "(default: None)" where the help says what the default is
         return action.help if action.default in (None, False) else super()._get_help_string(action)
 
@@ -125,7 +190,8 @@ def _model_flags(p):
 def build_parser():
     p = Parser(prog="autoresearch.py", description="An offline research loop: a local LLM served by Ollama improves "
                "a model's metric by itself.",
-               formatter_class=Help)
+               formatter_class=Help, epilog="environment (./run.sh and the loop; README: run.sh (environment)):\n" +
+               "\n".join(f"  {v.name}={v.default}" for v in ENV.values()))
     _run_flags(p.add_argument_group("the run"))
     _keep_flags(p.add_argument_group("the keep rule"))
     _model_flags(p.add_argument_group("the model (--agent llm, hybrid)"))

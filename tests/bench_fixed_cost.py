@@ -8,7 +8,7 @@ synthetic data, and where it goes. Prints the medians of N runs of each kind:
 
     python tests/bench_fixed_cost.py [--runs 5] [--budget 10] [--repo DIR]
 
---repo takes run.sh, evaluator.py, prepare_data.py and train.py from another checkout (e.g. a git worktree of an
+--repo takes run.sh, engine/, prepare_data.py and train.py from another checkout (e.g. a git worktree of an
 older commit, for a before/after); warm runs are skipped where its run.sh has no --wait.
 """
 import argparse

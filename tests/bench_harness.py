@@ -32,7 +32,7 @@ from engine.judge import parse_metrics
 from engine.results import load_results
 from fake_ollama import FakeOllama, estimate_tokens, tool_call  # noqa: E402
 
-FILES = ["autoresearch.py", "engine", "train.py", "run.sh", "evaluator.py", "prepare_data.py", "program.md",
+FILES = ["autoresearch.py", "engine", "train.py", "run.sh", "prepare_data.py", "program.md",
          "scratchpad.md", ".gitignore"]
 
 

@@ -51,7 +51,7 @@ from engine.tuners import _number, apply_params, hyperparameters  # noqa: E402
 from engine.util import TEST_SCORES  # noqa: E402
 from fake_ollama import FakeOllama, tool_call  # noqa: E402
 
-FILES = ["autoresearch.py", "engine", "train.py", "run.sh", "evaluator.py", "prepare_data.py", "program.md",
+FILES = ["autoresearch.py", "engine", "train.py", "run.sh", "prepare_data.py", "program.md",
          "scratchpad.md", ".gitignore"]
 SEED_EXPR = 'int(os.environ.get("AUTORESEARCH_SEED", 0))'
 BUDGET_EXPR = 'float(os.environ.get("AUTORESEARCH_TIME_BUDGET", 300))'

@@ -24,7 +24,7 @@ def main(n=5):
                         "--n-val", "16", "--n-test", "16"], check=True, capture_output=True)
         repo = tmp / "repo"
         repo.mkdir()
-        copy_into(repo, ("run.sh", "engine", "evaluator.py", "prepare_data.py"))
+        copy_into(repo, ("run.sh", "engine", "prepare_data.py"))
         (repo / "train.py").write_text(EXPORT_MODEL)
         times = {"host": [], "none": []}
         for i in range(n):

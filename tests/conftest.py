@@ -12,7 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from evaluator import project_constants  # noqa: E402
+from engine.evaluator import project_constants  # noqa: E402
 
 # Tests that start containers through run.sh: every test of these modules, and those marked `sandbox` elsewhere.
 # As root they always run (a podman failure fails them); as a normal user they run where rootless podman can start
@@ -43,7 +43,7 @@ def rootless_sandbox_problem():
     make it work. It really tries: run.sh with a train.py that prints a line, on an empty data cache."""
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        copy_into(tmp, ("run.sh", "engine", "evaluator.py", "prepare_data.py"))
+        copy_into(tmp, ("run.sh", "engine", "prepare_data.py"))
         (tmp / "train.py").write_text("print('sandbox-probe-ok')\nraise SystemExit(3)\n")
         for d in ("data/train", "data/val"):
             (tmp / d).mkdir(parents=True)

@@ -1,4 +1,4 @@
-"""Batch independence (evaluator.py, no podman): every row is encoded twice, in batches of the same size and next to
+"""Batch independence (engine/evaluator.py, no podman): every row is encoded twice, in batches of the same size and next to
 other batch-mates the second time, and its outputs must be bitwise the same, at any scale. Graphs that use the rest of their batch are refused however they
 scale their outputs or however few rows they cheat on, and so is a language-model fork's program that looks its
 answer up in the next row. Through ./run.sh: test_integrity.py::test_batch_dependence_is_refused_at_any_scale."""
@@ -9,11 +9,11 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, copy_into
 from test_evaluator import evaluate, trainer
 
 sys.path.insert(0, str(ROOT))
-import evaluator as ev  # noqa: E402
+from engine import evaluator as ev  # noqa: E402
 
 
 def test_every_row_meets_other_batch_mates_in_batches_of_the_same_size():
@@ -172,9 +172,9 @@ def lm_fork(tmp_path, lookup):
             return super().forward(x) + 30 * found
 
     d, data, run = tmp_path / "fork", tmp_path / "data", tmp_path / "run"
-    for path in (d, data / "val", run):
+    for path in (data / "val", run):
         path.mkdir(parents=True)
-    shutil.copy2(ROOT / "evaluator.py", d)
+    copy_into(d, ["engine"])
     (d / "prepare_data.py").write_text(LM_PROJECT)
     (data / "meta.json").write_text(json.dumps({"vocab": VOCAB}))
     np.save(data / "val" / "text.npy", np.random.default_rng(0).integers(0, VOCAB, 1009))
@@ -183,7 +183,7 @@ def lm_fork(tmp_path, lookup):
     ep = torch.export.export((Lookup if lookup else Honest)().eval(), (torch.zeros(2, 8, dtype=torch.long),),
                              dynamic_shapes=({0: batch},))
     torch.export.save(ep, str(run / "lm.pt2"))
-    return d / "evaluator.py", run, data
+    return d / "engine" / "evaluator.py", run, data
 
 
 def test_a_program_that_looks_up_its_answer_in_the_rest_of_its_batch_is_refused(tmp_path):

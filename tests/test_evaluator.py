@@ -1,4 +1,4 @@
-"""The trusted evaluator (evaluator.py, the engine) on its own, no podman: the split on stdin, the archive it rebuilds
+"""The trusted evaluator (engine/evaluator.py) on its own, no podman: the split on stdin, the archive it rebuilds
 for torch, each archive and hand-off check, the child process's limits, the secret orders, and the contract with the
 project (prepare_data.py's declarations and score()). The hostile train.py files that reach these checks through
 ./run.sh are in test_integrity.py."""
@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, TINY_TRAINER
+from conftest import ROOT, TINY_TRAINER, copy_into
 
 sys.path.insert(0, str(ROOT))
-import evaluator as ev  # noqa: E402
+from engine import evaluator as ev  # noqa: E402
 
 
 def trainer(run_dir, data, code="img, txt = Img(), Txt()\n"):
@@ -53,11 +53,12 @@ def split_tar(data, split="val", extra=(), links=()):
     return buf.getvalue()
 
 
-def evaluate(run, data, *args, stdin=None, evaluator=ROOT / "evaluator.py", **env):
-    """evaluator.py --evaluate: the split from `data` (a directory), or from stdin when stdin is given."""
-    p = subprocess.run([sys.executable, str(evaluator), "--evaluate", str(run), "--data",
+def evaluate(run, data, *args, stdin=None, evaluator=ROOT / "engine" / "evaluator.py", **env):
+    """The evaluator (of the repository that holds `evaluator`) --evaluate: the split from `data` (a directory), or
+    from stdin when stdin is given."""
+    p = subprocess.run([sys.executable, "-m", "engine.evaluator", "--evaluate", str(run), "--data",
                         "-" if stdin is not None else str(data), *args], input=stdin or b"", capture_output=True,
-                       env={**os.environ, **env}, timeout=300)
+                       env={**os.environ, **env}, timeout=300, cwd=evaluator.parent.parent)
     p.out, p.err = p.stdout.decode(), p.stderr.decode()
     p.values = dict(line.split(": ", 1) for line in p.out.splitlines() if ": " in line)
     return p
@@ -85,7 +86,7 @@ def test_the_split_can_come_from_a_directory_or_from_stdin_alike(honest, tiny_da
 
 def test_the_trusted_parent_never_imports_torch(honest, tiny_data):
     # it reads, checks and scores; only the child process, which runs the graphs, has torch
-    code = ("import sys, evaluator; rc = evaluator.main(['--evaluate', sys.argv[1], '--data', sys.argv[2]]); "
+    code = ("import sys; from engine import evaluator; rc = evaluator.main(['--evaluate', sys.argv[1], '--data', sys.argv[2]]); "
             "assert rc == 0 and 'torch' not in sys.modules, rc")
     p = subprocess.run([sys.executable, "-c", code, str(honest), str(tiny_data)], cwd=ROOT, capture_output=True,
                        text=True, timeout=300)
@@ -352,12 +353,11 @@ def test_batch_position_cheat_is_refused_and_defeated_by_the_secret_orders(tiny_
                                  "batch" in p.err and "mean_rank" not in p.out, p.err
     # Without the batch check the cheat runs: sharing the image and caption orders it would score 1.0; with
     # independent secret orders only the fixed points of a random permutation match: mean rank ~ n - 1.
-    weak = tmp_path / "weak" / "evaluator.py"
-    weak.parent.mkdir()
-    shutil.copy2(ROOT / "prepare_data.py", weak.parent)
+    copy_into(tmp_path / "weak", ["engine", "prepare_data.py"])
+    weak = tmp_path / "weak" / "engine" / "evaluator.py"
     check = "    changed = np.unique(order[drift > BATCH_TOLERANCE])\n"
-    assert check in (ROOT / "evaluator.py").read_text()
-    weak.write_text((ROOT / "evaluator.py").read_text().replace(check, "    changed = []\n"))
+    assert check in weak.read_text()
+    weak.write_text(weak.read_text().replace(check, "    changed = []\n"))
     p = evaluate(run, tiny_data, evaluator=weak)
     assert p.returncode == 0 and float(p.values["val_mean_rank"]) > 50.5, p.err   # chance is 50.5
 
@@ -439,7 +439,8 @@ def test_the_project_declares_what_is_scored_in_literals(tmp_path, old, new, mes
 
 
 def test_run_sh_gets_the_hand_off_and_split_names_from_the_engine():
-    p = subprocess.run([sys.executable, str(ROOT / "evaluator.py"), "--names", "test"], capture_output=True, text=True)
+    p = subprocess.run([sys.executable, "-m", "engine.evaluator", "--names", "test"], capture_output=True, text=True,
+                       cwd=ROOT)
     assert p.returncode == 0 and p.stdout == "image_encoder.pt2 text_encoder.pt2\n" \
                                              "meta.json test/images.npy test/tokens.npy\n", p.stderr
 
@@ -447,10 +448,9 @@ def test_run_sh_gets_the_hand_off_and_split_names_from_the_engine():
 def project(tmp_path, score_body):
     """An engine copy next to the template's prepare_data.py, whose score() is wrapped by `score_body`."""
     d = tmp_path / "project"
-    d.mkdir()
-    shutil.copy2(ROOT / "evaluator.py", d)
+    copy_into(d, ["engine"])
     (d / "prepare_data.py").write_text(TEMPLATE + "\n_score = score\n\n\ndef score(encode, split):\n" + score_body)
-    return d / "evaluator.py"
+    return d / "engine" / "evaluator.py"
 
 
 @pytest.mark.parametrize("result, error, message", [

@@ -16,7 +16,7 @@ from conftest import copy_into
 
 ROOT = Path(__file__).resolve().parents[1]
 FORK = ROOT / "tests" / "fork"
-ENGINE = ["autoresearch.py", "engine", "run.sh", "evaluator.py", "Containerfile", "requirements.txt", ".gitignore"]
+ENGINE = ["autoresearch.py", "engine", "run.sh", "Containerfile", "requirements.txt", ".gitignore"]
 PROJECT = ["prepare_data.py", "train.py", "program.md"]
 N_VAL = 400
 pytestmark = pytest.mark.sandbox

@@ -368,8 +368,9 @@ os.abort()
     # SIGABRT, or SIGSEGV: as PID 1 the abort signal itself is ignored and glibc falls back to a fault
     assert p.returncode == 1 and p.lines[-1] in ("run.sh: FAILED train.py exited with code 134",
                                                  "run.sh: FAILED train.py exited with code 139"), p.stdout
-    left = [f for f in repo.rglob("*") if f.is_file() and f.relative_to(repo).parts[0] != "engine"]
-    assert sorted(f.name for f in left) == ["evaluator.py", "prepare_data.py", "run.sh", "train.py"], left
+    left = sorted(str(f.relative_to(repo)) for f in repo.rglob("*") if f.is_file() and "__pycache__" not in f.parts)
+    assert left == sorted(["prepare_data.py", "run.sh", "train.py",
+                           *(f"engine/{f.name}" for f in (ROOT / "engine").glob("*.py"))]), left
 
 
 # ------------------------------------------------------------------------------- §3 an OOM kill leaves no trace
@@ -379,7 +380,7 @@ def test_out_of_memory_leaves_the_repository_clean(tmp_path, data):
     p = run(repo, data, AUTORESEARCH_MEMORY="256m")
     assert probes(p)["hog"] == "start"
     assert p.returncode == 137 and p.lines[-1].startswith("run.sh: OUT OF MEMORY")
-    assert sorted(f.name for f in repo.iterdir()) == ["engine", "evaluator.py", "prepare_data.py", "run.sh", "runs",
+    assert sorted(f.name for f in repo.iterdir()) == ["engine", "prepare_data.py", "run.sh", "runs",
                                                      "train.py"]   # no `oom`
 
 
@@ -490,7 +491,7 @@ while True:
 
 # ------------------------------------------------------------------------------- the loop: OOM, then a set-up error
 
-LOOP_FILES = ["autoresearch.py", "engine", "train.py", "run.sh", "evaluator.py", "prepare_data.py", "program.md",
+LOOP_FILES = ["autoresearch.py", "engine", "train.py", "run.sh", "prepare_data.py", "program.md",
               "scratchpad.md", ".gitignore"]
 ANCHOR = "    torch.manual_seed(SEED)\n"
 

@@ -433,7 +433,7 @@ def run_sh(repo, data, *args, **env):
 
 def make_repo(path, train_src):
     path.mkdir(parents=True)
-    copy_into(path, ("run.sh", "engine", "evaluator.py", "prepare_data.py"))
+    copy_into(path, ("run.sh", "engine", "prepare_data.py"))
     (path / "train.py").write_text(train_src)
     return path
 
@@ -472,7 +472,7 @@ def reference(tmp_path_factory, data):
     out = tmp_path_factory.mktemp("reference")
     env = dict(os.environ, AUTORESEARCH_OUT=str(out), AUTORESEARCH_DATA=str(data))
     subprocess.run([sys.executable, "-c", HONEST + HONEST_MAIN], env=env, check=True, capture_output=True)
-    p = subprocess.run([sys.executable, str(ROOT / "evaluator.py"), "--evaluate", str(out), "--data", str(data)],
+    p = subprocess.run([sys.executable, "-m", "engine.evaluator", "--evaluate", str(out), "--data", str(data)], cwd=ROOT,
                        check=True, capture_output=True, text=True)
     m = parse_metrics(EVAL_MARKER + "\n" + p.stdout)
     assert m["val_n"] == N_VAL and 1 <= m["val_mean_rank"] <= N_VAL, p.stdout
@@ -506,7 +506,7 @@ def runs(tmp_path_factory, data, reference):
         "regen": src(REGEN, GENERATOR=repr((ROOT / "prepare_data.py").read_text()), N_VAL=str(N_VAL)),
     }
     repos = {name: make_repo(base / name, s) for name, s in jobs.items()}
-    evaluator = repos["escape"] / "evaluator.py"
+    evaluator = repos["escape"] / "engine" / "evaluator.py"
     for old, new in WEAKENED:
         assert old in evaluator.read_text(), f"the escape test no longer weakens the evaluator: {old!r} is gone"
         evaluator.write_text(evaluator.read_text().replace(old, new))
@@ -722,7 +722,7 @@ EDIT_NEW = ("torch.manual_seed(0)\n"
 def harness_forgery(repo, data):
     """autoresearch.py, driven by the scripted Ollama server, makes train.py print a forged 0.001."""
     repo.mkdir(parents=True)
-    copy_into(repo, ("autoresearch.py", "engine", "run.sh", "evaluator.py", "prepare_data.py", "program.md",
+    copy_into(repo, ("autoresearch.py", "engine", "run.sh", "prepare_data.py", "program.md",
                      "scratchpad.md", ".gitignore"))
     (repo / "train.py").write_text(HONEST + HONEST_MAIN)
     git(repo, "init", "-q", "-b", "main")

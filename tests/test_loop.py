@@ -43,7 +43,7 @@ TXT_OK = "        return self.proj(pooled)\n"
 IMG_BAD = "        return self.proj(self.vit(self.prep(images))) * 0 + 1\n"
 TXT_BAD = "        return self.proj(pooled) * 0 + 1\n"
 BOOM = "    torch.manual_seed(SEED)\n"
-FILES = ["autoresearch.py", "engine", "train.py", "run.sh", "evaluator.py", "prepare_data.py", "program.md",
+FILES = ["autoresearch.py", "engine", "train.py", "run.sh", "prepare_data.py", "program.md",
          "scratchpad.md", ".gitignore"]
 
 
@@ -382,7 +382,7 @@ def test_startup_failures(tmp_path, data):
         assert "`ollama serve`" in startup(repo, dict(env, PATH=f"{bin_dir}"))
     plain = tmp_path / "plain"
     plain.mkdir()
-    copy_into(plain, ["autoresearch.py", "engine", "evaluator.py"])
+    copy_into(plain, ["autoresearch.py", "engine"])
     assert "not inside a git repository" in startup(plain, env)
 
 
@@ -543,7 +543,7 @@ def test_kill_9_in_the_run_after_a_keep_keeps_it(tmp_path, data):
 def test_harness_cuts_a_flooding_log_and_kills_a_run_past_its_wall_clock(tmp_path, data, monkeypatch):
     repo = tmp_path / "repo"
     repo.mkdir()
-    copy_into(repo, ("run.sh", "engine", "evaluator.py", "prepare_data.py"))
+    copy_into(repo, ("run.sh", "engine", "prepare_data.py"))
     monkeypatch.chdir(repo)
     for k, v in dict(AUTORESEARCH_IMAGE="host", AUTORESEARCH_DATA=str(data), AUTORESEARCH_GRACE="600").items():
         monkeypatch.setenv(k, v)

@@ -1,5 +1,5 @@
 """prepare_data.py, the template's project: heatmaps, ODVG ingestion, tokenizer fallback, synthetic data, the
-retrieval metrics, and --evaluate handing over to the engine (evaluator.py; its own tests: test_evaluator.py)."""
+retrieval metrics, and --evaluate handing over to the engine (engine/evaluator.py; its own tests: test_evaluator.py)."""
 import json
 import math
 import sys

@@ -8,7 +8,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from engine.settings import DEFAULT_BUDGET, DEFAULT_HOST, SIZES, build_parser  # noqa: E402
+from engine.settings import DEFAULT_BUDGET, DEFAULT_HOST, ENV, build_parser, env_table  # noqa: E402
 
 README = (ROOT / "README.md").read_text()
 INTERNAL = {"AUTORESEARCH_OUT"}   # where run.sh tells train.py to write; set inside the sandbox, not by a user
@@ -60,28 +60,17 @@ def test_the_flag_table_is_the_parser():
 
 
 def read_by_the_engine():
-    """{AUTORESEARCH_*: run.sh's default or None} for every variable run.sh or the harness reads."""
-    run_sh = (ROOT / "run.sh").read_text()
-    sandbox = (ROOT / "engine" / "sandbox.py").read_text()   # run.sh's engine: env("AUTORESEARCH_...", "default")
-    names = dict(re.findall(r"\$\{(AUTORESEARCH_[A-Z_]+):-([^}]*)\}", run_sh) +
-                 re.findall(r"env\(\"(AUTORESEARCH_[A-Z_]+)\"(?:, \"([^\"]*)\")?\)", sandbox))
-    for n in re.findall(r"\$\{?!?(AUTORESEARCH_[A-Z_]+)", run_sh) + re.findall(
-            r"\"(AUTORESEARCH_[A-Z_]+)\"", "".join(p.read_text() for p in [ROOT / "evaluator.py", *(ROOT / "engine").glob("*.py")])):
-        names.setdefault(n, None)
-    return {n: d for n, d in names.items() if n not in INTERNAL}
+    """Every AUTORESEARCH_* variable the engine names (run.sh, the engine package, the evaluator)."""
+    code = "".join(p.read_text() for p in [ROOT / "run.sh", *(ROOT / "engine").glob("*.py")])
+    return set(re.findall(r"AUTORESEARCH_[A-Z_]+[A-Z]", code)) - INTERNAL
 
 
-def test_the_environment_table_is_what_run_sh_and_the_harness_read():
-    code, documented = read_by_the_engine(), table("### `run.sh` (environment)")
-    names = {re.search(r"`(AUTORESEARCH_[A-Z_]+)`", k).group(1): v for k, v in documented.items()}
-    assert set(names) == set(code), (f"documented, not read: {sorted(set(names) - set(code))}; "
-                                     f"read, not documented: {sorted(set(code) - set(names))}")
-    for name, default in code.items():
-        if default:
-            assert re.search(rf"(^|[^\w]){re.escape(default)}($|[^\w])", names[name].replace("`", "")), \
-                f"{name}: the README says {names[name]!r}, run.sh's default is {default!r}"
-    for name, default in SIZES.items():   # the harness checks the sizes with run.sh's defaults
-        assert code[name] == default
+def test_the_environment_table_is_the_settings_table():
+    """One definition of each variable (engine/settings.py ENV): its default and meaning are the README's, word for
+    word, and every variable the engine reads is in it."""
+    assert env_table() in README
+    assert read_by_the_engine() == set(ENV), (f"read, not in ENV: {sorted(read_by_the_engine() - set(ENV))}; "
+                                              f"in ENV, never read: {sorted(set(ENV) - read_by_the_engine())}")
 
 
 @pytest.mark.parametrize("claim", [

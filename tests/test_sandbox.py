@@ -1,7 +1,7 @@
 """The sandbox, tested with real podman in host mode: hostile train.py files must be contained, reported,
 and leave the host as it was.
 
-Each test copies run.sh, evaluator.py and prepare_data.py into a temporary repository, writes its own train.py and
+Each test copies run.sh, engine/ and prepare_data.py into a temporary repository, writes its own train.py and
 runs ./run.sh against a tiny real dataset made by prepare_data.py.
 """
 import os
@@ -48,7 +48,7 @@ def data(tmp_path_factory):
 def make_repo(tmp_path, train_src):
     repo = tmp_path / "repo"
     repo.mkdir()
-    copy_into(repo, ("run.sh", "engine", "evaluator.py", "prepare_data.py"))
+    copy_into(repo, ("run.sh", "engine", "prepare_data.py"))
     (repo / "train.py").write_text(train_src)
     return repo
 
@@ -196,7 +196,7 @@ def test_code_data_and_host_are_read_only(probe):
     for name in ("write_repo_copy", "write_repo_host", "write_new_code", "write_data", "write_etc"):
         assert probe.probes[name].startswith("blocked"), (name, probe.probes[name])
     assert probe.train_unchanged
-    assert probe.repo_files == ["engine", "evaluator.py", "prepare_data.py", "run.sh", "runs", "train.py"]
+    assert probe.repo_files == ["engine", "prepare_data.py", "run.sh", "runs", "train.py"]
     assert not Path("/etc/autoresearch-evil").exists()
     # the container's /tmp is its own: writing there works but never reaches the host
     assert probe.probes["write_tmp"].startswith("ALLOWED")

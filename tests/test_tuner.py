@@ -47,7 +47,7 @@ HEATMAP_HEADS: int 3 5
 LEARNING_RATE: log 1e-4 4e-3
 ```
 """
-FILES = ["autoresearch.py", "engine", "train.py", "run.sh", "evaluator.py", "prepare_data.py", "program.md",
+FILES = ["autoresearch.py", "engine", "train.py", "run.sh", "prepare_data.py", "program.md",
          "scratchpad.md", ".gitignore"]
 
 

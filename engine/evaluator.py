@@ -1,10 +1,10 @@
 """The trusted evaluation engine of autoresearch: it scores what train.py handed off. A fork keeps this file as is.
 
-    python evaluator.py --evaluate RUN_DIR [--split val|test] [--data DIR|-]   score a hand-off (run.sh runs this in
-                                                                              the evaluation container)
-    python evaluator.py --names val|test    the files train.py hands off, then the split's files (for run.sh)
+    python -m engine.evaluator --evaluate RUN_DIR [--split val|test] [--data DIR|-]   score a hand-off (run.sh runs
+                                                                                     this in the evaluation container)
+    python -m engine.evaluator --names val|test    the files train.py hands off, then the split's files (for run.sh)
 
-The project, prepare_data.py next to this file, says what to score and how (README: Fork it). It declares four
+The project, the repository's prepare_data.py, says what to score and how (README: Fork it). It declares four
 literals, read here without importing it, and one function:
 
     METRIC = "mean_rank"                                 printed first as val_mean_rank (test_... for --split test)
@@ -50,7 +50,9 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent
+from engine.settings import setting
+
+ROOT = Path(__file__).resolve().parent.parent   # the repository (in the evaluation container: /workspace)
 PROJECT = ROOT / "prepare_data.py"
 STATS = "train_stats.json"  # optional, informational: the numbers below are echoed in the trusted block
 STAT_KEYS = ["training_seconds", "num_steps", "peak_memory_mb", "num_params_m"]
@@ -62,7 +64,7 @@ BATCH = 256                # rows per call of a program, at most
 # bitwise the same rows (measured on CPU: 0 for the template's encoders and tests/fork's). A tolerance above 0 is for
 # hardware where it does not: it lets through a batch-dependent part small beside the row's norm (one huge constant
 # column hides any cheat in the others), so keep it 0 wherever runs pass with it.
-BATCH_TOLERANCE = float(os.environ.get("AUTORESEARCH_BATCH_TOLERANCE") or 0)
+BATCH_TOLERANCE = float(setting("AUTORESEARCH_BATCH_TOLERANCE"))
 NAME = re.compile(r"[a-z][a-z0-9_]*")                  # metric names: the keys of the trusted block
 FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # hand-off and split files: plain, no spaces, no globs
 
@@ -589,7 +591,7 @@ class Child:
         r, w = os.pipe()
         env = {k: os.environ[k] for k in CHILD_ENV if k in os.environ}
         env.update(TORCH_FORCE_WEIGHTS_ONLY_LOAD="1", OMP_WAIT_POLICY="PASSIVE")
-        code = ("import sys; sys.path.insert(0, sys.argv[1]); import evaluator; "
+        code = ("import sys; sys.path.insert(0, sys.argv[1]); from engine import evaluator; "
                 "evaluator.encoder_child(int(sys.argv[2]), sys.argv[3:])")
         self.proc = subprocess.Popen([sys.executable, "-I", "-c", code, str(ROOT), str(w), *programs],
                                      stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -856,7 +858,7 @@ def evaluate(run_dir, data, split="val"):
         # out: the time limit and eval_seconds count from then
         inputs = read_split(data, split, project["EVAL_FILES"])
         t0 = time.monotonic()
-        child.deadline = t0 + 0.9 * float(os.environ.get("AUTORESEARCH_EVAL_TIMEOUT") or 600)  # our message first
+        child.deadline = t0 + 0.9 * float(setting("AUTORESEARCH_EVAL_TIMEOUT"))  # our message first
         archives = [checked_program(run_dir, name) for name in programs]
         notes = []
         stats = read_train_stats(read_handoff(run_dir, STATS), notes)
@@ -896,7 +898,7 @@ def main(argv=None):
             print(" ".join(c["PROGRAMS"]))
             print(" ".join(["meta.json"] + [f"{args.names}/{f}" for f in c["EVAL_FILES"]]))
         else:
-            evaluate(args.evaluate, args.data or os.environ.get("AUTORESEARCH_DATA") or ROOT / "data", args.split)
+            evaluate(args.evaluate, args.data or setting("AUTORESEARCH_DATA"), args.split)
         return 0
     except Refused as e:
         print(f"evaluator.py: error: {_one_line(str(e), 1000)}", file=sys.stderr)
