@@ -86,7 +86,8 @@ def test_the_split_can_come_from_a_directory_or_from_stdin_alike(honest, tiny_da
 
 def test_the_trusted_parent_never_imports_torch(honest, tiny_data):
     # it reads, checks and scores; only the child process, which runs the graphs, has torch
-    code = ("import sys; from engine import evaluator; rc = evaluator.main(['--evaluate', sys.argv[1], '--data', sys.argv[2]]); "
+    code = ("import sys; from engine import evaluator; "
+            "rc = evaluator.main(['--evaluate', sys.argv[1], '--data', sys.argv[2]]); "
             "assert rc == 0 and 'torch' not in sys.modules, rc")
     p = subprocess.run([sys.executable, "-c", code, str(honest), str(tiny_data)], cwd=ROOT, capture_output=True,
                        text=True, timeout=300)

@@ -472,7 +472,8 @@ def reference(tmp_path_factory, data):
     out = tmp_path_factory.mktemp("reference")
     env = dict(os.environ, AUTORESEARCH_OUT=str(out), AUTORESEARCH_DATA=str(data))
     subprocess.run([sys.executable, "-c", HONEST + HONEST_MAIN], env=env, check=True, capture_output=True)
-    p = subprocess.run([sys.executable, "-m", "engine.evaluator", "--evaluate", str(out), "--data", str(data)], cwd=ROOT,
+    p = subprocess.run([sys.executable, "-m", "engine.evaluator", "--evaluate", str(out), "--data", str(data)],
+                       cwd=ROOT,
                        check=True, capture_output=True, text=True)
     m = parse_metrics(EVAL_MARKER + "\n" + p.stdout)
     assert m["val_n"] == N_VAL and 1 <= m["val_mean_rank"] <= N_VAL, p.stdout
