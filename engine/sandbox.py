@@ -26,7 +26,7 @@ from engine.settings import env_problems, setting
 from engine.verdicts import EVALUATOR, Exit
 
 REPO = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
-EVALUATOR = ["-m", "engine.evaluator"]   # the trusted evaluator, run from the repository (the evaluation mounts engine/)
+EVALUATE = ["-m", "engine.evaluator"]   # the trusted evaluator, run from the repository (the evaluation mounts engine/)
 USAGE = "usage: ./run.sh [--wait]  |  ./run.sh --test RUN_DIR  |  ./run.sh --build"
 C_CODE, C_DATA, C_OUT, C_WEIGHTS = "/workspace", "/data", "/out", "/weights"   # paths in the containers
 IMAGE_USER = "1000:1000"   # the Containerfile's USER
@@ -474,7 +474,7 @@ class Run:
                          "AUTORESEARCH_EVAL_TIMEOUT": str(self.eval_timeout),
                          "AUTORESEARCH_BATCH_TOLERANCE": setting("AUTORESEARCH_BATCH_TOLERANCE")}
         self.train_cmd = [py, "-c", LAUNCHER, f"{self.work}/code/train.py", *preload]
-        self.eval_cmd = [py, *EVALUATOR, "--evaluate", self.run_dir, "--split", self.split, "--data", "-"]
+        self.eval_cmd = [py, *EVALUATE, "--evaluate", self.run_dir, "--split", self.split, "--data", "-"]
 
     def setup_sandbox(self, preload):
         """The sandbox: podman, run from the private working directory, in image mode or host mode."""
@@ -586,13 +586,13 @@ class Run:
                          "-v", f"{REPO}/engine:{C_CODE}/engine:ro",
                          "-v", f"{REPO}/prepare_data.py:{C_CODE}/prepare_data.py:ro",
                          "-v", f"{self.run_dir}:{C_OUT}:ro,noexec,nosuid,nodev", *mode,
-                         py, *EVALUATOR, "--evaluate", C_OUT, "--split", self.split, "--data", "-"]
+                         py, *EVALUATE, "--evaluate", C_OUT, "--split", self.split, "--data", "-"]
 
     # ------------------------------------------------------------------------------------------------------ the data
     def names(self):
         """The project's declarations, read by the evaluator without importing prepare_data.py: the programs train.py
         hands off, and the split's files the evaluator reads."""
-        p = subprocess.run([sys.executable, *EVALUATOR, "--names", self.split], cwd=REPO, stdin=DEVNULL,
+        p = subprocess.run([sys.executable, *EVALUATE, "--names", self.split], cwd=REPO, stdin=DEVNULL,
                            stdout=PIPE, text=True, errors="replace")
         if p.returncode:
             die("cannot read the project's declarations in prepare_data.py (the engine's error is above)")

@@ -5,12 +5,10 @@ project (prepare_data.py's declarations and score()). The hostile train.py files
 import io
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tarfile
 import zipfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,7 +16,7 @@ import pytest
 from conftest import ROOT, TINY_TRAINER, copy_into
 
 sys.path.insert(0, str(ROOT))
-from engine import evaluator as ev  # noqa: E402
+from engine import archive as checks, evaluator as ev  # noqa: E402
 
 
 def trainer(run_dir, data, code="img, txt = Img(), Txt()\n"):
@@ -156,7 +154,7 @@ def first_node(m):
 def test_torch_gets_a_rebuilt_archive_of_checked_entries_only(honest):
     import torch
     raw = (honest / "image_encoder.pt2").read_bytes()
-    rebuilt = ev.check_archive(raw)
+    rebuilt = checks.check_archive(raw)
     got = dict(entries(io.BytesIO(rebuilt)))
     assert all(n.startswith("archive/") for n in got) and "archive/.data/serialization_id" not in got
     assert got["archive/data/sample_inputs/model.pt"] == b""   # nothing torch would unpickle
@@ -236,9 +234,9 @@ def test_archive_checks(honest, attack, message):
         i = raw.index(name)
         raw = raw[:i] + name.replace(b"weights_config", b"weights_confiG") + raw[i + len(name):]
     with pytest.raises(ev.Refused, match=None) as e:
-        ev.check_archive(raw)
+        checks.check_archive(raw)
     assert message in str(e.value)
-    ev.check_archive(archive(entries(honest / "image_encoder.pt2")))   # control: the untouched entries pass
+    checks.check_archive(archive(entries(honest / "image_encoder.pt2")))   # control: the untouched entries pass
 
 
 @pytest.mark.parametrize("expr, message", [
@@ -267,7 +265,7 @@ def test_graphs_may_only_call_allowlisted_ops_with_randomness_off(expr, message)
     ep = torch.export.export(M(), (torch.rand(2, 8),), dynamic_shapes=({0: torch.export.Dim("batch", max=64)},))
     buf = io.BytesIO()
     torch.export.save(ep, buf)
-    for check in (lambda: ev.check_archive(buf.getvalue()), lambda: ev.check_graphs(ep)):
+    for check in (lambda: checks.check_archive(buf.getvalue()), lambda: checks.check_graphs(ep)):
         with pytest.raises(ev.Refused) as e:
             check()
         assert message in str(e.value)
@@ -291,9 +289,9 @@ def test_a_flag_moved_into_place_by_position_is_refused_after_loading():
     buf = io.BytesIO()
     torch.export.save(ep, buf)
     raw = archive(edit_json(entries(buf), "model.json", shift))
-    rebuilt = ev.check_archive(raw)
+    rebuilt = checks.check_archive(raw)
     with pytest.raises(ev.Refused, match="scaled_dot_product_attention.default with dropout_p=0.5: it must be off"):
-        ev.check_graphs(torch.export.load(io.BytesIO(rebuilt)))
+        checks.check_graphs(torch.export.load(io.BytesIO(rebuilt)))
 
 
 def test_the_allowlist_agrees_with_torchs_own_view_of_each_op():
@@ -301,13 +299,13 @@ def test_the_allowlist_agrees_with_torchs_own_view_of_each_op():
     # overloads refused by name all write into an argument (those that write under other names, check_graphs
     # refuses by their schema).
     import torch
-    for name in ev.ALLOWED_ATEN:
+    for name in checks.ALLOWED_ATEN:
         packet = getattr(torch.ops.aten, name)
         for overload in packet.overloads():
             op = getattr(packet, overload)
-            assert op._schema.is_mutable or not ev.OUT_OVERLOAD.fullmatch(overload), op
+            assert op._schema.is_mutable or not checks.OUT_OVERLOAD.fullmatch(overload), op
             if torch.Tag.nondeterministic_seeded in op.tags and not op._schema.is_mutable:
-                flag = {a.name: a for a in op._schema.arguments}[ev.FLAGS[name]]
+                flag = {a.name: a for a in op._schema.arguments}[checks.FLAGS[name]]
                 assert not flag.has_default_value() or flag.default_value in (0, False), op
 
 

@@ -6,7 +6,7 @@ import json
 import re
 
 from conftest import ROOT, run_py
-from engine.evaluator import check_archive
+from engine.archive import check_archive
 
 BERT_VOCAB, BERT_DIM = 30522, 768  # distilbert-base-uncased: the real tokenizer's embedding table
 
