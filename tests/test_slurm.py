@@ -211,10 +211,14 @@ def test_slurm_launcher_end_to_end(cluster, tmp_path, data):
     assert rs[5]["reason"] == "run.sh exit 1: run.sh: FAILED train.py exited with code 1; log: logs/5.log"   # not srun's
     # every run was a SLURM job of this repository, named after the tag and the experiment
     comp = [dict(kv.split("=", 1) for kv in line.split() if "=" in kv) for line in open(c.jobcomp)]
-    ours = {(j["Name"], j["JobState"]) for j in comp if j["WorkDir"] == str(repo)}
+    # (in the checkout: the baseline, the incumbent's re-measure, the run after the keep; in the worker's worktree:
+    # the candidates' runs)
+    ours = {(j["Name"], j["JobState"]) for j in comp if j["WorkDir"] in (str(repo), str(repo / ".worktrees" / "w0"))}
     assert ours == {(job_name(TAG, name), state) for name, state in (
-        ("check", "COMPLETED"), ("0", "COMPLETED"), ("1", "CANCELLED"), ("2", "COMPLETED"), ("3", "CANCELLED"),
-        ("4", "CANCELLED"), ("5", "FAILED"), ("test-0", "COMPLETED"), ("test-2", "COMPLETED"))}, ours
+        ("check", "COMPLETED"), ("0", "COMPLETED"), ("0-s2", "COMPLETED"), ("1", "CANCELLED"), ("2", "COMPLETED"),
+        ("2-i3", "COMPLETED"), ("2-s2", "COMPLETED"), ("2-s3", "COMPLETED"), ("2-s4", "COMPLETED"),
+        ("3", "CANCELLED"), ("4", "CANCELLED"), ("5", "FAILED"), ("test-0", "COMPLETED"), ("test-2", "COMPLETED"))}, \
+        sorted(ours)
     assert "train| HANG" in (repo / "logs" / "1.log").read_text()
     # nothing left behind: no job, no check token; the tree is clean on the best commit
     assert c.squeue() == ""
