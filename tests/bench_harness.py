@@ -10,7 +10,6 @@ the real run.sh (AUTORESEARCH_IMAGE=host) and real training on tiny data in a te
   prompt tokens     = the first request of each experiment (system + user message + tool schemas),
                       counted as the fake server does (chars/4) and, conservatively for code, chars/3.
 """
-from conftest import copy_into  # noqa: E402
 import argparse
 import json
 import os
@@ -26,7 +25,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(0, ROOT)
-from engine.agent import build_user_message
+from conftest import copy_into  # noqa: E402
+from engine.agent import build_user_message  # noqa: E402
 from engine.project import project_metric  # noqa: E402
 from engine.judge import parse_metrics
 from engine.results import load_results
