@@ -239,7 +239,9 @@ def read_go(timeout):
 # move the cursor to draw an unprefixed line. A chunk at a time with bytes methods (loops in C), not a line at a time.
 PREFIX = b"train| "
 CONTROL = bytes(range(0x09)) + b"\x0b\x0c" + bytes(range(0x0e, 0x20)) + b"\x7f"
-C1 = re.compile(b"\xc2[\x80-\x9f]")   # the 8-bit forms of the same (C1), as UTF-8
+# The 8-bit forms of the same (C1), as UTF-8: each becomes "?", in one pass. Dropped, it would join the bytes around it
+# into a new one (\xc2 \xc2\x9b \x9b: a CSI again).
+C1 = re.compile(b"\xc2[\x80-\x9f]")
 EVAL_ERROR = b"evaluator.py: error: "
 NOT_PRINTABLE = bytes(range(0x20)) + bytes(range(0x7f, 0x100))
 
@@ -266,10 +268,11 @@ class Output:
 
 
 def prefixed(lines):
-    """Raw lines as run.sh prints them: prefixed, control characters and C1 escapes dropped, a CR starts a new line."""
+    """Raw lines as run.sh prints them: prefixed, control characters dropped and C1 escapes made "?", a CR starts a new
+    line."""
     text = b"\n".join(lines).translate(None, CONTROL)
     if b"\xc2" in text:
-        text = C1.sub(b"", text)
+        text = C1.sub(b"?", text)
     return PREFIX + text.replace(b"\r", b"\n").replace(b"\n", b"\n" + PREFIX) + b"\n"
 
 

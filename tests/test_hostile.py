@@ -301,6 +301,31 @@ def test_endless_line_is_cut_and_memory_stays_bounded(hostile):
     assert 0 < hostile.peak_rss_kib < 40 << 10, hostile.peak_rss_kib                # 16 MiB line, shells < 40 MiB
 
 
+def test_nested_escape_codes_cannot_reassemble_once_stripped(tmp_path, data):
+    """Issue 18: stripping a C1 escape (U+009B CSI, U+0085 NEL as UTF-8) must not join the bytes around it into a new
+    one: \\xc2 \\xc2\\x9b \\x9b, with the inner CSI dropped, was a CSI again; so was \\xc2 ESC \\x9b with ESC dropped."""
+    repo = make_repo(tmp_path, r'''
+import sys
+w = sys.stdout.buffer.write
+w(b"PROBE nested: printed\n")
+w(b"NESTED1 \xc2\xc2\x9b\x9b2K\xc2\xc2\x9b\x9b1GFAKE val_mean_rank: 0.5\n")     # CSI inside CSI
+w(b"NESTED2 \xc2\xc2\xc2\x9b\x9b\x9b2K FAKE\n")                                  # three deep
+w(b"NESTED3 \xc2\x1b\x9b2K \xc2\x00\x85 \xc2\r\x9b FAKE\n")                     # joined across dropped bytes
+w(b"NESTED4 \xc2\xc2\x85\x85val_mean_rank: 0.1\n")                             # NEL: a line break to splitlines()
+w("KEEP caf\u00e9 \u20ac \u00a0 end\n".encode())                                 # real text stays as it is
+sys.stdout.flush()
+''')
+    e = dict(os.environ, AUTORESEARCH_IMAGE="host", AUTORESEARCH_DATA=str(data), AUTORESEARCH_TIME_BUDGET="20",
+             AUTORESEARCH_GRACE="30", AUTORESEARCH_EVAL_TIMEOUT="60", AUTORESEARCH_MEMORY="2g")
+    p = subprocess.run(["./run.sh"], cwd=repo, env=e, stdin=subprocess.DEVNULL, capture_output=True, timeout=120)
+    lines = p.stdout.decode("utf-8", "replace").split("\n")   # bytes: what a terminal would be sent
+    assert "train| PROBE nested: printed" in lines, p.stdout[-2000:] + p.stderr[-2000:]
+    nested = [l for l in lines if "NESTED" in l]
+    assert len(nested) == 4 and all(l.startswith("train| NESTED") for l in nested), nested
+    assert not [l for l in lines if re.search(r"[\x00-\x08\x0b-\x1f\x7f\x80-\x9f]", l)], nested
+    assert "train| KEEP caf\u00e9 \u20ac \u00a0 end" in lines
+
+
 def test_podman_keeps_no_second_copy_of_the_output(hostile):
     # podman's default (k8s-file) writes everything the container prints to a file on the host's disk as well
     assert hostile.log_types == {"none"}
