@@ -326,6 +326,26 @@ sys.stdout.flush()
     assert "train| KEEP caf\u00e9 \u20ac \u00a0 end" in lines
 
 
+@pytest.mark.parametrize("stats", ['{"num_steps": 1' + "0" * 400 + ', "training_seconds": 2.5}',
+                                   '{"num_steps": ' + "[" * 5000 + "]" * 5000 + ', "training_seconds": 2.5}'],
+                         ids=["integer_beyond_a_float", "nesting_beyond_the_parser"])
+def test_train_stats_that_no_float_holds_are_a_note_not_a_crash(tmp_path, data, stats):
+    """Issue 18: train_stats.json is informational; an integer beyond a float (math.isfinite raised OverflowError) or
+    nesting deeper than the JSON parser's recursion (RecursionError) crashed the trusted evaluator with a traceback,
+    and a valid model was refused."""
+    repo = make_repo(tmp_path, EXPORT_MODEL + f'''
+open(os.path.join(OUT, "train_stats.json"), "w").write({stats!r})
+print("PROBE stats: written", flush=True)
+''')
+    p = run(repo, data)
+    assert probes(p)["stats"] == "written"
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr
+    assert "val_n: 16" in p.lines and "Traceback (most recent call last):" not in p.stdout + p.stderr
+    assert "note: train_stats.json has no valid number for num_steps" in p.lines or \
+        "note: no readable train_stats.json in the run directory" in p.lines
+    assert "num_steps" not in parse_metrics(p.stdout)
+
+
 def test_podman_keeps_no_second_copy_of_the_output(hostile):
     # podman's default (k8s-file) writes everything the container prints to a file on the host's disk as well
     assert hostile.log_types == {"none"}
