@@ -750,27 +750,35 @@ class Run:
         raise Verdict(Exit.REFUSED, f"run.sh: REFUSED by the evaluator: {why}")
 
     # ------------------------------------------------------------------------------------------------------ the end
-    def reap(self, step):
-        """A step that ended: its helpers ended, its container removed, its output drained; off the record."""
+    def reap(self, step, drain=True):
+        """A step that ended: its helpers ended, its container removed, its output drained (unless not `drain`); off
+        the record."""
         end(step.watchdog, group=True)
         end(step.feeder)
         if step.container:
             remove_container(step.container)
-        step.thread.join()
+        if drain:
+            step.thread.join()
         step.proc.stdin.close()
         del self.steps[step.name]
 
     def close(self):
         """Once, with signals ignored: every step stopped at once and reaped, the hand-off unmounted, the work dir
         removed. A step's podman client goes first: a container it is still creating would escape `podman rm`, and be
-        left behind; without a sandbox SIGTERM to `timeout`, which passes it on (and kills the group 5 s later)."""
-        for step in list(self.steps.values()):
+        left behind; without a sandbox SIGTERM to `timeout`, which passes it on (and kills the group 5 s later). The
+        output threads are waited for last: a reader that stops reading (the harness, while it waits for run.sh to
+        end) leaves one blocked on a full pipe, and that must not hold up the clean-up."""
+        steps = list(self.steps.values())
+        for step in steps:
             step.proc.kill() if step.container else step.proc.terminate()
+        for step in steps:
             step.proc.wait()
-            self.reap(step)
+            self.reap(step, drain=False)
         self.unmount()
         if self.work:
             quiet(["rm", "-rf", "--one-file-system", self.work])   # never into a hand-off that failed to unmount
+        for step in steps:
+            step.thread.join()
 
 
 if __name__ == "__main__":

@@ -509,6 +509,45 @@ def test_a_dead_import_in_the_kept_train_py_does_not_stop_the_next_candidate(tmp
         assert containers_of(proc.pid) == []
 
 
+def test_a_flood_of_output_does_not_hold_up_the_clean_up_of_a_stopped_run(tmp_path, data):
+    """Issue 18: the harness stops a run (Ctrl-C, a cancelled round) with SIGTERM to run.sh's group and reads no more
+    while it waits for it to end. A train.py that floods its output kept run.sh's output thread blocked on the full
+    pipe, and run.sh's clean-up waited for that thread before anything else: the evaluation container stayed up and
+    the hand-off tmpfs (RAM, up to AUTORESEARCH_HANDOFF_SIZE) stayed mounted until run.sh was killed, and after."""
+    repo = make_repo(tmp_path, r'''
+import os
+print("PROBE flood: start", flush=True)
+line = b"x" * 1000 + b"\n"
+while True:
+    os.write(1, line)
+''')
+    env = dict(os.environ, AUTORESEARCH_IMAGE="host", AUTORESEARCH_DATA=str(data), AUTORESEARCH_TIME_BUDGET="60",
+               AUTORESEARCH_GRACE="60", AUTORESEARCH_EVAL_TIMEOUT="60", AUTORESEARCH_MEMORY="2g")
+    p = subprocess.Popen(["./run.sh"], cwd=repo, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, start_new_session=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    seen = b""
+    while b"train| PROBE flood: start\n" not in seen:
+        chunk = os.read(p.stdout.fileno(), 1 << 16)
+        assert chunk, seen[-2000:]
+        seen = seen[-(1 << 16):] + chunk
+    tmp = os.environ.get("TMPDIR", "/tmp")
+
+    def left():
+        mounts = [l for l in Path("/proc/mounts").read_text().split("\n") if f"/autoresearch-run-{p.pid}." in l]
+        return containers_of(p.pid), mounts, [d for d in os.listdir(tmp) if d.startswith(f"autoresearch-run-{p.pid}.")]
+    assert left()[0] and left()[1], left()          # both containers up, the hand-off mounted
+    os.killpg(p.pid, signal.SIGTERM)                # as the harness stops a run: and now nobody reads
+    deadline = time.time() + 60
+    while left() != ([], [], []) and time.time() < deadline:
+        time.sleep(0.5)
+    stalled = left()
+    rest = p.stdout.read()                          # the reader is back: run.sh says its verdict and ends
+    assert p.wait(timeout=60) == 143
+    assert stalled == ([], [], []), stalled
+    assert rest.rstrip(b"\n").split(b"\n")[-1].startswith(b"run.sh: INTERRUPTED by SIGTERM")
+
+
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_without_sandbox_is_reported_and_stops_train_py(tmp_path, data, sig, code):
     marker = "autoresearch-nosb-" + secrets.token_hex(6)
