@@ -188,16 +188,17 @@ def read_handoff(run_dir, name):
 
 
 def read_train_stats(data, notes):
-    """The informational numbers of train_stats.json, keeping only real finite numbers (never echo strings)."""
+    """The informational numbers of train_stats.json, keeping only real finite numbers (never echo strings). What no
+    parse or float holds (nesting past the parser's recursion, an integer past a float) is a note, never a crash."""
     try:
         stats = json.loads(data)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):
         notes.append(f"note: no readable {STATS} in the run directory")
         return {}
     out = {}
     for k in STAT_KEYS:
         v = stats.get(k) if isinstance(stats, dict) else None
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) <= sys.float_info.max:   # no NaN
             out[k] = v
         else:
             notes.append(f"note: {STATS} has no valid number for {k}")

@@ -239,7 +239,9 @@ def read_go(timeout):
 # move the cursor to draw an unprefixed line. A chunk at a time with bytes methods (loops in C), not a line at a time.
 PREFIX = b"train| "
 CONTROL = bytes(range(0x09)) + b"\x0b\x0c" + bytes(range(0x0e, 0x20)) + b"\x7f"
-C1 = re.compile(b"\xc2[\x80-\x9f]")   # the 8-bit forms of the same (C1), as UTF-8
+# The 8-bit forms of the same (C1), as UTF-8: each becomes "?", in one pass. Dropped, it would join the bytes around it
+# into a new one (\xc2 \xc2\x9b \x9b: a CSI again).
+C1 = re.compile(b"\xc2[\x80-\x9f]")
 EVAL_ERROR = b"evaluator.py: error: "
 NOT_PRINTABLE = bytes(range(0x20)) + bytes(range(0x7f, 0x100))
 
@@ -266,10 +268,11 @@ class Output:
 
 
 def prefixed(lines):
-    """Raw lines as run.sh prints them: prefixed, control characters and C1 escapes dropped, a CR starts a new line."""
+    """Raw lines as run.sh prints them: prefixed, control characters dropped and C1 escapes made "?", a CR starts a new
+    line."""
     text = b"\n".join(lines).translate(None, CONTROL)
     if b"\xc2" in text:
-        text = C1.sub(b"", text)
+        text = C1.sub(b"?", text)
     return PREFIX + text.replace(b"\r", b"\n").replace(b"\n", b"\n" + PREFIX) + b"\n"
 
 
@@ -747,27 +750,35 @@ class Run:
         raise Verdict(Exit.REFUSED, f"run.sh: REFUSED by the evaluator: {why}")
 
     # ------------------------------------------------------------------------------------------------------ the end
-    def reap(self, step):
-        """A step that ended: its helpers ended, its container removed, its output drained; off the record."""
+    def reap(self, step, drain=True):
+        """A step that ended: its helpers ended, its container removed, its output drained (unless not `drain`); off
+        the record."""
         end(step.watchdog, group=True)
         end(step.feeder)
         if step.container:
             remove_container(step.container)
-        step.thread.join()
+        if drain:
+            step.thread.join()
         step.proc.stdin.close()
         del self.steps[step.name]
 
     def close(self):
         """Once, with signals ignored: every step stopped at once and reaped, the hand-off unmounted, the work dir
         removed. A step's podman client goes first: a container it is still creating would escape `podman rm`, and be
-        left behind; without a sandbox SIGTERM to `timeout`, which passes it on (and kills the group 5 s later)."""
-        for step in list(self.steps.values()):
+        left behind; without a sandbox SIGTERM to `timeout`, which passes it on (and kills the group 5 s later). The
+        output threads are waited for last: a reader that stops reading (the harness, while it waits for run.sh to
+        end) leaves one blocked on a full pipe, and that must not hold up the clean-up."""
+        steps = list(self.steps.values())
+        for step in steps:
             step.proc.kill() if step.container else step.proc.terminate()
+        for step in steps:
             step.proc.wait()
-            self.reap(step)
+            self.reap(step, drain=False)
         self.unmount()
         if self.work:
             quiet(["rm", "-rf", "--one-file-system", self.work])   # never into a hand-off that failed to unmount
+        for step in steps:
+            step.thread.join()
 
 
 if __name__ == "__main__":

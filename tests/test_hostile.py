@@ -301,6 +301,51 @@ def test_endless_line_is_cut_and_memory_stays_bounded(hostile):
     assert 0 < hostile.peak_rss_kib < 40 << 10, hostile.peak_rss_kib                # 16 MiB line, shells < 40 MiB
 
 
+def test_nested_escape_codes_cannot_reassemble_once_stripped(tmp_path, data):
+    """Issue 18: stripping a C1 escape (U+009B CSI, U+0085 NEL as UTF-8) must not join the bytes around it into a new
+    one: \\xc2 \\xc2\\x9b \\x9b, with the inner CSI dropped, was a CSI again; so was \\xc2 ESC \\x9b with ESC dropped."""
+    repo = make_repo(tmp_path, r'''
+import sys
+w = sys.stdout.buffer.write
+w(b"PROBE nested: printed\n")
+w(b"NESTED1 \xc2\xc2\x9b\x9b2K\xc2\xc2\x9b\x9b1GFAKE val_mean_rank: 0.5\n")     # CSI inside CSI
+w(b"NESTED2 \xc2\xc2\xc2\x9b\x9b\x9b2K FAKE\n")                                  # three deep
+w(b"NESTED3 \xc2\x1b\x9b2K \xc2\x00\x85 \xc2\r\x9b FAKE\n")                     # joined across dropped bytes
+w(b"NESTED4 \xc2\xc2\x85\x85val_mean_rank: 0.1\n")                             # NEL: a line break to splitlines()
+w("KEEP caf\u00e9 \u20ac \u00a0 end\n".encode())                                 # real text stays as it is
+sys.stdout.flush()
+''')
+    e = dict(os.environ, AUTORESEARCH_IMAGE="host", AUTORESEARCH_DATA=str(data), AUTORESEARCH_TIME_BUDGET="20",
+             AUTORESEARCH_GRACE="30", AUTORESEARCH_EVAL_TIMEOUT="60", AUTORESEARCH_MEMORY="2g")
+    p = subprocess.run(["./run.sh"], cwd=repo, env=e, stdin=subprocess.DEVNULL, capture_output=True, timeout=120)
+    lines = p.stdout.decode("utf-8", "replace").split("\n")   # bytes: what a terminal would be sent
+    assert "train| PROBE nested: printed" in lines, p.stdout[-2000:] + p.stderr[-2000:]
+    nested = [l for l in lines if "NESTED" in l]
+    assert len(nested) == 4 and all(l.startswith("train| NESTED") for l in nested), nested
+    assert not [l for l in lines if re.search(r"[\x00-\x08\x0b-\x1f\x7f\x80-\x9f]", l)], nested
+    assert "train| KEEP caf\u00e9 \u20ac \u00a0 end" in lines
+
+
+@pytest.mark.parametrize("stats", ['{"num_steps": 1' + "0" * 400 + ', "training_seconds": 2.5}',
+                                   '{"num_steps": ' + "[" * 5000 + "]" * 5000 + ', "training_seconds": 2.5}'],
+                         ids=["integer_beyond_a_float", "nesting_beyond_the_parser"])
+def test_train_stats_that_no_float_holds_are_a_note_not_a_crash(tmp_path, data, stats):
+    """Issue 18: train_stats.json is informational; an integer beyond a float (math.isfinite raised OverflowError) or
+    nesting deeper than the JSON parser's recursion (RecursionError) crashed the trusted evaluator with a traceback,
+    and a valid model was refused."""
+    repo = make_repo(tmp_path, EXPORT_MODEL + f'''
+open(os.path.join(OUT, "train_stats.json"), "w").write({stats!r})
+print("PROBE stats: written", flush=True)
+''')
+    p = run(repo, data)
+    assert probes(p)["stats"] == "written"
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr
+    assert "val_n: 16" in p.lines and "Traceback (most recent call last):" not in p.stdout + p.stderr
+    assert "note: train_stats.json has no valid number for num_steps" in p.lines or \
+        "note: no readable train_stats.json in the run directory" in p.lines
+    assert "num_steps" not in parse_metrics(p.stdout)
+
+
 def test_podman_keeps_no_second_copy_of_the_output(hostile):
     # podman's default (k8s-file) writes everything the container prints to a file on the host's disk as well
     assert hostile.log_types == {"none"}
@@ -462,6 +507,45 @@ def test_a_dead_import_in_the_kept_train_py_does_not_stop_the_next_candidate(tmp
         out, _ = proc.communicate("go\n", timeout=300)
         assert proc.returncode == 0 and "val_mean_rank" in parse_metrics(out), out[-3000:]
         assert containers_of(proc.pid) == []
+
+
+def test_a_flood_of_output_does_not_hold_up_the_clean_up_of_a_stopped_run(tmp_path, data):
+    """Issue 18: the harness stops a run (Ctrl-C, a cancelled round) with SIGTERM to run.sh's group and reads no more
+    while it waits for it to end. A train.py that floods its output kept run.sh's output thread blocked on the full
+    pipe, and run.sh's clean-up waited for that thread before anything else: the evaluation container stayed up and
+    the hand-off tmpfs (RAM, up to AUTORESEARCH_HANDOFF_SIZE) stayed mounted until run.sh was killed, and after."""
+    repo = make_repo(tmp_path, r'''
+import os
+print("PROBE flood: start", flush=True)
+line = b"x" * 1000 + b"\n"
+while True:
+    os.write(1, line)
+''')
+    env = dict(os.environ, AUTORESEARCH_IMAGE="host", AUTORESEARCH_DATA=str(data), AUTORESEARCH_TIME_BUDGET="60",
+               AUTORESEARCH_GRACE="60", AUTORESEARCH_EVAL_TIMEOUT="60", AUTORESEARCH_MEMORY="2g")
+    p = subprocess.Popen(["./run.sh"], cwd=repo, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, start_new_session=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    seen = b""
+    while b"train| PROBE flood: start\n" not in seen:
+        chunk = os.read(p.stdout.fileno(), 1 << 16)
+        assert chunk, seen[-2000:]
+        seen = seen[-(1 << 16):] + chunk
+    tmp = os.environ.get("TMPDIR", "/tmp")
+
+    def left():
+        mounts = [l for l in Path("/proc/mounts").read_text().split("\n") if f"/autoresearch-run-{p.pid}." in l]
+        return containers_of(p.pid), mounts, [d for d in os.listdir(tmp) if d.startswith(f"autoresearch-run-{p.pid}.")]
+    assert left()[0] and left()[1], left()          # both containers up, the hand-off mounted
+    os.killpg(p.pid, signal.SIGTERM)                # as the harness stops a run: and now nobody reads
+    deadline = time.time() + 60
+    while left() != ([], [], []) and time.time() < deadline:
+        time.sleep(0.5)
+    stalled = left()
+    rest = p.stdout.read()                          # the reader is back: run.sh says its verdict and ends
+    assert p.wait(timeout=60) == 143
+    assert stalled == ([], [], []), stalled
+    assert rest.rstrip(b"\n").split(b"\n")[-1].startswith(b"run.sh: INTERRUPTED by SIGTERM")
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
