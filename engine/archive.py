@@ -324,7 +324,8 @@ def check_archive(raw):
     that differs from the central directory) only the checked reading counts."""
     try:
         out = _checked_entries(_zip_entries(raw))
-    except (zipfile.BadZipFile, KeyError, ValueError, TypeError, AttributeError, RecursionError) as e:
+    except (zipfile.BadZipFile, EOFError, OverflowError, KeyError, ValueError, TypeError, AttributeError,
+            RecursionError) as e:
         raise Refused(f"not a torch.export archive ({type(e).__name__}: {str(e)[:200]})")
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as w:

@@ -346,6 +346,28 @@ print("PROBE stats: written", flush=True)
     assert "num_steps" not in parse_metrics(p.stdout)
 
 
+def test_an_archive_cut_short_is_refused_with_its_reason_not_a_traceback(tmp_path, data):
+    """Issue 18: an entry whose sizes run past the end of the archive made zipfile raise EOFError, which the archive
+    check did not catch: the trusted evaluator died with a traceback and the verdict had no reason."""
+    repo = make_repo(tmp_path, EXPORT_MODEL + r'''
+import struct
+path = os.path.join(OUT, "text_encoder.pt2")
+b = bytearray(open(path, "rb").read())
+cd = b.rfind(b"PK\x01\x02")                                   # the last entry: sizes past the end of the file
+b[cd + 20:cd + 28] = struct.pack("<II", 0x7ffffff0, 0x7ffffff0)
+local = struct.unpack("<I", b[cd + 42:cd + 46])[0]
+b[local + 18:local + 26] = struct.pack("<II", 0x7ffffff0, 0x7ffffff0)
+open(path, "wb").write(bytes(b))
+print("PROBE archive: cut short", flush=True)
+''')
+    p = run(repo, data)
+    assert probes(p)["archive"] == "cut short"
+    assert p.returncode == 3, p.stdout[-3000:] + p.stderr
+    assert "Traceback (most recent call last):" not in p.stdout + p.stderr, p.stdout[-3000:]
+    assert p.lines[-1].startswith("run.sh: REFUSED by the evaluator: cannot load /out/text_encoder.pt2: not a "
+                                  "torch.export archive (EOFError"), p.lines[-1]
+
+
 def test_podman_keeps_no_second_copy_of_the_output(hostile):
     # podman's default (k8s-file) writes everything the container prints to a file on the host's disk as well
     assert hostile.log_types == {"none"}
