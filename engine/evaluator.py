@@ -7,11 +7,11 @@
 The project, the repository's prepare_data.py, says what to score and how (README: Fork it). It declares four
 literals, read here without importing it, and one function:
 
-    METRIC = "mean_rank"                                 printed first as val_mean_rank (test_... for --split test)
-    DIRECTION = "minimize"                               or "maximize"; the harness keeps what improves it
+    METRIC = "accuracy"                                  printed first as val_accuracy (test_... for --split test)
+    DIRECTION = "maximize"                               or "minimize"; the harness keeps what improves it
     PROGRAMS = ["image_encoder.pt2", "text_encoder.pt2"] the torch.export archives train.py must hand off
     EVAL_FILES = ["images.npy", "tokens.npy"]            the arrays of DATA/<split>/ that score() reads
-    def score(encode, split): ... return {"mean_rank": ..., ...}
+    def score(encode, split): ... return {"accuracy": ..., ...}
 
 score() gets split = {"meta": meta.json, "images": array, ...} and encode(program, *inputs) -> float32 [rows, D],
 which runs one of PROGRAMS on all rows of the inputs. Everything between the two is this engine's: the hand-off is
