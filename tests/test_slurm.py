@@ -128,17 +128,17 @@ def harness_args(*extra):
 
 def run_sh_pid(repo):
     """The run.sh of this repository's job, in its checkout or a worker's worktree (on this one-node cluster the compute
-    node is this machine)."""
+    node is this machine). run.sh execs `python3 -m engine.sandbox <its own path> ...`, and works in a private dir."""
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
-            argv = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")   # run.sh works in a private dir
-            if os.path.normpath(argv[1]) in (str(repo / "run.sh").encode(),
-                                             str(repo / ".worktrees" / "w0" / "run.sh").encode()):
+            argv = open(f"/proc/{pid}/cmdline", "rb").read().decode().split("\0")
+            if argv[1:3] == ["-m", "engine.sandbox"] and os.path.normpath(argv[3]) in (
+                    str(repo / "run.sh"), str(repo / ".worktrees" / "w0" / "run.sh")):
                 found.append(int(pid))
-        except (OSError, IndexError):
+        except (OSError, IndexError, UnicodeDecodeError):
             pass
-    return min(found, default=None)   # its subshells share the command line
+    return min(found, default=None)
 
 
 def job_state(c, label):
