@@ -318,8 +318,11 @@ def test_ctrl_c_then_kill_9_then_resume(tmp_path, data):
         p.communicate(timeout=30)
         assert alive(orphan)          # run.sh lives on in its own session: the next start must stop it
 
-        # 3) resume again: stops the orphan, records experiment 2 as interrupted, runs experiment 3 to its keep
-        fake.add(*improve)
+        # 3) resume again: stops the orphan, records experiment 2 as interrupted, runs experiment 3 (a change that
+        #    changes nothing here: both encoders are constant) to its discard
+        fake.add(tool_call("edit_file", path="train.py", old_text="WEIGHT_DECAY = 1e-4\n",
+                           new_text="WEIGHT_DECAY = 2e-4\n"),
+                 tool_call("run_experiment", description="more weight decay"))
         r = harness(repo, env, "--max-experiments", "1", "--noise-runs", "2", "--resume")
         assert r.returncode == 0, r.stdout + r.stderr
         assert not alive(orphan) and containers_of(orphan) == []
@@ -332,15 +335,13 @@ def test_ctrl_c_then_kill_9_then_resume(tmp_path, data):
         assert fake.remaining == 0
     rs = rows(repo)
     assert [(r["experiment"], r["status"]) for r in rs] == [("0", "baseline"), ("1", "interrupted"),
-                                                           ("2", "interrupted"), ("3", "keep"), ("4", "timeout")], rs
+                                                           ("2", "interrupted"), ("3", "discard"), ("4", "timeout")], rs
     assert "TIMEOUT" in rs[4]["reason"] and "time.sleep(600)" not in (repo / "train.py").read_text()
-    rs = rs[:4]
     assert "killed" in rs[2]["reason"] and rs[2]["commit"]
-    assert rs[3]["runs"] == "36.25,36.25,36.25" and rs[3]["after_runs"] == "36.25" and "after 3 run(s)" in \
-        rs[3]["reason"] and float(rs[3]["best"]) == 36.25 == float(rs[3]["honest"])
-    assert (repo / "logs" / "3-s2.log").exists()
-    assert TXT_OK in (repo / "train.py").read_text() and git(repo, "status", "--porcelain") == ""
-    assert git(repo, "rev-parse", "HEAD") == rs[3]["commit"]   # no notes commit: the scratchpad never changed
+    assert rs[3]["runs"] == str(N_VAL) and rs[3]["after_runs"] == "" and float(rs[3]["best"]) == N_VAL
+    text = (repo / "train.py").read_text()
+    assert TXT_BAD in text and "WEIGHT_DECAY = 1e-4\n" in text and git(repo, "status", "--porcelain") == ""
+    assert git(repo, "rev-parse", "HEAD") == rs[0]["commit"]   # no notes commit: the scratchpad never changed
 
 
 # ---------------------------------------------------------------- start-up checks: one clear message each
