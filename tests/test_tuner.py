@@ -405,7 +405,8 @@ def test_report_compare_draws_both_runs(tuned):
     for color in ("#1f77b4", "#ff7f0e"):                  # C0 = rnd, C1 = opt: a line in each panel
         rgb = [int(color[i:i + 2], 16) / 255 for i in (1, 3, 5)]
         near = (abs(img - rgb).max(axis=2) < 0.08)
-        assert near[:, : w // 2].sum() > 400 and near[:, w // 2:].sum() > 400, color
+        # (over wall-clock hours a run's line is as long as the run: the shorter one can be a short stroke)
+        assert near[:, : w // 2].sum() > 400 and near[:, w // 2:].sum() > 100, color
     r = subprocess.run([sys.executable, "autoresearch.py", "report", "--compare", "rnd", "nosuch"], cwd=repo,
                        env=tuned["env"], capture_output=True, text=True)
     assert r.returncode == 2 and "results-nosuch.tsv does not exist" in r.stderr and "mv results.tsv" in r.stderr
