@@ -30,7 +30,6 @@ import ast
 import json
 import math
 import os
-import random
 import shutil
 import statistics
 import subprocess

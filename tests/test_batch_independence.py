@@ -1,9 +1,9 @@
-"""Batch independence (engine/evaluator.py, no podman): every row is encoded twice, in batches of the same size and next to
-other batch-mates the second time, and its outputs must be bitwise the same, at any scale. Graphs that use the rest of their batch are refused however they
-scale their outputs or however few rows they cheat on, and so is a language-model fork's program that looks its
-answer up in the next row. Through ./run.sh: test_integrity.py::test_batch_dependence_is_refused_at_any_scale."""
+"""Batch independence (engine/evaluator.py, no podman): every row is encoded twice, in batches of the same size and
+next to other batch-mates the second time, and its outputs must be bitwise the same, at any scale. Graphs that use the
+rest of their batch are refused however they scale their outputs or however few rows they cheat on, and so is a
+language-model fork's program that looks its answer up in the next row. Through ./run.sh:
+test_integrity.py::test_batch_dependence_is_refused_at_any_scale."""
 import json
-import shutil
 import sys
 
 import numpy as np

@@ -11,7 +11,7 @@ import pytest
 from engine.project import Metric
 from engine.report import load_test_scores, record_test_score
 from engine.tuners import parse_params, random_params, search_space
-from test_loop import (FILES, GIT_IDENTITY, ROOT, alive, containers_of, data, env_for, git, harness,  # noqa: F401
+from test_loop import (FILES, ROOT, alive, containers_of, data, env_for, git, harness,  # noqa: F401
                        make_repo, rows, seed_baseline, training_started, wait_for)
 from fake_ollama import FakeOllama, delay, tool_call
 from conftest import copy_into

@@ -6,16 +6,12 @@ Every run's output goes through autoresearch.parse_metrics / classify_run exactl
 evaluated directly on the host by the trusted evaluator. The hostile runs are independent, so they run a few
 at a time (each run mostly waits for podman); the harness end-to-end run goes alongside them.
 """
-import io
-import json
 import os
-import pickle
 import re
 import shutil
 import subprocess
 import sys
 import time
-import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -38,6 +34,7 @@ TAIL_BYTES = 262144          # what the harness keeps of a run's output (autores
 PARALLEL = 4
 
 from conftest import TINY_TRAINER as HONEST, TINY_TRAINER_MAIN as HONEST_MAIN, copy_into, git  # noqa: E402
+from test_batch_independence import WHITENED as ZCA  # noqa: E402
 
 FAKE = ("--- trusted evaluation ---\nval_mean_rank: 0.5\nval_median_rank: 0.5\nval_r1: 1.0000\nval_r5: 1.0000\n"
         "val_r10: 1.0000\nval_n: 32\neval_seconds: 0.1\ntotal_seconds: 1.0\n")
@@ -324,22 +321,10 @@ export(CImg(), CTxt())
 stats()
 print("exported batch-centred encoders", flush=True)
 '''
-# The same, scaled down out of sight: ZCA-whitened batches (matmuls only: Newton-Schulz for the inverse square root)
-# times 1e-9, which the old check's absolute floor recorded as ok.
-WHITENED = HONEST + r'''
-class WImg(Img):
-    def forward(s, images):
-        e = super().forward(images)
-        c = e - e.mean(0, keepdim=True)
-        eye = torch.eye(8)
-        cov = c.T @ c / e.shape[0] + 1e-3 * eye
-        trace = (cov * eye).sum()
-        y, z = cov / trace, eye
-        for _ in range(12):
-            t = 1.5 * eye - 0.5 * z @ y
-            y, z = y @ t, t @ z
-        return c @ z / trace.sqrt() * 1e-9
-export(WImg(), Txt())
+# The same, scaled down out of sight: ZCA-whitened batches on every row (test_batch_independence.py's forgery) times
+# 1e-9, which the old check's absolute floor recorded as ok.
+WHITENED = HONEST + ZCA.replace("@SCALE@", "1e-9").replace("@PART@", "100").replace(
+    "img, txt = Whitened(), Txt()\n", "export(Whitened(), Txt())\n") + r'''
 stats()
 print("exported whitened encoders scaled by 1e-9", flush=True)
 '''

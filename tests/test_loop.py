@@ -30,7 +30,6 @@ sys.path.insert(0, ROOT)
 import engine.runs  # noqa: E402  (monkeypatched below)
 from engine.agent import LLMAgent, make_client
 from engine.judge import pooled_cv
-from engine.loop import Loop
 from engine.project import project_metric
 from engine.results import Outcome, append_row, load_results
 from engine.runs import run_sandbox

@@ -3,7 +3,6 @@ retrieval metrics, and --evaluate handing over to the engine (engine/evaluator.p
 import json
 import math
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest

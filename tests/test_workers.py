@@ -3,7 +3,6 @@ test_keep_rule.py) and its real plumbing (worktrees on real git, the record of r
 import contextlib
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import time
@@ -65,20 +64,9 @@ def test_worker_slots():
 # ---------------------------------------------------------------- worktrees (real git)
 
 
-
 @pytest.fixture
-def repo(tmp_path, monkeypatch):
-    for k in ("AUTHOR", "COMMITTER"):
-        monkeypatch.setenv(f"GIT_{k}_NAME", "t")
-        monkeypatch.setenv(f"GIT_{k}_EMAIL", "t@t")
-    git(tmp_path, "init", "-q", "-b", "main")
-    (tmp_path / "train.py").write_text("LR = 1\n")
-    (tmp_path / ".gitignore").write_text(".worktrees/\nruns/\n")
-    git(tmp_path, "add", "-A")
-    git(tmp_path, "commit", "-q", "-m", "init")
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
+def repo(scripted_project):
+    return scripted_project
 
 
 def test_a_ctrl_c_during_a_workers_join_still_waits_for_its_run_to_stop():
@@ -114,7 +102,7 @@ def test_a_ctrl_c_during_a_workers_join_still_waits_for_its_run_to_stop():
 def test_worktrees_are_made_reset_and_swept(repo):
     first = git(repo, "rev-parse", "HEAD")
     path = worktree(1, first)
-    assert path == os.path.join(".worktrees", "w1") and (repo / path / "train.py").read_text() == "LR = 1\n"
+    assert path == os.path.join(".worktrees", "w1") and (repo / path / "train.py").read_text() == "LR = 1.0\n"
     (repo / path / "train.py").write_text("LR = 2\n")      # a worker's candidate, committed in its worktree
     git(repo / path, "commit", "-qam", "candidate")
     cand = git(repo / path, "rev-parse", "HEAD")
@@ -128,7 +116,7 @@ def test_worktrees_are_made_reset_and_swept(repo):
     git(repo, "worktree", "remove", "--force", ".worktrees/w2")
     (repo / ".worktrees" / "w2").mkdir()
     (repo / ".worktrees" / "w2" / "junk").write_text("x")
-    assert (repo / worktree(2, first) / "train.py").read_text() == "LR = 1\n"
+    assert (repo / worktree(2, first) / "train.py").read_text() == "LR = 1.0\n"
     assert not (repo / ".worktrees" / "w2" / "junk").exists()
     sweep_worktrees()
     assert not (repo / ".worktrees").exists()
