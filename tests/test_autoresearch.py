@@ -394,7 +394,7 @@ def test_report_png(tmp_path):
     assert_plot_marks(out, rows, tmp_path)
 
 
-def test_report_png_names_the_metric_and_marks_failures_at_the_worse_end(monkeypatch):
+def test_report_png_names_the_metric_and_marks_failures_at_the_worse_end(monkeypatch, tmp_path):
     """The y axis names the metric and its direction; a crash has no value, so its x sits at the worst value drawn:
     the top when lower is better, the bottom when higher is."""
     import matplotlib.figure
@@ -406,7 +406,7 @@ def test_report_png_names_the_metric_and_marks_failures_at_the_worse_end(monkeyp
                  "wall_seconds": "1", "run_seconds": "1", "model_seconds": "0"}
                 for i, (st, v) in enumerate(zip(("baseline", "keep", "discard"), values))]
         rows.append(dict(rows[-1], experiment="3", status="crash", **{metric.column: ""}))
-        write_report(rows, metric, "unused.png", quiet=True)
+        write_report(rows, metric, str(tmp_path / "unused.png"), quiet=True)
         ax = drawn[-1].axes[0]
         crash = next(c for c in ax.collections if c.get_label() == "crash / timeout / invalid")
         assert ax.get_ylabel() == label and crash.get_offsets()[0][1] == values[0]
