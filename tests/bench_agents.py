@@ -27,6 +27,7 @@ import contextlib
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -220,8 +221,9 @@ def table(figs, stats):
                      f"{side('keeps')} | {f['invalid']} ({f['no_call']}) / {f['crash']} | {model} | "
                      f"{wall / 60:.1f} min |")
         means.setdefault(arm, []).append(f["gain"])
-    lines += ["", "| arm | mean gain over seeds | seeds |", "|---|---|---|"]
-    lines += [f"| {arm} | {sum(g) / len(g):.1f}% | {' '.join(f'{x:.1f}%' for x in g)} |" for arm, g in means.items()]
+    lines += ["", "| arm | mean gain over seeds | sd over seeds | seeds |", "|---|---|---|---|"]
+    lines += [f"| {arm} | {sum(g) / len(g):.1f}% | {f'{statistics.stdev(g):.1f}' if len(g) > 1 else '-'} | "
+              f"{' '.join(f'{x:.1f}%' for x in g)} |" for arm, g in means.items()]
     return "\n".join(lines)
 
 
@@ -273,17 +275,21 @@ def main():
     ap.add_argument("--n-train", type=int, default=4000)
     ap.add_argument("--n-val", type=int, default=500)
     ap.add_argument("--n-test", type=int, default=500)
+    ap.add_argument("--report-only", action="store_true", help="no runs: the report over the arm-seeds of --arms and "
+                    "--seeds whose results are in --out")
     a = ap.parse_args()
     a.out = os.path.abspath(a.out)
     os.makedirs(a.out, exist_ok=True)
     engine = None
-    if not a.host and {"llm", "hybrid"} & set(a.arms):
+    if not a.host and {"llm", "hybrid"} & set(a.arms) and not a.report_only:
         from llm_server import Engine
         engine = Engine(a.model, num_predict=a.num_predict)
     t0 = time.time()
-    run_all(a, engine)
+    if not a.report_only:
+        run_all(a, engine)
     shutil.copy(os.path.join(ROOT, "prepare_data.py"), a.out)   # report --compare reads the metric there
-    tags = [f"{arm}-s{s}" for arm in a.arms for s in range(a.seeds)]
+    tags = [f"{arm}-s{s}" for arm in a.arms for s in range(a.seeds)
+            if os.path.exists(os.path.join(a.out, f"results-{arm}-s{s}.tsv"))]
     subprocess.run([sys.executable, os.path.join(ROOT, "autoresearch.py"), "report", "--compare", *tags], cwd=a.out,
                    check=True)
     metric = project_metric(a.out)

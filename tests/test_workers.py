@@ -17,7 +17,7 @@ from engine.project import Metric
 from engine.repo import dirty_files, sweep_worktrees, worktree
 from engine.report import summarize, wall_seconds, write_report
 from engine.results import append_row
-from engine.runs import _running, job_name, stop_orphan, track_run, worker_slots
+from engine.runs import _running, stop_orphan, track_run, worker_slots
 from engine.util import HarnessError, RUNNING
 
 
@@ -323,33 +323,6 @@ def test_kill_9_in_the_run_after_the_winners_keep_keeps_it_on_resume(tmp_path, d
     kept = (repo / "train.py").read_text()
     assert TXT_OK in kept and IMG_OK in kept and git(repo, "status", "--porcelain") == ""
     assert not (repo / ".worktrees").exists() and worktrees(repo) == 1
-
-
-from test_slurm import TAG, cluster, job_state, slurm_env  # noqa: E402,F401
-
-
-def test_two_workers_as_slurm_jobs_cancelled_on_ctrl_c(cluster, tmp_path, data):  # noqa: F811
-    """--launcher slurm: each worker's run is its own job, started in its worktree; Ctrl-C cancels them all."""
-    repo = make_repo(tmp_path / "repo")
-    seed(repo, TAG)
-    hang = [tool_call("edit_file", path="train.py", old_text=BOOM, new_text=HANG),
-            tool_call("run_experiment", description="hang")]
-    with FakeOllama({"qwen2.5-coder:7b": 32768}, hang + hang) as fake:
-        p = subprocess.Popen([sys.executable, "autoresearch.py", "--launcher", "slurm", "--resume", "--workers", "2",
-                              "--noise-runs", "2"], cwd=repo, env=slurm_env(cluster, fake.url, data),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        wait_for(lambda: job_state(cluster, "1") == job_state(cluster, "2") == "RUNNING", 180, "both jobs to run")
-        p.send_signal(signal.SIGINT)
-        out, err = p.communicate(timeout=120)
-        assert p.returncode == 130 and "Traceback" not in err, out + err
-    for label in ("1", "2"):
-        wait_for(lambda: job_state(cluster, label) != "COMPLETING", 60, f"job {label} to finish cancelling")
-        assert job_state(cluster, label) == "CANCELLED"
-    comp = [dict(kv.split("=", 1) for kv in line.split() if "=" in kv) for line in open(cluster.jobcomp)]
-    assert {j["WorkDir"] for j in comp if j["Name"] in (job_name(TAG, "1"), job_name(TAG, "2"))} == {
-        str(repo / ".worktrees" / "w0"), str(repo / ".worktrees" / "w1")}
-    assert [(r["experiment"], r["status"]) for r in rows(repo)[1:]] == [("1", "interrupted"), ("2", "interrupted")]
-    assert cluster.squeue() == "" and git(repo, "status", "--porcelain") == "" and not (repo / ".worktrees").exists()
 
 
 # ---------------------------------------------------------------- report: rounds, experiments per hour, slots
