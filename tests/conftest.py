@@ -182,3 +182,26 @@ def scripted_project(tmp_path, monkeypatch):
     git(tmp_path, "commit", "-q", "-m", "init")
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+def scripted_loop(args, agent, value, stop=None):
+    """The loop (engine/loop.py) with its runs scripted, no sandbox: run() answers value(label, seed, train.py of the
+    checkout it ran in) and records (label, seed, checkout) in .asked; run number `stop` raises KeyboardInterrupt
+    (Ctrl-C) as it starts."""
+    from engine.loop import Loop
+    from engine.runs import Run
+    from engine.util import read_text
+
+    class Scripted(Loop):
+        def prestart(self, w):
+            return None
+
+        def run(self, label, seed, cwd=".", slot=None, allowance=None, cancel=None, started=None):
+            self.asked.append((label, seed, "main" if cwd == "." else os.path.basename(cwd)))
+            if len(self.asked) == stop:
+                raise KeyboardInterrupt
+            train = read_text(os.path.join(cwd, "train.py"))
+            return Run("ok", "", {}, value(label, seed, train), 1.0, f"logs/{label}.log", train[-40:])
+    loop = Scripted(args, agent)
+    loop.asked = []
+    return loop

@@ -15,15 +15,13 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
-from conftest import git  # noqa: E402
+from conftest import git, scripted_loop  # noqa: E402
 from engine.agent import LLMAgent  # noqa: E402
 from engine.hybrid import (LLM_SHARE, SHARE_RANGE, Hybrid, llm_share, next_side, shift_note,  # noqa: E402
                            tuner_notes)
-from engine.loop import Loop  # noqa: E402
 from engine.project import Metric  # noqa: E402
 from engine.report import compare_line, sides_text  # noqa: E402
 from engine.results import load_results  # noqa: E402
-from engine.runs import Run  # noqa: E402
 from engine.tuners import Tuner, parse_params  # noqa: E402
 from engine.util import read_text  # noqa: E402
 from fake_ollama import FakeOllama, text, tool_call  # noqa: E402
@@ -106,25 +104,6 @@ def value(train, seed):
     return round(100 * 0.8 ** train.count("STEP") * (1 + 0.02 * abs(math.log(lr))) * (1 + NOISE[seed % 5]), 4)
 
 
-class Scripted(Loop):
-    """The loop with run() computed from the checkout's train.py; run number `stop` raises KeyboardInterrupt (Ctrl-C)
-    as it starts."""
-    def __init__(self, args, agent, stop=None):
-        super().__init__(args, agent)
-        self.calls, self.stop = 0, stop
-
-    def prestart(self, w):
-        return None
-
-    def run(self, label, seed, cwd=".", slot=None, allowance=None, cancel=None, started=None):
-        self.calls += 1
-        if self.calls == self.stop:
-            raise KeyboardInterrupt
-        return Run("ok", "", {}, value(read_text(os.path.join(cwd, "train.py")), seed), 1.0, f"logs/{label}.log", "")
-
-
-
-
 @pytest.fixture
 def repo(scripted_project):
     yield scripted_project
@@ -137,7 +116,8 @@ def hybrid_loop(url, stop=None, **kw):
                               model=MODEL, num_ctx=16384, temperature=0.0, max_turns=4, max_tool_calls=8,
                               max_nudges=1, max_invalid=2, agent="hybrid", **kw)
     llm = LLMAgent(a, ollama.Client(host=url), MIN, read_text("program.md"))
-    return Scripted(a, Hybrid(llm, Tuner("optuna", read_text("train.py"), read_text("program.md"), False, 0, MIN)), stop)
+    return scripted_loop(a, Hybrid(llm, Tuner("optuna", read_text("train.py"), read_text("program.md"), False, 0, MIN)),
+                         lambda label, seed, train: value(train, seed), stop)
 
 
 def test_a_model_that_never_calls_a_tool_leaves_the_search_to_the_tuner(repo, capsys):

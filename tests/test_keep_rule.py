@@ -11,13 +11,11 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
-from conftest import git  # noqa: E402
+from conftest import git, scripted_loop  # noqa: E402
 from engine.judge import (RULES, T_KEEP, T_SCREEN, incumbent_after_keep, incumbent_mean, next_step,  # noqa: E402
                           pooled_cv, round_winner)
-from engine.loop import Loop  # noqa: E402
 from engine.project import Metric  # noqa: E402
 from engine.results import load_results  # noqa: E402
-from engine.runs import Run  # noqa: E402
 from engine.tuners import Tuner  # noqa: E402
 from engine.util import read_text  # noqa: E402
 
@@ -216,21 +214,6 @@ def test_docstring_states_the_rules_numbers():
 
 
 
-class Scripted(Loop):
-    """The loop with run() answering from a script ({label: value}) and recording (label, seed, checkout)."""
-    def __init__(self, args, agent, values):
-        super().__init__(args, agent)
-        self.values, self.asked = values, []
-
-    def prestart(self, w):
-        return None
-
-    def run(self, label, seed, cwd=".", slot=None, allowance=None, cancel=None, started=None):
-        self.asked.append((label, seed, "main" if cwd == "." else os.path.basename(cwd)))
-        train = open(os.path.join(cwd, "train.py")).read()
-        return Run("ok", "", {}, self.values[label], 1.0, f"logs/{label}.log", train[-40:])
-
-
 @pytest.fixture
 def repo(scripted_project):
     return scripted_project
@@ -239,7 +222,8 @@ def repo(scripted_project):
 def scripted(values, **args):
     a = types.SimpleNamespace(tag="t", resume=False, rule="screen", noise_runs=4, time_budget=60, allowance=None,
                               max_experiments=1, workers=1, fix_attempts=0, phase_every=10, phase_plateau=5, **args)
-    return Scripted(a, Tuner("random", "LR = 1.0\n", read_text("program.md"), False, 0, MIN), values)
+    return scripted_loop(a, Tuner("random", "LR = 1.0\n", read_text("program.md"), False, 0, MIN),
+                         lambda label, seed, train: values[label])
 
 
 BASELINE = {"0": 100.0, "0-s2": 106.0, "0-s3": 94.0, "0-s4": 100.0}   # s about 5%, 4 runs: one re-measure
