@@ -501,6 +501,9 @@ def main():
         print(f"real gains detected: {kept('gain', real)} (real: {', '.join(real) or 'none'}; all "
               f"candidates kept {kept('gain')})")
         print(f"false keeps: nulls {kept('null')}, losses {kept('loss')}")
+        keeps = [r for r in rows if r["status"] == "keep"]
+        print("the candidate's runs each keep rests on: " + (", ".join(
+            f"exp {r['experiment']} {len(runs_of(r))}" for r in keeps) or "no keep"))
         best, best_commit, _, _ = state_from_rows(rows)
         scores = load_test_scores(project_metric(repo), os.path.join(repo, TEST_SCORES))
         b_test, t_test = scores.get(rows[0]["commit"]), scores.get(best_commit)
