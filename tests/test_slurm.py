@@ -263,27 +263,30 @@ def test_slurm_startup_check(cluster, tmp_path, tmp_path_factory, data):
 # The workers' test here, not in test_workers.py: the SLURM tests share one munged, so they run in one file (pytest -n).
 from test_workers import HANG as WORKER_HANG, seed as seed_round  # noqa: E402
 
+WORKERS_TAG = "slw"   # its own tag: the module's earlier jobs stay listed a while
+
 
 def test_two_workers_as_slurm_jobs_cancelled_on_ctrl_c(cluster, tmp_path, data):  # noqa: F811
     """--launcher slurm: each worker's run is its own job, started in its worktree; Ctrl-C cancels them all."""
     repo = make_repo(tmp_path / "repo")
-    seed_round(repo, "slw")   # its own tag: the module's earlier jobs stay listed a while
+    seed_round(repo, WORKERS_TAG)
     hang = [tool_call("edit_file", path="train.py", old_text=BOOM, new_text=WORKER_HANG),
             tool_call("run_experiment", description="hang")]
     with FakeOllama({"qwen2.5-coder:7b": 32768}, hang + hang) as fake:
         p = subprocess.Popen([sys.executable, "autoresearch.py", "--launcher", "slurm", "--resume", "--workers", "2",
                               "--noise-runs", "2"], cwd=repo, env=slurm_env(cluster, fake.url, data),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        wait_for(lambda: job_state(cluster, "1", "slw") == job_state(cluster, "2", "slw") == "RUNNING", 180,
+        wait_for(lambda: job_state(cluster, "1", WORKERS_TAG) == job_state(cluster, "2", WORKERS_TAG) == "RUNNING", 180,
                  "both jobs to run")
         p.send_signal(signal.SIGINT)
         out, err = p.communicate(timeout=120)
         assert p.returncode == 130 and "Traceback" not in err, out + err
     for label in ("1", "2"):
-        wait_for(lambda: job_state(cluster, label, "slw") != "COMPLETING", 60, f"job {label} to finish cancelling")
-        assert job_state(cluster, label, "slw") == "CANCELLED"
+        wait_for(lambda: job_state(cluster, label, WORKERS_TAG) != "COMPLETING", 60,
+                 f"job {label} to finish cancelling")
+        assert job_state(cluster, label, WORKERS_TAG) == "CANCELLED"
     comp = [dict(kv.split("=", 1) for kv in line.split() if "=" in kv) for line in open(cluster.jobcomp)]
-    assert {j["WorkDir"] for j in comp if j["Name"] in (job_name("slw", "1"), job_name("slw", "2"))} == {
+    assert {j["WorkDir"] for j in comp if j["Name"] in (job_name(WORKERS_TAG, "1"), job_name(WORKERS_TAG, "2"))} == {
         str(repo / ".worktrees" / "w0"), str(repo / ".worktrees" / "w1")}
     assert [(r["experiment"], r["status"]) for r in rows(repo)[1:]] == [("1", "interrupted"), ("2", "interrupted")]
     assert cluster.squeue() == "" and git(repo, "status", "--porcelain") == "" and not (repo / ".worktrees").exists()
